@@ -1,0 +1,103 @@
+"""The database handle shared by the REST API, the workers and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from optuna.storages import BaseStorage
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker
+
+_PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
+
+
+class Database:
+    """caviar's engine and session factory plus Optuna's storage, on one URL.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///./caviar.db`` or ``postgresql+psycopg://...``).
+        pool_size: connections caviar's own engine keeps (Optuna's storage keeps its own two).
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.sessions = make_sessionmaker(self.engine)
+        self.is_sqlite = is_sqlite(url)
+        self._thread_locks: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._lock_file: int | None = None
+
+    @property
+    def optuna(self) -> BaseStorage:
+        """Optuna's (cached) RDB storage on the same database."""
+        return get_optuna_storage(self.url)
+
+    def session(self) -> Session:
+        """A new ORM session (use as a context manager)."""
+        return self.sessions()
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    @contextlib.contextmanager
+    def study_lock(self, study_id: int) -> Iterator[None]:
+        """Serialise budget-sensitive work on one study across threads and processes.
+
+        Threads of this process queue on an in-process lock *before* any connection is taken
+        (a lock held on a pooled connection while Optuna opens its own sessions drains pools).
+        Across processes: a PostgreSQL advisory lock, or a byte-range lock on a file beside the
+        SQLite database.
+        """
+        with self._guard:
+            thread_lock = self._thread_locks.setdefault(study_id, threading.Lock())
+        with thread_lock:
+            if self.is_sqlite:
+                fd = self._sqlite_lock_fd()
+                if fd is None:
+                    yield
+                    return
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, study_id)
+                try:
+                    yield
+                finally:
+                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, study_id)
+            else:
+                with self.engine.connect() as connection:
+                    connection.execute(
+                        text("SELECT pg_advisory_lock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
+                    )
+                    connection.commit()
+                    try:
+                        yield
+                    finally:
+                        connection.execute(
+                            text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
+                        )
+                        connection.commit()
+
+    def _sqlite_lock_fd(self) -> int | None:
+        database = make_url(self.url).database
+        if not database or database == ":memory:":
+            return None
+        with self._guard:
+            if self._lock_file is None:
+                path = Path(database).with_suffix(Path(database).suffix + ".lock")
+                self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return self._lock_file

@@ -1,0 +1,57 @@
+"""Study definitions: search spaces, samplers, pruners, budgets, and their Optuna mapping."""
+
+from service.definition._factories import PRUNERS, SAMPLERS, allowed_options, build_pruner, build_sampler
+from service.definition._space import (
+    REVERSE_PREFIX,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Param,
+    decode_params,
+    encode_value,
+    is_active,
+    sampling_order,
+    stored_name,
+)
+from service.definition._spec import (
+    BUILTIN_DATASETS,
+    NAME_PATTERN,
+    TRAINER_HYPERPARAMETERS,
+    Budget,
+    Objective,
+    PrunerSpec,
+    SamplerSpec,
+    StudyDefinition,
+    StudyTemplate,
+    check_finite,
+    is_valid_name,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "NAME_PATTERN",
+    "PRUNERS",
+    "REVERSE_PREFIX",
+    "SAMPLERS",
+    "TRAINER_HYPERPARAMETERS",
+    "Budget",
+    "CategoricalParam",
+    "FloatParam",
+    "IntParam",
+    "Objective",
+    "Param",
+    "PrunerSpec",
+    "SamplerSpec",
+    "StudyDefinition",
+    "StudyTemplate",
+    "allowed_options",
+    "build_pruner",
+    "build_sampler",
+    "check_finite",
+    "decode_params",
+    "encode_value",
+    "is_active",
+    "is_valid_name",
+    "sampling_order",
+    "stored_name",
+]

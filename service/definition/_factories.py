@@ -1,0 +1,121 @@
+"""Sampler and pruner factories; options are checked against the real Optuna constructors.
+
+Optuna persists neither samplers nor pruners, so caviar rebuilds them from the stored study
+definition whenever it needs one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+
+SAMPLERS: dict[str, Callable[..., BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "gp": optuna.samplers.GPSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "grid": optuna.samplers.GridSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+
+PRUNERS: dict[str, Callable[..., BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "patient": optuna.pruners.PatientPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+}
+
+# Constructor arguments that take Python objects (callables, samplers) cannot come from JSON;
+# the seed and grid search space come from the definition itself.
+_NOT_OPTIONS = {
+    "seed",
+    "search_space",
+    "constraints_func",
+    "independent_sampler",
+    "weights",
+    "gamma",
+    "mutation",
+    "crossover",
+    "elite_population_selection_strategy",
+    "child_generation_strategy",
+    "after_trial_strategy",
+    "source_trials",
+    "wrapped_pruner",
+}
+
+_SEED_STRIDE = 7919  # a prime: trial n of a study with seed s samples with seed s + n * stride
+
+
+def allowed_options(factory: Callable[..., Any]) -> list[str]:
+    """The JSON-settable keyword arguments of a sampler or pruner constructor."""
+    return [name for name in inspect.signature(factory).parameters if name not in _NOT_OPTIONS]
+
+
+def check_options(factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Raise ValueError naming the first unknown option."""
+    allowed = allowed_options(factory)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+
+
+def trial_seed(seed: int | None, trial_number: int) -> int | None:
+    """Per-trial sampler seed: sequential runs repeat exactly, parallel processes never collide."""
+    if seed is None:
+        return None
+    return (seed + trial_number * _SEED_STRIDE) % (2**32)
+
+
+def build_sampler(
+    kind: str,
+    options: dict[str, Any],
+    seed: int | None,
+    *,
+    grid: dict[str, list[Any]] | None = None,
+    trial_number: int = 0,
+) -> BaseSampler:
+    """A sampler of ``kind`` seeded for ``trial_number`` (QMC keeps the study seed: it indexes by trial)."""
+    factory = SAMPLERS[kind]
+    kwargs = dict(options)
+    kwargs["seed"] = seed if kind == "qmc" else trial_seed(seed, trial_number)
+    if kind == "qmc":
+        kwargs.setdefault("warn_asynchronous_seeding", False)
+    if kind == "grid":
+        kwargs["search_space"] = grid or {}
+    return factory(**kwargs)
+
+
+def build_pruner(kind: str, options: dict[str, Any], *, max_resource: int | None = None) -> BasePruner:
+    """A pruner of ``kind``; ``patient`` wraps another pruner given as ``options.wrapped``."""
+    kwargs = dict(options)
+    if kind == "patient":
+        wrapped = kwargs.pop("wrapped", None) or {"type": "none"}
+        if (
+            not isinstance(wrapped, dict)
+            or wrapped.get("type") not in PRUNERS
+            or wrapped["type"] == "patient"
+        ):
+            raise ValueError("options.wrapped must be {type: <pruner other than patient>, options: {...}}")
+        kwargs["wrapped_pruner"] = build_pruner(
+            wrapped["type"], dict(wrapped.get("options") or {}), max_resource=max_resource
+        )
+    if kind == "hyperband" and max_resource is not None:
+        kwargs.setdefault("max_resource", max_resource)
+    return PRUNERS[kind](**kwargs)
+
+
+def grid_values(low: float, high: float, step: float) -> list[Any]:
+    """The points of a stepped numeric range."""
+    count = int(np.floor((high - low) / step + 1e-9)) + 1
+    return [low + i * step for i in range(count)]

@@ -1,0 +1,282 @@
+"""The study definition: pydantic models with every check of DESIGN.md."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from optuna.distributions import BaseDistribution
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+from optuna.study import StudyDirection
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from service.definition._factories import (
+    PRUNERS,
+    SAMPLERS,
+    build_pruner,
+    build_sampler,
+    check_options,
+    grid_values,
+)
+from service.definition._space import (
+    PARAM_NAME_PATTERN,
+    RESERVED_PREFIXES,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Param,
+    sampling_order,
+    stored_name,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+# The trainer's TrialConfig fields (tests check this list against ``trainer.HYPERPARAMETERS``;
+# service/ cannot import the trainer, which imports torch).
+TRAINER_HYPERPARAMETERS = frozenset(
+    {
+        "layers", "hidden_units", "batch_norm", "dropout", "init", "optimizer", "lr", "momentum",
+        "beta1", "beta2", "eps", "lr_decay", "lr_decay_rate", "lr_decay_steps", "weight_decay", "l1",
+        "batch_size", "patience", "augment", "seed",
+    }
+)  # fmt: skip
+BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(_Strict):
+    """What a trial runs: caviar's built-in trainer, or an external client that asks and tells."""
+
+    kind: Literal["trainer", "external"] = "external"
+    dataset: str | None = Field(
+        default=None, max_length=1024, description="digits | breast_cancer | wine | synthetic | file:PATH"
+    )
+    target: str = Field(default="target", max_length=256, description="Target column of a CSV/Parquet file.")
+    model: Literal["mlp", "cnn"] = "mlp"
+    max_epochs: int = Field(default=20, ge=1, le=100_000)
+    validation_split: float = Field(default=0.2, gt=0, lt=1)
+    fixed: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters held constant.")
+    fuse: int | None = Field(default=None, ge=1, le=1024, description="Train up to this many trials fused.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Objective:
+        if self.kind == "trainer":
+            if not self.dataset:
+                raise ValueError("dataset is required for kind trainer")
+            if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("file:")):
+                raise ValueError(
+                    f"dataset must be one of {', '.join(BUILTIN_DATASETS)} or file:PATH, got {self.dataset!r}"
+                )
+            unknown = sorted(set(self.fixed) - TRAINER_HYPERPARAMETERS)
+            if unknown:
+                raise ValueError(f"fixed: unknown trainer hyperparameter {unknown[0]!r}")
+        return self
+
+
+class SamplerSpec(_Strict):
+    """Which Optuna sampler proposes parameters; ``{type: tpe}`` means Optuna's own defaults."""
+
+    type: Literal["tpe", "random", "qmc", "gp", "cmaes", "grid", "nsga2"] = "tpe"
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = info.data.get("type")
+        if kind is not None:
+            check_options(SAMPLERS[kind], options)
+        return options
+
+
+class PrunerSpec(_Strict):
+    """Which Optuna pruner stops bad trials early from their per-epoch reports."""
+
+    type: Literal[
+        "none", "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon"
+    ] = "median"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        kind = info.data.get("type")
+        if kind is not None:
+            check_options(
+                PRUNERS[kind],
+                {k: v for k, v in options.items() if not (kind == "patient" and k == "wrapped")},
+            )
+            try:
+                build_pruner(kind, options)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"invalid {kind} pruner options: {exc}") from exc
+        return options
+
+
+class Budget(_Strict):
+    """Global limits of a study, exact across every worker and client."""
+
+    n_trials: int = Field(default=100, ge=1, le=1_000_000)
+    max_parallel: int | None = Field(default=None, ge=1, le=100_000)
+    trial_timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=100)
+    max_failed_trials: int = Field(default=10, ge=0, le=1_000_000)
+
+
+class StudyTemplate(_Strict):
+    """A study definition without its name (schedules stamp one on per run)."""
+
+    direction: Literal["maximize", "minimize"] | None = None
+    directions: list[Literal["maximize", "minimize"]] | None = Field(
+        default=None, min_length=1, max_length=16
+    )
+    metric: str | list[str] | None = None
+    objective: Objective = Field(default_factory=Objective)
+    search_space: dict[str, Param]
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: Budget = Field(default_factory=Budget)
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, Param], info: ValidationInfo) -> dict[str, Param]:
+        if not space:
+            raise ValueError("search_space must define at least one parameter")
+        if len(space) > 256:
+            raise ValueError("search_space may define at most 256 parameters")
+        for name, param in space.items():
+            if not re.match(PARAM_NAME_PATTERN, name):
+                raise ValueError(f"{name!r}: parameter names must match {PARAM_NAME_PATTERN}")
+            if name.startswith(RESERVED_PREFIXES):
+                raise ValueError(f"{name!r}: parameter names may not start with 'one_minus_' or 'caviar'")
+            for parent, allowed in (param.when or {}).items():
+                parent_param = space.get(parent)
+                if not isinstance(parent_param, CategoricalParam):
+                    raise ValueError(f"{name}.when: parent {parent!r} must be a categorical parameter")
+                missing = [v for v in allowed if v not in parent_param.choices]
+                if missing or not allowed:
+                    raise ValueError(
+                        f"{name}.when.{parent}: values must be among its choices (got {allowed!r})"
+                    )
+        sampling_order(space)  # raises on cycles
+        objective = info.data.get("objective")
+        if isinstance(objective, Objective) and objective.kind == "trainer":
+            for name in space:
+                if name not in TRAINER_HYPERPARAMETERS:
+                    raise ValueError(
+                        f"{name!r} is not a trainer hyperparameter "
+                        f"(known: {', '.join(sorted(TRAINER_HYPERPARAMETERS))})"
+                    )
+                if name in objective.fixed:
+                    raise ValueError(f"{name!r} is both searched and fixed")
+        return space
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key, value in tags.items():
+            if not 1 <= len(key) <= 64 or len(value) > 256:
+                raise ValueError("tag keys are 1-64 characters, values at most 256")
+        return tags
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> StudyTemplate:
+        if self.direction is not None and self.directions is not None:
+            raise ValueError("give either direction or directions, not both")
+        n = len(self.directions) if self.directions else 1
+        metrics = self.metrics
+        if len(metrics) != n:
+            raise ValueError(f"metric: {len(metrics)} metric name(s) for {n} direction(s)")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("metric: names must be unique")
+        if self.sampler.type == "grid":
+            for name, param in self.search_space.items():
+                if param.when:
+                    raise ValueError(f"sampler: grid cannot sample conditional parameter {name!r}")
+                if isinstance(param, FloatParam) and param.step is None:
+                    raise ValueError(f"sampler: grid needs a step for float parameter {name!r}")
+        try:
+            self.sampler_for(0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sampler: invalid {self.sampler.type} options: {exc}") from exc
+        return self
+
+    # ---- derived views -------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> list[str]:
+        """The names of the optimised metrics, one per direction."""
+        if self.metric is None:
+            default = "val_accuracy" if self.objective.kind == "trainer" else "value"
+            n = len(self.directions) if self.directions else 1
+            return [default] if n == 1 else [f"{default}_{i}" for i in range(n)]
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def study_directions(self) -> list[StudyDirection]:
+        """Optuna's directions, one per objective."""
+        names = self.directions or [self.direction or "maximize"]
+        return [StudyDirection.MAXIMIZE if d == "maximize" else StudyDirection.MINIMIZE for d in names]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.study_directions) > 1
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Optuna distributions keyed by stored name (``one_minus_<name>`` for reverse_log)."""
+        return {stored_name(name, p): p.distribution() for name, p in self.search_space.items()}
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The grid sampler's search space, by stored name."""
+        grid: dict[str, list[Any]] = {}
+        for name, param in self.search_space.items():
+            if isinstance(param, CategoricalParam):
+                grid[name] = list(param.choices)
+            elif isinstance(param, IntParam):
+                grid[name] = list(range(param.low, param.high + 1, param.step))
+            elif param.step is not None:
+                grid[stored_name(name, param)] = grid_values(param.low, param.high, param.step)
+        return grid
+
+    def sampler_for(self, trial_number: int) -> BaseSampler:
+        """The study's sampler, seeded for ``trial_number``."""
+        grid = self.grid() if self.sampler.type == "grid" else None
+        return build_sampler(
+            self.sampler.type, self.sampler.options, self.sampler.seed, grid=grid, trial_number=trial_number
+        )
+
+    def build_pruner(self) -> BasePruner:
+        """The study's pruner (Hyperband's max_resource defaults to the trainer's max_epochs)."""
+        max_resource = self.objective.max_epochs if self.objective.kind == "trainer" else None
+        return build_pruner(self.pruner.type, self.pruner.options, max_resource=max_resource)
+
+
+class StudyDefinition(StudyTemplate):
+    """A full study definition: a template with a unique name."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=128)
+
+    @classmethod
+    def from_template(cls, name: str, template: dict[str, Any]) -> StudyDefinition:
+        """Stamp ``name`` onto a template."""
+        return cls.model_validate({**template, "name": name})
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` is a valid study or schedule name."""
+    return bool(_NAME_RE.match(name))
+
+
+def check_finite(values: list[float]) -> None:
+    """Refuse NaN and infinity (Python's json accepts the ``NaN`` literal)."""
+    for value in values:
+        if not math.isfinite(value):
+            raise ValueError(f"values must be finite numbers (got {value})")

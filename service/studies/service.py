@@ -1,0 +1,237 @@
+"""Study operations: create, read, list, delete, pause and resume.
+
+Plain functions over a :class:`~service.db.Database`; the REST API, the CLI, the scheduler and
+the workers all call them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.definition import StudyDefinition, decode_params
+from service.errors import Conflict, NotFound, invalid_from_pydantic
+from service.studies.schemas import BestTrial, ParetoFront, ParetoTrial, StudyList, StudyRead, TrialCounts
+from storage import StudyRecord, utcnow
+
+QUEUE_STATES = ("queued", "running")
+_COUNTED = {
+    TrialState.WAITING: "waiting",
+    TrialState.RUNNING: "running",
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "fail",
+}
+
+
+def parse_definition(data: dict[str, Any], *, prefix: str = "") -> StudyDefinition:
+    """Validate a study definition from JSON/YAML data; errors name the field."""
+    try:
+        return StudyDefinition.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc.errors(), prefix=prefix) from None
+
+
+def definition_of(record: StudyRecord) -> StudyDefinition:
+    """The stored (already validated) definition of a study."""
+    return StudyDefinition.model_validate(record.definition)
+
+
+def create_study(db: Database, definition: StudyDefinition, *, schedule_id: int | None = None) -> StudyRecord:
+    """Create the caviar study and the Optuna study of the same name.
+
+    Raises:
+        Conflict: ``name_taken`` when a caviar or Optuna study already has the name.
+    """
+    name = definition.name
+    with db.session() as session:
+        if session.scalar(select(StudyRecord.id).where(StudyRecord.name == name)) is not None:
+            raise Conflict(f"a study named {name!r} already exists", code="name_taken")
+    try:
+        study_id = db.optuna.create_new_study(definition.study_directions, name)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
+    db.optuna.set_study_user_attr(study_id, "caviar:metrics", definition.metrics)
+    record = StudyRecord(
+        name=name,
+        state="queued",
+        definition=definition.model_dump(mode="json"),
+        priority=definition.priority,
+        objective_kind=definition.objective.kind,
+        optuna_study_id=study_id,
+        schedule_id=schedule_id,
+    )
+    try:
+        with db.session() as session, session.begin():
+            session.add(record)
+    except IntegrityError:
+        db.optuna.delete_study(study_id)
+        raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
+    return record
+
+
+def get_record(session: Session, name: str) -> StudyRecord:
+    """The study row, or NotFound."""
+    record = session.scalar(select(StudyRecord).where(StudyRecord.name == name))
+    if record is None:
+        raise NotFound(f"no study named {name!r}", code="study_not_found")
+    return record
+
+
+def load_record(db: Database, name: str) -> StudyRecord:
+    with db.session() as session:
+        return get_record(session, name)
+
+
+def all_trials(
+    db: Database, record: StudyRecord, states: Sequence[TrialState] | None = None
+) -> list[FrozenTrial]:
+    """The Optuna trials of a study (through Optuna's cached storage)."""
+    try:
+        return db.optuna.get_all_trials(
+            record.optuna_study_id, deepcopy=False, states=tuple(states) if states else None
+        )
+    except KeyError:
+        return []  # the Optuna study was deleted behind caviar's back
+
+
+def trial_counts(trials: Sequence[FrozenTrial]) -> TrialCounts:
+    counts = Counter(_COUNTED[t.state] for t in trials if t.state in _COUNTED)
+    return TrialCounts(**counts)
+
+
+def best_of(definition: StudyDefinition, trials: Sequence[FrozenTrial]) -> BestTrial | ParetoFront | None:
+    """Best complete trial (single objective) or the Pareto front (multi-objective)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if not complete:
+        return None
+    space = definition.search_space
+    directions = definition.study_directions
+    if len(directions) == 1:
+        pick = max if directions[0] == StudyDirection.MAXIMIZE else min
+        best = pick(
+            complete, key=lambda t: (t.values[0], -t.number) if pick is max else (t.values[0], t.number)
+        )
+        return BestTrial(number=best.number, value=best.values[0], params=decode_params(space, best.params))
+    front = pareto_front(complete, directions)
+    return ParetoFront(
+        trials=[
+            ParetoTrial(number=t.number, values=list(t.values), params=decode_params(space, t.params))
+            for t in front
+        ]
+    )
+
+
+def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[FrozenTrial]:
+    """Non-dominated complete trials, ordered by number."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+    scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)]) for t in trials]
+
+    def dominated(a: list[float]) -> bool:
+        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for _, b in scored)
+
+    return sorted((t for t, score in scored if not dominated(score)), key=lambda t: t.number)
+
+
+def describe(db: Database, record: StudyRecord, trials: Sequence[FrozenTrial] | None = None) -> StudyRead:
+    """A study with its trial counts and best trial."""
+    definition = definition_of(record)
+    if trials is None:
+        trials = all_trials(db, record)
+    return StudyRead(
+        name=record.name,
+        state=record.state,
+        definition=record.definition,
+        trial_counts=trial_counts(trials),
+        best=best_of(definition, trials),
+        priority=record.priority,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def list_studies(
+    db: Database,
+    *,
+    state: str | None = None,
+    tag: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    queue_order: bool = False,
+) -> StudyList:
+    """Studies, newest first (or in the order workers take them), with optional filters.
+
+    ``tag`` is ``key`` or ``key=value``.
+    """
+    with db.session() as session:
+        query = select(StudyRecord)
+        if state is not None:
+            query = query.where(StudyRecord.state == state)
+        records = list(session.scalars(query))
+    if tag is not None:
+        key, _, value = tag.partition("=")
+        records = [
+            r
+            for r in records
+            if key in r.definition.get("tags", {}) and (not value or r.definition["tags"][key] == value)
+        ]
+    if queue_order:
+        records.sort(key=lambda r: (-r.priority, r.created_at, r.id))
+    else:
+        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    page = records[offset : offset + limit]
+    return StudyList(items=[describe(db, r) for r in page], total=len(records))
+
+
+def count_studies_by_state(db: Database) -> dict[str, int]:
+    with db.session() as session:
+        rows = session.execute(select(StudyRecord.state, func.count()).group_by(StudyRecord.state)).all()
+    return {state: count for state, count in rows}
+
+
+def delete_study(db: Database, name: str) -> None:
+    """Delete a study and all its trials (caviar's record and the Optuna study)."""
+    with db.session() as session, session.begin():
+        record = get_record(session, name)
+        study_id = record.optuna_study_id
+        session.delete(record)
+    with contextlib.suppress(KeyError):
+        db.optuna.delete_study(study_id)
+
+
+def set_state(session: Session, record: StudyRecord, state: str) -> None:
+    record.state = state
+    record.updated_at = utcnow()
+    session.add(record)
+
+
+def pause_study(db: Database, name: str) -> StudyRecord:
+    """Stop handing out trials; running trials still report and tell."""
+    with db.session() as session, session.begin():
+        record = get_record(session, name)
+        if record.state not in QUEUE_STATES:
+            raise Conflict(f"study {name!r} is {record.state} and cannot be paused", code="invalid_state")
+        set_state(session, record, "paused")
+        return record
+
+
+def resume_study(db: Database, name: str) -> StudyRecord:
+    """Hand out trials again after a pause."""
+    with db.session() as session, session.begin():
+        record = get_record(session, name)
+        if record.state != "paused":
+            raise Conflict(f"study {name!r} is {record.state}, not paused", code="invalid_state")
+        started = bool(all_trials(db, record))
+        set_state(session, record, "running" if started else "queued")
+        return record

@@ -1,0 +1,35 @@
+"""caviar's storage: engines, caviar's own tables and migrations, and the Optuna storage factory."""
+
+from storage._engine import is_sqlite, make_engine, make_sessionmaker
+from storage._migrate import current_revision, head_revision, is_up_to_date, upgrade
+from storage._models import (
+    ApiToken,
+    Base,
+    Schedule,
+    ScheduleRun,
+    StudyRecord,
+    TrialLease,
+    WorkerRecord,
+    utcnow,
+)
+from storage._optuna import get_optuna_storage, reset_optuna_storages
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "Schedule",
+    "ScheduleRun",
+    "StudyRecord",
+    "TrialLease",
+    "WorkerRecord",
+    "current_revision",
+    "get_optuna_storage",
+    "head_revision",
+    "is_sqlite",
+    "is_up_to_date",
+    "make_engine",
+    "make_sessionmaker",
+    "reset_optuna_storages",
+    "upgrade",
+    "utcnow",
+]

@@ -1,0 +1,122 @@
+"""Shared fixtures: a fresh, migrated database per test on the backend under test.
+
+The backend comes from ``CAVIAR_TEST_DATABASE``: ``sqlite`` (default) or an admin URL of a
+PostgreSQL server (``postgresql+psycopg://postgres@127.0.0.1:5432/test``), on which the suite
+creates and drops its own databases. A migrated template is built once per session and copied
+for each test (a file copy on SQLite, ``CREATE DATABASE ... TEMPLATE`` on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+import storage
+
+BACKEND_URL = os.environ.get("CAVIAR_TEST_DATABASE", "sqlite")
+IS_POSTGRES = BACKEND_URL.startswith("postgresql")
+
+
+def _pg_admin():  # type: ignore[no-untyped-def]
+    return create_engine(BACKEND_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+def _pg_url(name: str) -> str:
+    return make_url(BACKEND_URL).set(database=name).render_as_string(hide_password=False)
+
+
+class DatabaseFactory:
+    """Creates fresh databases for tests: migrated copies of a template, or empty ones."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.created: list[str] = []
+        self.template: str | None = None
+
+    def empty(self) -> str:
+        """A URL of a brand-new empty database."""
+        if IS_POSTGRES:
+            name = f"caviar_t_{uuid.uuid4().hex[:12]}"
+            with _pg_admin().connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            self.created.append(name)
+            return _pg_url(name)
+        return f"sqlite:///{self.root / (uuid.uuid4().hex[:12] + '.db')}"
+
+    def migrated(self) -> str:
+        """A URL of a fresh database at head (Optuna's schema and caviar's tables)."""
+        if self.template is None:
+            self.template = self.empty()
+            storage.upgrade(self.template)
+        if IS_POSTGRES:
+            name = f"caviar_t_{uuid.uuid4().hex[:12]}"
+            with _pg_admin().connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{make_url(self.template).database}"'))
+            self.created.append(name)
+            return _pg_url(name)
+        source = Path(str(make_url(self.template).database))
+        target = self.root / (uuid.uuid4().hex[:12] + ".db")
+        shutil.copyfile(source, target)
+        return f"sqlite:///{target}"
+
+    def drop_all(self) -> None:
+        if not IS_POSTGRES:
+            return
+        with _pg_admin().connect() as conn:
+            for name in self.created:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory(tmp_path_factory.mktemp("db"))
+    yield factory
+    storage.reset_optuna_storages()
+    factory.drop_all()
+
+
+@pytest.fixture
+def db_url(databases: DatabaseFactory) -> Iterator[str]:
+    """A fresh migrated database for this test."""
+    url = databases.migrated()
+    yield url
+    storage.reset_optuna_storages()
+
+
+@pytest.fixture
+def db(db_url: str):  # type: ignore[no-untyped-def]
+    from service.db import Database
+
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from service.config import Settings
+
+    return Settings(
+        database_url=db_url, heartbeat_interval_s=30, artifact_dir=str(tmp_path / "artifacts"), api_token=None
+    )
+
+
+@pytest.fixture
+def client(settings, db):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+
+    with TestClient(create_app(settings, db=db)) as test_client:
+        yield test_client
+
+
+def pytest_report_header() -> str:
+    return f"caviar test database backend: {'postgresql' if IS_POSTGRES else 'sqlite'}"
