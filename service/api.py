@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import optuna
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         db: an already open database handle (tests share one); default: opened from settings.
     """
     settings = settings or get_settings()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,245 @@
+"""The ``caviar`` command line.
+
+Every command works on the local database (``--database-url`` / ``CAVIAR_DATABASE_URL``);
+output is a table for people or JSON with ``--json``; errors are one line on stderr with a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+
+from service.config import Settings
+from service.errors import CaviarError
+
+app = typer.Typer(
+    name="caviar", help="caviar: hyperparameter tuning service for PyTorch models.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+study_app = typer.Typer(help="Studies.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(study_app, name="study")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", envvar="CAVIAR_DATABASE_URL", help="SQLAlchemy URL of the database."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one error line and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings_from(database_url: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment with CLI flags on top."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if database_url:
+        values["database_url"] = database_url
+    return Settings(**values)
+
+
+def open_db(database_url: str | None):  # type: ignore[no-untyped-def]
+    from service.db import Database
+
+    return Database(settings_from(database_url).database_url)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_documents(path: Path) -> list[dict[str, Any]]:
+    """One or several definitions from a YAML/JSON file (multi-document YAML or a list)."""
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        if not path.exists():
+            fail(f"{path}: no such file")
+        text = path.read_text()
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        fail(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})")
+    if len(documents) == 1 and isinstance(documents[0], list):
+        documents = documents[0]
+    if not documents or not all(isinstance(doc, dict) for doc in documents):
+        fail(f"{path}: expected a mapping (or a list of mappings) per definition")
+    return documents
+
+
+def _study_row(study: dict[str, Any]) -> list[str]:
+    counts = study["trial_counts"]
+    best = study.get("best")
+    best_text = ""
+    if best and "value" in best:
+        best_text = f"{best['value']:.4g} (#{best['number']})"
+    elif best:
+        best_text = f"{len(best['trials'])} on front"
+    done = counts["complete"] + counts["pruned"]
+    n_trials = study["definition"]["budget"]["n_trials"]
+    return [
+        study["name"],
+        study["state"],
+        f"{done}/{n_trials}",
+        str(counts["running"]),
+        str(counts["fail"]),
+        best_text,
+    ]
+
+
+def print_studies(studies: list[dict[str, Any]]) -> None:
+    table = Table("name", "state", "done", "running", "failed", "best")
+    for study in studies:
+        table.add_row(*_study_row(study))
+    console.print(table)
+
+
+@app.callback()
+def _root() -> None:
+    """caviar: hyperparameter tuning service for PyTorch models."""
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseUrl = None) -> None:
+    """Create Optuna's schema and migrate caviar's tables to the newest revision."""
+    import storage
+
+    url = settings_from(database_url).database_url
+    try:
+        revision = storage.upgrade(url)
+    except Exception as exc:  # a friendly line instead of a traceback
+        fail(f"could not migrate {_safe_url(url)}: {exc.__class__.__name__}: {exc}")
+    console.print(f"database at revision {revision}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    processes: Annotated[int | None, typer.Option(help="Server processes (default: one per core).")] = None,
+    database_url: DatabaseUrl = None,
+    token: Annotated[str | None, typer.Option(envvar="CAVIAR_API_TOKEN", help="Admin API token.")] = None,
+    no_migrate: Annotated[
+        bool, typer.Option("--no-migrate", help="Skip `caviar db upgrade` at start.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the REST API (migrating the database first)."""
+    from service.server import serve as run_server
+
+    settings = settings_from(
+        database_url,
+        host=host,
+        port=port,
+        processes=processes,
+        api_token=SecretStr(token) if token else None,
+        migrate_on_start=False if no_migrate else None,
+    )
+    run_server(settings, log_level=log_level)
+
+
+@study_app.command("create")
+def study_create(
+    file: Annotated[
+        Path, typer.Option("-f", "--file", help="YAML/JSON file with one or several definitions.")
+    ],
+    database_url: DatabaseUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create studies from a definition file."""
+    from service.studies import service
+
+    documents = read_documents(file)
+    db = open_db(database_url)
+    created: list[dict[str, Any]] = []
+    try:
+        definitions = [service.parse_definition(doc) for doc in documents]
+        for definition in definitions:
+            record = service.create_study(db, definition)
+            created.append(service.describe(db, record, trials=[]).model_dump(mode="json"))
+    except CaviarError as exc:
+        if created:
+            err_console.print(f"created {', '.join(s['name'] for s in created)} before the error")
+        fail(exc.message)
+    finally:
+        db.dispose()
+    if as_json:
+        print_json(created if len(created) > 1 else created[0])
+    else:
+        for study in created:
+            console.print(f"created study [bold]{study['name']}[/] ({study['state']})")
+
+
+@study_app.command("list")
+def study_list(
+    state: Annotated[str | None, typer.Option(help="Only studies in this state.")] = None,
+    tag: Annotated[str | None, typer.Option(help="key or key=value")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    database_url: DatabaseUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List studies, newest first."""
+    from service.studies import service
+
+    db = open_db(database_url)
+    try:
+        page = service.list_studies(db, state=state, tag=tag, limit=limit)
+    finally:
+        db.dispose()
+    data = page.model_dump(mode="json")
+    if as_json:
+        print_json(data)
+    else:
+        print_studies(data["items"])
+
+
+@study_app.command("show")
+def study_show(name: str, database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+    """Show one study."""
+    from service.studies import service
+
+    db = open_db(database_url)
+    try:
+        study = service.describe(db, service.load_record(db, name)).model_dump(mode="json")
+    except CaviarError as exc:
+        fail(exc.message)
+    finally:
+        db.dispose()
+    if as_json:
+        print_json(study)
+    else:
+        print_studies([study])
+        console.print_json(data=study["definition"])
+
+
+def main() -> None:
+    """Console-script entry point."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()
