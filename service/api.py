@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.background import PeriodicTask
 from service.config import Settings, get_settings
 from service.db import Database
 from service.errors import CaviarError, RateLimited, validation_details
@@ -81,6 +82,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
+    """The periodic work each server process runs (each is safe to run in every replica)."""
+    tasks: list[PeriodicTask] = []
+    if settings.background_tasks:
+        pass
+    return tasks
+
+
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
     """Build the caviar API.
 
@@ -93,9 +102,14 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if db is None:
-            app.state.db.dispose()
+        tasks = [task.start() for task in background_tasks(app.state.db, settings)]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.stop()
+            if db is None:
+                app.state.db.dispose()
 
     app = FastAPI(
         title="caviar",

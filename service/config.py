@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     cors_origins: list[str] = Field(default_factory=list)
     migrate_on_start: bool = True
+    background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")
 
     @property
     def lease_s(self) -> float:
