@@ -1,0 +1,215 @@
+"""Datasets: loading, stratified splitting and train-split normalisation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+__all__ = ["BUILTIN_DATASETS", "Dataset", "load_dataset"]
+
+BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification dataset split into normalised train and validation tensors.
+
+    Attributes:
+        name: Dataset name or file path it was loaded from.
+        X_train: Normalised training features, float32 ``(n_train, n_features)``.
+        y_train: Training labels as class indices, int64 ``(n_train,)``.
+        X_val: Validation features, normalised with the training statistics.
+        y_val: Validation labels.
+        n_classes: Number of classes.
+        n_features: Number of input features.
+        image_shape: ``(channels, height, width)`` for image datasets (features are the
+            flattened image), else ``None``.
+        mean: Per-feature mean of the raw training split.
+        std: Per-feature standard deviation of the raw training split (1 where constant).
+        classes: Original label of each class index.
+    """
+
+    name: str
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+    n_classes: int
+    n_features: int
+    image_shape: tuple[int, int, int] | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: tuple[Any, ...]
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalise raw features with the training statistics."""
+        return (features.to(torch.float32) - self.mean) / self.std
+
+
+def load_dataset(
+    name: str | Path,
+    validation_split: float = 0.2,
+    seed: int = 0,
+    *,
+    target: str = "target",
+    **options: Any,
+) -> Dataset:
+    """Load a dataset and split it into normalised train/validation tensors.
+
+    Args:
+        name: ``"digits"`` (8x8 images), ``"breast_cancer"``, ``"wine"``, ``"synthetic"``, or a path
+            to a ``.csv``/``.parquet`` file (with a ``target`` column) or an ``.npz`` file (arrays
+            ``X`` and ``y``).
+        validation_split: Fraction of samples held out for validation, in ``(0, 1)``.
+        seed: Seed of the stratified split (and of the synthetic data).
+        target: Label column of CSV/parquet files.
+        **options: ``"synthetic"`` only: ``n_samples`` (20000), ``n_features`` (40), ``n_classes``
+            (10), ``n_informative`` (30), ``class_sep`` (1.5), ``seed`` override via ``data_seed``.
+
+    Returns:
+        The dataset; normalisation statistics are fitted on the training split only.
+
+    Raises:
+        ValueError: Unknown name, bad split, missing target column, NaNs, fewer than two classes,
+            or options for a dataset that takes none.
+        FileNotFoundError: A path that does not exist.
+    """
+    if not isinstance(validation_split, float | int) or not 0 < validation_split < 1:
+        raise ValueError(f"validation_split must be in (0, 1), got {validation_split!r}")
+    image_shape: tuple[int, int, int] | None = None
+    key = str(name)
+    if key == "synthetic":
+        x, y = _synthetic(seed=seed, **options)
+    elif options:
+        raise ValueError(f"unexpected options for dataset {key!r}: {', '.join(sorted(options))}")
+    elif key in ("digits", "breast_cancer", "wine"):
+        from sklearn import datasets
+
+        bunch = getattr(datasets, f"load_{key}")()
+        x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
+        if key == "digits":
+            image_shape = (1, 8, 8)
+    elif Path(key).suffix.lower() in (".csv", ".npz", ".parquet") or Path(key).exists():
+        x, y = _load_file(Path(key), target)
+    else:
+        raise ValueError(
+            f"unknown dataset {key!r}: use one of {', '.join(BUILTIN_DATASETS)} or a .csv/.npz/.parquet path"
+        )
+    return _split(key, x, y, validation_split, seed, image_shape)
+
+
+def _synthetic(
+    seed: int,
+    n_samples: int = 20_000,
+    n_features: int = 40,
+    n_classes: int = 10,
+    n_informative: int = 30,
+    class_sep: float = 1.5,
+    data_seed: int | None = None,
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    from sklearn.datasets import make_classification
+
+    n_informative = min(n_informative, n_features)
+    x, y = make_classification(
+        n_samples=n_samples,
+        n_features=n_features,
+        n_informative=n_informative,
+        n_redundant=min(2, n_features - n_informative),
+        n_classes=n_classes,
+        n_clusters_per_class=1,
+        class_sep=class_sep,
+        flip_y=0.01,
+        random_state=seed if data_seed is None else data_seed,
+    )
+    return x, y
+
+
+def _load_file(path: Path, target: str) -> tuple[NDArray[Any], NDArray[Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("X", "y") if k not in archive.files]
+            if missing:
+                raise ValueError(f"{path}: .npz needs arrays 'X' and 'y', missing {', '.join(missing)}")
+            x, y = archive["X"], archive["y"]
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(
+                f"{path}: x must be 2-D and y 1-D of the same length, got {x.shape} and {y.shape}"
+            )
+        return x.astype(np.float64), y
+    import pandas as pd
+
+    frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+    if target not in frame.columns:
+        raise ValueError(
+            f"{path}: target column {target!r} not found; columns: {', '.join(map(str, frame.columns))}"
+        )
+    features = frame.drop(columns=[target])
+    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if non_numeric:
+        raise ValueError(f"{path}: non-numeric feature columns: {', '.join(non_numeric)}")
+    if frame[target].isna().any():
+        raise ValueError(f"{path}: target column {target!r} contains NaN")
+    return features.to_numpy(dtype=np.float64), frame[target].to_numpy()
+
+
+def _split(
+    name: str,
+    x: NDArray[Any],
+    y: NDArray[Any],
+    validation_split: float,
+    seed: int,
+    image_shape: tuple[int, int, int] | None,
+) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    if len(x) == 0 or x.shape[1] == 0:
+        raise ValueError(f"dataset {name!r} is empty (shape {x.shape})")
+    if np.isnan(x).any():
+        rows, cols = np.nonzero(np.isnan(x))
+        raise ValueError(f"dataset {name!r} contains NaN features (first at row {rows[0]}, column {cols[0]})")
+    if not np.isfinite(x).all():
+        raise ValueError(f"dataset {name!r} contains infinite features")
+    classes, labels = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"dataset {name!r} has a single class ({classes.tolist()}); need at least 2")
+    counts = np.bincount(labels)
+    n_val = math.ceil(validation_split * len(labels))
+    if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
+        raise ValueError(
+            f"dataset {name!r} is too small for a stratified {validation_split} split "
+            f"({len(labels)} samples, smallest class has {counts.min()})"
+        )
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x, labels, test_size=validation_split, stratify=labels, random_state=seed
+    )
+    mean = x_tr.mean(axis=0)
+    std = x_tr.std(axis=0)
+    std = np.where(std < 1e-8, 1.0, std)
+
+    def tensor(a: NDArray[Any]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray((a - mean) / std, dtype=np.float32))
+
+    return Dataset(
+        name=name,
+        X_train=tensor(x_tr),
+        y_train=torch.from_numpy(y_tr.astype(np.int64)),
+        X_val=tensor(x_va),
+        y_val=torch.from_numpy(y_va.astype(np.int64)),
+        n_classes=len(classes),
+        n_features=x.shape[1],
+        image_shape=image_shape,
+        mean=torch.from_numpy(mean.astype(np.float32)),
+        std=torch.from_numpy(std.astype(np.float32)),
+        classes=tuple(c.item() if hasattr(c, "item") else c for c in classes),
+    )

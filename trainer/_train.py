@@ -1,0 +1,355 @@
+"""The fused training loop: K members trained as one stacked model.
+
+:func:`train` is :func:`train_group` with a single member, so both share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._checkpoint import save_checkpoint
+from ._config import TrialConfig, check_group, lr_at
+from ._data import Dataset
+from ._layers import FusedModel, build_model
+from ._optim import COEFFICIENTS, FusedOptimizer
+from ._rng import STREAM_AUGMENT, STREAM_DROPOUT, STREAM_SHUFFLE, member_keys, normal, random_bits, uniform
+
+__all__ = ["GroupReport", "Report", "TrialResult", "augment_batch", "resolve_device", "train", "train_group"]
+
+Report = Callable[[int, float], bool]
+"""``report(step, val_accuracy) -> prune?`` for :func:`train`."""
+GroupReport = Callable[[int, int, float], bool]
+"""``report(member_index, step, val_accuracy) -> prune?`` for :func:`train_group`."""
+
+_EVAL_CHUNK = 4096
+
+
+@dataclass
+class TrialResult:
+    """Outcome of one trained member.
+
+    Attributes:
+        config: The member's config.
+        metrics: ``val_accuracy``, ``val_loss`` and ``train_loss`` of the returned weights: the best
+            (lowest validation loss) epoch when early stopping is on (``patience > 0``), else the
+            last epoch run.
+        history: One dict per epoch run: ``epoch`` (0-based), ``lr``, ``train_loss``, ``val_loss``,
+            ``val_accuracy``.
+        pruned: Whether ``report`` asked to prune it.
+        epochs: Number of epochs run.
+        best_epoch: Epoch whose metrics and weights are returned.
+        seconds: Wall time from the start of training until the member left its group.
+    """
+
+    config: TrialConfig
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    pruned: bool
+    epochs: int
+    best_epoch: int
+    seconds: float
+    _state: dict[str, torch.Tensor] = field(repr=False)
+    _meta: dict[str, Any] = field(repr=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The member's trained parameters and buffers (no member axis), as CPU tensors."""
+        return {name: t.clone() for name, t in self._state.items()}
+
+    def save(self, path: str | Path) -> None:
+        """Save a checkpoint that :func:`trainer.load_model` rebuilds for inference."""
+        save_checkpoint(path, self.config, self._state, self._meta)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map a config's device string to a torch device (``"auto"``: CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def augment_batch(
+    x: torch.Tensor, strength: torch.Tensor, keys: torch.Tensor, image_shape: tuple[int, int, int] | None
+) -> torch.Tensor:
+    """Training-time augmentation with per-member strength and noise.
+
+    Image data is first shifted by up to ``ceil(strength)`` pixels per axis (zero fill, i.e. the
+    training mean after normalisation); all data then gets Gaussian noise of std ``strength``.
+    A member with strength 0 is left exactly unchanged.
+
+    Args:
+        x: ``(K, B, n_features)`` normalised inputs.
+        strength: ``(K,)`` augmentation strengths.
+        keys: ``(K,)`` noise keys for this step.
+        image_shape: ``(C, H, W)`` or ``None``.
+
+    Returns:
+        The augmented batch, same shape.
+    """
+    k, b, n = x.shape
+    if image_shape is not None:
+        c, h, w = image_shape
+        radius = torch.ceil(strength).view(k, 1, 1)
+        u = uniform(member_keys(keys, 1), 2 * b).view(k, 2, b)
+        shift = (torch.floor(u * (2 * radius + 1)) - radius).to(torch.int64)
+        rows = torch.arange(h, device=x.device) - shift[:, 0, :, None]
+        cols = torch.arange(w, device=x.device) - shift[:, 1, :, None]
+        valid = ((rows >= 0) & (rows < h))[..., :, None] & ((cols >= 0) & (cols < w))[..., None, :]
+        index = rows.clamp(0, h - 1)[..., :, None] * w + cols.clamp(0, w - 1)[..., None, :]
+        src = x.view(k, b, c, h * w)
+        x = torch.gather(src, 3, index.view(k, b, 1, h * w).expand(k, b, c, h * w))
+        x = (x * valid.view(k, b, 1, h * w).to(x.dtype)).view(k, b, n)
+    noise = normal(member_keys(keys, 2), b * n).view(k, b, n)
+    return x + noise * strength.view(k, 1, 1).to(x.dtype)
+
+
+def train(config: TrialConfig, data: Dataset, report: Report | None = None) -> TrialResult:
+    """Train one config: :func:`train_group` with a single member.
+
+    Args:
+        config: The trial's hyperparameters.
+        data: The dataset.
+        report: Called after every epoch as ``report(epoch, val_accuracy)``; ``True`` prunes.
+
+    Returns:
+        The trial's result.
+    """
+    group_report: GroupReport | None = None
+    if report is not None:
+        single = report
+
+        def group_report(_member: int, step: int, value: float) -> bool:
+            return single(step, value)
+
+    return train_group([config], data, group_report)[0]
+
+
+class _Group:
+    """Mutable state of the live members of a group (all stacked along the member axis)."""
+
+    def __init__(self, configs: Sequence[TrialConfig], data: Dataset, device: torch.device) -> None:
+        shared = configs[0]
+        self.configs = list(configs)
+        self.device = device
+        self.model: FusedModel = build_model(
+            shared.model,
+            len(configs),
+            data.n_features,
+            data.n_classes,
+            data.image_shape,
+            shared.layers,
+            shared.hidden_units,
+            shared.batch_norm,
+        )
+        self.model.init_members([c.seed for c in configs], shared.init)
+        self.model.to(device)
+        self.optimizer = FusedOptimizer(
+            list(self.model.parameters()),
+            shared.optimizer,
+            {name: [float(getattr(c, name)) for c in configs] for name in COEFFICIENTS},
+        )
+        self.members = list(range(len(configs)))  # original index of each live slot
+        self.seeds = torch.tensor([c.seed % 2**32 for c in configs], dtype=torch.int64, device=device)
+        self.dropout = torch.tensor([c.dropout for c in configs], dtype=torch.float32, device=device)
+        self.augment = torch.tensor([c.augment for c in configs], dtype=torch.float32, device=device)
+        self.best: list[torch.Tensor] | None = None
+        if shared.patience > 0:
+            self.best = [t.detach().clone() for t in self.model.state_dict().values()]
+
+    @property
+    def any_dropout(self) -> bool:
+        return any(self.configs[m].dropout > 0 for m in self.members)
+
+    @property
+    def any_augment(self) -> bool:
+        return any(self.configs[m].augment > 0 for m in self.members)
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        lrs = [
+            lr_at(c.lr, c.lr_decay, c.lr_decay_rate, c.lr_decay_steps, epoch)
+            for c in map(self.configs.__getitem__, self.members)
+        ]
+        self.optimizer.set_lr(lrs)
+
+    def keep_best(self, improved: list[bool]) -> None:
+        """Copy the current weights of improved slots into the best-epoch snapshot."""
+        if self.best is None or not any(improved):
+            return
+        mask = torch.tensor(improved, device=self.device)
+        with torch.no_grad():
+            for best, current in zip(self.best, self.model.state_dict().values(), strict=True):
+                best.copy_(torch.where(mask.view((-1,) + (1,) * (best.dim() - 1)), current, best))
+
+    def member_state(self, slot: int, restore_best: bool) -> dict[str, torch.Tensor]:
+        if restore_best and self.best is not None:
+            names = self.model.state_dict().keys()
+            return {name: t[slot].to("cpu", copy=True) for name, t in zip(names, self.best, strict=True)}
+        return self.model.member_state(slot)
+
+    def keep(self, slots: list[int]) -> None:
+        """Compact the group to the given slots (parameters, buffers, optimizer state, coefficients)."""
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.model.select(index)
+        self.optimizer.select(index)
+        self.members = [self.members[s] for s in slots]
+        self.seeds = self.seeds.index_select(0, index)
+        self.dropout = self.dropout.index_select(0, index)
+        self.augment = self.augment.index_select(0, index)
+        if self.best is not None:
+            self.best = [t.index_select(0, index) for t in self.best]
+
+
+def train_group(
+    configs: Sequence[TrialConfig], data: Dataset, report: GroupReport | None = None
+) -> list[TrialResult]:
+    """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
+
+    Members differ only in :data:`trainer.FUSIBLE` fields. Every epoch each live member is
+    evaluated and reported as ``report(member_index, epoch, val_accuracy)``; a ``True`` answer prunes
+    it. Pruned and early-stopped members leave the group (the stacks are compacted).
+
+    Args:
+        configs: The members' configs.
+        data: The dataset.
+        report: Optional pruning callback.
+
+    Returns:
+        One result per config, in order.
+
+    Raises:
+        ValueError: Members that cannot be fused (field named), or a CNN on non-image data.
+    """
+    check_group(configs)
+    shared = configs[0]
+    if shared.model == "cnn" and data.image_shape is None:
+        raise ValueError(f"model 'cnn' needs an image dataset; {data.name!r} has no image_shape")
+    device = resolve_device(shared.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start = time.perf_counter()
+    meta = {
+        "n_features": data.n_features,
+        "n_classes": data.n_classes,
+        "image_shape": data.image_shape,
+        "mean": data.mean,
+        "std": data.std,
+        "classes": data.classes,
+    }
+    x_train, y_train = data.X_train.to(device), data.y_train.to(device)
+    x_val, y_val = data.X_val.to(device), data.y_val.to(device)
+    n_train, batch = len(x_train), shared.batch_size
+    group = _Group(configs, data, device)
+    histories: list[list[dict[str, float]]] = [[] for _ in configs]
+    best_loss = [math.inf] * len(configs)
+    best_epoch = [0] * len(configs)
+    stale = [0] * len(configs)
+    results: list[TrialResult | None] = [None] * len(configs)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    step = 0
+    for epoch in range(shared.max_epochs):
+        k = len(group.members)
+        group.set_epoch_lr(epoch)
+        dropout = group.dropout if group.any_dropout else None
+        augment = group.any_augment
+        order = torch.argsort(
+            random_bits(member_keys(group.seeds, STREAM_SHUFFLE, epoch), n_train), dim=1, stable=True
+        )
+        group.model.train()
+        loss_sum = torch.zeros(k, device=device)
+        for start_index in range(0, n_train, batch):
+            index = order[:, start_index : start_index + batch]
+            xb, yb = x_train[index], y_train[index]
+            if augment:
+                xb = augment_batch(
+                    xb, group.augment, member_keys(group.seeds, STREAM_AUGMENT, step), data.image_shape
+                )
+            keys = member_keys(group.seeds, STREAM_DROPOUT, step) if dropout is not None else None
+            with autocast:
+                logits = group.model(xb, dropout, keys)
+            losses = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none"
+            ).view(k, -1)
+            per_member = losses.mean(dim=1)
+            group.optimizer.zero_grad()
+            per_member.sum().backward()
+            group.optimizer.step()
+            loss_sum += per_member.detach() * index.shape[1]
+            step += 1
+        val_loss, val_acc = _evaluate(group.model, x_val, y_val, autocast)
+        # The only host synchronisation of the epoch.
+        train_losses, val_losses, val_accs = torch.stack([loss_sum / n_train, val_loss, val_acc]).tolist()
+        lrs = group.optimizer.lr.tolist()
+        improved = []
+        for slot, member in enumerate(group.members):
+            histories[member].append(
+                {
+                    "epoch": epoch,
+                    "lr": lrs[slot],
+                    "train_loss": train_losses[slot],
+                    "val_loss": val_losses[slot],
+                    "val_accuracy": val_accs[slot],
+                }
+            )
+            better = val_losses[slot] < best_loss[member]
+            improved.append(better)
+            if better:
+                best_loss[member], best_epoch[member], stale[member] = val_losses[slot], epoch, 0
+            else:
+                stale[member] += 1
+        group.keep_best(improved)
+        keep: list[int] = []
+        for slot, member in enumerate(group.members):
+            pruned = report is not None and bool(report(member, epoch, val_accs[slot]))
+            stopped = shared.patience > 0 and stale[member] >= shared.patience
+            if not (pruned or stopped or epoch == shared.max_epochs - 1):
+                keep.append(slot)
+                continue
+            restore = shared.patience > 0 and not pruned
+            chosen = best_epoch[member] if restore else epoch
+            record = histories[member][chosen]
+            results[member] = TrialResult(
+                config=configs[member],
+                metrics={name: record[name] for name in ("val_accuracy", "val_loss", "train_loss")},
+                history=histories[member],
+                pruned=pruned,
+                epochs=epoch + 1,
+                best_epoch=chosen,
+                seconds=time.perf_counter() - start,
+                _state=group.member_state(slot, restore),
+                _meta=meta,
+            )
+        if not keep:
+            break
+        if len(keep) < k:
+            group.keep(keep)
+    return [r for r in results if r is not None]
+
+
+@torch.no_grad()
+def _evaluate(
+    model: FusedModel, x: torch.Tensor, y: torch.Tensor, autocast: contextlib.AbstractContextManager[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean validation loss and accuracy per member, ``(K,)`` each, kept on the device."""
+    model.eval()
+    loss = torch.zeros(model.k, device=x.device)
+    correct = torch.zeros(model.k, device=x.device)
+    for i in range(0, len(x), _EVAL_CHUNK):
+        xb, yb = x[i : i + _EVAL_CHUNK], y[i : i + _EVAL_CHUNK]
+        with autocast:
+            logits = model(xb).float()
+        k, n, c = logits.shape
+        loss += F.cross_entropy(logits.reshape(-1, c), yb.repeat(k), reduction="none").view(k, n).sum(dim=1)
+        correct += (logits.argmax(dim=-1) == yb).sum(dim=1)
+    return loss / len(x), correct / len(x)
