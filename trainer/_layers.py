@@ -219,11 +219,18 @@ class FusedModel(nn.Module):
 
     @torch.no_grad()
     def select(self, index: torch.Tensor) -> None:
-        """Keep only the members at ``index`` (in that order) in every parameter and buffer."""
-        for tensor in [*self.parameters(), *self.buffers()]:
-            tensor.data = tensor.data.index_select(0, index)
-            if tensor.grad is not None:
-                tensor.grad = None
+        """Keep only the members at ``index`` (in that order) in every parameter and buffer.
+
+        Parameters are replaced by new ``nn.Parameter`` objects (autograd caches leaf shapes), so
+        holders of the old ones (optimizers) must fetch ``parameters()`` again.
+        """
+        for module in self.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[name] = nn.Parameter(param.index_select(0, index))
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.index_select(0, index)
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s parameters and buffers without the K axis, cloned to the CPU."""

@@ -95,8 +95,14 @@ class FusedOptimizer:
         for p in self.params:
             p.grad = None
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the members at ``index`` in coefficients and state (parameters are the model's)."""
+    def select(self, index: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        """Keep only the members at ``index`` in coefficients and state.
+
+        Args:
+            index: Slots to keep, in order.
+            params: The compacted parameters (same order as before) that the optimizer updates from now on.
+        """
+        self.params = list(params)
         self.coef = {name: t.index_select(0, index) for name, t in self.coef.items()}
         self.lr = self.lr.index_select(0, index)
         self.state = {name: [t.index_select(0, index) for t in ts] for name, ts in self.state.items()}

@@ -200,7 +200,7 @@ class _Group:
         """Compact the group to the given slots (parameters, buffers, optimizer state, coefficients)."""
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
         self.model.select(index)
-        self.optimizer.select(index)
+        self.optimizer.select(index, list(self.model.parameters()))
         self.members = [self.members[s] for s in slots]
         self.seeds = self.seeds.index_select(0, index)
         self.dropout = self.dropout.index_select(0, index)

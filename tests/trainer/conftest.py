@@ -1,0 +1,23 @@
+"""Shared fixtures for the trainer tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import Dataset, load_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_dataset("digits", validation_split=0.2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_tabular() -> Dataset:
+    return load_dataset("synthetic", n_samples=600, n_features=12, n_classes=3, n_informative=8, seed=1)
