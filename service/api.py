@@ -19,6 +19,8 @@ from service.db import Database
 from service.errors import CaviarError, RateLimited, validation_details
 from service.schemas import error_responses
 from service.studies.router import router as studies_router
+from service.trials.router import router as trials_router
+from service.trials.service import reap
 
 _log = logging.getLogger("caviar.api")
 
@@ -86,7 +88,7 @@ def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
     """The periodic work each server process runs (each is safe to run in every replica)."""
     tasks: list[PeriodicTask] = []
     if settings.background_tasks:
-        pass
+        tasks.append(PeriodicTask("reaper", settings.reap_every_s, lambda: reap(db)))
     return tasks
 
 
@@ -132,5 +134,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
 
     api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 422))
     api.include_router(studies_router)
+    api.include_router(trials_router)
     app.include_router(api)
     return app

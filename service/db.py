@@ -18,6 +18,12 @@ from storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmake
 
 _PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
 
+# Process-wide: every Database object on the same URL shares these (POSIX record locks belong
+# to the process, so two handles in one process must queue on the thread lock first).
+_registry_guard = threading.Lock()
+_thread_locks: dict[tuple[str, int], threading.Lock] = {}
+_lock_files: dict[str, int] = {}
+
 
 class Database:
     """caviar's engine and session factory plus Optuna's storage, on one URL.
@@ -32,9 +38,6 @@ class Database:
         self.engine = make_engine(url, pool_size=pool_size)
         self.sessions = make_sessionmaker(self.engine)
         self.is_sqlite = is_sqlite(url)
-        self._thread_locks: dict[int, threading.Lock] = {}
-        self._guard = threading.Lock()
-        self._lock_file: int | None = None
 
     @property
     def optuna(self) -> BaseStorage:
@@ -52,9 +55,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
 
     @contextlib.contextmanager
     def study_lock(self, study_id: int) -> Iterator[None]:
@@ -65,8 +65,8 @@ class Database:
         Across processes: a PostgreSQL advisory lock, or a byte-range lock on a file beside the
         SQLite database.
         """
-        with self._guard:
-            thread_lock = self._thread_locks.setdefault(study_id, threading.Lock())
+        with _registry_guard:
+            thread_lock = _thread_locks.setdefault((self.url, study_id), threading.Lock())
         with thread_lock:
             if self.is_sqlite:
                 fd = self._sqlite_lock_fd()
@@ -96,8 +96,9 @@ class Database:
         database = make_url(self.url).database
         if not database or database == ":memory:":
             return None
-        with self._guard:
-            if self._lock_file is None:
-                path = Path(database).with_suffix(Path(database).suffix + ".lock")
-                self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            return self._lock_file
+        path = str(Path(database).resolve()) + ".lock"
+        with _registry_guard:
+            fd = _lock_files.get(path)
+            if fd is None:
+                fd = _lock_files[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return fd

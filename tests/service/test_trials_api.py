@@ -1,0 +1,338 @@
+"""REST tests of the trial lifecycle: every endpoint and error code (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.service.helpers import external_study
+
+API = "/api/v1/studies"
+
+
+def create(client: TestClient, **kwargs) -> str:
+    body = external_study(**kwargs)
+    response = client.post(API, json=body)
+    assert response.status_code == 201, response.text
+    return body["name"]
+
+
+def ask(client: TestClient, name: str, **body) -> dict:
+    response = client.post(f"{API}/{name}/trials/ask", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_code(response) -> str:
+    return response.json()["error"]["code"]
+
+
+def test_ask_report_tell_round_trip(client: TestClient, db_url: str) -> None:
+    name = create(client)
+    assignment = ask(client, name, worker_id="w1")
+    assert assignment["study"] == name and assignment["number"] == 0
+    params = assignment["params"]
+    assert set(params) == {"lr", "beta1", "dropout"}
+    assert 0.8 <= params["beta1"] <= 0.999
+    assert client.get(f"{API}/{name}").json()["state"] == "running"
+    prune = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5})
+    assert prune.json() == {"should_prune": False}
+    assert client.post(f"{API}/{name}/trials/0/heartbeat", json={}).status_code == 204
+    assert client.post(f"{API}/{name}/trials/0/heartbeat").status_code == 204
+    told = client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 0.9}).json()
+    assert told["state"] == "complete" and told["value"] == 0.9
+    assert told["params"] == params
+    assert told["intermediate_values"] == {"1": 0.5}
+    assert told["worker_id"] == "w1"
+    # Optuna sees the encoded parameter and the decoded user attribute (for the dashboard).
+    trial = optuna.load_study(study_name=name, storage=db_url).trials[0]
+    assert math.isclose(1 - trial.params["one_minus_beta1"], params["beta1"])
+    assert math.isclose(trial.user_attrs["beta1"], params["beta1"])
+    detail = client.get(f"{API}/{name}/trials/0").json()
+    assert detail["intermediate_values"] == {"1": 0.5}
+    best = client.get(f"{API}/{name}/best").json()
+    assert best["number"] == 0 and best["params"]["beta1"] == params["beta1"]
+    study = client.get(f"{API}/{name}").json()
+    assert study["best"]["number"] == 0 and study["trial_counts"]["complete"] == 1
+
+
+def test_tell_is_idempotent_and_final(client: TestClient) -> None:
+    name = create(client)
+    ask(client, name)
+    url = f"{API}/{name}/trials/0/tell"
+    first = client.post(url, json={"state": "complete", "value": 1.5})
+    again = client.post(url, json={"state": "complete", "value": 1.5})
+    assert again.status_code == 200 and again.json() == first.json()
+    other = client.post(url, json={"state": "complete", "value": 2.0})
+    assert other.status_code == 409 and error_code(other) == "trial_finished"
+    pruned = client.post(url, json={"state": "pruned"})
+    assert pruned.status_code == 409 and error_code(pruned) == "trial_finished"
+    report = client.post(f"{API}/{name}/trials/0/report", json={"step": 2, "value": 1.0})
+    assert report.status_code == 409 and error_code(report) == "trial_finished"
+    beat = client.post(f"{API}/{name}/trials/0/heartbeat")
+    assert beat.status_code == 409 and error_code(beat) == "trial_finished"
+
+
+def test_ask_with_request_id_is_idempotent(client: TestClient) -> None:
+    name = create(client)
+    first = ask(client, name, request_id="req-1")
+    second = ask(client, name, request_id="req-1")
+    assert first == second
+    assert ask(client, name, request_id="req-2")["number"] == 1
+
+
+def test_budget_exhausted_and_completed(client: TestClient) -> None:
+    name = create(client, n_trials=2)
+    for number in range(2):
+        ask(client, name)
+    response = client.post(f"{API}/{name}/trials/ask", json={})
+    assert response.status_code == 409 and error_code(response) == "budget_exhausted"
+    client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 1.0})
+    assert client.get(f"{API}/{name}").json()["state"] == "running"
+    client.post(f"{API}/{name}/trials/1/tell", json={"state": "pruned"})
+    assert client.get(f"{API}/{name}").json()["state"] == "completed"
+    assert error_code(client.post(f"{API}/{name}/trials/ask", json={})) == "budget_exhausted"
+
+
+def test_max_parallel_is_429_with_retry_after(client: TestClient) -> None:
+    name = create(client, n_trials=5, max_parallel=1)
+    ask(client, name)
+    response = client.post(f"{API}/{name}/trials/ask", json={})
+    assert response.status_code == 429
+    assert error_code(response) == "max_parallel_reached"
+    assert int(response.headers["Retry-After"]) >= 1
+    client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 1.0})
+    assert ask(client, name)["number"] == 1
+
+
+def test_paused_study_refuses_asks_but_running_trials_finish(client: TestClient) -> None:
+    name = create(client, n_trials=5)
+    ask(client, name)
+    client.post(f"{API}/{name}/pause")
+    response = client.post(f"{API}/{name}/trials/ask", json={})
+    assert response.status_code == 409 and error_code(response) == "study_paused"
+    assert client.post(f"{API}/{name}/trials/0/report", json={"step": 0, "value": 0.1}).status_code == 200
+    assert client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 0.1}).status_code == 200
+    client.post(f"{API}/{name}/resume")
+    assert ask(client, name)["number"] == 1
+
+
+def test_precedence_paused_before_budget(client: TestClient) -> None:
+    name = create(client, n_trials=1)
+    ask(client, name)
+    client.post(f"{API}/{name}/pause")
+    assert error_code(client.post(f"{API}/{name}/trials/ask", json={})) == "study_paused"
+
+
+def test_failed_trials_retry_then_fail_the_study(client: TestClient) -> None:
+    name = create(client, n_trials=10, max_retries=1, max_failed_trials=2)
+    first = ask(client, name)
+    told = client.post(f"{API}/{name}/trials/0/tell", json={"state": "fail", "reason": "CUDA out of memory"})
+    assert told.json()["fail_reason"] == "CUDA out of memory"
+    retry = ask(client, name)
+    assert retry["retry_of"] == 0 and retry["params"] == first["params"]
+    client.post(f"{API}/{name}/trials/{retry['number']}/tell", json={"state": "fail"})
+    # max_retries=1: no second retry of trial 0; a fresh trial is sampled instead.
+    fresh = ask(client, name)
+    assert fresh["retry_of"] is None and fresh["params"] != first["params"]
+    client.post(f"{API}/{name}/trials/{fresh['number']}/tell", json={"state": "fail"})
+    assert client.get(f"{API}/{name}").json()["state"] == "failed"
+    response = client.post(f"{API}/{name}/trials/ask", json={})
+    assert response.status_code == 409 and error_code(response) == "study_failed"
+
+
+def test_waiting_trials_are_handed_out_even_when_budget_is_full(client: TestClient, db_url: str) -> None:
+    name = create(client, n_trials=2)
+    ask(client, name)
+    ask(client, name)
+    study = optuna.load_study(study_name=name, storage=db_url)
+    study.enqueue_trial({"lr": 0.01, "one_minus_beta1": 0.1, "dropout": 0.2})
+    enqueued = ask(client, name)
+    assert enqueued["params"] == {"lr": 0.01, "beta1": pytest.approx(0.9), "dropout": 0.2}
+    assert error_code(client.post(f"{API}/{name}/trials/ask", json={})) == "budget_exhausted"
+
+
+def test_budget_counts_trials_created_through_optuna(client: TestClient, db_url: str) -> None:
+    name = create(client, n_trials=2)
+    study = optuna.load_study(study_name=name, storage=db_url)
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    ask(client, name)
+    assert error_code(client.post(f"{API}/{name}/trials/ask", json={})) == "budget_exhausted"
+
+
+def test_lease_lapses_is_reaped_and_retried(settings, db) -> None:
+    from service.api import create_app
+
+    fast = settings.model_copy(update={"heartbeat_interval_s": 0.2, "reaper_interval_s": 0.1})
+    with TestClient(create_app(fast, db=db)) as client:
+        name = create(client, n_trials=3)
+        lost = ask(client, name, worker_id="dead")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            state = client.get(f"{API}/{name}/trials/0").json()["state"]
+            if state == "fail":
+                break
+            time.sleep(0.05)
+        trial = client.get(f"{API}/{name}/trials/0").json()
+        assert trial["state"] == "fail" and "lease expired" in trial["fail_reason"]
+        beat = client.post(f"{API}/{name}/trials/0/heartbeat")
+        assert beat.status_code == 409 and error_code(beat) == "lease_lost"
+        report = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.3})
+        assert error_code(report) == "lease_lost"
+        tell = client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 1.0})
+        assert tell.status_code == 409 and error_code(tell) == "lease_lost"
+        retry = ask(client, name)
+        assert retry["retry_of"] == 0 and retry["params"] == lost["params"]
+
+
+def test_heartbeats_keep_the_lease(settings, db) -> None:
+    from service.api import create_app
+
+    fast = settings.model_copy(update={"heartbeat_interval_s": 0.3, "reaper_interval_s": 0.1})
+    with TestClient(create_app(fast, db=db)) as client:
+        name = create(client, n_trials=3)
+        ask(client, name)
+        for _ in range(8):
+            assert client.post(f"{API}/{name}/trials/0/heartbeat").status_code == 204
+            time.sleep(0.15)
+        assert client.get(f"{API}/{name}/trials/0").json()["state"] == "running"
+
+
+def test_trial_timeout_fails_the_trial(client: TestClient, db) -> None:
+    from datetime import timedelta
+
+    from service.trials.service import reap
+    from storage import utcnow
+
+    name = create(client, n_trials=3, trial_timeout_s=1)
+    ask(client, name)
+    client.post(f"{API}/{name}/trials/0/heartbeat")
+    assert reap(db, now=utcnow() + timedelta(seconds=2)) == 1
+    assert client.get(f"{API}/{name}/trials/0").json()["fail_reason"] == "trial timeout"
+
+
+def test_pruning_reaches_rest_clients(client: TestClient) -> None:
+    body = external_study("pr", n_trials=10)
+    body["pruner"] = {"type": "median", "options": {"n_startup_trials": 2, "n_warmup_steps": 0}}
+    client.post(API, json=body)
+    for number in range(3):
+        ask(client, "pr")
+        for step in range(5):
+            client.post(f"{API}/pr/trials/{number}/report", json={"step": step, "value": 0.8 + 0.02 * step})
+        client.post(f"{API}/pr/trials/{number}/tell", json={"state": "complete", "value": 0.9})
+    ask(client, "pr")
+    answers = [
+        client.post(f"{API}/pr/trials/3/report", json={"step": step, "value": 0.1}).json()["should_prune"]
+        for step in range(3)
+    ]
+    assert answers[-1] is True
+    pruned = client.post(f"{API}/pr/trials/3/tell", json={"state": "pruned"}).json()
+    assert pruned["state"] == "pruned"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"state": "complete", "value": "NaN"}, "non_finite_value"),
+        ({"state": "complete", "value": "Infinity"}, "non_finite_value"),
+        ({"state": "complete", "values": [1.0, 2.0]}, "wrong_number_of_values"),
+        ({"state": "complete"}, "validation_error"),
+        ({"state": "exploded"}, "validation_error"),
+        ({"state": "pruned", "value": 1.0}, "validation_error"),
+    ],
+)
+def test_bad_tells_are_422_and_write_nothing(client: TestClient, body: dict, code: str) -> None:
+    name = create(client)
+    ask(client, name)
+    response = client.post(f"{API}/{name}/trials/0/tell", json=body)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == code
+    assert client.get(f"{API}/{name}/trials/0").json()["state"] == "running"
+
+
+def test_nan_literal_in_raw_json_is_refused(client: TestClient) -> None:
+    name = create(client)
+    ask(client, name)
+    for path, raw in [
+        ("tell", b'{"state": "complete", "value": NaN}'),
+        ("report", b'{"step": 1, "value": NaN}'),
+    ]:
+        response = client.post(
+            f"{API}/{name}/trials/0/{path}", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+    assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
+
+
+def test_unknown_trial_and_study_are_404(client: TestClient) -> None:
+    name = create(client)
+    for method, path in [
+        ("post", f"{API}/{name}/trials/7/heartbeat"),
+        ("get", f"{API}/{name}/trials/7"),
+        ("post", f"{API}/missing/trials/ask"),
+        ("get", f"{API}/missing/trials"),
+    ]:
+        response = client.request(method, path, json={} if method == "post" else None)
+        assert response.status_code == 404, path
+    report = client.post(f"{API}/{name}/trials/7/report", json={"step": 1, "value": 1.0})
+    assert report.status_code == 404 and error_code(report) == "trial_not_found"
+    assert error_code(client.get(f"{API}/{name}/best")) == "no_completed_trials"
+
+
+def test_report_on_multi_objective_study_is_422(client: TestClient) -> None:
+    body = external_study("mo")
+    body.pop("direction")
+    body["directions"] = ["maximize", "minimize"]
+    body["metric"] = ["acc", "latency"]
+    client.post(API, json=body)
+    ask(client, "mo")
+    response = client.post(f"{API}/mo/trials/0/report", json={"step": 1, "value": 1.0})
+    assert response.status_code == 422
+    assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "value": 1.0}).status_code == 422
+    assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "values": [0.9, 3.0]}).status_code == 200
+    ask(client, "mo")
+    client.post(f"{API}/mo/trials/1/tell", json={"state": "complete", "values": [0.8, 1.0]})
+    ask(client, "mo")
+    client.post(f"{API}/mo/trials/2/tell", json={"state": "complete", "values": [0.7, 2.0]})
+    front = client.get(f"{API}/mo/best").json()
+    assert [t["number"] for t in front["trials"]] == [0, 1]
+    assert [t["number"] for t in client.get(f"{API}/mo").json()["best"]["trials"]] == [0, 1]
+
+
+def test_list_trials_filters_and_paginates(client: TestClient) -> None:
+    name = create(client, n_trials=10)
+    for number in range(5):
+        ask(client, name)
+        if number % 2 == 0:
+            client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": float(number)})
+    page = client.get(f"{API}/{name}/trials", params={"limit": 2, "offset": 1}).json()
+    assert page["total"] == 5 and [t["number"] for t in page["items"]] == [1, 2]
+    running = client.get(f"{API}/{name}/trials", params={"state": "running"}).json()
+    assert [t["number"] for t in running["items"]] == [1, 3]
+    assert client.get(f"{API}/{name}/trials", params={"limit": 1001}).status_code == 422
+
+
+def test_importances_and_refine(client: TestClient) -> None:
+    name = create(client, n_trials=12)
+    assert client.get(f"{API}/{name}/importances").json() == {"importances": {}}
+    for number in range(12):
+        params = ask(client, name)["params"]
+        value = -abs(math.log10(params["lr"]) + 2)  # best near lr = 1e-2
+        client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": value})
+    importances = client.get(f"{API}/{name}/importances").json()["importances"]
+    assert set(importances) == {"lr", "beta1", "dropout"}
+    refined = client.post(f"{API}/{name}/refine", json={"top_fraction": 0.25, "n_trials": 5})
+    assert refined.status_code == 201, refined.text
+    study = refined.json()
+    assert study["name"] == f"{name}-refined-1"
+    space = study["definition"]["search_space"]
+    assert 1e-4 <= space["lr"]["low"] < space["lr"]["high"] <= 1e-1
+    assert space["lr"]["high"] / space["lr"]["low"] < 1e3  # narrower than the original three decades
+    assert 0.8 <= space["beta1"]["low"] < space["beta1"]["high"] <= 0.999
+    assert study["definition"]["budget"]["n_trials"] == 5
+    assert client.post(f"{API}/{name}/refine").json()["name"] == f"{name}-refined-2"
