@@ -6,7 +6,11 @@ definition whenever it needs one.
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 import inspect
+import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +18,7 @@ import numpy as np
 import optuna
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
+from pydantic import TypeAdapter, ValidationError
 
 SAMPLERS: dict[str, Callable[..., BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
@@ -62,12 +67,35 @@ def allowed_options(factory: Callable[..., Any]) -> list[str]:
     return [name for name in inspect.signature(factory).parameters if name not in _NOT_OPTIONS]
 
 
+@functools.cache
+def _option_types(factory: Callable[..., Any]) -> dict[str, TypeAdapter[Any]]:
+    """Type adapters for the options whose annotations resolve (Optuna annotates lazily)."""
+    namespace: dict[str, Any] = {**vars(typing), **vars(collections.abc)}
+    namespace.update(vars(sys.modules[factory.__module__]))
+    adapters: dict[str, TypeAdapter[Any]] = {}
+    parameters = inspect.signature(factory).parameters
+    for name in allowed_options(factory):
+        annotation = parameters[name].annotation
+        try:
+            resolved = eval(annotation, namespace) if isinstance(annotation, str) else annotation
+            adapters[name] = TypeAdapter(resolved)
+        except Exception:  # an annotation we cannot check: the constructor still checks it
+            continue
+    return adapters
+
+
 def check_options(factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Raise ValueError naming the first unknown option."""
+    """Raise ValueError naming the first unknown or mistyped option."""
     allowed = allowed_options(factory)
-    for key in options:
+    adapters = _option_types(factory)
+    for key, value in options.items():
         if key not in allowed:
             raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+        if key in adapters:
+            try:
+                adapters[key].validate_python(value)
+            except ValidationError as exc:
+                raise ValueError(f"option {key!r}: {exc.errors()[0]['msg']}") from None
 
 
 def trial_seed(seed: int | None, trial_number: int) -> int | None:

@@ -1,0 +1,145 @@
+"""Study definitions: every invalid case of DESIGN.md is a 422 naming the field; valid ones map to Optuna."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from service.definition import TRAINER_HYPERPARAMETERS, StudyDefinition, decode_params, encode_value
+from service.examples import example_path
+
+BASE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
+
+
+def variant(path: str, value: Any) -> dict[str, Any]:
+    """BASE with the dotted ``path`` set to ``value`` (``...=DELETE`` removes it)."""
+    body = copy.deepcopy(BASE)
+    *parents, leaf = path.split(".")
+    node = body
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value == "DELETE":
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return body
+
+
+INVALID = [
+    ("low >= high", variant("search_space.lr.low", 0.5), "search_space.lr", "low must be < high"),
+    ("log with low <= 0", variant("search_space.lr.low", 0.0), "search_space.lr", "log needs low > 0"),
+    ("reverse_log high 1", variant("search_space.beta1.high", 1.0), "search_space.beta1", "reverse_log"),
+    ("reverse_log low < 0", variant("search_space.beta1.low", -0.1), "search_space.beta1", "reverse_log"),
+    ("empty choices", variant("search_space.optimizer.choices", []), "search_space.optimizer.choices", ""),
+    ("duplicate choices", variant("search_space.batch_size.choices", [32, 32]), "search_space.batch_size", "unique"),
+    ("empty search_space", variant("search_space", {}), "search_space", "at least one"),
+    ("unknown type", variant("search_space.lr.type", "complex"), "search_space.lr", "float"),
+    ("unknown scale", variant("search_space.lr.scale", "cubic"), "search_space.lr.scale", ""),
+    ("int log low 0", variant("search_space.hidden_units.low", 0), "search_space.hidden_units", "low >= 1"),
+    ("unknown trainer hp", variant("search_space.colour", {"type": "int", "low": 1, "high": 3}), "search_space", "colour"),
+    ("unknown fixed hp", variant("objective.fixed", {"colour": 1}), "objective", "colour"),
+    ("searched and fixed", variant("objective.fixed", {"lr": 0.1}), "search_space", "both searched and fixed"),
+    ("unknown sampler", variant("sampler.type", "bayes"), "sampler.type", ""),
+    ("unknown sampler option", variant("sampler.options", {"n_startup": 3}), "sampler.options", "n_startup"),
+    ("bad sampler option value", variant("sampler.options", {"n_startup_trials": "x"}), "", "sampler"),
+    ("unknown pruner", variant("pruner.type", "early"), "pruner.type", ""),
+    ("unknown pruner option", variant("pruner.options", {"eta": 3}), "pruner.options", "eta"),
+    ("n_trials 0", variant("budget.n_trials", 0), "budget.n_trials", ""),
+    ("max_parallel 0", variant("budget.max_parallel", 0), "budget.max_parallel", ""),
+    ("metric count", variant("metric", ["a", "b"]), "", "metric"),
+    ("directions + metric count", variant("directions", ["maximize", "minimize"]), "", "direction"),
+    ("bad name", variant("name", "-bad name"), "name", ""),
+    ("long name", variant("name", "a" * 129), "name", ""),
+    ("reserved one_minus_", variant("search_space.one_minus_x", {"type": "float", "low": 0, "high": 1}), "search_space", "one_minus_"),
+    ("reserved caviar", variant("search_space.caviar_x", {"type": "float", "low": 0, "high": 1}), "search_space", "caviar"),
+    ("when on unknown parent", variant("search_space.momentum.when", {"colour": ["red"]}), "search_space", "categorical"),
+    ("when value not a choice", variant("search_space.momentum.when", {"optimizer": ["lion"]}), "search_space", "among its choices"),
+    ("unknown field", variant("budget.n_trails", 3), "budget.n_trails", ""),
+    ("unknown dataset", variant("objective.dataset", "imagenet"), "objective", "dataset"),
+    ("nan bound", variant("search_space.dropout.high", float("nan")), "search_space.dropout", "finite"),
+    ("grid needs a step", variant("sampler", {"type": "grid"}), "", "grid"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body", "field", "words"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_definitions_are_422_naming_the_field(
+    client: TestClient, case: str, body: dict[str, Any], field: str, words: str
+) -> None:
+    raw = json.dumps(body)  # allows the NaN literal, as a careless client would send it
+    response = client.post("/api/v1/studies", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, (case, response.text)
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    fields = [d["field"] for d in error["details"]]
+    assert any(f.startswith(field) for f in fields), (case, fields)
+    assert words.lower() in (error["message"] + " ".join(d["message"] for d in error["details"])).lower(), (
+        error
+    )
+    if field:
+        assert field in error["message"] or any(f in error["message"] for f in fields)
+    assert client.get("/api/v1/studies").json()["total"] == 0  # nothing half-created
+
+
+def test_example_maps_to_optuna_distributions_and_back() -> None:
+    definition = StudyDefinition.model_validate(BASE)
+    dists = definition.distributions()
+    assert dists["lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    one_minus = dists["one_minus_beta1"]
+    assert isinstance(one_minus, FloatDistribution) and one_minus.log
+    assert math.isclose(one_minus.low, 0.001) and math.isclose(one_minus.high, 0.2)
+    assert dists["dropout"] == FloatDistribution(0.0, 0.6)
+    assert dists["hidden_units"] == IntDistribution(32, 512, log=True)
+    assert dists["batch_size"] == CategoricalDistribution((32, 64, 128, 256))
+    assert "one_minus_momentum" in dists and "momentum" not in dists
+    stored = {
+        "lr": 0.01,
+        "one_minus_beta1": encode_value(definition.search_space["beta1"], 0.95),
+        "dropout": 0.1,
+    }
+    decoded = decode_params(definition.search_space, stored)
+    assert decoded["lr"] == 0.01 and math.isclose(decoded["beta1"], 0.95) and decoded["dropout"] == 0.1
+    again = StudyDefinition.model_validate(definition.model_dump(mode="json"))
+    assert again.distributions() == dists
+
+
+def test_defaults_multi_objective_and_json_round_trip() -> None:
+    definition = StudyDefinition.model_validate(
+        {"name": "m", "directions": ["maximize", "minimize"], "metric": ["acc", "ms"],
+         "search_space": {"x": {"type": "int", "low": 1, "high": 4}}}
+    )  # fmt: skip
+    assert definition.multi_objective and definition.metrics == ["acc", "ms"]
+    assert definition.sampler.type == "tpe" and definition.sampler.options == {}
+
+
+def test_trainer_hyperparameters_match_the_trainer() -> None:
+    trainer = pytest.importorskip("trainer")
+    assert set(trainer.HYPERPARAMETERS) - {"model", "max_epochs", "device"} == TRAINER_HYPERPARAMETERS
+
+
+def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    multi = tmp_path / "two.yaml"
+    first, second = copy.deepcopy(BASE), copy.deepcopy(BASE)
+    second["name"] = "digits-mlp-2"
+    multi.write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump(second))
+    runner = CliRunner()
+    result = runner.invoke(app, ["study", "create", "-f", str(multi), "--database-url", db_url, "--json"])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(app, ["study", "list", "--database-url", db_url, "--json"])
+    assert {s["name"] for s in json.loads(listed.stdout)["items"]} == {"digits-mlp", "digits-mlp-2"}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x", "search_space": {}}')
+    result = runner.invoke(app, ["study", "create", "-f", str(bad), "--database-url", db_url])
+    assert result.exit_code == 1 and "search_space" in result.output
+    result = runner.invoke(app, ["study", "show", "nope", "--database-url", db_url])
+    assert result.exit_code == 1 and "no study named" in result.output

@@ -1,0 +1,121 @@
+"""Concurrency: exact global budgets under many threads and processes; sampling scales."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import threading
+
+import numpy as np
+from scipy import stats
+
+from service.db import Database
+from service.errors import Conflict
+from service.studies.service import create_study, parse_definition
+from service.trials import service as trials
+from tests.service.helpers import external_study
+
+
+def _ask_until_exhausted(url: str, name: str, out: list[int], errors: list[BaseException]) -> None:
+    db = Database(url, pool_size=2)
+    try:
+        while True:
+            try:
+                out.append(trials.ask(db, name, worker_id=threading.current_thread().name).number)
+            except Conflict as exc:
+                assert exc.code == "budget_exhausted"
+                return
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+    finally:
+        db.dispose()
+
+
+def test_16_threads_never_overshoot_a_budget_of_25(db: Database, db_url: str) -> None:
+    create_study(db, parse_definition(external_study("race", n_trials=25)))
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_ask_until_exhausted, args=(db_url, "race", numbers, errors), name=f"t{i}")
+        for i in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert sorted(numbers) == list(range(25))
+    listed = trials.list_trials(db, "race", limit=1000)
+    assert listed.total == 25
+    assert all(t.state == "running" for t in listed.items)
+
+
+def _process_asks(url: str, name: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+    _ask_until_exhausted(url, name, numbers, errors)
+    queue.put((numbers, [repr(e) for e in errors]))
+
+
+def test_4_processes_never_overshoot_the_budget(db: Database, db_url: str) -> None:
+    create_study(db, parse_definition(external_study("procs", n_trials=20)))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    processes = [ctx.Process(target=_process_asks, args=(db_url, "procs", queue)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(30)
+    assert all(not errors for _, errors in results), results
+    numbers = sorted(n for found, _ in results for n in found)
+    assert numbers == list(range(20))
+
+
+def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database) -> None:
+    create_study(db, parse_definition(external_study("tells", n_trials=12, max_retries=0)))
+    numbers = [trials.ask(db, "tells").number for _ in range(12)]
+    errors: list[BaseException] = []
+
+    def finish(number: int) -> None:
+        try:
+            trials.tell(db, "tells", number, "complete", values=[float(number)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish, args=(n,)) for n in numbers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    record_state = trials.load_record(db, "tells").state
+    assert record_state == "completed"
+
+
+def test_sampling_scales_are_right(db: Database) -> None:
+    """Random sampler: log10(lr), log(1 - beta1) and dropout are uniform (KS test)."""
+    create_study(db, parse_definition(external_study("scales", n_trials=400)))
+    samples = []
+    for _ in range(200):
+        assignment = trials.ask(db, "scales")
+        trials.tell(db, "scales", assignment.number, "complete", values=[0.0])
+        samples.append(assignment.params)
+    lr = np.log10([s["lr"] for s in samples])
+    beta = np.log([1 - s["beta1"] for s in samples])
+    dropout = np.array([s["dropout"] for s in samples])
+    assert stats.kstest(lr, stats.uniform(loc=-4, scale=3).cdf).pvalue > 0.01
+    low, high = math.log(1 - 0.999), math.log(1 - 0.8)
+    assert stats.kstest(beta, stats.uniform(loc=low, scale=high - low).cdf).pvalue > 0.01
+    assert stats.kstest(dropout, stats.uniform(loc=0, scale=0.6).cdf).pvalue > 0.01
+    # and not uniform on the linear scale: most learning rates are far below the midpoint
+    assert np.mean(10**lr < 0.05) > 0.8
+
+
+def test_seeded_sequential_runs_repeat_and_differ_between_trials(db: Database) -> None:
+    for name in ("seed-a", "seed-b"):
+        create_study(db, parse_definition(external_study(name, n_trials=5)))
+    a = [trials.ask(db, "seed-a").params for _ in range(5)]
+    b = [trials.ask(db, "seed-b").params for _ in range(5)]
+    assert a == b
+    assert len({p["lr"] for p in a}) == 5
