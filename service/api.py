@@ -15,10 +15,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.background import PeriodicTask
 from service.config import Settings, get_settings
+from service.dashboard import DashboardMount
 from service.db import Database
 from service.errors import CaviarError, RateLimited, validation_details
+from service.metrics import MetricsMiddleware
+from service.metrics import router as metrics_router
 from service.schemas import error_responses
+from service.security import install_security
 from service.studies.router import router as studies_router
+from service.tokens.router import router as tokens_router
 from service.trials.router import router as trials_router
 from service.trials.service import reap
 
@@ -122,6 +127,9 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.state.settings = settings
     app.state.db = db or Database(settings.database_url)
     install_error_handlers(app)
+    app.add_middleware(DashboardMount, db=app.state.db)  # innermost: /dashboard, /static, /api/<not v1>
+    install_security(app, settings, app.state.db)  # body cap, then auth (with a token), then CORS
+    app.add_middleware(MetricsMiddleware)  # outermost: times and counts every answer
 
     @app.get("/healthz", tags=["health"], responses=error_responses(503))
     def healthz(request: Request) -> Any:
@@ -132,8 +140,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
             return error_response(503, "database_unreachable", "the database cannot be reached")
         return {"status": "ok"}
 
-    api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 422))
+    app.include_router(metrics_router)
+    api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 413, 422))
     api.include_router(studies_router)
     api.include_router(trials_router)
+    api.include_router(tokens_router)
     app.include_router(api)
     return app

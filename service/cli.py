@@ -20,6 +20,7 @@ from rich.table import Table
 
 from service.config import Settings
 from service.errors import CaviarError
+from service.tokens.cli import token_app
 
 app = typer.Typer(
     name="caviar", help="caviar: hyperparameter tuning service for PyTorch models.", no_args_is_help=True
@@ -28,6 +29,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 study_app = typer.Typer(help="Studies.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
+app.add_typer(token_app, name="token")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -156,7 +158,43 @@ def serve(
         api_token=SecretStr(token) if token else None,
         migrate_on_start=False if no_migrate else None,
     )
+    from service.metrics import prepare_multiprocess
+
+    prepare_multiprocess(settings.processes)
     run_server(settings, log_level=log_level)
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    database_url: DatabaseUrl = None,
+    token: Annotated[str | None, typer.Option(envvar="CAVIAR_API_TOKEN", help="Admin API token.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run optuna-dashboard on the caviar database on its own port (same auth as the API)."""
+    import uvicorn
+
+    from service.dashboard import create_dashboard_app
+    from service.db import Database
+    from service.server import check_bind_allowed
+
+    secret = SecretStr(token) if token else None
+    settings = settings_from(database_url, host=host, port=port, api_token=secret)
+    check_bind_allowed(settings)
+    db = Database(settings.database_url)
+    console.print(f"optuna-dashboard on http://{settings.host}:{settings.port}/dashboard")
+    try:
+        uvicorn.run(
+            create_dashboard_app(settings, db),
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            lifespan="off",
+            access_log=False,
+        )
+    finally:
+        db.dispose()
 
 
 @study_app.command("create")

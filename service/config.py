@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     cors_origins: list[str] = Field(default_factory=list)
+    metrics_auth: bool = Field(
+        default=False, description="Require a read-scope token for /metrics (default: open, aggregates only)."
+    )
     migrate_on_start: bool = True
     background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")
 

@@ -1,0 +1,259 @@
+"""Prometheus metrics: HTTP latency and errors per route, and state gauges read from the database.
+
+``GET /metrics`` serves the Prometheus text format. Two kinds of series:
+
+- Request metrics, recorded by :class:`MetricsMiddleware` in each server process:
+  ``caviar_http_request_duration_seconds{method,route}`` (histogram; ``route`` is the route
+  template such as ``/api/v1/studies/{name}/trials/ask``, ``dashboard`` for the dashboard,
+  ``unmatched`` otherwise) and ``caviar_http_errors_total{route,status}`` (responses >= 400).
+- State gauges, computed at scrape time by :class:`DatabaseCollector` with a few ``GROUP BY``
+  queries: studies and trials by state, live workers, trial leases by status (``reaped``
+  included) and schedule runs by outcome.
+
+With ``caviar serve --processes N`` (N > 1) request metrics use prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`prepare_multiprocess`), so any
+process answers a scrape with the sum over all of them; the state gauges come from the database
+and are the same whichever process answers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+from optuna.storages._rdb.models import TrialModel
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.dashboard import is_dashboard_path
+from service.db import Database
+from service.deps import DbDep, SettingsDep
+from storage import ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
+
+_log = logging.getLogger("caviar.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STUDY_STATES = ("queued", "running", "paused", "completed", "failed")
+TRIAL_STATES = ("waiting", "running", "complete", "pruned", "fail")
+LEASE_STATUSES = ("active", "finished", "reaped", "released")
+
+disable_created_metrics()  # no ``*_created`` series: they double the page and nobody graphs them
+
+HTTP_REGISTRY = CollectorRegistry(auto_describe=True)
+REQUEST_SECONDS = Histogram(
+    "caviar_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template and method.",
+    ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=HTTP_REGISTRY,
+)
+HTTP_ERRORS = Counter(
+    "caviar_http_errors_total",
+    "HTTP responses with a status >= 400, by route template and status code.",
+    ["route", "status"],
+    registry=HTTP_REGISTRY,
+)
+
+
+def prepare_multiprocess(processes: int) -> None:
+    """Before starting N > 1 server processes: give them a shared multiprocess metrics folder.
+
+    Does nothing for one process or when ``PROMETHEUS_MULTIPROC_DIR`` is already set (then the
+    caller owns that folder and must empty it before each start). The folder made here is
+    removed when this (parent) process exits.
+    """
+    if processes <= 1 or os.environ.get(MULTIPROC_ENV):
+        return
+    folder = tempfile.mkdtemp(prefix="caviar-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+class RouteTemplates:
+    """Maps a request path onto its route template (a bounded label value, never the raw path).
+
+    The templates are the application's documented paths (its OpenAPI schema, read once) plus
+    the docs pages; the dashboard's paths are labelled ``dashboard``, anything else
+    ``unmatched``.
+    """
+
+    def __init__(self) -> None:
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _compile(self, app: Any) -> list[tuple[re.Pattern[str], str]]:
+        paths = list(app.openapi().get("paths", {})) if hasattr(app, "openapi") else []
+        extra = [getattr(app, name, None) for name in ("openapi_url", "docs_url", "redoc_url")]
+        paths += [path for path in extra if path]
+        return [(compile_path(path)[0], path) for path in paths]
+
+    def label(self, scope: Scope) -> str:
+        """The route template of this request."""
+        path = scope["path"]
+        if is_dashboard_path(path):
+            return "dashboard"
+        if self._patterns is None:
+            self._patterns = self._compile(scope.get("app"))
+        for pattern, template in self._patterns:
+            if pattern.match(path):
+                return template
+        return "unmatched"
+
+
+class MetricsMiddleware:
+    """Time every HTTP request and count error responses (outermost middleware).
+
+    Args:
+        app: the next ASGI application.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.routes = RouteTemplates()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = self.routes.label(scope)
+            REQUEST_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - start)
+            if status >= 400:
+                HTTP_ERRORS.labels(route, str(status)).inc()
+
+
+def _gauge(name: str, documentation: str, label: str | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=[label] if label else None)
+
+
+class DatabaseCollector(Collector):
+    """State gauges computed from the database at scrape time (one short session).
+
+    Args:
+        db: caviar's database.
+        lease_s: a worker is live when seen within this many seconds (2 x heartbeat interval).
+    """
+
+    def __init__(self, db: Database, lease_s: float) -> None:
+        self.db = db
+        self.lease_s = lease_s
+
+    def collect(self) -> Iterator[Metric]:
+        up = _gauge("caviar_database_up", "1 when the last scrape could read the database.")
+        try:
+            families = list(self._families())
+        except SQLAlchemyError as exc:
+            _log.warning("metrics: database unreachable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterable[Metric]:
+        seen_since = utcnow() - timedelta(seconds=self.lease_s)
+        with self.db.session() as session:
+            studies = dict(
+                session.execute(select(StudyRecord.state, func.count()).group_by(StudyRecord.state)).all()
+            )
+            trials = {
+                state.name.lower(): count
+                for state, count in session.execute(
+                    select(TrialModel.state, func.count()).group_by(TrialModel.state)
+                ).all()
+            }
+            workers = session.scalar(
+                select(func.count()).select_from(WorkerRecord).where(WorkerRecord.last_seen_at >= seen_since)
+            )
+            leases = dict(
+                session.execute(select(TrialLease.status, func.count()).group_by(TrialLease.status)).all()
+            )
+            runs = dict(
+                session.execute(select(ScheduleRun.outcome, func.count()).group_by(ScheduleRun.outcome)).all()
+            )
+        yield _by_label("caviar_studies", "Studies by state.", "state", STUDY_STATES, studies)
+        yield _by_label(
+            "caviar_trials", "Optuna trials of all studies by state.", "state", TRIAL_STATES, trials
+        )
+        live = _gauge("caviar_workers_live", "Worker slots seen within 2 x the heartbeat interval.")
+        live.add_metric([], int(workers or 0))
+        yield live
+        yield _by_label(
+            "caviar_trial_leases",
+            "Trial leases by status (reaped: the lease lapsed and the trial was failed and re-queued).",
+            "status",
+            LEASE_STATUSES,
+            leases,
+        )
+        yield _by_label("caviar_schedule_runs", "Schedule fires by outcome.", "outcome", (), runs)
+
+
+def _by_label(
+    name: str, documentation: str, label: str, known: Iterable[str], counts: dict[str, int]
+) -> GaugeMetricFamily:
+    family = _gauge(name, documentation, label)
+    for value in sorted(set(known) | set(counts)):
+        family.add_metric([value], int(counts.get(value, 0)))
+    return family
+
+
+class _Forward(Collector):
+    """Hands on another registry's samples (the process-local request metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self.registry.collect()
+
+
+def render(db: Database, lease_s: float) -> bytes:
+    """The metrics page: request metrics (all processes in multiprocess mode) and state gauges."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(db, lease_s))
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Forward(HTTP_REGISTRY))
+    return generate_latest(registry)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+def metrics(db: DbDep, settings: SettingsDep) -> Response:
+    return Response(render(db, settings.lease_s), media_type=CONTENT_TYPE)

@@ -1,0 +1,141 @@
+"""Secure defaults around the whole service: body size cap, CORS (off by default), auth.
+
+The layers, outermost first: CORS (only when ``cors_origins`` is set, so that preflights are
+answered before auth), authentication (only when an admin token is configured: unauthenticated
+clients get their 401 before any body is read), then the request body cap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.db import Database
+
+OPEN_PATHS = frozenset({"/healthz"})
+"""Paths that never need a token (``/metrics`` joins them unless ``metrics_auth`` is set)."""
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over the configured cap (answered 413 in the envelope)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """Answer 413 for bodies over ``max_bytes``: by ``Content-Length`` up front, and by counting
+    the bytes actually received (chunked uploads carry no length).
+
+    Args:
+        app: the next ASGI application.
+        max_bytes: the largest body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.max_bytes:
+                    await self._too_large(scope, receive, send, declared >= 0)
+                    return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send, True)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, too_long: bool) -> None:
+        from service.api import error_response
+
+        if too_long:
+            response = error_response(
+                413,
+                "payload_too_large",
+                f"request body exceeds {self.max_bytes} bytes",
+                headers={"Connection": "close"},
+            )
+        else:
+            response = error_response(400, "bad_request", "invalid Content-Length header")
+        await response(scope, receive, send)
+
+
+def open_paths(settings: Settings) -> frozenset[str]:
+    """The paths anyone may request under these settings."""
+    return OPEN_PATHS if settings.metrics_auth else OPEN_PATHS | {"/metrics"}
+
+
+def layers(settings: Settings, db: Database) -> list[tuple[type[Any], dict[str, Any]]]:
+    """The security middleware for these settings, innermost first, as ``(class, kwargs)``."""
+    from service.auth import AuthMiddleware, TokenVerifier
+
+    stack: list[tuple[type[Any], dict[str, Any]]] = [
+        (BodyLimitMiddleware, {"max_bytes": settings.max_body_bytes})
+    ]
+    if settings.api_token is not None:
+        verifier = TokenVerifier(settings.api_token, db)
+        stack.append((AuthMiddleware, {"verifier": verifier, "open_paths": open_paths(settings)}))
+    if settings.cors_origins:
+        stack.append(
+            (
+                CORSMiddleware,
+                {
+                    "allow_origins": settings.cors_origins,
+                    "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                    "allow_headers": ["Authorization", "Content-Type"],
+                    "allow_credentials": False,
+                    "max_age": 600,
+                },
+            )
+        )
+    return stack
+
+
+def install_security(app: FastAPI, settings: Settings, db: Database) -> None:
+    """Add the security middleware to the API; the token verifier lands on ``app.state``."""
+    app.state.token_verifier = None
+    for cls, kwargs in layers(settings, db):
+        app.add_middleware(cls, **kwargs)  # type: ignore[arg-type]
+        if "verifier" in kwargs:
+            app.state.token_verifier = kwargs["verifier"]
+
+
+def secure(app: ASGIApp, settings: Settings, db: Database) -> ASGIApp:
+    """Wrap a plain ASGI application (the standalone dashboard) in the same layers as the API."""
+    for cls, kwargs in layers(settings, db):
+        app = cls(app, **kwargs)
+    return app

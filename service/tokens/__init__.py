@@ -1,0 +1,1 @@
+"""API tokens: creation, listing, revocation and verification (hashed, scoped)."""

@@ -1,0 +1,304 @@
+"""Tokens, scopes and secure defaults: 401/403 in the envelope, hashed storage, body cap, CORS."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from service.api import create_app
+from service.auth import allows, credentials, required_scope
+from service.cli import app as cli_app
+from service.security import OPEN_PATHS
+from storage import ApiToken
+from tests.service.helpers import external_study
+
+ADMIN = "admin-" + "s3cr3t-" * 4
+API = "/api/v1"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def secured(settings, db) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    secured_settings = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
+    with TestClient(create_app(secured_settings, db=db)) as client:
+        yield client
+
+
+def make_token(client: TestClient, scope: str, name: str | None = None) -> str:
+    body = {"scope": scope} | ({"name": name} if name else {})
+    response = client.post(f"{API}/tokens", json=body, headers=bearer(ADMIN))
+    assert response.status_code == 201, response.text
+    token = response.json()["token"]
+    assert token.startswith("cvr_") and len(token) >= 40
+    return str(token)
+
+
+def assert_envelope(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and isinstance(error["details"], list)
+
+
+def test_without_a_token_configured_everything_is_open(client: TestClient) -> None:
+    assert client.get(f"{API}/studies").status_code == 200
+    assert client.post(f"{API}/tokens", json={"scope": "read"}).status_code == 201
+    assert client.get("/dashboard").status_code == 200
+
+
+def test_missing_and_invalid_tokens_get_401_with_a_challenge(secured: TestClient) -> None:
+    response = secured.get(f"{API}/studies")
+    assert_envelope(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == 'Bearer realm="caviar"'
+    for header in ("Bearer nope", "Bearer " + ADMIN + "x", "Token " + ADMIN, "Basic !!!", "Bearer"):
+        response = secured.get(f"{API}/studies", headers={"Authorization": header})
+        assert_envelope(response, 401, "unauthorized")
+        assert ADMIN not in response.text and "nope" not in response.text
+    dashboard = secured.get("/dashboard/studies/1")
+    assert_envelope(dashboard, 401, "unauthorized")
+    assert dashboard.headers["www-authenticate"] == 'Basic realm="caviar"'
+
+
+def test_only_healthz_and_metrics_are_open(secured: TestClient) -> None:
+    assert secured.get("/healthz").status_code == 200
+    assert secured.get("/metrics").status_code == 200
+    for path in ("/openapi.json", "/docs", "/dashboard", "/api/meta", "/static/bundle.js", "/nowhere"):
+        assert secured.get(path).status_code == 401, path
+
+
+def test_every_documented_operation_needs_a_token(secured: TestClient) -> None:
+    """Covers routers added by anyone: the policy is global, not per route."""
+    schema = secured.get("/openapi.json", headers=bearer(ADMIN)).json()
+    checked = 0
+    for template, operations in schema["paths"].items():
+        path = re.sub(r"\{[^}]+\}", "1", template)
+        for method in operations:
+            response = secured.request(method.upper(), path)
+            if path in OPEN_PATHS or path == "/metrics":
+                assert response.status_code != 401
+                continue
+            assert_envelope(response, 401, "unauthorized")
+            checked += 1
+    assert checked >= 15
+
+
+def test_admin_token_is_accepted_as_bearer_and_basic(secured: TestClient) -> None:
+    assert secured.get(f"{API}/studies", headers=bearer(ADMIN)).status_code == 200
+    assert secured.get(f"{API}/studies", auth=("anyone", ADMIN)).status_code == 200
+    assert secured.get("/dashboard", auth=("", ADMIN)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needed"),
+    [
+        ("GET", "/api/v1/studies", "read"),
+        ("HEAD", "/api/v1/studies/s", "read"),
+        ("GET", "/api/v1/schedules/3/runs", "read"),
+        ("GET", "/dashboard/studies/1", "read"),
+        ("GET", "/api/studies/1", "read"),
+        ("POST", "/api/v1/studies/s/trials/ask", "worker"),
+        ("POST", "/api/v1/studies/s/trials/4/report", "worker"),
+        ("POST", "/api/v1/studies/s/trials/4/heartbeat", "worker"),
+        ("POST", "/api/v1/studies/s/trials/4/tell", "worker"),
+        ("POST", "/api/v1/studies", "write"),
+        ("POST", "/api/v1/studies/s/pause", "write"),
+        ("POST", "/api/v1/studies/s/refine", "write"),
+        ("DELETE", "/api/v1/studies/s", "write"),
+        ("POST", "/api/v1/studies/s/trials/4/tell/extra", "write"),
+        ("PUT", "/api/v1/studies/s/trials/ask", "write"),
+        ("PATCH", "/api/v1/schedules/1", "write"),
+        ("POST", "/api/studies", "write"),
+        ("PUT", "/api/studies/1/note", "write"),
+        ("DELETE", "/api/artifacts/1/2", "write"),
+        ("GET", "/api/v1/tokens", "admin"),
+        ("POST", "/api/v1/tokens", "admin"),
+        ("DELETE", "/api/v1/tokens/1", "admin"),
+        ("GET", "/healthz", None),
+    ],
+)
+def test_required_scope(method: str, path: str, needed: str | None) -> None:
+    assert required_scope(method, path, OPEN_PATHS) == needed
+
+
+def test_scopes_are_ordered() -> None:
+    assert allows("admin", "admin") and allows("admin", "write") and allows("write", "worker")
+    assert allows("worker", "read") and allows("read", "read")
+    assert not allows("write", "admin") and not allows("worker", "write") and not allows("read", "worker")
+    assert not allows("bogus", "read")
+
+
+def test_credentials_parsing() -> None:
+    assert credentials("Bearer abc") == "abc"
+    assert credentials("bearer   abc ") == "abc"
+    assert credentials("Basic dXNlcjpwdw==") == "pw"  # user:pw
+    assert credentials("Basic dG9rZW4=") == "token"  # a token typed as the user name
+    assert credentials(None) is None and credentials("") is None and credentials("Digest x") is None
+
+
+def test_scope_matrix_over_the_real_api(secured: TestClient) -> None:
+    read, worker, write = (make_token(secured, scope) for scope in ("read", "worker", "write"))
+    admin = make_token(secured, "admin", name="second admin")
+    assert secured.post(f"{API}/studies", json=external_study("m"), headers=bearer(write)).status_code == 201
+
+    assert secured.get(f"{API}/studies/m", headers=bearer(read)).status_code == 200
+    assert_envelope(
+        secured.post(f"{API}/studies", json=external_study("x"), headers=bearer(read)), 403, "forbidden"
+    )
+    assert_envelope(
+        secured.post(f"{API}/studies/m/trials/ask", json={}, headers=bearer(read)), 403, "forbidden"
+    )
+
+    assignment = secured.post(f"{API}/studies/m/trials/ask", json={"worker_id": "w"}, headers=bearer(worker))
+    assert assignment.status_code == 200, assignment.text
+    number = assignment.json()["number"]
+    trial = f"{API}/studies/m/trials/{number}"
+    assert (
+        secured.post(f"{trial}/report", json={"step": 0, "value": 0.5}, headers=bearer(worker)).status_code
+        == 200
+    )
+    assert secured.post(f"{trial}/heartbeat", json={}, headers=bearer(worker)).status_code == 204
+    told = secured.post(f"{trial}/tell", json={"state": "complete", "value": 0.9}, headers=bearer(worker))
+    assert told.status_code == 200, told.text
+    assert_envelope(secured.post(f"{API}/studies/m/pause", headers=bearer(worker)), 403, "forbidden")
+    assert_envelope(secured.delete(f"{API}/studies/m", headers=bearer(worker)), 403, "forbidden")
+    assert_envelope(secured.get(f"{API}/tokens", headers=bearer(worker)), 403, "forbidden")
+
+    assert secured.post(f"{API}/studies/m/pause", headers=bearer(write)).status_code == 200
+    assert_envelope(secured.get(f"{API}/tokens", headers=bearer(write)), 403, "forbidden")
+    forbidden = secured.post(f"{API}/tokens", json={"scope": "admin"}, headers=bearer(write))
+    assert_envelope(forbidden, 403, "forbidden")
+    assert write not in forbidden.text
+    assert forbidden.json()["error"]["details"] == [{"scope": "write", "required": "admin"}]
+
+    assert secured.get(f"{API}/tokens", headers=bearer(admin)).status_code == 200
+    assert secured.delete(f"{API}/studies/m", headers=bearer(admin)).status_code == 204
+
+
+def test_tokens_are_stored_hashed_and_listed_without_secrets(secured: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    token = make_token(secured, "read", name="ci reader")
+    listed = secured.get(f"{API}/tokens", headers=bearer(ADMIN))
+    assert listed.status_code == 200
+    assert token not in listed.text and token[12:] not in listed.text
+    (item,) = listed.json()["items"]
+    assert item["name"] == "ci reader" and item["scope"] == "read" and "token" not in item
+    assert token.startswith(item["prefix"])
+    with db.session() as session:
+        row = session.scalars(select(ApiToken)).one()
+    assert row.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    stored = " ".join(str(getattr(row, column.key)) for column in ApiToken.__table__.columns)
+    assert token not in stored and token[12:] not in stored
+
+
+def test_last_used_is_recorded(secured: TestClient) -> None:
+    token = make_token(secured, "read")
+    assert secured.get(f"{API}/studies", headers=bearer(token)).status_code == 200
+    (item,) = secured.get(f"{API}/tokens", headers=bearer(ADMIN)).json()["items"]
+    assert item["last_used_at"] is not None
+
+
+def test_revoked_tokens_are_refused_at_once(secured: TestClient) -> None:
+    token = make_token(secured, "write")
+    assert secured.get(f"{API}/studies", headers=bearer(token)).status_code == 200  # now cached
+    (item,) = secured.get(f"{API}/tokens", headers=bearer(ADMIN)).json()["items"]
+    assert secured.delete(f"{API}/tokens/{item['id']}", headers=bearer(ADMIN)).status_code == 204
+    assert_envelope(secured.get(f"{API}/studies", headers=bearer(token)), 401, "unauthorized")
+    assert secured.delete(f"{API}/tokens/{item['id']}", headers=bearer(ADMIN)).status_code == 204
+    assert secured.get(f"{API}/tokens", headers=bearer(ADMIN)).json()["total"] == 0
+    assert secured.get(f"{API}/tokens?include_revoked=true", headers=bearer(ADMIN)).json()["total"] == 1
+    assert_envelope(secured.delete(f"{API}/tokens/999", headers=bearer(ADMIN)), 404, "token_not_found")
+
+
+def test_token_requests_are_validated(secured: TestClient) -> None:
+    for body in ({"scope": "root"}, {}, {"scope": "read", "name": "x" * 101}, {"scope": "read", "extra": 1}):
+        assert_envelope(
+            secured.post(f"{API}/tokens", json=body, headers=bearer(ADMIN)), 422, "validation_error"
+        )
+
+
+def test_secrets_never_reach_the_logs(secured: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = make_token(secured, "read")
+    secured.get(f"{API}/studies", headers=bearer(token))
+    secured.get(f"{API}/studies", headers=bearer(token + "x"))
+    secured.post(f"{API}/studies", json={}, headers=bearer(token))
+    assert token not in caplog.text and ADMIN not in caplog.text
+
+
+def test_body_cap_by_content_length_and_by_streamed_bytes(settings, db) -> None:  # type: ignore[no-untyped-def]
+    small = settings.model_copy(update={"max_body_bytes": 4096})
+    with TestClient(create_app(small, db=db)) as client:
+        assert_envelope(client.post(f"{API}/studies", content=b"x" * 5000), 413, "payload_too_large")
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(10):
+                yield b"x" * 1000
+
+        assert_envelope(client.post(f"{API}/studies", content=chunks()), 413, "payload_too_large")
+        assert_envelope(client.post("/api/studies", content=b"{" * 5000), 413, "payload_too_large")
+        ok = client.post(f"{API}/studies", json=external_study("fits"))
+        assert ok.status_code == 201, ok.text
+        bad = client.post(f"{API}/studies", content=b"{}", headers={"Content-Length": "x"})
+        assert bad.status_code == 400
+
+
+def test_cors_is_off_by_default_and_on_for_configured_origins(settings, db, client: TestClient) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.get(f"{API}/studies", headers=headers).headers
+    allowed = settings.model_copy(
+        update={"cors_origins": ["https://ui.example"], "api_token": SecretStr(ADMIN)}
+    )
+    with TestClient(create_app(allowed, db=db)) as cors_client:
+        preflight = cors_client.options(
+            f"{API}/studies",
+            headers={
+                "Origin": "https://ui.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://ui.example"
+        other = cors_client.get(f"{API}/studies", headers={"Origin": "https://evil.example", **bearer(ADMIN)})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_token_cli_create_list_revoke(db_url: str) -> None:
+    runner = CliRunner()
+    created = runner.invoke(
+        cli_app, ["token", "create", "--scope", "worker", "--name", "gpu box", "--database-url", db_url]
+    )
+    assert created.exit_code == 0, created.output
+    secret = created.output.strip().splitlines()[-1]
+    assert secret.startswith("cvr_")
+    listed = runner.invoke(cli_app, ["token", "list", "--json", "--database-url", db_url])
+    assert listed.exit_code == 0 and secret not in listed.output
+    (item,) = json.loads(listed.output)["items"]
+    assert item["scope"] == "worker" and item["name"] == "gpu box"
+    table = runner.invoke(cli_app, ["token", "list", "--database-url", db_url])
+    assert "gpu box" in table.output and secret not in table.output
+    revoked = runner.invoke(cli_app, ["token", "revoke", str(item["id"]), "--database-url", db_url])
+    assert revoked.exit_code == 0, revoked.output
+    missing = runner.invoke(cli_app, ["token", "revoke", "999", "--database-url", db_url])
+    assert missing.exit_code == 1 and "no token" in missing.output
+    bad = runner.invoke(cli_app, ["token", "create", "--scope", "root", "--database-url", db_url])
+    assert bad.exit_code != 0
+
+
+def test_a_cli_token_works_against_the_api(secured: TestClient, db_url: str) -> None:
+    runner = CliRunner()
+    created = runner.invoke(
+        cli_app, ["token", "create", "--scope", "read", "--json", "--database-url", db_url]
+    )
+    token = json.loads(created.output)["token"]
+    assert secured.get(f"{API}/studies", headers=bearer(token)).status_code == 200
