@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._rng import member_keys, uniform
+from ._rng import bits16
 
 __all__ = [
     "FusedBatchNorm",
@@ -179,22 +179,26 @@ class FusedBatchNorm(nn.Module):
         return (x - mean) * scale + self.bias.unsqueeze(1)
 
 
-def fused_dropout(x: torch.Tensor, rate: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Inverted dropout with a per-member rate and per-member counter-based noise.
+def fused_dropout(x: torch.Tensor, rate: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Inverted dropout with a per-member rate and per-member noise.
+
+    Masks compare 16-bit random integers with the rate, so rates are rounded to multiples of
+    ``1 / 65536``; a member with rate 0 is left exactly unchanged.
 
     Args:
         x: ``(K, ...)`` activations.
-        rate: ``(K,)`` drop probabilities in ``[0, 1)``; a member with rate 0 is left exactly unchanged.
-        keys: ``(K,)`` noise keys (see :func:`trainer._rng.member_keys`).
+        rate: ``(K,)`` drop probabilities in ``[0, 1)``.
+        gens: One generator per member (its dropout stream).
 
     Returns:
         ``x * mask / (1 - rate)`` with ``mask ~ Bernoulli(1 - rate)``; the expectation is ``x``.
     """
-    k = x.shape[0]
-    u = uniform(keys, x[0].numel()).view(x.shape)
-    shape = (k,) + (1,) * (x.dim() - 1)
-    keep = (u >= rate.view(shape)).to(x.dtype)
-    return x * (keep * (1.0 / (1.0 - rate)).view(shape).to(x.dtype))
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    dropped = torch.round(rate.to(torch.float32) * 65536.0).clamp(max=65535.0)
+    threshold = (dropped - 32768.0).to(torch.int16).view(shape)
+    scale = (65536.0 / (65536.0 - dropped)).to(x.dtype).view(shape)
+    keep = bits16(gens, x[0].numel(), x.device).view(x.shape) >= threshold
+    return x * (keep.to(x.dtype) * scale)
 
 
 class FusedModel(nn.Module):
@@ -269,19 +273,22 @@ class FusedMLP(FusedModel):
         self.head = FusedLinear(k, widths[-1], n_classes)
 
     def forward(
-        self, x: torch.Tensor, dropout: torch.Tensor | None = None, keys: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        dropout: torch.Tensor | None = None,
+        gens: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Logits ``(K, B, classes)`` of ``(K, B, features)`` or shared ``(B, features)`` inputs.
 
         Args:
             x: Inputs.
             dropout: ``(K,)`` rates; applied only in training mode and only when given.
-            keys: ``(K,)`` noise keys for this step (required with ``dropout``).
+            gens: Per-member dropout generators (required with ``dropout``).
         """
         for i in range(len(self.layers)):
             x = self._block(i, x)
-            if dropout is not None and keys is not None and self.training:
-                x = fused_dropout(x, dropout, member_keys(keys, i))
+            if dropout is not None and gens is not None and self.training:
+                x = fused_dropout(x, dropout, gens)
         return self.head(x)
 
 
@@ -324,14 +331,17 @@ class FusedCNN(FusedModel):
         self.head = FusedLinear(k, hidden_units * height * width, n_classes)
 
     def forward(
-        self, x: torch.Tensor, dropout: torch.Tensor | None = None, keys: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        dropout: torch.Tensor | None = None,
+        gens: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Logits ``(K, B, classes)`` of flattened images ``(K, B, C*H*W)`` or shared ``(B, C*H*W)``.
 
         Args:
             x: Inputs.
             dropout: ``(K,)`` rates, applied to the flattened features in training mode.
-            keys: ``(K,)`` noise keys for this step (required with ``dropout``).
+            gens: Per-member dropout generators (required with ``dropout``).
         """
         k = self.k
         c, h, w = self.image_shape
@@ -344,8 +354,8 @@ class FusedCNN(FusedModel):
             if pool:
                 x = F.max_pool2d(x, 2)
         x = x.reshape(x.shape[0], k, -1).transpose(0, 1)
-        if dropout is not None and keys is not None and self.training:
-            x = fused_dropout(x, dropout, keys)
+        if dropout is not None and gens is not None and self.training:
+            x = fused_dropout(x, dropout, gens)
         return self.head(x)
 
 

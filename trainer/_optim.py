@@ -139,16 +139,12 @@ class FusedOptimizer:
             if self.kind == "adamw" and self._has_wd:
                 torch._foreach_mul_(params, v["decay"])
             m, s = self.state["exp_avg"], self.state["exp_avg_sq"]
-            torch._foreach_mul_(m, v["beta1"])
-            torch._foreach_addcmul_(m, grads, v["one_minus_beta1"])
-            torch._foreach_mul_(s, v["beta2"])
-            torch._foreach_addcmul_(s, grads, torch._foreach_mul(grads, v["one_minus_beta2"]))
+            torch._foreach_lerp_(m, grads, v["one_minus_beta1"])
+            torch._foreach_lerp_(s, torch._foreach_mul(grads, grads), v["one_minus_beta2"])
+            # w -= m / ((sqrt(s) / sqrt(bc2) + eps) / step_size), step_size = lr / bc1: three passes.
             c = self.coef
-            step_size = self._views(self.lr / (1.0 - c["beta1"] ** self.steps))
-            inv_root_bc2 = self._views(torch.rsqrt(1.0 - c["beta2"] ** self.steps))
+            step_size = self.lr / (1.0 - c["beta1"] ** self.steps)
+            root_scale = self._views(torch.rsqrt(1.0 - c["beta2"] ** self.steps) / step_size)
             denom = torch._foreach_sqrt(s)
-            torch._foreach_mul_(denom, inv_root_bc2)
-            torch._foreach_add_(denom, v["eps"])
-            update = torch._foreach_div(m, denom)
-            torch._foreach_mul_(update, step_size)
-            torch._foreach_sub_(params, update)
+            denom = torch._foreach_addcmul(self._views(c["eps"] / step_size), denom, root_scale)
+            torch._foreach_addcdiv_(params, m, denom, value=-1.0)

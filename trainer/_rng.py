@@ -1,13 +1,15 @@
-"""Stateless, counter-based random numbers for fused groups.
+"""Per-member random streams for fused groups.
 
-Each member's noise is a hash of ``(member seed, stream, counters, element index)``, so it is
-independent of how many other members share the group, needs no generator state (nothing to
-compact when members leave) and is generated for all members in one vectorised pass.
+Every member owns one ``torch.Generator`` per stream (shuffling, dropout, augmentation), seeded
+from its own seed only. A member draws the same shapes in the same order whether it trains alone
+or in a group, so its noise does not depend on K; a member that leaves simply drops its
+generators. Streams are separate so that drawing augmentation noise for a group never shifts a
+member's dropout masks.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 
@@ -15,9 +17,11 @@ __all__ = [
     "STREAM_AUGMENT",
     "STREAM_DROPOUT",
     "STREAM_SHUFFLE",
-    "member_keys",
+    "bits16",
+    "member_generators",
     "normal",
-    "random_bits",
+    "permutations",
+    "stream_seed",
     "uniform",
 ]
 
@@ -25,54 +29,46 @@ STREAM_SHUFFLE = 1
 STREAM_DROPOUT = 2
 STREAM_AUGMENT = 3
 
-_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """32-bit integer finaliser on int64 tensors holding values in ``[0, 2**32)``.
-
-    Multipliers are below ``2**31`` so products stay inside int64.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
+def stream_seed(seed: int, stream: int) -> int:
+    """Mix a member seed and a stream id into a 63-bit generator seed (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) >> 1
 
 
-def member_keys(seeds: torch.Tensor, *counters: int) -> torch.Tensor:
-    """Derive one 32-bit key per member from its seed and a tuple of counters.
-
-    Args:
-        seeds: Member seeds, int64 ``(K,)``.
-        *counters: Non-negative ints (stream id, epoch, step, layer, ...).
-
-    Returns:
-        int64 ``(K,)`` keys in ``[0, 2**32)``.
-    """
-    keys = _mix(seeds & _M32)
-    for counter in counters:
-        keys = _mix(keys ^ ((counter * 0x9E3779B9 + 0x632BE5AB) & _M32))
-    return keys
+def member_generators(seeds: Sequence[int], stream: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per member for a stream, seeded from the member's seed only."""
+    return [torch.Generator(device=device).manual_seed(stream_seed(int(s), stream)) for s in seeds]
 
 
-def random_bits(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` pseudo-random 32-bit integers per member (int64 ``(K, n)``), e.g. for shuffling."""
-    index = torch.arange(n, device=keys.device, dtype=torch.int64)
-    return _mix(_mix(index ^ keys[:, None]) ^ ((keys[:, None] * 0x5851F42D) & _M32))
+def uniform(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(K, *shape)`` uniforms in ``[0, 1)``; row ``k`` drawn from ``gens[k]``."""
+    out = torch.empty((len(gens), *shape), device=device)
+    for row, gen in zip(out, gens, strict=True):
+        row.uniform_(0.0, 1.0, generator=gen)
+    return out
 
 
-def uniform(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` float32 uniforms in ``[0, 1)`` per member: ``(K, n)``."""
-    return (random_bits(keys, n) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+def bits16(gens: Sequence[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
+    """``(K, n)`` uniformly distributed int16 values (four per 64-bit draw); row ``k`` from ``gens[k]``."""
+    words = torch.empty((len(gens), (n + 3) // 4), dtype=torch.int64, device=device)
+    for row, gen in zip(words, gens, strict=True):
+        row.random_(-(2**63), None, generator=gen)
+    return words.view(torch.int16)[:, :n]
 
 
-def normal(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` float32 standard normals per member (Box-Muller): ``(K, n)``."""
-    half = (n + 1) // 2
-    bits = random_bits(keys, 2 * half)
-    u1 = ((bits[:, :half] >> 8).to(torch.float32) + 1.0) * (1.0 / (1 << 24))
-    u2 = (bits[:, half:] >> 8).to(torch.float32) * (1.0 / (1 << 24))
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = (2.0 * math.pi) * u2
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :n]
+def normal(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(K, *shape)`` standard normals; row ``k`` drawn from ``gens[k]``."""
+    out = torch.empty((len(gens), *shape), device=device)
+    for row, gen in zip(out, gens, strict=True):
+        row.normal_(0.0, 1.0, generator=gen)
+    return out
+
+
+def permutations(gens: Sequence[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
+    """``(K, n)`` int64: an independent permutation of ``range(n)`` per member."""
+    return torch.stack([torch.randperm(n, generator=gen, device=device) for gen in gens])

@@ -21,7 +21,15 @@ from ._config import TrialConfig, check_group, lr_at
 from ._data import Dataset
 from ._layers import FusedModel, build_model
 from ._optim import COEFFICIENTS, FusedOptimizer
-from ._rng import STREAM_AUGMENT, STREAM_DROPOUT, STREAM_SHUFFLE, member_keys, normal, random_bits, uniform
+from ._rng import (
+    STREAM_AUGMENT,
+    STREAM_DROPOUT,
+    STREAM_SHUFFLE,
+    member_generators,
+    normal,
+    permutations,
+    uniform,
+)
 
 __all__ = ["GroupReport", "Report", "TrialResult", "augment_batch", "resolve_device", "train", "train_group"]
 
@@ -79,7 +87,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def augment_batch(
-    x: torch.Tensor, strength: torch.Tensor, keys: torch.Tensor, image_shape: tuple[int, int, int] | None
+    x: torch.Tensor,
+    strength: torch.Tensor,
+    gens: Sequence[torch.Generator],
+    image_shape: tuple[int, int, int] | None,
 ) -> torch.Tensor:
     """Training-time augmentation with per-member strength and noise.
 
@@ -90,7 +101,7 @@ def augment_batch(
     Args:
         x: ``(K, B, n_features)`` normalised inputs.
         strength: ``(K,)`` augmentation strengths.
-        keys: ``(K,)`` noise keys for this step.
+        gens: One generator per member (its augmentation stream).
         image_shape: ``(C, H, W)`` or ``None``.
 
     Returns:
@@ -100,7 +111,7 @@ def augment_batch(
     if image_shape is not None:
         c, h, w = image_shape
         radius = torch.ceil(strength).view(k, 1, 1)
-        u = uniform(member_keys(keys, 1), 2 * b).view(k, 2, b)
+        u = uniform(gens, (2, b), x.device)
         shift = (torch.floor(u * (2 * radius + 1)) - radius).to(torch.int64)
         rows = torch.arange(h, device=x.device) - shift[:, 0, :, None]
         cols = torch.arange(w, device=x.device) - shift[:, 1, :, None]
@@ -109,7 +120,7 @@ def augment_batch(
         src = x.view(k, b, c, h * w)
         x = torch.gather(src, 3, index.view(k, b, 1, h * w).expand(k, b, c, h * w))
         x = (x * valid.view(k, b, 1, h * w).to(x.dtype)).view(k, b, n)
-    noise = normal(member_keys(keys, 2), b * n).view(k, b, n)
+    noise = normal(gens, (b, n), x.device)
     return x + noise * strength.view(k, 1, 1).to(x.dtype)
 
 
@@ -159,7 +170,11 @@ class _Group:
             {name: [float(getattr(c, name)) for c in configs] for name in COEFFICIENTS},
         )
         self.members = list(range(len(configs)))  # original index of each live slot
-        self.seeds = torch.tensor([c.seed % 2**32 for c in configs], dtype=torch.int64, device=device)
+        seeds = [c.seed for c in configs]
+        self.rng = {
+            stream: member_generators(seeds, stream, device)
+            for stream in (STREAM_SHUFFLE, STREAM_DROPOUT, STREAM_AUGMENT)
+        }
         self.dropout = torch.tensor([c.dropout for c in configs], dtype=torch.float32, device=device)
         self.augment = torch.tensor([c.augment for c in configs], dtype=torch.float32, device=device)
         self.best: list[torch.Tensor] | None = None
@@ -202,7 +217,7 @@ class _Group:
         self.model.select(index)
         self.optimizer.select(index, list(self.model.parameters()))
         self.members = [self.members[s] for s in slots]
-        self.seeds = self.seeds.index_select(0, index)
+        self.rng = {stream: [gens[s] for s in slots] for stream, gens in self.rng.items()}
         self.dropout = self.dropout.index_select(0, index)
         self.augment = self.augment.index_select(0, index)
         if self.best is not None:
@@ -257,27 +272,21 @@ def train_group(
     stale = [0] * len(configs)
     results: list[TrialResult | None] = [None] * len(configs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    step = 0
     for epoch in range(shared.max_epochs):
         k = len(group.members)
         group.set_epoch_lr(epoch)
         dropout = group.dropout if group.any_dropout else None
         augment = group.any_augment
-        order = torch.argsort(
-            random_bits(member_keys(group.seeds, STREAM_SHUFFLE, epoch), n_train), dim=1, stable=True
-        )
+        order = permutations(group.rng[STREAM_SHUFFLE], n_train, device)
         group.model.train()
         loss_sum = torch.zeros(k, device=device)
         for start_index in range(0, n_train, batch):
             index = order[:, start_index : start_index + batch]
             xb, yb = x_train[index], y_train[index]
             if augment:
-                xb = augment_batch(
-                    xb, group.augment, member_keys(group.seeds, STREAM_AUGMENT, step), data.image_shape
-                )
-            keys = member_keys(group.seeds, STREAM_DROPOUT, step) if dropout is not None else None
+                xb = augment_batch(xb, group.augment, group.rng[STREAM_AUGMENT], data.image_shape)
             with autocast:
-                logits = group.model(xb, dropout, keys)
+                logits = group.model(xb, dropout, group.rng[STREAM_DROPOUT])
             losses = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none"
             ).view(k, -1)
@@ -286,7 +295,6 @@ def train_group(
             per_member.sum().backward()
             group.optimizer.step()
             loss_sum += per_member.detach() * index.shape[1]
-            step += 1
         val_loss, val_acc = _evaluate(group.model, x_val, y_val, autocast)
         # The only host synchronisation of the epoch.
         train_losses, val_losses, val_accs = torch.stack([loss_sum / n_train, val_loss, val_acc]).tolist()

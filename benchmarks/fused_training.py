@@ -1,0 +1,158 @@
+"""Benchmark: fused training of K trials vs K sequential trials vs a plain PyTorch loop.
+
+For K in {1, 4, 16, 64} random configs (lr, weight decay, beta1 log-uniform; dropout uniform) on
+digits and the synthetic set, it times
+
+* ``fused``: one ``trainer.train_group`` call over the K configs,
+* ``sequential``: K ``trainer.train`` calls,
+* ``reference``: K runs of a plain PyTorch loop written like Optuna's PyTorch example
+  (``nn.Sequential`` MLP, ``torch.optim.Adam``, ``DataLoader`` over a ``TensorDataset``,
+  per-batch loop, per-epoch validation),
+
+with the same architecture, epochs and batch size, and prints one JSON object per result.
+
+Usage: ``python benchmarks/fused_training.py [--quick] [--threads N] [--ks 1,4,16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import trainer  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer import Dataset, TrialConfig, load_dataset, train, train_group
+
+LAYERS, HIDDEN, BATCH = 2, 128, 64
+
+
+def sample_configs(k: int, epochs: int, seed: int) -> list[TrialConfig]:
+    """K random Adam configs: lr, weight_decay, 1 - beta1 log-uniform; dropout uniform."""
+    rng = random.Random(seed)
+
+    def log_uniform(low: float, high: float) -> float:
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+    return [
+        TrialConfig(
+            layers=LAYERS,
+            hidden_units=HIDDEN,
+            batch_size=BATCH,
+            max_epochs=epochs,
+            optimizer="adam",
+            lr=log_uniform(5e-4, 5e-3),
+            weight_decay=log_uniform(1e-6, 1e-3),
+            beta1=1.0 - log_uniform(0.05, 0.2),
+            dropout=rng.uniform(0.0, 0.3),
+            seed=seed * 1000 + i,
+            device="cpu",
+        )
+        for i in range(k)
+    ]
+
+
+def reference_trial(config: TrialConfig, data: Dataset) -> float:
+    """One trial as Optuna's PyTorch example writes it; returns the final validation accuracy."""
+    torch.manual_seed(config.seed)
+    modules: list[nn.Module] = []
+    in_features = data.n_features
+    for _ in range(config.layers):
+        modules += [nn.Linear(in_features, config.hidden_units), nn.ReLU(), nn.Dropout(config.dropout)]
+        in_features = config.hidden_units
+    modules.append(nn.Linear(in_features, data.n_classes))
+    model = nn.Sequential(*modules)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
+    train_set = TensorDataset(data.X_train, data.y_train)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
+    valid_loader = DataLoader(TensorDataset(data.X_val, data.y_val), batch_size=config.batch_size)
+    accuracy = 0.0
+    for _epoch in range(config.max_epochs):
+        model.train()
+        for inputs, target in train_loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs), target)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for inputs, target in valid_loader:
+                pred = model(inputs).argmax(dim=1, keepdim=True)
+                correct += pred.eq(target.view_as(pred)).sum().item()
+        accuracy = correct / len(valid_loader.dataset)  # type: ignore[arg-type]
+    return accuracy
+
+
+def run(method: str, configs: list[TrialConfig], data: Dataset) -> tuple[float, list[float]]:
+    """Time one method over all configs; return (seconds, final val accuracies)."""
+    start = time.perf_counter()
+    if method == "fused":
+        accuracies = [r.metrics["val_accuracy"] for r in train_group(configs, data)]
+    elif method == "sequential":
+        accuracies = [train(c, data).metrics["val_accuracy"] for c in configs]
+    else:
+        accuracies = [reference_trial(c, data) for c in configs]
+    return time.perf_counter() - start, accuracies
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print JSON lines."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--quick", action="store_true", help="small data, K <= 16, 3 epochs (< 60 s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--ks", default=None, help="comma-separated K (default 1,4,16,64; quick 1,4,16)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10; quick 3)")
+    parser.add_argument("--datasets", default="digits,synthetic", help="comma-separated datasets")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ks = [int(k) for k in (args.ks or ("1,4,16" if args.quick else "1,4,16,64")).split(",")]
+    epochs = args.epochs or (3 if args.quick else 10)
+    for name in args.datasets.split(","):
+        options: dict[str, Any] = {"n_samples": 4000} if name == "synthetic" and args.quick else {}
+        data = load_dataset(name, validation_split=0.2, seed=0, **options)
+        train_group(sample_configs(2, 1, seed=99), data)  # warm-up (allocator, kernels)
+        reference_trial(sample_configs(1, 1, seed=99)[0], data)
+        for k in ks:
+            configs = sample_configs(k, epochs, seed=k)
+            measured = {method: run(method, configs, data) for method in ("reference", "sequential", "fused")}
+            ref_seconds, ref_acc = measured["reference"]
+            ref_rate = k / ref_seconds
+            for method, (seconds, accuracies) in measured.items():
+                rate = k / seconds
+                mean_acc = sum(accuracies) / k
+                line = {
+                    "dataset": name,
+                    "n_train": len(data.X_train),
+                    "K": k,
+                    "method": method,
+                    "epochs": epochs,
+                    "seconds": round(seconds, 3),
+                    "trials_per_s": round(rate, 3),
+                    "speedup_vs_reference": round(rate / ref_rate, 2),
+                    "mean_val_accuracy": round(mean_acc, 4),
+                    "best_val_accuracy": round(max(accuracies), 4),
+                    "accuracy_delta_vs_reference": round(mean_acc - sum(ref_acc) / k, 4),
+                    "threads": torch.get_num_threads(),
+                }
+                print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
