@@ -190,7 +190,6 @@ def dashboard(
             host=settings.host,
             port=settings.port,
             log_level=log_level,
-            lifespan="off",
             access_log=False,
         )
     finally:

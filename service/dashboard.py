@@ -89,9 +89,12 @@ class DashboardMount:
                 return
             await self.dashboard()(scope, receive, send)
             return
-        if self.app is None:  # lifespan and websockets of the standalone dashboard
-            return
-        await self.app(scope, receive, send)
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "lifespan":  # the standalone dashboard has nothing to start
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
 
     def _is_caviar_study(self, optuna_study_id: int) -> bool:
         with self.db.session() as session:

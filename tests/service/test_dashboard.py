@@ -1,0 +1,204 @@
+"""optuna-dashboard at /dashboard: routing beside /api/v1, auth, guards, a real headless browser."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import optuna
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from service.api import create_app
+from service.dashboard import create_dashboard_app, is_dashboard_path
+from tests.service.helpers import external_study
+
+ADMIN = "dashboard-admin-token-0123456789"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def make_study(client: TestClient, name: str, trials: int = 3, **headers: str) -> None:
+    assert client.post("/api/v1/studies", json=external_study(name), headers=headers).status_code == 201
+    for i in range(trials):
+        number = client.post(f"/api/v1/studies/{name}/trials/ask", json={}, headers=headers).json()["number"]
+        told = client.post(
+            f"/api/v1/studies/{name}/trials/{number}/tell",
+            json={"state": "complete", "value": 0.5 + i / 10},
+            headers=headers,
+        )
+        assert told.status_code == 200, told.text
+
+
+@pytest.mark.parametrize(
+    ("path", "dashboard"),
+    [
+        ("/dashboard", True),
+        ("/dashboard/studies/1/trials", True),
+        ("/static/bundle.js", True),
+        ("/api/meta", True),
+        ("/api/studies/1/note", True),
+        ("/csv/1", True),
+        ("/artifacts/1/2/abc", True),
+        ("/favicon.ico", True),
+        ("/api/v1", False),
+        ("/api/v1/studies", False),
+        ("/dashboardx", False),
+        ("/healthz", False),
+        ("/metrics", False),
+        ("/", False),
+    ],
+)
+def test_dashboard_paths(path: str, dashboard: bool) -> None:
+    assert is_dashboard_path(path) is dashboard
+
+
+def test_dashboard_shows_caviar_studies_beside_the_api(client: TestClient) -> None:
+    make_study(client, "dash")
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "Optuna Dashboard" in page.text
+    assert client.get("/dashboard/studies/1").status_code == 200
+    assert client.get("/static/bundle.js").status_code == 200
+    assert client.get("/api/meta").status_code == 200
+    summaries = client.get("/api/studies").json()["study_summaries"]
+    assert [s["study_name"] for s in summaries] == ["dash"]
+    detail = client.get(f"/api/studies/{summaries[0]['study_id']}").json()
+    assert len(detail["trials"]) == 3
+    assert client.get("/api/v1/studies/dash").json()["trial_counts"]["complete"] == 3
+
+
+def test_dashboard_cannot_delete_or_rename_caviar_studies(client: TestClient) -> None:
+    make_study(client, "guarded", trials=0)
+    (summary,) = client.get("/api/studies").json()["study_summaries"]
+    study_id = summary["study_id"]
+    deleted = client.request(
+        "DELETE", f"/api/studies/{study_id}", json={"remove_associated_artifacts": False}
+    )
+    assert deleted.status_code == 409 and deleted.json()["error"]["code"] == "caviar_study"
+    renamed = client.post(f"/api/studies/{study_id}/rename", json={"study_name": "x"})
+    assert renamed.status_code == 409
+    assert client.get("/api/v1/studies/guarded").status_code == 200
+    created = client.post("/api/studies", json={"study_name": "plain", "directions": ["minimize"]})
+    assert created.status_code == 201, created.text
+    plain_id = created.json()["study_summary"]["study_id"]
+    gone = client.request("DELETE", f"/api/studies/{plain_id}", json={"remove_associated_artifacts": False})
+    assert gone.status_code == 204
+
+
+def test_dashboard_needs_auth_and_write_scope_for_writes(settings, db) -> None:  # type: ignore[no-untyped-def]
+    secured = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
+    with TestClient(create_app(secured, db=db)) as client:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        make_study(client, "auth", trials=1, **admin)
+        tokens = {
+            scope: client.post("/api/v1/tokens", json={"scope": scope}, headers=admin).json()["token"]
+            for scope in ("read", "write")
+        }
+        challenge = client.get("/dashboard")
+        assert challenge.status_code == 401
+        assert challenge.headers["www-authenticate"] == 'Basic realm="caviar"'
+        assert client.get("/dashboard", auth=("me", tokens["read"])).status_code == 200
+        assert client.get("/api/studies", auth=("me", tokens["read"])).status_code == 200
+        assert client.get("/api/studies", auth=("me", "wrong")).status_code == 401
+        body = {"study_name": "from-ui", "directions": ["minimize"]}
+        refused = client.post("/api/studies", json=body, auth=("me", tokens["read"]))
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        note = {"version": 1, "body": "hi"}
+        assert client.put("/api/studies/1/note", json=note, auth=("me", tokens["read"])).status_code == 403
+        trial_id = client.get("/api/studies/1", auth=("me", tokens["read"])).json()["trials"][0]["trial_id"]
+        attrs = {"user_attrs": {"k": "v"}}
+        forbidden = client.post(f"/api/trials/{trial_id}/user-attrs", json=attrs, auth=("me", tokens["read"]))
+        assert forbidden.status_code == 403
+        allowed = client.post("/api/studies", json=body, auth=("me", tokens["write"]))
+        assert allowed.status_code == 201, allowed.text
+
+
+def test_standalone_dashboard_app(settings, db) -> None:  # type: ignore[no-untyped-def]
+    secured = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
+    with TestClient(create_dashboard_app(secured, db)) as client:
+        assert client.get("/dashboard").status_code == 401
+        assert client.get("/dashboard", auth=("", ADMIN)).status_code == 200
+        assert client.get("/api/studies", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    with TestClient(create_dashboard_app(settings, db)) as client:
+        assert client.get("/api/meta").status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def live_server(app, port: int) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def dump_dom(url: str) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                CHROMIUM,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install -y chromium)"
+)
+def test_dashboard_renders_caviar_studies_in_a_headless_browser(settings, db) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(settings, db=db)
+    with TestClient(app) as client:
+        make_study(client, "browser-study", trials=3)
+    study = optuna.load_study(study_name="browser-study", storage=db.optuna)
+    trial = study.ask()
+    trial.set_user_attr("origin", "browser-test")
+    study.tell(trial, 0.99)
+    with live_server(create_app(settings, db=db), free_port()) as base:
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        dom = dump_dom(f"{base}/dashboard/studies/1")
+        assert "browser-study" in dom
+        assert "Best Trial (number=3)" in dom and "0.99" in dom
+        trials_dom = dump_dom(f"{base}/dashboard/studies/1/trials")
+        assert all(f"Trial {n}" in trials_dom for n in range(4))
