@@ -223,7 +223,7 @@ class Slot:
                 self.stop.wait(self.options.poll_interval_s)
         finally:
             self._hand_back_all()
-            with contextlib.suppress(DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 touch_worker(self.db, self.worker_id, status="stopped")
             self.db.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
+from fastapi.responses import StreamingResponse
 
 from service.deps import DbDep, SettingsDep
 from service.errors import InvalidInput
@@ -12,6 +13,7 @@ from service.schemas import error_responses
 from service.studies import service as studies
 from service.studies.schemas import StudyRead
 from service.trials import service
+from service.trials.artifacts import artifact_store, open_checkpoint
 from service.trials.schemas import (
     AskRequest,
     HeartbeatRequest,
@@ -86,6 +88,18 @@ def list_trials(
 @router.get("/trials/{number}", summary="One trial with its intermediate values")
 def get_trial(db: DbDep, name: str, number: int) -> TrialRead:
     return service.get_trial(db, name, number)
+
+
+@router.get(
+    "/trials/{number}/checkpoint",
+    summary="Download a trial's trained weights",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def checkpoint(db: DbDep, settings: SettingsDep, name: str, number: int) -> StreamingResponse:
+    found, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name, number)
+    headers = {"Content-Disposition": f'attachment; filename="{name}-trial{found}-{filename}"'}
+    return StreamingResponse(reader, media_type="application/octet-stream", headers=headers)
 
 
 @router.get("/best", summary="Best trial (Pareto front for multi-objective studies)")

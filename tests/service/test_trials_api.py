@@ -87,7 +87,7 @@ def test_ask_with_request_id_is_idempotent(client: TestClient) -> None:
 
 def test_budget_exhausted_and_completed(client: TestClient) -> None:
     name = create(client, n_trials=2)
-    for number in range(2):
+    for _ in range(2):
         ask(client, name)
     response = client.post(f"{API}/{name}/trials/ask", json={})
     assert response.status_code == 409 and error_code(response) == "budget_exhausted"
@@ -116,7 +116,10 @@ def test_paused_study_refuses_asks_but_running_trials_finish(client: TestClient)
     response = client.post(f"{API}/{name}/trials/ask", json={})
     assert response.status_code == 409 and error_code(response) == "study_paused"
     assert client.post(f"{API}/{name}/trials/0/report", json={"step": 0, "value": 0.1}).status_code == 200
-    assert client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 0.1}).status_code == 200
+    assert (
+        client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 0.1}).status_code
+        == 200
+    )
     client.post(f"{API}/{name}/resume")
     assert ask(client, name)["number"] == 1
 
@@ -294,7 +297,10 @@ def test_report_on_multi_objective_study_is_422(client: TestClient) -> None:
     response = client.post(f"{API}/mo/trials/0/report", json={"step": 1, "value": 1.0})
     assert response.status_code == 422
     assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "value": 1.0}).status_code == 422
-    assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "values": [0.9, 3.0]}).status_code == 200
+    assert (
+        client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "values": [0.9, 3.0]}).status_code
+        == 200
+    )
     ask(client, "mo")
     client.post(f"{API}/mo/trials/1/tell", json={"state": "complete", "values": [0.8, 1.0]})
     ask(client, "mo")
@@ -309,7 +315,9 @@ def test_list_trials_filters_and_paginates(client: TestClient) -> None:
     for number in range(5):
         ask(client, name)
         if number % 2 == 0:
-            client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": float(number)})
+            client.post(
+                f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": float(number)}
+            )
     page = client.get(f"{API}/{name}/trials", params={"limit": 2, "offset": 1}).json()
     assert page["total"] == 5 and [t["number"] for t in page["items"]] == [1, 2]
     running = client.get(f"{API}/{name}/trials", params={"state": "running"}).json()

@@ -1,0 +1,46 @@
+# caviar task runner. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Tests run on SQLite and then on this PostgreSQL server (each run creates and drops its own databases).
+PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-sqlite test-postgres lint format bench clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: 2.13.0 is a CPU build that lies on this project's machines (an unpinned
+# torch pulls a multi-GB CUDA build); the project's own range accepts it.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/caviar demo
+
+test: test-sqlite test-postgres
+
+test-sqlite: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-postgres: install
+	CAVIAR_TEST_DATABASE=$(PG_TEST_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/fused_training.py --quick
+
+clean:
+	rm -rf $(VENV) caviar.db caviar.db-* caviar-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""Trial checkpoints stored as Optuna artifacts (file system store, listed by the dashboard)."""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+from service.db import Database
+from service.errors import NotFound
+from service.studies.service import all_trials, definition_of, load_record
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+
+
+def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
+    """The file-system artifact store under ``CAVIAR_ARTIFACT_DIR``."""
+    os.makedirs(artifact_dir, exist_ok=True)
+    return FileSystemArtifactStore(artifact_dir)
+
+
+def save_checkpoint(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:
+    """Attach the file at ``path`` to trial ``number`` of study ``name``; returns the artifact id."""
+    record = load_record(db, name)
+    trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
+    return upload_artifact(
+        artifact_store=store, file_path=path, study_or_trial=db.optuna.get_trial(trial_id), storage=db.optuna
+    )
+
+
+def open_checkpoint(
+    db: Database, store: FileSystemArtifactStore, name: str, number: int | None = None
+) -> tuple[int, str, BinaryIO]:
+    """The checkpoint of trial ``number`` (default: the best complete trial that has one).
+
+    Returns:
+        The trial number, the artifact's file name and an open binary reader.
+    """
+    record = load_record(db, name)
+    definition = definition_of(record)
+    if number is None:
+        complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values]
+        maximize = definition.study_directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        candidates = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
+    else:
+        try:
+            trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
+        except KeyError:
+            raise NotFound(f"study {name!r} has no trial {number}", code="trial_not_found") from None
+        candidates = [db.optuna.get_trial(trial_id)]
+    for trial in candidates:
+        metas = get_all_artifact_meta(trial, storage=db.optuna)
+        if metas:
+            meta = metas[-1]
+            try:
+                return trial.number, meta.filename, store.open_reader(meta.artifact_id)
+            except ArtifactNotFound:
+                raise NotFound(
+                    f"the checkpoint of trial {trial.number} of {name!r} is missing from the artifact store "
+                    "(is CAVIAR_ARTIFACT_DIR the workers' one?)",
+                    code="checkpoint_not_found",
+                ) from None
+    which = f"trial {number}" if number is not None else "any completed trial"
+    raise NotFound(f"no checkpoint stored for {which} of {name!r}", code="checkpoint_not_found")
