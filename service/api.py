@@ -56,6 +56,10 @@ _HTTP_CODES = {
 }
 
 
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+"""FastAPI's 400 for a body it cannot decode: answered as the 422 of any other malformed JSON."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors and Starlette's HTTP errors onto the envelope."""
 
@@ -76,6 +80,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:  # e.g. a body that is not UTF-8
+            return error_response(422, "validation_error", "request body is not valid JSON")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         headers = dict(exc.headers or {})
