@@ -203,7 +203,7 @@ class Slot:
         )
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
-        idle_since = time.monotonic()
+        idle_since = last_reap = time.monotonic()
         try:
             while not self.stop.is_set():
                 if self.options.max_trials is not None and self.finished >= self.options.max_trials:
@@ -217,6 +217,11 @@ class Slot:
                 if worked:
                     idle_since = time.monotonic()
                     continue
+                if time.monotonic() - last_reap >= self.options.heartbeat_interval_s:
+                    last_reap = time.monotonic()
+                    with contextlib.suppress(*DB_ERRORS):
+                        trials.reap(self.db)  # an idle worker recovers lapsed trials, so the study can end
+                    continue
                 idle_for = time.monotonic() - idle_since
                 if self.options.exit_when_idle_s is not None and idle_for >= self.options.exit_when_idle_s:
                     break
@@ -229,18 +234,21 @@ class Slot:
 
     def _heartbeat_loop(self) -> None:
         interval = self.options.heartbeat_interval_s
+        beats = 0
         while not self.stop.wait(interval):
+            beats += 1
             with self.held_lock:
                 held = [key for key, ours in self.held.items() if ours]
             try:
-                touch_worker(self.db, self.worker_id, status="busy" if held else "idle", trials=held)
-                for study, number in held:
+                for study, number in held:  # leases first: they are what lapses
                     try:
                         trials.heartbeat(self.db, study, number, policy=self.policy)
                     except Conflict:
                         with self.held_lock:
                             self.held[(study, number)] = False  # reaped: stop training it
-                trials.reap(self.db)  # workers reap too, so a lease lapses even with no server up
+                touch_worker(self.db, self.worker_id, status="busy" if held else "idle", trials=held)
+                if beats % 4 == 0:
+                    trials.reap(self.db)  # workers reap too, so leases lapse even with no server up
             except DB_ERRORS:
                 _log.warning("heartbeat: database unavailable")
             except Exception:

@@ -47,6 +47,7 @@ ATTEMPT = "caviar:attempt"
 FAIL_REASON = "caviar:fail_reason"
 RELEASED = "caviar:released"
 WORKER = "caviar:worker_id"
+ASKED = "caviar:asked"
 
 _STATE_NAMES = {
     TrialState.WAITING: "waiting",
@@ -228,16 +229,13 @@ def ask(
             study.sampler = optuna.samplers.PartialFixedSampler(
                 _encode_fixed(definition, fixed), study.sampler
             )
-        trial = study.ask()
-        _sample(trial, definition)
-        trial_id = trial._trial_id
+        trial_id = _start_trial(db, record, trials, worker_id)
+        _sample(optuna.Trial(study, trial_id), definition)
         frozen = db.optuna.get_trial(trial_id)
         decoded = decode_params(definition.search_space, frozen.params)
         for key, param in definition.search_space.items():
             if isinstance(param, FloatParam) and param.scale == "reverse_log" and key in decoded:
                 db.optuna.set_trial_user_attr(trial_id, key, decoded[key])
-        if worker_id is not None:
-            db.optuna.set_trial_user_attr(trial_id, WORKER, worker_id)
         now = utcnow()
         timeout = definition.budget.trial_timeout_s
         lease = TrialLease(
@@ -260,6 +258,39 @@ def ask(
                 set_state(session, record, "running")
         frozen = db.optuna.get_trial(trial_id)
     return _assignment(record, frozen, lease, policy)
+
+
+def _start_trial(
+    db: Database, record: StudyRecord, trials: Sequence[FrozenTrial], worker_id: str | None
+) -> int:
+    """Move the first waiting trial to running, or create a running trial; return its id.
+
+    Either way the trial is marked as asked through caviar *before* it runs, so a crash between
+    this and the lease row (a database restart, say) leaves a trial the reaper recognises and
+    recovers instead of one that runs forever.
+    """
+    attrs: dict[str, Any] = {ASKED: True}
+    if worker_id is not None:
+        attrs[WORKER] = worker_id
+    for waiting in sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t.number):
+        for key, value in attrs.items():
+            db.optuna.set_trial_user_attr(waiting._trial_id, key, value)
+        if db.optuna.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            return waiting._trial_id
+    template = FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.now(),  # Optuna stores naive local times
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs=attrs,
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    return db.optuna.create_new_trial(record.optuna_study_id, template_trial=template)
 
 
 def _encode_fixed(definition: StudyDefinition, fixed: dict[str, Any]) -> dict[str, Any]:
@@ -492,7 +523,7 @@ def reap(db: Database, *, now: datetime | None = None) -> int:
                 )
             )
         )
-    reaped = 0
+    reaped = _reap_orphans(db)
     for study_id in sorted({lease.study_id for lease in due}):
         with db.session() as session:
             record = session.get(StudyRecord, study_id)
@@ -502,6 +533,41 @@ def reap(db: Database, *, now: datetime | None = None) -> int:
         with db.study_lock(study_id):
             for lease in (item for item in due if item.study_id == study_id):
                 reaped += _reap_one(db, record, definition, lease.trial_id, now)
+            _settle_state(db, record, definition)
+    return reaped
+
+
+def _reap_orphans(db: Database) -> int:
+    """Recover trials asked through caviar whose lease row never got written (a crash mid-ask).
+
+    An ask writes the lease before it releases the study lock, so under that lock a running trial
+    marked as asked but without a lease can only be the leftover of an ask that died half-way.
+    """
+    with db.session() as session:
+        records = list(
+            session.scalars(select(StudyRecord).where(StudyRecord.state.in_(("running", "paused"))))
+        )
+    reaped = 0
+    for record in records:
+        stale = [t for t in all_trials(db, record, [TrialState.RUNNING]) if t.user_attrs.get(ASKED)]
+        if not stale:
+            continue
+        leased = _leases_for(db, [t._trial_id for t in stale])
+        orphans = [t for t in stale if t._trial_id not in leased]
+        if not orphans:
+            continue
+        definition = definition_of(record)
+        with db.study_lock(record.id):
+            for trial in orphans:
+                if _lease(db, trial._trial_id) is not None:
+                    continue
+                current = db.optuna.get_trial(trial._trial_id)
+                if current.state != TrialState.RUNNING:
+                    continue
+                db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, "lost while being handed out")
+                db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                _after_failure(db, record, definition, db.optuna.get_trial(trial._trial_id), None)
+                reaped += 1
             _settle_state(db, record, definition)
     return reaped
 

@@ -344,3 +344,19 @@ def test_importances_and_refine(client: TestClient) -> None:
     assert 0.8 <= space["beta1"]["low"] < space["beta1"]["high"] <= 0.999
     assert study["definition"]["budget"]["n_trials"] == 5
     assert client.post(f"{API}/{name}/refine").json()["name"] == f"{name}-refined-2"
+
+
+def test_a_trial_orphaned_mid_ask_is_recovered(client: TestClient, db) -> None:
+    """A crash between creating the trial and writing its lease (a database restart) is recovered."""
+    from service.studies.service import all_trials, load_record
+    from service.trials.service import _start_trial, reap
+
+    name = create(client, n_trials=2)
+    record = load_record(db, name)
+    _start_trial(db, record, all_trials(db, record), "crashed-worker")  # the ask died right here
+    ask(client, name)
+    assert error_code(client.post(f"{API}/{name}/trials/ask", json={})) == "budget_exhausted"
+    assert reap(db) == 1
+    orphan = client.get(f"{API}/{name}/trials/0").json()
+    assert orphan["state"] == "fail" and orphan["fail_reason"] == "lost while being handed out"
+    assert ask(client, name)["retry_of"] == 0

@@ -1,0 +1,292 @@
+"""End-to-end tests of ``caviar worker``: real processes on the database under test.
+
+Each test starts workers as the CLI does (``python -m service.cli worker ...``) and watches the
+study through the domain functions. Heartbeats are shortened so crashed trials are reaped fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from service.db import Database
+from service.examples import example_path
+from service.studies import service as studies
+from service.trials import service as trials
+from storage import WorkerRecord
+from tests.conftest import IS_POSTGRES
+from trainer.worker import discover_slots
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def digits_study(
+    name: str, *, n_trials: int, max_epochs: int = 15, fuse: int | None = None
+) -> dict[str, Any]:
+    """The example study, kept small: Adam/RMSProp with sane learning rates."""
+    body = copy.deepcopy(yaml.safe_load(example_path("digits-mlp").read_text()))
+    body["name"] = name
+    body["search_space"]["lr"] = {"type": "float", "low": 5e-4, "high": 2e-2, "scale": "log"}
+    body["search_space"]["optimizer"] = {"type": "categorical", "choices": ["adam", "rmsprop", "momentum"]}
+    body["search_space"]["batch_size"] = {"type": "categorical", "choices": [32, 64]}
+    body["objective"]["max_epochs"] = max_epochs
+    body["objective"]["fuse"] = fuse
+    body["budget"].update(n_trials=n_trials, max_parallel=8, max_failed_trials=20)
+    return body
+
+
+class Workers:
+    """A ``caviar worker`` process tree."""
+
+    def __init__(self, db_url: str, tmp: Path, *args: str, heartbeat: float = 0.5) -> None:
+        env = {
+            **os.environ,
+            "CAVIAR_DATABASE_URL": db_url,
+            "CAVIAR_HEARTBEAT_INTERVAL_S": str(heartbeat),
+            "CAVIAR_ARTIFACT_DIR": str(tmp / "artifacts"),
+            "PYTHONPATH": str(ROOT),
+        }
+        self.log = open(tmp / f"worker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--gpus",
+            "none",
+            "--poll-interval",
+            "0.2",
+            *args,
+        ]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.log.flush()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def spawn(db_url: str, tmp_path: Path) -> Iterator[Any]:
+    started: list[Workers] = []
+
+    def start(*args: str, heartbeat: float = 0.5) -> Workers:
+        workers = Workers(db_url, tmp_path, *args, heartbeat=heartbeat)
+        started.append(workers)
+        return workers
+
+    yield start
+    for workers in started:
+        workers.stop()
+
+
+def wait_for(predicate: Any, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def finished_counts(db: Database, name: str) -> dict[str, int]:
+    return studies.describe(db, studies.load_record(db, name)).trial_counts.model_dump()
+
+
+def busy_slot(db: Database, name: str) -> tuple[int, int] | None:
+    """(pid, trial number) of a slot currently training a trial of ``name``."""
+    with db.session() as session:
+        for record in session.scalars(select(WorkerRecord)):
+            for trial in (record.current_trials or {}).get("trials", []):
+                if trial["study"] == name and record.status == "busy":
+                    return record.pid, trial["number"]
+    return None
+
+
+def test_discover_slots_on_a_cpu_machine() -> None:
+    assert discover_slots("none", 1, None) == ["cpu"]
+    assert discover_slots("none", 1, 3) == ["cpu", "cpu", "cpu"]
+    assert discover_slots("all", 2, None) == (
+        ["cpu"] if not shutil.which("nvidia-smi") else discover_slots("all", 2, None)
+    )
+    with pytest.raises(ValueError, match="gpus"):
+        discover_slots("x,y", 1, None)
+    with pytest.raises(ValueError, match="not visible"):
+        discover_slots("7", 1, 0)
+
+
+def test_service_and_two_workers_finish_a_digits_study(
+    db: Database, db_url: str, spawn: Any, tmp_path: Path
+) -> None:
+    """The API serves while 2 CPU workers run a 16-trial study: best >= 0.95, some pruned."""
+    import httpx
+
+    from service.demo import free_port
+
+    port = free_port(18000)
+    env = {**os.environ, "CAVIAR_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--processes",
+            "1",
+            "--no-migrate",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(base), 60, "the API did not start")
+        created = httpx.post(
+            f"{base}/api/v1/studies", json=digits_study("e2e", n_trials=16, fuse=2), timeout=30
+        )
+        assert created.status_code == 201, created.text
+        workers = spawn("--cpu", "2", "--study", "e2e", "--exit-when-idle", "2")
+        assert workers.wait(240) == 0, workers.output()
+        study = httpx.get(f"{base}/api/v1/studies/e2e", timeout=30).json()
+        counts = study["trial_counts"]
+        assert study["state"] == "completed", study
+        assert counts["complete"] + counts["pruned"] == 16 and counts["running"] == 0
+        assert counts["pruned"] >= 1, counts
+        assert study["best"]["value"] >= 0.95, study["best"]
+        best = httpx.get(f"{base}/api/v1/studies/e2e/best", timeout=30).json()
+        assert best["user_attrs"]["device"] == "cpu" and best["user_attrs"]["epochs"] >= 1
+        assert "train_seconds" in best["user_attrs"] and best["worker_id"]
+        assert 0.8 <= best["params"]["beta1"] <= 0.999
+        checkpoint = httpx.get(f"{base}/api/v1/studies/e2e/trials/{best['number']}/checkpoint", timeout=30)
+        assert checkpoint.status_code == 404  # the server's artifact dir is not the workers' (tmp)
+        listed = httpx.get(f"{base}/api/v1/workers", timeout=30).json()
+        assert len(listed["items"]) == 2 and {w["device"] for w in listed["items"]} == {"cpu"}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(20)
+    from service.trials.artifacts import artifact_store, open_checkpoint
+    from trainer import load_model
+
+    number, _, reader = open_checkpoint(db, artifact_store(str(tmp_path / "artifacts")), "e2e")
+    target = tmp_path / "best.pt"
+    target.write_bytes(reader.read())
+    assert number == best["number"]
+    assert load_model(target) is not None
+
+
+def _healthy(base: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigterm_hands_the_trial_back_and_exits_0(db: Database, spawn: Any) -> None:
+    studies.create_study(db, studies.parse_definition(digits_study("term", n_trials=4, max_epochs=200)))
+    workers = spawn("--cpu", "1", "--study", "term")
+    wait_for(lambda: busy_slot(db, "term") is not None, 60, "no trial started")
+    _, number = busy_slot(db, "term")  # type: ignore[misc]
+    started = time.monotonic()
+    workers.process.send_signal(signal.SIGTERM)
+    assert workers.wait(15) == 0, workers.output()
+    assert time.monotonic() - started < 10
+    handed_back = trials.get_trial(db, "term", number)
+    assert handed_back.state == "fail" and "handed back" in (handed_back.fail_reason or "")
+    waiting = trials.list_trials(db, "term", state="waiting").items
+    assert [t.retry_of for t in waiting] == [number]
+    assert waiting[0].params == handed_back.params
+
+
+def test_sigkill_mid_trial_is_reaped_and_retried(db: Database, spawn: Any) -> None:
+    studies.create_study(db, studies.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
+    workers = spawn("--cpu", "2", "--study", "kill", "--exit-when-idle", "3", heartbeat=0.3)
+    wait_for(lambda: busy_slot(db, "kill") is not None, 60, "no trial started")
+    pid, number = busy_slot(db, "kill")  # type: ignore[misc]
+    os.kill(pid, signal.SIGKILL)
+    assert workers.wait(240) == 0, workers.output()
+    counts = finished_counts(db, "kill")
+    assert counts["complete"] + counts["pruned"] == 6, counts
+    assert counts["running"] == 0 and counts["waiting"] == 0
+    killed = trials.get_trial(db, "kill", number)
+    assert killed.state == "fail" and "lease expired" in (killed.fail_reason or "")
+    retries = [t for t in trials.list_trials(db, "kill", limit=1000).items if t.retry_of == number]
+    assert len(retries) == 1 and retries[0].state in ("complete", "pruned")
+    assert studies.load_record(db, "kill").state == "completed"
+
+
+def test_four_workers_racing_keep_the_budget_exact(db: Database, spawn: Any) -> None:
+    studies.create_study(
+        db, studies.parse_definition(digits_study("race4", n_trials=12, max_epochs=5, fuse=2))
+    )
+    workers = spawn("--cpu", "4", "--study", "race4", "--exit-when-idle", "2", heartbeat=2.0)
+    assert workers.wait(240) == 0, workers.output()
+    items = trials.list_trials(db, "race4", limit=1000).items
+    finished = [t for t in items if t.state in ("complete", "pruned")]
+    assert len(finished) == 12, [t.state for t in items]
+    failed = [t for t in items if t.state == "fail"]  # only a lapsed lease under load fails a trial here
+    assert {t.number for t in failed} <= {t.retry_of for t in items}
+    assert studies.load_record(db, "race4").state == "completed"
+
+
+def _pg_restart_command() -> list[str] | None:
+    if (
+        not IS_POSTGRES
+        or os.geteuid() != 0
+        or not shutil.which("pg_ctlcluster")
+        or not Path("/etc/postgresql").exists()
+    ):
+        return None
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
+
+
+@pytest.mark.skipif(
+    _pg_restart_command() is None, reason="needs a local PostgreSQL cluster it may restart (root)"
+)
+def test_postgres_restart_mid_study_workers_recover(db: Database, spawn: Any) -> None:
+    studies.create_study(db, studies.parse_definition(digits_study("pgr", n_trials=10, max_epochs=15)))
+    workers = spawn("--cpu", "2", "--study", "pgr", "--exit-when-idle", "3", heartbeat=1.0)
+    wait_for(
+        lambda: finished_counts(db, "pgr")["complete"] + finished_counts(db, "pgr")["pruned"] >= 2,
+        120,
+        "no progress",
+    )
+    command = _pg_restart_command()
+    assert command is not None
+    subprocess.run(command, check=True, timeout=120)
+    assert workers.wait(300) == 0, workers.output()
+    counts = finished_counts(db, "pgr")
+    assert counts["complete"] + counts["pruned"] == 10, counts
+    assert studies.load_record(db, "pgr").state == "completed"
