@@ -7,8 +7,11 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -18,6 +21,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
+from service.backend import Backend
 from service.config import Settings
 from service.errors import CaviarError
 from service.tokens.cli import token_app
@@ -39,6 +43,15 @@ DatabaseUrl = Annotated[
     typer.Option("--database-url", envvar="CAVIAR_DATABASE_URL", help="SQLAlchemy URL of the database."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ServiceUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="CAVIAR_URL", help="Talk to this caviar service over REST instead of the database."
+    ),
+]
+ServiceToken = Annotated[
+    str | None, typer.Option("--token", envvar="CAVIAR_API_TOKEN", help="Bearer token for --url.")
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -59,6 +72,20 @@ def open_db(database_url: str | None):  # type: ignore[no-untyped-def]
     from service.db import Database
 
     return Database(settings_from(database_url).database_url)
+
+
+@contextlib.contextmanager
+def backend_for(url: str | None, token: str | None, database_url: str | None) -> Iterator[Backend]:
+    """The local database or, with ``--url``, the remote service; domain errors become one line."""
+    from service.backend import open_backend
+
+    backend = open_backend(url, token, database_url)
+    try:
+        yield backend
+    except CaviarError as exc:
+        fail(exc.message)
+    finally:
+        backend.close()
 
 
 def print_json(data: Any) -> None:
@@ -202,25 +229,22 @@ def study_create(
         Path, typer.Option("-f", "--file", help="YAML/JSON file with one or several definitions.")
     ],
     database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create studies from a definition file."""
-    from service.studies import service
-
     documents = read_documents(file)
-    db = open_db(database_url)
     created: list[dict[str, Any]] = []
-    try:
-        definitions = [service.parse_definition(doc) for doc in documents]
-        for definition in definitions:
-            record = service.create_study(db, definition)
-            created.append(service.describe(db, record, trials=[]).model_dump(mode="json"))
-    except CaviarError as exc:
-        if created:
-            err_console.print(f"created {', '.join(s['name'] for s in created)} before the error")
-        fail(exc.message)
-    finally:
-        db.dispose()
+    with backend_for(url, token, database_url) as backend:
+        try:
+            backend.check_definitions(documents)
+            for doc in documents:
+                created.append(backend.create_study(doc))
+        except CaviarError:
+            if created:
+                err_console.print(f"created {', '.join(s['name'] for s in created)} before the error")
+            raise
     if as_json:
         print_json(created if len(created) > 1 else created[0])
     else:
@@ -234,17 +258,13 @@ def study_list(
     tag: Annotated[str | None, typer.Option(help="key or key=value")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List studies, newest first."""
-    from service.studies import service
-
-    db = open_db(database_url)
-    try:
-        page = service.list_studies(db, state=state, tag=tag, limit=limit)
-    finally:
-        db.dispose()
-    data = page.model_dump(mode="json")
+    with backend_for(url, token, database_url) as backend:
+        data = backend.list_studies(state=state, tag=tag, limit=limit)
     if as_json:
         print_json(data)
     else:
@@ -252,22 +272,164 @@ def study_list(
 
 
 @study_app.command("show")
-def study_show(name: str, database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+def study_show(
+    name: str,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Show one study."""
-    from service.studies import service
-
-    db = open_db(database_url)
-    try:
-        study = service.describe(db, service.load_record(db, name)).model_dump(mode="json")
-    except CaviarError as exc:
-        fail(exc.message)
-    finally:
-        db.dispose()
+    with backend_for(url, token, database_url) as backend:
+        study = backend.study(name)
     if as_json:
         print_json(study)
     else:
         print_studies([study])
         console.print_json(data=study["definition"])
+
+
+def _trial_value(trial: dict[str, Any]) -> str:
+    if trial.get("values") and len(trial["values"]) > 1:
+        return ", ".join(f"{v:.6g}" for v in trial["values"])
+    return "" if trial.get("value") is None else f"{trial['value']:.6g}"
+
+
+def print_trials(trials: list[dict[str, Any]]) -> None:
+    """Trials as a table: number, state, value(s), decoded parameters."""
+    table = Table("#", "state", "value", "params", "worker", "retry of")
+    for trial in trials:
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items()
+        )
+        retry = "" if trial.get("retry_of") is None else str(trial["retry_of"])
+        table.add_row(
+            str(trial["number"]),
+            trial["state"],
+            _trial_value(trial),
+            params,
+            trial.get("worker_id") or "",
+            retry,
+        )
+    console.print(table)
+
+
+@study_app.command("trials")
+def study_trials(
+    name: str,
+    state: Annotated[str | None, typer.Option(help="waiting | running | complete | pruned | fail")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List a study's trials, ordered by number."""
+    with backend_for(url, token, database_url) as backend:
+        trials = backend.trials(name, state=state)
+    if as_json:
+        print_json(trials)
+    else:
+        print_trials(trials)
+
+
+@study_app.command("best")
+def study_best(
+    name: str,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The best trial (the Pareto front for a multi-objective study)."""
+    with backend_for(url, token, database_url) as backend:
+        best = backend.best(name)
+    if as_json:
+        print_json(best)
+    else:
+        print_trials(best.get("trials", [best]))
+
+
+@study_app.command("export")
+def study_export(
+    name: str,
+    format: Annotated[str, typer.Option("--format", help="csv | json")] = "csv",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File (default: stdout).")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+) -> None:
+    """Export every trial of a study as CSV (one params.<name> column per parameter) or JSON."""
+    from service.backend import trials_csv
+
+    if format not in ("csv", "json"):
+        fail(f"--format: expected csv or json, not {format!r}")
+    with backend_for(url, token, database_url) as backend:
+        trials = backend.trials(name)
+    text = trials_csv(trials) if format == "csv" else json.dumps(trials, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err_console.print(f"wrote {len(trials)} trials to {output}")
+
+
+@study_app.command("refine")
+def study_refine(
+    name: str,
+    top_fraction: Annotated[float, typer.Option(help="Share of complete trials kept.")] = 0.2,
+    min_top: Annotated[int, typer.Option(help="Keep at least this many trials.")] = 3,
+    margin: Annotated[float, typer.Option(help="Widen each envelope by this share.")] = 0.25,
+    n_trials: Annotated[int | None, typer.Option(help="Budget of the new study.")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Coarse to fine: create a new study with the space narrowed around the top trials."""
+    options: dict[str, Any] = {"top_fraction": top_fraction, "min_top": min_top, "margin": margin}
+    if n_trials is not None:
+        options["n_trials"] = n_trials
+    with backend_for(url, token, database_url) as backend:
+        study = backend.refine(name, options)
+    if as_json:
+        print_json(study)
+    else:
+        console.print(f"created study [bold]{study['name']}[/] refined from {name}")
+        console.print_json(data=study["definition"]["search_space"])
+
+
+FINAL_STATES = ("completed", "failed")
+
+
+@study_app.command("watch")
+def study_watch(
+    name: str,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+) -> None:
+    """A live progress bar with the best value so far, until the study completes or fails."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with backend_for(url, token, database_url) as backend, Progress(*columns, console=console) as progress:
+        task = progress.add_task(name, total=None)
+        while True:
+            study = backend.study(name)
+            counts = study["trial_counts"]
+            done = counts["complete"] + counts["pruned"]
+            row = _study_row(study)
+            progress.update(
+                task,
+                total=study["definition"]["budget"]["n_trials"],
+                completed=done,
+                description=f"{name} [{study['state']}] running {counts['running']}, best {row[-1] or '-'}",
+            )
+            if study["state"] in FINAL_STATES:
+                break
+            time.sleep(interval)
+    console.print(f"study {name} {study['state']}: best {_study_row(study)[-1] or '-'}")
 
 
 def main() -> None:

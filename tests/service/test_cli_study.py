@@ -1,0 +1,132 @@
+"""`caviar study ...` on the local database and, with --url/--token, on a remote service over REST."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from service.api import create_app
+from service.cli import app as cli_app
+from tests.service.helpers import external_study
+from tests.service.test_dashboard import free_port, live_server
+
+TOKEN = "cli-admin-token-0123456789abcdef"
+runner = CliRunner()
+
+
+@pytest.fixture
+def remote(settings, db) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A live service with a token, holding study `cli` (3 complete trials of 3: completed)."""
+    secured = settings.model_copy(update={"api_token": SecretStr(TOKEN), "background_tasks": False})
+    app = create_app(secured, db=db)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app) as client:
+        assert (
+            client.post(
+                "/api/v1/studies", json=external_study("cli", n_trials=3), headers=headers
+            ).status_code
+            == 201
+        )
+        for value in (0.3, 0.9, 0.6):
+            number = client.post("/api/v1/studies/cli/trials/ask", json={}, headers=headers).json()["number"]
+            body = {"state": "complete", "value": value}
+            assert (
+                client.post(
+                    f"/api/v1/studies/cli/trials/{number}/tell", json=body, headers=headers
+                ).status_code
+                == 200
+            )
+    with live_server(create_app(secured, db=db), free_port()) as base:
+        yield base
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(cli_app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def both(db_url: str, base: str) -> list[list[str]]:
+    """The flags for each backend: the local database, then the remote service."""
+    return [["--database-url", db_url], ["--url", base, "--token", TOKEN]]
+
+
+def test_trials_best_and_show_agree_across_backends(remote: str, db_url: str) -> None:
+    local_flags, remote_flags = both(db_url, remote)
+    for command in (["trials", "cli", "--json"], ["best", "cli", "--json"], ["show", "cli", "--json"]):
+        local = json.loads(run("study", *command, *local_flags))
+        over_rest = json.loads(run("study", *command, *remote_flags))
+        assert local == over_rest, command
+    best = json.loads(run("study", "best", "cli", "--json", *remote_flags))
+    assert best["number"] == 1 and best["value"] == 0.9
+    trials = json.loads(run("study", "trials", "cli", "--json", "--state", "complete", *remote_flags))
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    table = run("study", "trials", "cli", *remote_flags)
+    assert "complete" in table and "lr=" in table
+    assert "0.9" in run("study", "best", "cli", *local_flags)
+    listed = json.loads(run("study", "list", "--json", *remote_flags))
+    assert [s["name"] for s in listed["items"]] == ["cli"]
+
+
+def test_export_csv_and_json(remote: str, db_url: str, tmp_path: Path) -> None:
+    for flags in both(db_url, remote):
+        rows = list(csv.DictReader(io.StringIO(run("study", "export", "cli", "--format", "csv", *flags))))
+        assert [row["number"] for row in rows] == ["0", "1", "2"]
+        assert {"value", "params.lr", "params.beta1", "params.dropout", "state"} <= set(rows[0])
+        assert float(rows[1]["value"]) == 0.9 and 0.8 <= float(rows[1]["params.beta1"]) <= 0.999
+    out = tmp_path / "trials.json"
+    run("study", "export", "cli", "--format", "json", "-o", str(out), "--url", remote, "--token", TOKEN)
+    assert [t["value"] for t in json.loads(out.read_text())] == [0.3, 0.9, 0.6]
+    bad = runner.invoke(cli_app, ["study", "export", "cli", "--format", "xml", "--database-url", db_url])
+    assert bad.exit_code == 1 and "csv or json" in bad.output
+
+
+def test_refine_creates_a_narrowed_study_on_either_backend(remote: str, db_url: str) -> None:
+    names = set()
+    for flags in both(db_url, remote):
+        study = json.loads(
+            run("study", "refine", "cli", "--min-top", "2", "--n-trials", "5", "--json", *flags)
+        )
+        assert study["name"] != "cli" and study["definition"]["budget"]["n_trials"] == 5
+        names.add(study["name"])
+    assert len(names) == 2
+
+
+def test_watch_ends_when_the_study_completes(remote: str, db_url: str) -> None:
+    for flags in both(db_url, remote):
+        output = run("study", "watch", "cli", "--interval", "0.1", *flags)
+        assert "completed" in output and "0.9" in output
+
+
+def test_create_over_rest_and_errors_are_one_line(remote: str, db_url: str, tmp_path: Path) -> None:
+    definition = tmp_path / "s.yaml"
+    definition.write_text(yaml.safe_dump(external_study("made-remotely")))
+    run("study", "create", "-f", str(definition), "--url", remote, "--token", TOKEN)
+    assert (
+        json.loads(run("study", "show", "made-remotely", "--json", "--database-url", db_url))["state"]
+        == "queued"
+    )
+
+    denied = runner.invoke(cli_app, ["study", "show", "cli", "--url", remote, "--token", "wrong"])
+    assert (
+        denied.exit_code == 1
+        and "invalid or revoked token" in denied.output
+        and "Traceback" not in denied.output
+    )
+    missing = runner.invoke(cli_app, ["study", "best", "nope", "--url", remote, "--token", TOKEN])
+    assert missing.exit_code == 1 and "nope" in missing.output
+    unreachable = runner.invoke(cli_app, ["study", "list", "--url", "http://127.0.0.1:9", "--token", TOKEN])
+    assert unreachable.exit_code == 1 and "cannot reach" in unreachable.output
+    duplicate = runner.invoke(
+        cli_app, ["study", "create", "-f", str(definition), "--url", remote, "--token", TOKEN]
+    )
+    assert duplicate.exit_code == 1 and "already exists" in duplicate.output
