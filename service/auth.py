@@ -34,6 +34,7 @@ from typing import Final
 
 import anyio.to_thread
 from pydantic import SecretStr
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.db import Database
@@ -187,7 +188,8 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
+        # The path the router matches (without a proxy's root_path), so a prefix cannot dodge the policy.
+        method, path = scope["method"], get_route_path(scope)
         needed = required_scope(method, path, self.open_paths)
         if needed is None:
             await self.app(scope, receive, send)

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio.to_thread
 from sqlalchemy import select
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
@@ -74,8 +75,8 @@ class DashboardMount:
         return self._dashboard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (self.app is None or is_dashboard_path(scope["path"])):
-            study_id = _guarded_study(scope["method"], scope["path"])
+        if scope["type"] == "http" and (self.app is None or is_dashboard_path(get_route_path(scope))):
+            study_id = _guarded_study(scope["method"], get_route_path(scope))
             if study_id is not None and await anyio.to_thread.run_sync(self._is_caviar_study, study_id):
                 from service.api import error_response
 

@@ -38,6 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from starlette._utils import get_route_path
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -105,7 +106,7 @@ class RouteTemplates:
 
     def label(self, scope: Scope) -> str:
         """The route template of this request."""
-        path = scope["path"]
+        path = get_route_path(scope)
         if is_dashboard_path(path):
             return "dashboard"
         if self._patterns is None:

@@ -302,3 +302,12 @@ def test_a_cli_token_works_against_the_api(secured: TestClient, db_url: str) -> 
     )
     token = json.loads(created.output)["token"]
     assert secured.get(f"{API}/studies", headers=bearer(token)).status_code == 200
+
+
+def test_a_root_path_prefix_does_not_dodge_the_policy(settings, db) -> None:  # type: ignore[no-untyped-def]
+    secured = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
+    with TestClient(create_app(secured, db=db), root_path="/caviar") as client:
+        write = make_token(client, "write")
+        assert client.get("/caviar/api/v1/studies", headers=bearer(write)).status_code == 200
+        assert_envelope(client.get("/caviar/api/v1/tokens", headers=bearer(write)), 403, "forbidden")
+        assert_envelope(client.get("/caviar/healthz/../api/v1/tokens"), 401, "unauthorized")
