@@ -36,6 +36,7 @@ __all__ = ["GroupReport", "Report", "TrialResult", "augment_batch", "resolve_dev
 Report = Callable[[int, float], bool]
 """``report(step, val_accuracy) -> prune?`` for :func:`train`."""
 GroupReport = Callable[[int, int, float], bool]
+METRICS = ("val_accuracy", "val_loss", "train_loss")
 """``report(member_index, step, val_accuracy) -> prune?`` for :func:`train_group`."""
 
 _EVAL_CHUNK = 4096
@@ -124,13 +125,16 @@ def augment_batch(
     return x + noise * strength.view(k, 1, 1).to(x.dtype)
 
 
-def train(config: TrialConfig, data: Dataset, report: Report | None = None) -> TrialResult:
+def train(
+    config: TrialConfig, data: Dataset, report: Report | None = None, *, metric: str = "val_accuracy"
+) -> TrialResult:
     """Train one config: :func:`train_group` with a single member.
 
     Args:
         config: The trial's hyperparameters.
         data: The dataset.
-        report: Called after every epoch as ``report(epoch, val_accuracy)``; ``True`` prunes.
+        report: Called after every epoch as ``report(epoch, value)``; ``True`` prunes.
+        metric: The reported value: ``val_accuracy``, ``val_loss`` or ``train_loss``.
 
     Returns:
         The trial's result.
@@ -142,7 +146,7 @@ def train(config: TrialConfig, data: Dataset, report: Report | None = None) -> T
         def group_report(_member: int, step: int, value: float) -> bool:
             return single(step, value)
 
-    return train_group([config], data, group_report)[0]
+    return train_group([config], data, group_report, metric=metric)[0]
 
 
 class _Group:
@@ -225,18 +229,24 @@ class _Group:
 
 
 def train_group(
-    configs: Sequence[TrialConfig], data: Dataset, report: GroupReport | None = None
+    configs: Sequence[TrialConfig],
+    data: Dataset,
+    report: GroupReport | None = None,
+    *,
+    metric: str = "val_accuracy",
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
     Members differ only in :data:`trainer.FUSIBLE` fields. Every epoch each live member is
-    evaluated and reported as ``report(member_index, epoch, val_accuracy)``; a ``True`` answer prunes
-    it. Pruned and early-stopped members leave the group (the stacks are compacted).
+    evaluated and reported as ``report(member_index, epoch, value)`` (``value`` is ``metric``); a
+    ``True`` answer prunes it. Pruned and early-stopped members leave the group (the stacks are
+    compacted).
 
     Args:
         configs: The members' configs.
         data: The dataset.
         report: Optional pruning callback.
+        metric: The reported value: ``val_accuracy``, ``val_loss`` or ``train_loss``.
 
     Returns:
         One result per config, in order.
@@ -244,6 +254,8 @@ def train_group(
     Raises:
         ValueError: Members that cannot be fused (field named), or a CNN on non-image data.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     check_group(configs)
     shared = configs[0]
     if shared.model == "cnn" and data.image_shape is None:
@@ -319,7 +331,7 @@ def train_group(
         group.keep_best(improved)
         keep: list[int] = []
         for slot, member in enumerate(group.members):
-            pruned = report is not None and bool(report(member, epoch, val_accs[slot]))
+            pruned = report is not None and bool(report(member, epoch, histories[member][-1][metric]))
             stopped = shared.patience > 0 and stale[member] >= shared.patience
             if not (pruned or stopped or epoch == shared.max_epochs - 1):
                 keep.append(slot)

@@ -372,7 +372,7 @@ class Slot:
 
         try:
             data = self._dataset(definition)
-            results = train_group(configs, data, report)
+            results = train_group(configs, data, report, metric=definition.metrics[0])
         except Stopped:
             return  # handed back in run()'s finally
         except torch.cuda.OutOfMemoryError:

@@ -44,6 +44,7 @@ TRAINER_HYPERPARAMETERS = frozenset(
     }
 )  # fmt: skip
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+TRAINER_METRICS = ("val_accuracy", "val_loss", "train_loss")
 
 
 class _Strict(BaseModel):
@@ -197,6 +198,12 @@ class StudyTemplate(_Strict):
             raise ValueError(f"metric: {len(metrics)} metric name(s) for {n} direction(s)")
         if len(set(metrics)) != len(metrics):
             raise ValueError("metric: names must be unique")
+        if self.objective.kind == "trainer":
+            unknown = [m for m in metrics if m not in TRAINER_METRICS]
+            if unknown:
+                raise ValueError(
+                    f"metric: the trainer reports {', '.join(TRAINER_METRICS)}, not {unknown[0]!r}"
+                )
         if self.sampler.type == "grid":
             for name, param in self.search_space.items():
                 if param.when:

@@ -65,6 +65,7 @@ INVALID = [
     ("unknown dataset", variant("objective.dataset", "imagenet"), "objective", "dataset"),
     ("nan bound", variant("search_space.dropout.high", float("nan")), "search_space.dropout", "finite"),
     ("grid needs a step", variant("sampler", {"type": "grid"}), "", "grid"),
+    ("trainer metric unknown", variant("metric", "f1"), "", "metric"),
 ]  # fmt: skip
 
 

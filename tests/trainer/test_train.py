@@ -180,3 +180,16 @@ def test_group_and_model_errors(digits: Dataset) -> None:
         train_group([TrialConfig(layers=1), TrialConfig(layers=2)], digits)
     with pytest.raises(ValueError, match=r"^max_epochs differs"):
         train_group([TrialConfig(max_epochs=1), TrialConfig(max_epochs=2)], digits)
+
+
+def test_report_sends_the_chosen_metric(small_tabular) -> None:
+    from trainer import TrialConfig, train
+
+    seen: list[tuple[int, float]] = []
+    config = TrialConfig(hidden_units=16, max_epochs=3, batch_size=64, seed=0)
+    result = train(
+        config, small_tabular, lambda step, value: seen.append((step, value)) or False, metric="val_loss"
+    )
+    assert seen == [(h["epoch"], h["val_loss"]) for h in result.history]
+    with pytest.raises(ValueError, match="metric"):
+        train(config, small_tabular, metric="f1")
