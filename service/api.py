@@ -20,6 +20,8 @@ from service.db import Database
 from service.errors import CaviarError, RateLimited, validation_details
 from service.metrics import MetricsMiddleware
 from service.metrics import router as metrics_router
+from service.schedules.router import router as schedules_router
+from service.schedules.service import scheduler_task
 from service.schemas import error_responses
 from service.security import install_security
 from service.studies.router import router as studies_router
@@ -100,6 +102,7 @@ def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
     tasks: list[PeriodicTask] = []
     if settings.background_tasks:
         tasks.append(PeriodicTask("reaper", settings.reap_every_s, lambda: reap(db)))
+        tasks.append(scheduler_task(db, settings))
     return tasks
 
 
@@ -151,5 +154,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     api.include_router(studies_router)
     api.include_router(trials_router)
     api.include_router(tokens_router)
+    api.include_router(schedules_router)
     app.include_router(api)
     return app

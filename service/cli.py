@@ -24,6 +24,7 @@ from rich.table import Table
 from service.backend import Backend
 from service.config import Settings
 from service.errors import CaviarError
+from service.schedules.cli import schedule_app
 from service.tokens.cli import token_app
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ study_app = typer.Typer(help="Studies.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(token_app, name="token")
+app.add_typer(schedule_app, name="schedule")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -430,6 +432,27 @@ def study_watch(
                 break
             time.sleep(interval)
     console.print(f"study {name} {study['state']}: best {_study_row(study)[-1] or '-'}")
+
+
+@app.command()
+def queue(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    database_url: DatabaseUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Studies queued or running, in the order workers take them (priority, then oldest)."""
+    from service.studies import service
+
+    db = open_db(database_url)
+    try:
+        page = service.list_studies(db, states=service.QUEUE_STATES, limit=limit, queue_order=True)
+    finally:
+        db.dispose()
+    data = page.model_dump(mode="json")
+    if as_json:
+        print_json(data)
+    else:
+        print_studies(data["items"])
 
 
 def main() -> None:

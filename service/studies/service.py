@@ -165,6 +165,7 @@ def list_studies(
     db: Database,
     *,
     state: str | None = None,
+    states: Sequence[str] | None = None,
     tag: str | None = None,
     limit: int = 100,
     offset: int = 0,
@@ -172,12 +173,14 @@ def list_studies(
 ) -> StudyList:
     """Studies, newest first (or in the order workers take them), with optional filters.
 
-    ``tag`` is ``key`` or ``key=value``.
+    ``tag`` is ``key`` or ``key=value``; ``states`` keeps studies in any of these states.
     """
     with db.session() as session:
         query = select(StudyRecord)
         if state is not None:
             query = query.where(StudyRecord.state == state)
+        if states is not None:
+            query = query.where(StudyRecord.state.in_(states))
         records = list(session.scalars(query))
     if tag is not None:
         key, _, value = tag.partition("=")

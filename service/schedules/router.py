@@ -1,0 +1,83 @@
+"""HTTP adapter for schedules: parse, call the domain, shape the answer.
+
+``{ref}`` is a schedule's id or its name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Response, status
+
+from service.deps import DbDep
+from service.schedules import service
+from service.schedules.schemas import (
+    ScheduleCreate,
+    ScheduleList,
+    ScheduleRead,
+    ScheduleRunList,
+    ScheduleRunRead,
+    ScheduleUpdate,
+)
+
+router = APIRouter(prefix="/schedules", tags=["schedules"])
+
+_EXAMPLE = {
+    "name": "nightly-digits",
+    "cron": "30 2 * * *",
+    "timezone": "Europe/Berlin",
+    "misfire": "skip",
+    "overlap": "skip_if_running",
+    "template": {
+        "direction": "maximize",
+        "metric": "val_accuracy",
+        "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "scale": "log"}},
+        "objective": {"kind": "external"},
+        "budget": {"n_trials": 20},
+    },
+}
+
+
+@router.get("", summary="List schedules")
+def list_schedules(
+    db: DbDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ScheduleList:
+    return service.list_schedules(db, limit=limit, offset=offset)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, summary="Create a schedule")
+def create_schedule(db: DbDep, body: Annotated[ScheduleCreate, Body(examples=[_EXAMPLE])]) -> ScheduleRead:
+    return service.create_schedule(db, body)
+
+
+@router.get("/{ref}", summary="One schedule (by id or name)")
+def get_schedule(db: DbDep, ref: str) -> ScheduleRead:
+    return service.show_schedule(db, ref)
+
+
+@router.patch("/{ref}", summary="Enable/disable a schedule or change its timing, template or policies")
+def update_schedule(db: DbDep, ref: str, body: ScheduleUpdate) -> ScheduleRead:
+    return service.update_schedule(db, ref, body)
+
+
+@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a schedule and its runs")
+def delete_schedule(db: DbDep, ref: str) -> Response:
+    service.delete_schedule(db, ref)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{ref}/run", status_code=status.HTTP_201_CREATED, summary="Create the schedule's study now")
+def run_schedule(db: DbDep, ref: str) -> ScheduleRunRead:
+    return service.run_now(db, ref)
+
+
+@router.get("/{ref}/runs", summary="A schedule's runs, newest first, with their studies' state")
+def list_runs(
+    db: DbDep,
+    ref: str,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ScheduleRunList:
+    return service.list_runs(db, ref, limit=limit, offset=offset)

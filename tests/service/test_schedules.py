@@ -1,0 +1,458 @@
+"""Schedules: firing with an injected clock (misfire, overlap, limits), REST round trips, errors.
+
+Runs on SQLite and PostgreSQL. The helpers at the top are shared by the other
+``test_schedules_*`` modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from service.api import create_app
+from service.config import Settings
+from service.db import Database
+from service.examples import example_path
+from service.schedules import service
+from service.schedules.schemas import ScheduleRead
+from service.studies.service import pause_study, set_state
+from storage import Schedule, ScheduleRun, StudyRecord
+
+_EXAMPLE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
+
+
+def template(**overrides: Any) -> dict[str, Any]:
+    """The digits-mlp example without its name, as an external-objective template."""
+    body = copy.deepcopy(_EXAMPLE)
+    del body["name"]
+    body["objective"] = {"kind": "external"}
+    body.update(overrides)
+    return body
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    """An aware UTC datetime."""
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+
+
+def make(db: Database, now: datetime, name: str = "nightly", **fields: Any) -> ScheduleRead:
+    """Create a schedule at ``now`` (every hour on the hour unless ``cron`` is given)."""
+    spec = {"name": name, "cron": "0 * * * *", "template": template(), **fields}
+    return service.create_schedule(db, service.parse_create(spec), now=now)
+
+
+def study_names(db: Database) -> list[str]:
+    with db.session() as session:
+        return sorted(session.scalars(select(StudyRecord.name)))
+
+
+def all_runs(db: Database) -> list[tuple[datetime, str | None, str]]:
+    """(tick, study name, outcome) of every run, oldest tick first."""
+    with db.session() as session:
+        rows = session.scalars(select(ScheduleRun).order_by(ScheduleRun.tick_at, ScheduleRun.id))
+        return [(r.tick_at, r.study_name, r.outcome) for r in rows]
+
+
+# --- firing with an injected clock ---------------------------------------------------------
+
+
+def test_fires_once_per_tick_with_an_injected_clock(db: Database) -> None:
+    schedule = make(db, utc(2024, 5, 1, 9, 10), timezone="Europe/Berlin", template=template(priority=7))
+    assert schedule.next_run_at == utc(2024, 5, 1, 10)
+    assert service.fire_due(db, utc(2024, 5, 1, 9, 59, 59)) == []
+    fired = service.fire_due(db, utc(2024, 5, 1, 10, 0, 2))
+    assert [(r.outcome, r.study_name, r.study_state) for r in fired] == [
+        ("created", "nightly-20240501T1200", "queued")
+    ]
+    assert service.fire_due(db, utc(2024, 5, 1, 10, 0, 3)) == []  # same tick: nothing more
+    service.fire_due(db, utc(2024, 5, 1, 11, 0, 1))
+    assert study_names(db) == ["nightly-20240501T1200", "nightly-20240501T1300"]
+    with db.session() as session:
+        record = session.scalar(select(StudyRecord).where(StudyRecord.name == "nightly-20240501T1300"))
+        assert record is not None
+        assert (record.priority, record.schedule_id, record.state) == (7, schedule.id, "queued")
+        assert record.definition["search_space"].keys() == template()["search_space"].keys()
+    shown = service.show_schedule(db, "nightly")
+    assert (shown.run_count, shown.next_run_at) == (2, utc(2024, 5, 1, 12))
+
+
+def test_berlin_0230_daily_fires_once_on_both_transition_days(db: Database) -> None:
+    make(db, utc(2024, 3, 29), cron="30 2 * * *", timezone="Europe/Berlin", end_at="2024-04-02T00:00:00Z")
+    make(db, utc(2024, 10, 25), name="autumn", cron="30 2 * * *", timezone="Europe/Berlin")
+    now = utc(2024, 3, 29)
+    while now < utc(2024, 4, 2):  # a scheduler polling every 30 minutes for four days
+        service.fire_due(db, now)
+        now += timedelta(minutes=30)
+    now = utc(2024, 10, 25)
+    while now < utc(2024, 10, 29):
+        service.fire_due(db, now)
+        now += timedelta(minutes=30)
+    assert study_names(db) == [
+        "autumn-20241025T0230",
+        "autumn-20241026T0230",
+        "autumn-20241027T0230",  # 02:30 CEST; the second 02:30 (CET) does not fire
+        "autumn-20241028T0230",
+        "nightly-20240329T0230",
+        "nightly-20240330T0230",
+        "nightly-20240331T0330",  # 02:30 does not exist that day: fired once, at 03:30 CEST
+        "nightly-20240401T0230",
+    ]
+    assert all(outcome == "created" for _, _, outcome in all_runs(db))
+
+
+def test_misfire_skip_records_missed_ticks_and_waits_for_the_next(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="skip")  # ticks 01:00, 02:00, 03:00 missed (no service)
+    fired = service.fire_due(db, utc(2024, 5, 1, 3, 20))
+    assert [(r.tick_at, r.outcome, r.study_name) for r in fired] == [
+        (utc(2024, 5, 1, 3), "skipped_misfire", None)
+    ]
+    assert fired[0].message is not None and fired[0].message.startswith("3 tick(s) missed")
+    assert study_names(db) == []
+    assert service.show_schedule(db, "nightly").next_run_at == utc(2024, 5, 1, 4)
+    service.fire_due(db, utc(2024, 5, 1, 4, 0, 30))  # on time again (within the grace period)
+    assert study_names(db) == ["nightly-20240501T0400"]
+
+
+def test_misfire_skip_fires_a_late_but_on_time_tick(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="skip")
+    fired = service.fire_due(db, utc(2024, 5, 1, 2, 0, 40))  # 01:00 missed, 02:00 40 s late
+    assert [(r.tick_at, r.outcome) for r in fired] == [
+        (utc(2024, 5, 1, 1), "skipped_misfire"),
+        (utc(2024, 5, 1, 2), "created"),
+    ]
+    assert fired[0].message is not None and fired[0].message.startswith("1 tick(s) missed")
+
+
+def test_misfire_run_once_fires_the_latest_missed_tick_once(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="run_once")
+    fired = service.fire_due(db, utc(2024, 5, 1, 3, 20))
+    assert [(r.tick_at, r.outcome, r.study_name) for r in fired] == [
+        (utc(2024, 5, 1, 2), "skipped_misfire", None),
+        (utc(2024, 5, 1, 3), "created", "nightly-20240501T0300"),
+    ]
+    assert fired[0].message is not None and fired[0].message.startswith("2 tick(s) missed")
+    assert service.fire_due(db, utc(2024, 5, 1, 3, 25)) == []
+    assert study_names(db) == ["nightly-20240501T0300"]
+    assert service.show_schedule(db, "nightly").run_count == 1
+
+
+def test_overlap_skip_if_running(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), overlap="skip_if_running")
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    fired = service.fire_due(db, utc(2024, 5, 1, 2, 0, 1))  # the 01:00 study is still queued
+    assert [(r.outcome, r.study_name) for r in fired] == [("skipped_overlap", None)]
+    assert fired[0].message == "study nightly-20240501T0100 of an earlier run is still queued or running"
+    with db.session() as session, session.begin():
+        record = session.scalar(select(StudyRecord).where(StudyRecord.name == "nightly-20240501T0100"))
+        assert record is not None
+        set_state(session, record, "running")
+    assert service.fire_due(db, utc(2024, 5, 1, 3, 0, 1))[0].outcome == "skipped_overlap"
+    with db.session() as session, session.begin():
+        record = session.scalar(select(StudyRecord).where(StudyRecord.name == "nightly-20240501T0100"))
+        assert record is not None
+        set_state(session, record, "completed")
+    assert service.fire_due(db, utc(2024, 5, 1, 4, 0, 1))[0].outcome == "created"
+    pause_study(db, "nightly-20240501T0400")  # paused is neither queued nor running
+    assert service.fire_due(db, utc(2024, 5, 1, 5, 0, 1))[0].outcome == "created"
+    assert service.show_schedule(db, "nightly").run_count == 3
+
+
+def test_overlap_allow_fires_while_running(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30))
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    service.fire_due(db, utc(2024, 5, 1, 2, 0, 1))
+    assert study_names(db) == ["nightly-20240501T0100", "nightly-20240501T0200"]
+
+
+def test_max_runs_and_end_at_finish_a_schedule(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), max_runs=2)
+    make(db, utc(2024, 5, 1, 0, 30), name="ending", end_at="2024-05-01T02:30:00Z")
+    for hour in range(1, 6):
+        service.fire_due(db, utc(2024, 5, 1, hour, 0, 1))
+    assert study_names(db) == [
+        "ending-20240501T0100",
+        "ending-20240501T0200",
+        "nightly-20240501T0100",
+        "nightly-20240501T0200",
+    ]
+    assert service.show_schedule(db, "nightly").next_run_at is None
+    assert service.show_schedule(db, "ending").next_run_at is None
+    # raising max_runs brings the schedule back
+    raised = service.update_schedule(
+        db, "nightly", service.parse_update({"max_runs": 3}), now=utc(2024, 5, 1, 6)
+    )
+    assert raised.next_run_at == utc(2024, 5, 1, 7)
+
+
+def test_run_once_end_at_in_the_past_fires_its_last_tick(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="run_once", end_at="2024-05-01T02:30:00+00:00")
+    fired = service.fire_due(db, utc(2024, 5, 2))
+    assert [(r.tick_at, r.outcome) for r in fired] == [
+        (utc(2024, 5, 1, 1), "skipped_misfire"),
+        (utc(2024, 5, 1, 2), "created"),
+    ]
+    assert service.show_schedule(db, "nightly").next_run_at is None
+
+
+def test_disabled_schedule_does_not_fire_and_reenabling_starts_from_now(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), enabled=False)
+    assert service.show_schedule(db, "nightly").next_run_at is None
+    assert service.fire_due(db, utc(2024, 5, 1, 5)) == []
+    enabled = service.update_schedule(
+        db, "nightly", service.parse_update({"enabled": True}), now=utc(2024, 5, 1, 5, 1)
+    )
+    assert enabled.next_run_at == utc(2024, 5, 1, 6)
+    assert [r.outcome for r in service.fire_due(db, utc(2024, 5, 1, 6, 0, 1))] == ["created"]
+
+
+def test_a_study_name_taken_by_someone_else_records_an_error(db: Database) -> None:
+    from service.definition import StudyDefinition
+    from service.studies.service import create_study
+
+    make(db, utc(2024, 5, 1, 0, 30))
+    create_study(db, StudyDefinition.from_template("nightly-20240501T0100", template()))
+    fired = service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    assert [(r.outcome, r.study_name) for r in fired] == [("error", "nightly-20240501T0100")]
+    assert fired[0].message == "a study named 'nightly-20240501T0100' already exists"
+    assert service.show_schedule(db, "nightly").next_run_at == utc(2024, 5, 1, 2)  # moves on
+    assert service.fire_due(db, utc(2024, 5, 1, 2, 0, 1))[0].outcome == "created"
+
+
+def test_a_run_left_pending_by_a_crash_is_finished(db: Database) -> None:
+    schedule = make(db, utc(2024, 5, 1, 0, 30))
+    with db.session() as session, session.begin():  # what a replica that died after its claim leaves
+        session.execute(update(Schedule).values(next_run_at=utc(2024, 5, 1, 2), run_count=1))
+        session.add(
+            ScheduleRun(
+                schedule_id=schedule.id,
+                tick_at=utc(2024, 5, 1, 1),
+                fired_at=utc(2024, 5, 1, 1),
+                study_name="nightly-20240501T0100",
+                outcome="pending",
+            )
+        )
+    service.fire_due(db, utc(2024, 5, 1, 1, 2))
+    assert all_runs(db)[0][2] == "pending"  # not yet: the claiming replica may still be working
+    service.fire_due(db, utc(2024, 5, 1, 1, 10))
+    assert all_runs(db) == [(utc(2024, 5, 1, 1), "nightly-20240501T0100", "created")]
+    assert study_names(db) == ["nightly-20240501T0100"]
+
+
+def test_manual_run(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), enabled=False, timezone="Asia/Tokyo")
+    run = service.run_now(db, "nightly", now=utc(2024, 5, 1, 0, 40, 5))
+    assert (run.manual, run.outcome, run.study_name) == (True, "created", "nightly-manual-20240501T094005")
+    page = service.list_runs(db, "1")
+    assert page.total == 1 and page.items[0].study_state == "queued"
+    with pytest.raises(service.Conflict):  # the same second again
+        service.run_now(db, "nightly", now=utc(2024, 5, 1, 0, 40, 5))
+    assert service.list_runs(db, "nightly").total == 1  # nothing half-recorded
+
+
+# --- the scheduler loop inside the app -----------------------------------------------------
+
+
+def test_the_app_lifespan_runs_the_scheduler(
+    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_now = [utc(2024, 5, 1, 0, 30)]
+    monkeypatch.setattr(service, "clock", lambda: fake_now[0])
+    make(db, fake_now[0])
+    app = create_app(settings.model_copy(update={"scheduler_interval_s": 0.05}), db=db)
+    with TestClient(app) as client:
+        fake_now[0] = utc(2024, 5, 1, 1, 0, 1)
+        deadline = time.monotonic() + 20
+        while not study_names(db) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert study_names(db) == ["nightly-20240501T0100"]
+        runs = client.get("/api/v1/schedules/nightly/runs").json()
+        assert [(r["outcome"], r["study_state"]) for r in runs["items"]] == [("created", "queued")]
+
+
+# --- REST ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(settings: Settings, db: Database) -> Any:
+    """A client whose app runs no background tasks (tests drive fire_due themselves)."""
+    with TestClient(create_app(settings.model_copy(update={"background_tasks": False}), db=db)) as client:
+        yield client
+
+
+def body(name: str = "nightly", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "cron": "30 2 * * *", "timezone": "Europe/Berlin", "template": template(), **fields}
+
+
+def test_rest_round_trip(api: TestClient, db: Database) -> None:
+    created = api.post("/api/v1/schedules", json=body(overlap="skip_if_running", max_runs=5))
+    assert created.status_code == 201, created.text
+    schedule = created.json()
+    assert schedule["cron"] == "30 2 * * *" and schedule["enabled"] is True and schedule["run_count"] == 0
+    assert schedule["next_run_at"] is not None and schedule["template"]["priority"] == 0
+    assert api.get(f"/api/v1/schedules/{schedule['id']}").json() == schedule
+    assert api.get("/api/v1/schedules/nightly").json() == schedule
+    listed = api.get("/api/v1/schedules").json()
+    assert listed["total"] == 1 and listed["items"] == [schedule]
+
+    disabled = api.patch("/api/v1/schedules/nightly", json={"enabled": False}).json()
+    assert disabled["enabled"] is False and disabled["next_run_at"] is None
+    changed = api.patch(
+        "/api/v1/schedules/nightly", json={"enabled": True, "cron": "0 6 * * 1", "timezone": "UTC"}
+    ).json()
+    assert changed["cron"] == "0 6 * * 1" and changed["timezone"] == "UTC"
+    next_run = datetime.fromisoformat(changed["next_run_at"])
+    assert (next_run.weekday(), next_run.hour, next_run.minute) == (0, 6, 0)
+    new_template = template(priority=5)
+    assert (
+        api.patch("/api/v1/schedules/nightly", json={"template": new_template}).json()["template"]
+        == new_template
+    )
+    cleared = api.patch(
+        "/api/v1/schedules/nightly", json={"max_runs": None, "misfire": "run_once", "overlap": "allow"}
+    ).json()
+    assert cleared["max_runs"] is None and cleared["misfire"] == "run_once"
+
+    manual = api.post("/api/v1/schedules/nightly/run")
+    assert manual.status_code == 201 and manual.json()["manual"] is True
+    study = api.get(f"/api/v1/studies/{manual.json()['study_name']}").json()
+    assert study["state"] == "queued" and study["priority"] == 5
+
+    # the scheduler fires the next tick; runs list both with their studies' live state
+    service.fire_due(db, next_run + timedelta(seconds=1))
+    runs = api.get("/api/v1/schedules/nightly/runs").json()
+    assert runs["total"] == 2
+    assert [(r["outcome"], r["manual"], r["study_state"]) for r in runs["items"]] == [
+        ("created", False, "queued"),
+        ("created", True, "queued"),
+    ]
+    assert runs["items"][0]["study_name"] == f"nightly-{next_run:%Y%m%dT%H%M}"
+    assert api.get("/api/v1/schedules/nightly/runs", params={"limit": 1}).json()["items"] == runs["items"][:1]
+    api.delete(f"/api/v1/studies/{runs['items'][1]['study_name']}")
+    assert api.get("/api/v1/schedules/nightly/runs").json()["items"][1]["study_state"] is None
+
+    queue = api.get("/api/v1/studies", params={"order": "queue"}).json()
+    assert [s["name"] for s in queue["items"]] == [runs["items"][0]["study_name"]]
+
+    assert api.delete("/api/v1/schedules/nightly").status_code == 204
+    assert api.get("/api/v1/schedules/nightly").status_code == 404
+    assert api.get("/api/v1/studies").json()["total"] == 1  # its studies stay
+    with db.session() as session:
+        assert session.scalar(select(ScheduleRun.id)) is None
+
+
+def _error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"cron": "* * *"}, "cron", "must have 5 fields"),
+        ({"cron": "70 * * * *"}, "cron", "invalid cron expression"),
+        ({"cron": "0 0 31 2 *"}, "cron", "never fires"),
+        ({"timezone": "Mars/Olympus_Mons"}, "timezone", "unknown timezone"),
+        ({"name": "-bad"}, "name", "pattern"),
+        ({"name": "n" * 101}, "name", "at most 100"),
+        ({"misfire": "later"}, "misfire", "skip"),
+        ({"overlap": "sometimes"}, "overlap", "allow"),
+        ({"max_runs": 0}, "max_runs", "greater than or equal to 1"),
+        ({"end_at": "2024-05-01T00:00:00"}, "end_at", "timezone"),
+        ({"bogus": 1}, "bogus", "Extra inputs"),
+    ],
+)
+def test_invalid_schedules_are_422(
+    api: TestClient, fields: dict[str, Any], field: str, fragment: str
+) -> None:
+    error = _error(api.post("/api/v1/schedules", json=body(**fields)), 422, "validation_error")
+    assert error["details"][0]["field"] == field
+    assert fragment in error["details"][0]["message"]
+    assert api.get("/api/v1/schedules").json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("tmpl", "field"),
+    [
+        (
+            template(search_space={"lr": {"type": "float", "low": "x", "high": 0.1}}),
+            "template.search_space.lr.low",
+        ),
+        ({**template(), "name": "sneaky"}, "template.name"),
+        ({**template(), "budget": {"n_trials": 0}}, "template.budget.n_trials"),
+        ({k: v for k, v in template().items() if k != "search_space"}, "template.search_space"),
+    ],
+)
+def test_invalid_template_is_422_with_its_field_path(
+    api: TestClient, tmpl: dict[str, Any], field: str
+) -> None:
+    error = _error(api.post("/api/v1/schedules", json=body(template=tmpl)), 422, "validation_error")
+    assert error["details"][0]["field"] == field
+    assert error["message"].startswith(field)
+    assert api.get("/api/v1/schedules").json()["total"] == 0
+
+
+def test_longest_name_fits_the_study_name(api: TestClient, db: Database) -> None:
+    name = "n" * 100
+    created = api.post("/api/v1/schedules", json=body(name=name, cron="* * * * *", timezone="UTC"))
+    assert created.status_code == 201
+    assert len(api.post(f"/api/v1/schedules/{name}/run").json()["study_name"]) <= 128
+    service.fire_due(db, datetime.fromisoformat(created.json()["next_run_at"]))
+    assert [len(n) for n in study_names(db)] == [114, 123]
+
+
+def test_name_collision_is_409(api: TestClient) -> None:
+    assert api.post("/api/v1/schedules", json=body()).status_code == 201
+    _error(api.post("/api/v1/schedules", json=body(cron="0 * * * *")), 409, "name_taken")
+    assert api.get("/api/v1/schedules").json()["total"] == 1
+
+
+def test_unknown_schedule_is_404(api: TestClient) -> None:
+    for method, path in [
+        ("GET", "/api/v1/schedules/nope"),
+        ("GET", "/api/v1/schedules/42"),
+        ("PATCH", "/api/v1/schedules/nope"),
+        ("DELETE", "/api/v1/schedules/nope"),
+        ("POST", "/api/v1/schedules/nope/run"),
+        ("GET", "/api/v1/schedules/nope/runs"),
+    ]:
+        kwargs = {"json": {"enabled": False}} if method == "PATCH" else {}
+        _error(api.request(method, path, **kwargs), 404, "schedule_not_found")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"cron": "nope"}, "cron"),
+        ({"timezone": "Nowhere/Land"}, "timezone"),
+        (
+            {"template": {"search_space": {"lr": {"type": "float", "low": 1, "high": 0}}}},
+            "template.search_space.lr",
+        ),
+        ({"enabled": None}, "enabled"),
+        ({"cron": None}, "cron"),
+        ({"name": "renamed"}, "name"),
+        ({"max_runs": -1}, "max_runs"),
+    ],
+)
+def test_invalid_changes_are_422_and_change_nothing(
+    api: TestClient, change: dict[str, Any], field: str
+) -> None:
+    before = api.post("/api/v1/schedules", json=body()).json()
+    error = _error(api.patch("/api/v1/schedules/nightly", json=change), 422, "validation_error")
+    assert error["details"][0]["field"].startswith(field)
+    assert api.get("/api/v1/schedules/nightly").json() == before
+
+
+def test_malformed_json_is_the_error_envelope(api: TestClient) -> None:
+    response = api.post("/api/v1/schedules", content=b"{nope", headers={"content-type": "application/json"})
+    _error(response, 422, "validation_error")
