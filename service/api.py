@@ -28,6 +28,7 @@ from service.studies.router import router as studies_router
 from service.tokens.router import router as tokens_router
 from service.trials.router import router as trials_router
 from service.trials.service import reap
+from service.workers.router import router as workers_router
 
 _log = logging.getLogger("caviar.api")
 
@@ -153,7 +154,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 413, 422))
     api.include_router(studies_router)
     api.include_router(trials_router)
-    api.include_router(tokens_router)
+    api.include_router(workers_router)
     api.include_router(schedules_router)
+    api.include_router(tokens_router)
     app.include_router(api)
     return app

@@ -455,6 +455,143 @@ def queue(
         print_studies(data["items"])
 
 
+@app.command()
+def worker(
+    database_url: DatabaseUrl = None,
+    gpus: Annotated[str, typer.Option(help="all | none | comma-separated GPU indices.")] = "all",
+    per_gpu: Annotated[int, typer.Option("--per-gpu", min=1, help="Slots (processes) per GPU.")] = 1,
+    cpu: Annotated[int | None, typer.Option(min=0, help="CPU slots (default: 1 when no GPU slot).")] = None,
+    study: Annotated[list[str] | None, typer.Option(help="Only these studies (repeatable).")] = None,
+    fuse: Annotated[int | None, typer.Option(min=1, help="Train up to K trials of a study fused.")] = None,
+    max_trials: Annotated[
+        int | None, typer.Option("--max-trials", min=1, help="Each slot exits after N.")
+    ] = None,
+    exit_when_idle: Annotated[
+        float | None, typer.Option("--exit-when-idle", min=0, help="Exit after this many idle seconds.")
+    ] = None,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.05)] = 2.0,
+) -> None:
+    """Train trials of queued studies: one process per device slot."""
+    from trainer.worker import WorkerOptions, run_workers
+
+    settings = settings_from(database_url)
+    options = WorkerOptions(
+        database_url=settings.database_url,
+        gpus=gpus,
+        per_gpu=per_gpu,
+        cpu=cpu,
+        studies=tuple(study or ()),
+        fuse=fuse,
+        max_trials=max_trials,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        poll_interval_s=poll_interval,
+        artifact_dir=settings.artifact_dir,
+        exit_when_idle_s=exit_when_idle,
+    )
+    try:
+        code = run_workers(options)
+    except ValueError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def gradcheck(
+    model: Annotated[str, typer.Option(help="mlp | cnn")] = "mlp",
+    members: Annotated[int, typer.Option("-k", "--members", min=1, help="Fused group size.")] = 3,
+    seed: int = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare analytic and numerical gradients of the fused layers in float64 (fails above 1e-7)."""
+    from trainer import gradcheck as check
+
+    if model not in ("mlp", "cnn"):
+        fail(f"--model must be mlp or cnn (got {model!r})")
+    differences = check(model=model, k=members, seed=seed)
+    worst = max(differences.values())
+    if as_json:
+        print_json({"model": model, "relative_difference": differences, "max": worst, "ok": worst < 1e-7})
+    else:
+        table = Table("parameter", "relative difference", "")
+        for name, value in differences.items():
+            table.add_row(name, f"{value:.3e}", "ok" if value < 1e-7 else "[red]FAIL[/]")
+        console.print(table)
+        console.print(f"max {worst:.3e} (threshold 1e-7): {'passed' if worst < 1e-7 else 'FAILED'}")
+    if worst >= 1e-7:
+        raise typer.Exit(1)
+
+
+@study_app.command("checkpoint")
+def study_checkpoint(
+    name: str,
+    trial: Annotated[
+        int | None, typer.Option(help="Trial number (default: the best with a checkpoint).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write it.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Download a trained checkpoint (the best trial's by default)."""
+    from service.trials.artifacts import artifact_store, open_checkpoint
+
+    settings = settings_from(database_url)
+    db = open_db(database_url)
+    try:
+        number, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name, trial)
+    except CaviarError as exc:
+        fail(exc.message)
+    finally:
+        db.dispose()
+    target = output or Path(f"{name}-trial{number}-{filename}")
+    with reader, open(target, "wb") as handle:
+        handle.write(reader.read())
+    console.print(f"trial {number} checkpoint written to {target}")
+
+
+@app.command("workers")
+def workers_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+    """Registered workers: device, current trials, last heartbeat, live or lost."""
+    from service.workers.service import list_workers
+
+    settings = settings_from(database_url)
+    db = open_db(database_url)
+    try:
+        data = list_workers(db, heartbeat_interval_s=settings.heartbeat_interval_s).model_dump(mode="json")
+    finally:
+        db.dispose()
+    if as_json:
+        print_json(data)
+        return
+    table = Table("id", "device", "status", "trials", "last seen")
+    for item in data["items"]:
+        trials = ", ".join(f"{t['study']}#{t['number']}" for t in item["current_trials"])
+        table.add_row(item["id"], item["device"], item["status"], trials, item["last_seen_at"])
+    console.print(table)
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="API port (the next free one is used if taken).")] = 8000,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", min=1, help="Default: the example's 60.")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="CPU worker slots.")] = 2,
+    fuse: Annotated[int, typer.Option(min=1, help="Trials per fused group.")] = 4,
+    database_url: DatabaseUrl = None,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="Leave the API up at the end.")
+    ] = False,
+) -> None:
+    """Tune the digits MLP end to end: API + workers + the example study, with live progress."""
+    from service.demo import run_demo
+
+    settings = settings_from(database_url)
+    raise typer.Exit(
+        run_demo(
+            settings, port=port, n_trials=n_trials, workers=workers, fuse=fuse, keep_serving=keep_serving
+        )
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     import optuna

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -43,9 +44,22 @@ def parse_definition(data: dict[str, Any], *, prefix: str = "") -> StudyDefiniti
         raise invalid_from_pydantic(exc.errors(), prefix=prefix) from None
 
 
+_definitions: dict[tuple[int, datetime], StudyDefinition] = {}
+
+
 def definition_of(record: StudyRecord) -> StudyDefinition:
-    """The stored (already validated) definition of a study."""
-    return StudyDefinition.model_validate(record.definition)
+    """The stored (already validated) definition of a study, parsed once per process.
+
+    Definitions never change after creation; the cache key includes the creation time because
+    SQLite may reuse the id of a deleted row.
+    """
+    key = (record.id, record.created_at)
+    definition = _definitions.get(key)
+    if definition is None:
+        if len(_definitions) > 4096:
+            _definitions.clear()
+        definition = _definitions[key] = StudyDefinition.model_validate(record.definition)
+    return definition
 
 
 def create_study(db: Database, definition: StudyDefinition, *, schedule_id: int | None = None) -> StudyRecord:

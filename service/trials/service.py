@@ -9,6 +9,7 @@ makes the global trial budget exact across threads, processes and machines.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select, update
 
@@ -84,12 +86,15 @@ def _study(
     )
 
 
-def _frozen(db: Database, record: StudyRecord, number: int) -> FrozenTrial:
+def _trial_id(db: Database, record: StudyRecord, number: int) -> int:
     try:
-        trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
+        return db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
     except KeyError:
         raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
-    return db.optuna.get_trial(trial_id)
+
+
+def _frozen(db: Database, record: StudyRecord, number: int) -> FrozenTrial:
+    return db.optuna.get_trial(_trial_id(db, record, number))
 
 
 def _lease(db: Database, trial_id: int) -> TrialLease | None:
@@ -131,7 +136,7 @@ def to_read(definition: StudyDefinition, trial: FrozenTrial, lease: TrialLease |
         started_at=_utc(trial.datetime_start),
         finished_at=_utc(trial.datetime_complete),
         retry_of=retry_of,
-        fail_reason=trial.user_attrs.get(FAIL_REASON),
+        fail_reason=trial.user_attrs.get(FAIL_REASON) if trial.state == TrialState.FAIL else None,
     )
 
 
@@ -197,6 +202,9 @@ def ask(
         if existing is not None:
             return existing
     definition = definition_of(record)
+    # Under the lock only what the budget depends on: the checks, the running trial and its
+    # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
+    # sampler's constant liar sees the other running trials.
     with db.study_lock(record.id):
         with db.session() as session:
             record = get_record(session, name)
@@ -224,29 +232,18 @@ def ask(
                 code="max_parallel_reached",
                 retry_after_s=max(1, math.ceil(policy.heartbeat_interval_s / 2)),
             )
-        study = _study(db, record, definition, trial_number=len(trials))
-        if fixed and counts[TrialState.WAITING] == 0:
-            study.sampler = optuna.samplers.PartialFixedSampler(
-                _encode_fixed(definition, fixed), study.sampler
-            )
-        trial_id = _start_trial(db, record, trials, worker_id)
-        _sample(optuna.Trial(study, trial_id), definition)
-        frozen = db.optuna.get_trial(trial_id)
-        decoded = decode_params(definition.search_space, frozen.params)
-        for key, param in definition.search_space.items():
-            if isinstance(param, FloatParam) and param.scale == "reverse_log" and key in decoded:
-                db.optuna.set_trial_user_attr(trial_id, key, decoded[key])
+        started = _start_trial(db, record, trials, worker_id)
         now = utcnow()
         timeout = definition.budget.trial_timeout_s
         lease = TrialLease(
-            trial_id=trial_id,
+            trial_id=started.trial_id,
             study_id=record.id,
-            number=frozen.number,
+            number=started.number,
             worker_id=worker_id,
             request_id=request_id,
             status="active",
-            attempt=int(frozen.user_attrs.get(ATTEMPT, 0)),
-            retry_of=frozen.user_attrs.get(RETRY_OF),
+            attempt=int(started.user_attrs.get(ATTEMPT, 0)),
+            retry_of=started.user_attrs.get(RETRY_OF),
             started_at=now,
             expires_at=now + timedelta(seconds=policy.lease_s),
             deadline_at=now + timedelta(seconds=timeout) if timeout else None,
@@ -256,14 +253,38 @@ def ask(
             if record.state == "queued":
                 record = get_record(session, name)
                 set_state(session, record, "running")
-        frozen = db.optuna.get_trial(trial_id)
-    return _assignment(record, frozen, lease, policy)
+    study = _study(db, record, definition, trial_number=started.number)
+    if fixed and not started.waiting:
+        study.sampler = optuna.samplers.PartialFixedSampler(_encode_fixed(definition, fixed), study.sampler)
+    trial = optuna.Trial(study, started.trial_id)
+    _sample(trial, definition)
+    params = dict(trial.params)
+    decoded = decode_params(definition.search_space, params)
+    for key, param in definition.search_space.items():
+        if isinstance(param, FloatParam) and param.scale == "reverse_log" and key in decoded:
+            db.optuna.set_trial_user_attr(started.trial_id, key, decoded[key])
+    return TrialAssignment(
+        study=record.name,
+        number=started.number,
+        params=decoded,
+        heartbeat_interval_s=policy.heartbeat_interval_s,
+        lease_expires_at=lease.expires_at,
+        retry_of=lease.retry_of,
+    )
+
+
+@dataclass(frozen=True)
+class _Started:
+    trial_id: int
+    number: int
+    waiting: bool
+    user_attrs: dict[str, Any]
 
 
 def _start_trial(
     db: Database, record: StudyRecord, trials: Sequence[FrozenTrial], worker_id: str | None
-) -> int:
-    """Move the first waiting trial to running, or create a running trial; return its id.
+) -> _Started:
+    """Move the first waiting trial to running, or create a running trial.
 
     Either way the trial is marked as asked through caviar *before* it runs, so a crash between
     this and the lease row (a database restart, say) leaves a trial the reaper recognises and
@@ -276,7 +297,7 @@ def _start_trial(
         for key, value in attrs.items():
             db.optuna.set_trial_user_attr(waiting._trial_id, key, value)
         if db.optuna.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-            return waiting._trial_id
+            return _Started(waiting._trial_id, waiting.number, True, dict(waiting.user_attrs))
     template = FrozenTrial(
         number=-1,
         state=TrialState.RUNNING,
@@ -290,7 +311,8 @@ def _start_trial(
         intermediate_values={},
         trial_id=-1,
     )
-    return db.optuna.create_new_trial(record.optuna_study_id, template_trial=template)
+    trial_id = db.optuna.create_new_trial(record.optuna_study_id, template_trial=template)
+    return _Started(trial_id, db.optuna.get_trial_number_from_id(trial_id), False, attrs)
 
 
 def _encode_fixed(definition: StudyDefinition, fixed: dict[str, Any]) -> dict[str, Any]:
@@ -427,40 +449,64 @@ def tell(
             raise InvalidInput(f"values: {exc}", code="non_finite_value") from None
     elif values is not None:
         raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
-    trial = _frozen(db, record, number)
-    with db.study_lock(record.id):
-        trial = db.optuna.get_trial(trial._trial_id)
-        lease = _lease(db, trial._trial_id)
+    trial_id = _trial_id(db, record, number)
+    # complete/pruned need no study lock: Optuna's row-locked state update decides a race with
+    # the reaper, and each tell settles the study after its own commit. A failure re-queues a
+    # retry, which must not race an ask's budget count.
+    lock = db.study_lock(record.id) if final == TrialState.FAIL else contextlib.nullcontext()
+    with lock:
+        trial = db.optuna.get_trial(trial_id)
+        lease = _lease(db, trial_id)
         if trial.state.is_finished():
-            if lease is not None and lease.status in ("reaped", "released"):
-                raise Conflict(
-                    f"trial {number} of {name!r} lost its lease; its retry runs instead", code="lease_lost"
-                )
-            if trial.state == final and (
-                final != TrialState.COMPLETE or list(trial.values or []) == list(values or [])
-            ):
-                return to_read(definition, trial, lease)
-            raise Conflict(
-                f"trial {number} of {name!r} already finished as {_STATE_NAMES[trial.state]}",
-                code="trial_finished",
-            )
+            return _told_before(definition, record, trial, lease, final, values)
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {number} of {name!r} is not running", code="trial_not_running")
-        study = _study(db, record, definition)
         if final == TrialState.FAIL and reason:
-            db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason[:2000])
-        study.tell(number, values=list(values) if values is not None else None, state=final)
+            db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason[:2000])
+        study = _study(db, record, definition)
+        try:
+            finished = study.tell(number, values=list(values) if values is not None else None, state=final)
+        except (UpdateFinishedTrialError, ValueError):
+            trial = db.optuna.get_trial(trial_id)
+            if not trial.state.is_finished():
+                raise
+            return _told_before(definition, record, trial, _lease(db, trial_id), final, values)
         with db.session() as session, session.begin():
             session.execute(
                 update(TrialLease)
-                .where(TrialLease.trial_id == trial._trial_id)
+                .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
                 .values(status="finished", reason=reason[:2000] if reason else None)
             )
-        finished = db.optuna.get_trial(trial._trial_id)
         if final == TrialState.FAIL:
             _after_failure(db, record, definition, finished, lease)
         _settle_state(db, record, definition)
-    return to_read(definition, finished, _lease(db, trial._trial_id))
+    if lease is not None:
+        lease.status = "finished"
+    return to_read(definition, finished, lease)
+
+
+def _told_before(
+    definition: StudyDefinition,
+    record: StudyRecord,
+    trial: FrozenTrial,
+    lease: TrialLease | None,
+    final: TrialState,
+    values: Sequence[float] | None,
+) -> TrialRead:
+    """The answer to a tell on a finished trial: the same trial, lease_lost or trial_finished."""
+    if lease is not None and lease.status in ("reaped", "released"):
+        raise Conflict(
+            f"trial {trial.number} of {record.name!r} lost its lease; its retry runs instead",
+            code="lease_lost",
+        )
+    if trial.state == final and (
+        final != TrialState.COMPLETE or list(trial.values or []) == list(values or [])
+    ):
+        return to_read(definition, trial, lease)
+    raise Conflict(
+        f"trial {trial.number} of {record.name!r} already finished as {_STATE_NAMES[trial.state]}",
+        code="trial_finished",
+    )
 
 
 def _after_failure(
@@ -586,12 +632,12 @@ def _reap_one(
         trial = db.optuna.get_trial(trial_id)
     except KeyError:
         trial = None
-    if trial is None or trial.state.is_finished():
-        status = "finished"
-    else:
-        db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason)
-        db.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
-        status = "reaped"
+    status = "finished"
+    if trial is not None and not trial.state.is_finished():
+        with contextlib.suppress(UpdateFinishedTrialError):  # a tell may win the race
+            db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+            db.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
+            status = "reaped"
     with db.session() as session, session.begin():
         session.execute(
             update(TrialLease).where(TrialLease.trial_id == trial_id).values(status=status, reason=reason)

@@ -110,7 +110,9 @@ def test_405_and_malformed_json_in_envelope(client: TestClient) -> None:
     response = client.put("/api/v1/studies")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
-    response = client.post("/api/v1/studies", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/api/v1/studies", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "validation_error"
 

@@ -1,0 +1,274 @@
+"""REST ask + tell throughput of ``caviar serve`` against raw Optuna clients, on one PostgreSQL.
+
+C client processes loop ask + tell for a fixed time, (a) over REST against a running
+``caviar serve --processes N``, (b) with raw Optuna (``optuna.load_study`` on RDBStorage, the same
+TPE defaults and search space) on the same database server. Then single-client ask latency is
+measured at 100, 1,000 and 5,000 trials of history for both. Prints one JSON object per result
+and a final summary with the ratios.
+
+    python benchmarks/service_throughput.py [--clients 8] [--seconds 20] [--processes 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import optuna
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPACE: dict[str, Any] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "scale": "log"},
+    "beta1": {"type": "float", "low": 0.8, "high": 0.999, "scale": "reverse_log"},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.6},
+}
+
+
+def objective_value(params: dict[str, float]) -> float:
+    """A cheap synthetic objective: the benchmark measures the service, not training."""
+    return -((np.log10(params["lr"]) + 2.5) ** 2) - (params["dropout"] - 0.2) ** 2
+
+
+def definition(name: str, n_trials: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "direction": "maximize",
+        "search_space": SPACE,
+        "objective": {"kind": "external"},
+        "sampler": {"type": "tpe"},
+        "pruner": {"type": "none"},
+        "budget": {"n_trials": n_trials},
+    }
+
+
+def raw_suggest(trial: optuna.Trial) -> dict[str, float]:
+    lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    one_minus = trial.suggest_float("one_minus_beta1", 1 - 0.999, 1 - 0.8, log=True)
+    dropout = trial.suggest_float("dropout", 0.0, 0.6)
+    return {"lr": lr, "beta1": 1 - one_minus, "dropout": dropout}
+
+
+# ---- client loops (one process each) -------------------------------------------------------
+
+
+def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
+    latencies: list[tuple[float, float]] = []
+    with httpx.Client(base_url=base, timeout=60) as client:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            response = client.post(f"/api/v1/studies/{name}/trials/ask", json={})
+            t1 = time.perf_counter()
+            if response.status_code != 200:
+                break
+            assignment = response.json()
+            value = objective_value(assignment["params"])
+            client.post(
+                f"/api/v1/studies/{name}/trials/{assignment['number']}/tell",
+                json={"state": "complete", "value": value},
+            ).raise_for_status()
+            latencies.append((t1 - t0, time.perf_counter() - t0))
+    out.put(latencies)
+
+
+def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=url, sampler=optuna.samplers.TPESampler())
+    latencies: list[tuple[float, float]] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        trial = study.ask()
+        params = raw_suggest(trial)
+        t1 = time.perf_counter()
+        study.tell(trial, objective_value(params))
+        latencies.append((t1 - t0, time.perf_counter() - t0))
+    out.put(latencies)
+
+
+def run_clients(target: Any, args: tuple[Any, ...], clients: int, seconds: float) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    processes = [ctx.Process(target=target, args=(*args, seconds, queue)) for _ in range(clients)]
+    start = time.perf_counter()
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=seconds + 600) for _ in processes]
+    wall = time.perf_counter() - start
+    for process in processes:
+        process.join(30)
+    asks = np.array([a for result in results for a, _ in result])
+    total = np.array([t for result in results for _, t in result])
+    n = len(total)
+    return {
+        "trials": n,
+        "trials_per_s": n / seconds,
+        "wall_s": wall,
+        "ask_p50_ms": float(np.percentile(asks, 50) * 1e3) if n else float("nan"),
+        "ask_p99_ms": float(np.percentile(asks, 99) * 1e3) if n else float("nan"),
+        "ask_tell_p50_ms": float(np.percentile(total, 50) * 1e3) if n else float("nan"),
+        "ask_tell_p99_ms": float(np.percentile(total, 99) * 1e3) if n else float("nan"),
+    }
+
+
+# ---- history latency -----------------------------------------------------------------------
+
+
+def add_history(url: str, name: str, n: int, seed: int = 0) -> None:
+    """Give a study ``n`` complete trials (through Optuna's storage API, in bulk)."""
+    rng = np.random.default_rng(seed)
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
+        "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
+    }
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = []
+    for _ in range(n):
+        params = {
+            "lr": float(10 ** rng.uniform(-4, -1)),
+            "one_minus_beta1": float(np.exp(rng.uniform(np.log(0.001), np.log(0.2)))),
+            "dropout": float(rng.uniform(0, 0.6)),
+        }
+        value = objective_value({"lr": params["lr"], "dropout": params["dropout"]})
+        trials.append(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    study.add_trials(trials)
+
+
+def history_latency(base: str, url: str, sizes: list[int], asks: int) -> list[dict[str, Any]]:
+    rows = []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for size in sizes:
+            name = f"hist-{size}-{uuid.uuid4().hex[:6]}"
+            client.post("/api/v1/studies", json=definition(name, size + asks + 10)).raise_for_status()
+            add_history(url, name, size)
+            raw_name = f"raw-{name}"
+            optuna.create_study(study_name=raw_name, storage=url, direction="maximize")
+            add_history(url, raw_name, size)
+            rest, raw = [], []
+            for _ in range(asks):
+                t0 = time.perf_counter()
+                assignment = client.post(f"/api/v1/studies/{name}/trials/ask", json={}).json()
+                rest.append(time.perf_counter() - t0)
+                client.post(
+                    f"/api/v1/studies/{name}/trials/{assignment['number']}/tell",
+                    json={"state": "complete", "value": objective_value(assignment["params"])},
+                )
+            study = optuna.load_study(study_name=raw_name, storage=url, sampler=optuna.samplers.TPESampler())
+            for _ in range(asks):
+                t0 = time.perf_counter()
+                trial = study.ask()
+                params = raw_suggest(trial)
+                raw.append(time.perf_counter() - t0)
+                study.tell(trial, objective_value(params))
+            rows.append(
+                {
+                    "result": "ask_latency_vs_history",
+                    "history": size,
+                    "service_ask_p50_ms": float(np.percentile(rest, 50) * 1e3),
+                    "service_ask_p99_ms": float(np.percentile(rest, 99) * 1e3),
+                    "raw_optuna_ask_p50_ms": float(np.percentile(raw, 50) * 1e3),
+                    "raw_optuna_ask_p99_ms": float(np.percentile(raw, 99) * 1e3),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---- orchestration -------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--processes", type=int, default=2, help="caviar serve processes")
+    parser.add_argument("--port", type=int, default=18555)
+    parser.add_argument("--history", default="100,1000,5000")
+    parser.add_argument("--history-asks", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="4 clients, 5 s, history 100,1000")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.seconds, args.history, args.history_asks = 4, 5.0, "100,1000", 10
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    import storage
+
+    db_name = f"caviar_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(args.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+    url = make_url(args.admin_url).set(database=db_name).render_as_string(hide_password=False)
+    storage.upgrade(url)
+    env = {**os.environ, "CAVIAR_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    serve = ["serve", "--port", str(args.port), "--processes", str(args.processes), "--no-migrate"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *serve, "--log-level", "warning"], env=env
+    )
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        httpx.post(
+            f"{base}/api/v1/studies", json=definition("bench", 1_000_000), timeout=30
+        ).raise_for_status()
+        optuna.create_study(study_name="bench-raw", storage=url, direction="maximize")
+        config = {"clients": args.clients, "seconds": args.seconds, "server_processes": args.processes,
+                  "cpus": os.cpu_count(), "database": "postgresql", "optuna": optuna.__version__}  # fmt: skip
+        service = {"result": "throughput", "arm": "caviar_rest", **config}
+        service.update(run_clients(rest_client, (base, "bench"), args.clients, args.seconds))
+        print(json.dumps(service), flush=True)
+        raw = {"result": "throughput", "arm": "raw_optuna", **config}
+        raw.update(run_clients(raw_client, (url, "bench-raw"), args.clients, args.seconds))
+        print(json.dumps(raw), flush=True)
+        sizes = [int(s) for s in args.history.split(",") if s]
+        history = history_latency(base, url, sizes, args.history_asks)
+        summary = {
+            "result": "summary",
+            **config,
+            "service_trials_per_s": service["trials_per_s"],
+            "raw_optuna_trials_per_s": raw["trials_per_s"],
+            "throughput_ratio": service["trials_per_s"] / raw["trials_per_s"],
+            "service_ask_p99_ms": service["ask_p99_ms"],
+            "raw_ask_p99_ms": raw["ask_p99_ms"],
+            "ask_p50_ms_by_history": {
+                str(row["history"]): {
+                    "service": row["service_ask_p50_ms"],
+                    "raw": row["raw_optuna_ask_p50_ms"],
+                }
+                for row in history
+            },
+        }
+        print(json.dumps(summary), flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        storage.reset_optuna_storages()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+
+
+if __name__ == "__main__":
+    main()
