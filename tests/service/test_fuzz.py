@@ -21,6 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
+from schemathesis.core.errors import UnsupportedSchema
 
 from service.api import create_app
 from service.config import Settings
@@ -87,3 +88,9 @@ def test_api_conforms_to_its_openapi_schema(label: str, mode: GenerationMode, li
         # Nothing about this operation can be made invalid (e.g. only free-form string path
         # parameters): there are no negative cases to send.
         assert mode is GenerationMode.NEGATIVE
+    except UnsupportedSchema as exc:
+        # schemathesis 4 sometimes cannot negate a nested schema (a `not` it cannot spell
+        # out); that limits the tool, not the API, and only for invalid-data generation.
+        if mode is not GenerationMode.NEGATIVE:
+            raise
+        pytest.skip(f"schemathesis cannot generate invalid data here: {exc}")
