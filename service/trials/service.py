@@ -10,6 +10,7 @@ makes the global trial budget exact across threads, processes and machines.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,15 +76,27 @@ class LeasePolicy:
 # ---- helpers -------------------------------------------------------------------------------
 
 
+_studies: dict[tuple[str, int], optuna.Study] = {}
+
+
 def _study(
     db: Database, record: StudyRecord, definition: StudyDefinition, trial_number: int = 0
 ) -> optuna.Study:
-    return optuna.Study(
-        study_name=record.name,
-        storage=db.optuna,
-        sampler=definition.sampler_for(trial_number),
-        pruner=definition.build_pruner(),
-    )
+    """The Optuna study with its sampler (seeded for ``trial_number``) and pruner.
+
+    The study handle is loaded once per process and copied per call, so concurrent calls each
+    have their own sampler without reading the study row again.
+    """
+    key = (db.url, record.optuna_study_id)
+    base = _studies.get(key)
+    if base is None:
+        if len(_studies) > 1024:
+            _studies.clear()
+        base = _studies[key] = optuna.Study(study_name=record.name, storage=db.optuna)
+    study = copy.copy(base)
+    study.sampler = definition.sampler_for(trial_number)
+    study.pruner = definition.build_pruner()
+    return study
 
 
 def _trial_id(db: Database, record: StudyRecord, number: int) -> int:
@@ -206,8 +219,8 @@ def ask(
     # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
     # sampler's constant liar sees the other running trials.
     with db.study_lock(record.id):
-        with db.session() as session:
-            record = get_record(session, name)
+        # The record read just before the lock is fresh enough: a pause racing this ask by a
+        # few milliseconds may let it through, the budget cannot.
         if record.state == "paused":
             raise Conflict(f"study {name!r} is paused", code="study_paused")
         if record.state == "failed":
@@ -450,39 +463,64 @@ def tell(
     elif values is not None:
         raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
     trial_id = _trial_id(db, record, number)
-    # complete/pruned need no study lock: Optuna's row-locked state update decides a race with
-    # the reaper, and each tell settles the study after its own commit. A failure re-queues a
-    # retry, which must not race an ask's budget count.
-    lock = db.study_lock(record.id) if final == TrialState.FAIL else contextlib.nullcontext()
-    with lock:
+    if final != TrialState.FAIL:
+        # No study lock: Optuna's row-locked state update decides a race with the reaper (or a
+        # repeated tell), and each tell settles the study after its own commit.
+        return _finish(db, record, definition, trial_id, number, final, values)
+    # A failure re-queues a retry, which must not race an ask's budget count.
+    with db.study_lock(record.id):
         trial = db.optuna.get_trial(trial_id)
         lease = _lease(db, trial_id)
         if trial.state.is_finished():
             return _told_before(definition, record, trial, lease, final, values)
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {number} of {name!r} is not running", code="trial_not_running")
-        if final == TrialState.FAIL and reason:
+        if reason:
             db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason[:2000])
-        study = _study(db, record, definition)
-        try:
-            finished = study.tell(number, values=list(values) if values is not None else None, state=final)
-        except (UpdateFinishedTrialError, ValueError):
-            trial = db.optuna.get_trial(trial_id)
-            if not trial.state.is_finished():
-                raise
-            return _told_before(definition, record, trial, _lease(db, trial_id), final, values)
-        with db.session() as session, session.begin():
-            session.execute(
-                update(TrialLease)
-                .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
-                .values(status="finished", reason=reason[:2000] if reason else None)
-            )
-        if final == TrialState.FAIL:
-            _after_failure(db, record, definition, finished, lease)
+        finished = _study(db, record, definition).tell(number, state=final)
+        _close_lease(db, trial_id, reason)
+        _after_failure(db, record, definition, finished, lease)
         _settle_state(db, record, definition)
     if lease is not None:
         lease.status = "finished"
     return to_read(definition, finished, lease)
+
+
+def _finish(
+    db: Database,
+    record: StudyRecord,
+    definition: StudyDefinition,
+    trial_id: int,
+    number: int,
+    final: TrialState,
+    values: Sequence[float] | None,
+) -> TrialRead:
+    """Complete or prune a trial: Optuna's tell, the lease closed, the study settled."""
+    try:
+        finished = _study(db, record, definition).tell(
+            number, values=list(values) if values is not None else None, state=final
+        )
+    except (UpdateFinishedTrialError, ValueError):
+        trial = db.optuna.get_trial(trial_id)
+        if trial.state.is_finished():
+            return _told_before(definition, record, trial, _lease(db, trial_id), final, values)
+        if trial.state != TrialState.RUNNING:
+            raise Conflict(
+                f"trial {number} of {record.name!r} is not running", code="trial_not_running"
+            ) from None
+        raise
+    _close_lease(db, trial_id, None)
+    _settle_state(db, record, definition)
+    return to_read(definition, finished)
+
+
+def _close_lease(db: Database, trial_id: int, reason: str | None) -> None:
+    with db.session() as session, session.begin():
+        session.execute(
+            update(TrialLease)
+            .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
+            .values(status="finished", reason=reason[:2000] if reason else None)
+        )
 
 
 def _told_before(
