@@ -234,6 +234,7 @@ def train_group(
     report: GroupReport | None = None,
     *,
     metric: str = "val_accuracy",
+    on_result: Callable[[int, TrialResult], None] | None = None,
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
@@ -247,6 +248,8 @@ def train_group(
         data: The dataset.
         report: Optional pruning callback.
         metric: The reported value: ``val_accuracy``, ``val_loss`` or ``train_loss``.
+        on_result: Called as ``on_result(member_index, result)`` the moment a member leaves the
+            group (pruned, early-stopped or done), so a caller can record it before the rest finish.
 
     Returns:
         One result per config, in order.
@@ -339,7 +342,7 @@ def train_group(
             restore = shared.patience > 0 and not pruned
             chosen = best_epoch[member] if restore else epoch
             record = histories[member][chosen]
-            results[member] = TrialResult(
+            result = results[member] = TrialResult(
                 config=configs[member],
                 metrics={name: record[name] for name in ("val_accuracy", "val_loss", "train_loss")},
                 history=histories[member],
@@ -350,6 +353,8 @@ def train_group(
                 _state=group.member_state(slot, restore),
                 _meta=meta,
             )
+            if on_result is not None:
+                on_result(member, result)
         if not keep:
             break
         if len(keep) < k:

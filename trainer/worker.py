@@ -370,9 +370,13 @@ class Slot:
                     self.held[(name, number)] = False
                 return True
 
+        def record(member: int, result: TrialResult) -> None:
+            # told the moment it leaves the group: the sampler and pruner see it at once
+            self._tell(name, definition, numbers[member], result)
+
         try:
             data = self._dataset(definition)
-            results = train_group(configs, data, report, metric=definition.metrics[0])
+            train_group(configs, data, report, metric=definition.metrics[0], on_result=record)
         except Stopped:
             return  # handed back in run()'s finally
         except torch.cuda.OutOfMemoryError:
@@ -383,7 +387,7 @@ class Slot:
                     len(members),
                     self.max_fuse,
                 )
-                for number in numbers:
+                for number in self._still_held(name, numbers):
                     self._hand_back(
                         name, number, "out of memory in a fused group; retried with a smaller group"
                     )
@@ -392,11 +396,14 @@ class Slot:
             return
         except Exception as exc:
             _log.exception("training failed for trials %s of %s", numbers, name)
-            for number in numbers:
+            for number in self._still_held(name, numbers):
                 self._finish(name, number, "fail", reason=f"{type(exc).__name__}: {exc}"[:2000])
             return
-        for number, result in zip(numbers, results, strict=True):
-            self._tell(name, definition, number, result)
+
+    def _still_held(self, name: str, numbers: list[int]) -> list[int]:
+        """The members not yet told (the others left the group and were recorded already)."""
+        with self.held_lock:
+            return [n for n in numbers if (name, n) in self.held]
 
     def _tell(self, name: str, definition: StudyDefinition, number: int, result: TrialResult) -> None:
         with self.held_lock:

@@ -193,3 +193,19 @@ def test_report_sends_the_chosen_metric(small_tabular) -> None:
     assert seen == [(h["epoch"], h["val_loss"]) for h in result.history]
     with pytest.raises(ValueError, match="metric"):
         train(config, small_tabular, metric="f1")
+
+
+def test_on_result_reports_each_member_as_it_leaves(small_tabular) -> None:
+    from trainer import TrialConfig, train_group
+
+    configs = [TrialConfig(hidden_units=16, max_epochs=4, batch_size=64, seed=s, lr=1e-3) for s in range(3)]
+    order: list[tuple[int, int]] = []
+    results = train_group(
+        configs,
+        small_tabular,
+        lambda member, step, value: member == 1 and step == 1,  # prune member 1 after epoch 1
+        on_result=lambda member, result: order.append((member, result.epochs)),
+    )
+    assert order[0] == (1, 2)  # recorded as soon as it was pruned, before the others finished
+    assert sorted(order) == [(0, 4), (1, 2), (2, 4)]
+    assert [r.pruned for r in results] == [False, True, False]
