@@ -133,10 +133,7 @@ def best_of(definition: StudyDefinition, trials: Sequence[FrozenTrial]) -> BestT
     space = definition.search_space
     directions = definition.study_directions
     if len(directions) == 1:
-        pick = max if directions[0] == StudyDirection.MAXIMIZE else min
-        best = pick(
-            complete, key=lambda t: (t.values[0], -t.number) if pick is max else (t.values[0], t.number)
-        )
+        best = ranked(definition, complete)[0]
         return BestTrial(number=best.number, value=best.values[0], params=decode_params(space, best.params))
     front = pareto_front(complete, directions)
     return ParetoFront(
@@ -145,6 +142,12 @@ def best_of(definition: StudyDefinition, trials: Sequence[FrozenTrial]) -> BestT
             for t in front
         ]
     )
+
+
+def ranked(definition: StudyDefinition, complete: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Complete single-objective trials, best first (ties: the earlier trial first)."""
+    sign = -1.0 if definition.study_directions[0] == StudyDirection.MAXIMIZE else 1.0
+    return sorted(complete, key=lambda t: (sign * t.values[0], t.number))
 
 
 def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[FrozenTrial]:

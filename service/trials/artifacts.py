@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-import optuna
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from service.db import Database
 from service.errors import NotFound
-from service.studies.service import all_trials, definition_of, load_record
+from service.studies.service import all_trials, definition_of, load_record, ranked
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 
@@ -44,8 +43,7 @@ def open_checkpoint(
     definition = definition_of(record)
     if number is None:
         complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values]
-        maximize = definition.study_directions[0] == optuna.study.StudyDirection.MAXIMIZE
-        candidates = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
+        candidates = ranked(definition, complete)
     else:
         try:
             trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)

@@ -40,6 +40,7 @@ from service.studies.service import (
     get_record,
     load_record,
     pareto_front,
+    ranked,
     set_state,
 )
 from service.trials.schemas import ParetoTrials, TrialAssignment, TrialList, TrialRead
@@ -753,8 +754,7 @@ def best(db: Database, name: str) -> TrialRead | ParetoTrials:
         front = pareto_front(complete, definition.study_directions)
         leases = _leases_for(db, [t._trial_id for t in front])
         return ParetoTrials(trials=[to_read(definition, t, leases.get(t._trial_id)) for t in front])
-    maximize = definition.study_directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    top = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))[0]
+    top = ranked(definition, complete)[0]
     return to_read(definition, top, _lease(db, top._trial_id))
 
 
@@ -803,9 +803,7 @@ def refine(
     if definition.multi_objective:
         top = pareto_front(complete, definition.study_directions)
     else:
-        maximize = definition.study_directions[0] == optuna.study.StudyDirection.MAXIMIZE
-        ranked = sorted(complete, key=lambda t: -t.values[0] if maximize else t.values[0])
-        top = ranked[: max(min_top, math.ceil(top_fraction * len(ranked)))]
+        top = ranked(definition, complete)[: max(min_top, math.ceil(top_fraction * len(complete)))]
     decoded = [decode_params(definition.search_space, t.params) for t in top]
     space = narrow_space(definition, decoded, margin)
     data = definition.model_dump(mode="json")
