@@ -220,6 +220,10 @@ def ask(
     # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
     # sampler's constant liar sees the other running trials.
     with db.study_lock(record.id):
+        if request_id is not None:  # the same request retried concurrently: one trial for both
+            existing = _by_request(db, record, request_id, policy)
+            if existing is not None:
+                return existing
         # The record read just before the lock is fresh enough: a pause racing this ask by a
         # few milliseconds may let it through, the budget cannot.
         if record.state == "paused":

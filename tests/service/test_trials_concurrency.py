@@ -119,3 +119,26 @@ def test_seeded_sequential_runs_repeat_and_differ_between_trials(db: Database) -
     b = [trials.ask(db, "seed-b").params for _ in range(5)]
     assert a == b
     assert len({p["lr"] for p in a}) == 5
+
+
+def test_concurrent_asks_with_one_request_id_get_one_trial(db: Database, db_url: str) -> None:
+    create_study(db, parse_definition(external_study("req", n_trials=10)))
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def ask_once() -> None:
+        other = Database(db_url, pool_size=1)
+        try:
+            numbers.append(trials.ask(other, "req", request_id="same").number)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.dispose()
+
+    threads = [threading.Thread(target=ask_once) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and numbers == [0] * 6
+    assert trials.list_trials(db, "req").total == 1
