@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     cors_origins: list[str] = Field(default_factory=list)
     metrics_auth: bool = Field(
-        default=False, description="Require a read-scope token for /metrics (default: open, aggregates only)."
+        default=True,
+        description="With a token set, /metrics needs a read-scope token too; false opens it to scrapers.",
     )
     migrate_on_start: bool = True
     background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")

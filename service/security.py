@@ -18,7 +18,7 @@ from service.config import Settings
 from service.db import Database
 
 OPEN_PATHS = frozenset({"/healthz"})
-"""Paths that never need a token (``/metrics`` joins them unless ``metrics_auth`` is set)."""
+"""Paths that never need a token (``/metrics`` joins them when ``metrics_auth`` is false)."""
 
 
 class BodyTooLarge(HTTPException):

@@ -103,15 +103,15 @@ def test_request_latency_by_route_template_and_errors_by_status(client: TestClie
     assert not any("lat" in dict(labels).get("route", "") for _, labels in after)
 
 
-def test_metrics_are_open_by_default_and_can_require_read_scope(settings, db) -> None:  # type: ignore[no-untyped-def]
-    open_settings = settings.model_copy(update={"api_token": SecretStr("t" * 32)})
-    with TestClient(create_app(open_settings, db=db)) as client:
-        assert client.get("/metrics").status_code == 200
-        assert client.get("/api/v1/studies").status_code == 401
-    closed = settings.model_copy(update={"api_token": SecretStr("t" * 32), "metrics_auth": True})
+def test_metrics_need_read_scope_by_default_and_can_be_opened(settings, db) -> None:  # type: ignore[no-untyped-def]
+    closed = settings.model_copy(update={"api_token": SecretStr("t" * 32)})
     with TestClient(create_app(closed, db=db)) as client:
         assert client.get("/metrics").status_code == 401
         assert scrape(client, headers={"Authorization": "Bearer " + "t" * 32})
+    opened = settings.model_copy(update={"api_token": SecretStr("t" * 32), "metrics_auth": False})
+    with TestClient(create_app(opened, db=db)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/api/v1/studies").status_code == 401
 
 
 def test_prepare_multiprocess_sets_a_folder_only_for_several_processes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
