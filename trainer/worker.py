@@ -423,10 +423,11 @@ class Slot:
         if result.pruned:
             self._finish(name, number, "pruned")
             return
-        values = [result.metrics[metric] for metric in definition.metrics]
-        if not all(map(_finite, values)):
-            self._finish(name, number, "fail", reason=f"non-finite metric {values} (diverged)")
+        diverged = {k: v for k, v in result.metrics.items() if not _finite(v)}
+        if diverged:  # a NaN loss fails the trial with its reason, even when accuracy looks finite
+            self._finish(name, number, "fail", reason=f"training diverged: {diverged}")
             return
+        values = [result.metrics[metric] for metric in definition.metrics]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "checkpoint.pt")
             result.save(path)

@@ -290,3 +290,17 @@ def test_postgres_restart_mid_study_workers_recover(db: Database, spawn: Any) ->
     counts = finished_counts(db, "pgr")
     assert counts["complete"] + counts["pruned"] == 10, counts
     assert studies.load_record(db, "pgr").state == "completed"
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(db: Database, spawn: Any) -> None:
+    body = digits_study("nan", n_trials=2, max_epochs=3)
+    body["search_space"] = {"lr": {"type": "float", "low": 1e6, "high": 1e7, "scale": "log"}}
+    body["objective"]["fixed"] = {"layers": 2, "optimizer": "sgd", "batch_size": 64}
+    body["pruner"] = {"type": "none"}
+    body["budget"].update(max_retries=1, max_failed_trials=3)
+    studies.create_study(db, studies.parse_definition(body))
+    workers = spawn("--cpu", "1", "--study", "nan", "--exit-when-idle", "2")
+    assert workers.wait(120) == 0, workers.output()
+    failed = trials.list_trials(db, "nan", state="fail", limit=100).items
+    assert len(failed) == 4 and all("diverged" in (t.fail_reason or "") for t in failed)
+    assert studies.load_record(db, "nan").state == "failed"
