@@ -747,13 +747,18 @@ def get_trial(db: Database, name: str, number: int) -> TrialRead:
     return to_read(definition_of(record), trial, _lease(db, trial._trial_id))
 
 
-def best(db: Database, name: str) -> TrialRead | ParetoTrials:
-    """The best complete trial, or the Pareto front of a multi-objective study."""
+def _completed(db: Database, name: str) -> tuple[StudyRecord, StudyDefinition, list[FrozenTrial]]:
+    """A study with its complete trials; NotFound (``no_completed_trials``) when it has none."""
     record = load_record(db, name)
-    definition = definition_of(record)
     complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values is not None]
     if not complete:
         raise NotFound(f"study {name!r} has no completed trials yet", code="no_completed_trials")
+    return record, definition_of(record), complete
+
+
+def best(db: Database, name: str) -> TrialRead | ParetoTrials:
+    """The best complete trial, or the Pareto front of a multi-objective study."""
+    _, definition, complete = _completed(db, name)
     if definition.multi_objective:
         front = pareto_front(complete, definition.study_directions)
         leases = _leases_for(db, [t._trial_id for t in front])
@@ -799,11 +804,7 @@ def refine(
     """Create ``<name>-refined-N``: the space narrowed around the best trials, in each parameter's scale."""
     from service.studies.service import create_study
 
-    record = load_record(db, name)
-    definition = definition_of(record)
-    complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values is not None]
-    if not complete:
-        raise NotFound(f"study {name!r} has no completed trials to refine around", code="no_completed_trials")
+    _, definition, complete = _completed(db, name)
     if definition.multi_objective:
         top = pareto_front(complete, definition.study_directions)
     else:
