@@ -236,6 +236,22 @@ class FusedModel(nn.Module):
                 if buffer is not None:
                     module._buffers[name] = buffer.index_select(0, index)
 
+    @torch.no_grad()
+    def extend(self, other: FusedModel) -> None:
+        """Append ``other``'s members (a model of the same architecture) after this model's.
+
+        Like :meth:`select`, parameters are replaced, so optimizers must fetch them again.
+        """
+        for module, new in zip(self.modules(), other.modules(), strict=True):
+            for name, param in module._parameters.items():
+                joining = new._parameters[name]
+                if param is not None and joining is not None:
+                    module._parameters[name] = nn.Parameter(torch.cat([param, joining]))
+            for name, buffer in module._buffers.items():
+                extra = new._buffers[name]
+                if buffer is not None and extra is not None:
+                    module._buffers[name] = torch.cat([buffer, extra])
+
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s parameters and buffers without the K axis, cloned to the CPU."""
         return {name: t[k].detach().to("cpu", copy=True) for name, t in self.state_dict().items()}

@@ -60,7 +60,8 @@ class FusedOptimizer:
         }
         self.lr = self.coef["lr"].clone()
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in _STATE[kind]}
-        self.steps = 0
+        # per member: members that join a running group (refill) start their own count
+        self.steps = torch.zeros(len(self.lr), dtype=torch.float64, device=ref.device)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -106,6 +107,26 @@ class FusedOptimizer:
         self.coef = {name: t.index_select(0, index) for name, t in self.coef.items()}
         self.lr = self.lr.index_select(0, index)
         self.state = {name: [t.index_select(0, index) for t in ts] for name, ts in self.state.items()}
+        self.steps = self.steps.index_select(0, index)
+        self._refresh()
+
+    def extend(self, other: FusedOptimizer, params: Sequence[torch.Tensor]) -> None:
+        """Append ``other``'s members (coefficients, state, step counts) after this optimizer's.
+
+        Args:
+            other: An optimizer of the same kind over the new members' parameters.
+            params: The concatenated parameters (same order as before) updated from now on.
+        """
+        if other.kind != self.kind:
+            raise ValueError(f"optimizer must be {self.kind!r} to join this group, got {other.kind!r}")
+        self.params = list(params)
+        self.coef = {name: torch.cat([t, other.coef[name]]) for name, t in self.coef.items()}
+        self.lr = torch.cat([self.lr, other.lr])
+        self.state = {
+            name: [torch.cat([a, b]) for a, b in zip(ts, other.state[name], strict=True)]
+            for name, ts in self.state.items()
+        }
+        self.steps = torch.cat([self.steps, other.steps])
         self._refresh()
 
     @torch.no_grad()

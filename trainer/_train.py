@@ -174,6 +174,7 @@ class _Group:
             {name: [float(getattr(c, name)) for c in configs] for name in COEFFICIENTS},
         )
         self.members = list(range(len(configs)))  # original index of each live slot
+        self.first_epoch = [0] * len(configs)  # group epoch at which each member joined
         seeds = [c.seed for c in configs]
         self.rng = {
             stream: member_generators(seeds, stream, device)
@@ -194,11 +195,36 @@ class _Group:
         return any(self.configs[m].augment > 0 for m in self.members)
 
     def set_epoch_lr(self, epoch: int) -> None:
+        """Each member's scheduled learning rate at its own epoch (members may join later)."""
         lrs = [
-            lr_at(c.lr, c.lr_decay, c.lr_decay_rate, c.lr_decay_steps, epoch)
-            for c in map(self.configs.__getitem__, self.members)
+            lr_at(c.lr, c.lr_decay, c.lr_decay_rate, c.lr_decay_steps, epoch - self.first_epoch[m])
+            for m, c in ((m, self.configs[m]) for m in self.members)
         ]
         self.optimizer.set_lr(lrs)
+
+    def restart(self, configs: Sequence[TrialConfig], data: Dataset, epoch: int) -> _Group:
+        """A group of only new members (every current one left), keeping member numbering."""
+        fresh = _Group(configs, data, self.device)
+        offset = len(self.configs)
+        fresh.configs = [*self.configs, *configs]
+        fresh.members = [offset + i for i in range(len(configs))]
+        fresh.first_epoch = [*self.first_epoch, *([epoch] * len(configs))]
+        return fresh
+
+    def extend(self, configs: Sequence[TrialConfig], data: Dataset, epoch: int) -> None:
+        """Add freshly initialised members that start their own epoch 0 at group epoch ``epoch``."""
+        new = _Group(configs, data, self.device)
+        self.model.extend(new.model)
+        self.optimizer.extend(new.optimizer, list(self.model.parameters()))
+        offset = len(self.configs)
+        self.configs.extend(configs)
+        self.members.extend(offset + i for i in range(len(configs)))
+        self.first_epoch.extend([epoch] * len(configs))
+        self.rng = {stream: gens + new.rng[stream] for stream, gens in self.rng.items()}
+        self.dropout = torch.cat([self.dropout, new.dropout])
+        self.augment = torch.cat([self.augment, new.augment])
+        if self.best is not None and new.best is not None:
+            self.best = [torch.cat([a, b]) for a, b in zip(self.best, new.best, strict=True)]
 
     def keep_best(self, improved: list[bool]) -> None:
         """Copy the current weights of improved slots into the best-epoch snapshot."""
@@ -235,6 +261,7 @@ def train_group(
     *,
     metric: str = "val_accuracy",
     on_result: Callable[[int, TrialResult], None] | None = None,
+    refill: Callable[[int], Sequence[TrialConfig]] | None = None,
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
@@ -250,9 +277,13 @@ def train_group(
         metric: The reported value: ``val_accuracy``, ``val_loss`` or ``train_loss``.
         on_result: Called as ``on_result(member_index, result)`` the moment a member leaves the
             group (pruned, early-stopped or done), so a caller can record it before the rest finish.
+        refill: Called as ``refill(free)`` after an epoch in which members left, with the number
+            of free places (the group's initial size minus the live members); the configs it
+            returns join the group as new members (indices continue after ``configs``) and train
+            their own ``max_epochs`` from their own epoch 0, exactly as if trained alone.
 
     Returns:
-        One result per config, in order.
+        One result per config (the refilled ones after ``configs``), in order.
 
     Raises:
         ValueError: Members that cannot be fused (field named), or a CNN on non-image data.
@@ -281,13 +312,16 @@ def train_group(
     x_val, y_val = data.X_val.to(device), data.y_val.to(device)
     n_train, batch = len(x_train), shared.batch_size
     group = _Group(configs, data, device)
+    capacity = len(configs)
     histories: list[list[dict[str, float]]] = [[] for _ in configs]
     best_loss = [math.inf] * len(configs)
     best_epoch = [0] * len(configs)
     stale = [0] * len(configs)
     results: list[TrialResult | None] = [None] * len(configs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    for epoch in range(shared.max_epochs):
+    epoch = -1
+    while group.members:
+        epoch += 1
         k = len(group.members)
         group.set_epoch_lr(epoch)
         dropout = group.dropout if group.any_dropout else None
@@ -318,7 +352,7 @@ def train_group(
         for slot, member in enumerate(group.members):
             histories[member].append(
                 {
-                    "epoch": epoch,
+                    "epoch": epoch - group.first_epoch[member],
                     "lr": lrs[slot],
                     "train_loss": train_losses[slot],
                     "val_loss": val_losses[slot],
@@ -328,26 +362,28 @@ def train_group(
             better = val_losses[slot] < best_loss[member]
             improved.append(better)
             if better:
-                best_loss[member], best_epoch[member], stale[member] = val_losses[slot], epoch, 0
+                best_loss[member], stale[member] = val_losses[slot], 0
+                best_epoch[member] = epoch - group.first_epoch[member]
             else:
                 stale[member] += 1
         group.keep_best(improved)
         keep: list[int] = []
         for slot, member in enumerate(group.members):
-            pruned = report is not None and bool(report(member, epoch, histories[member][-1][metric]))
+            own_epoch = epoch - group.first_epoch[member]
+            pruned = report is not None and bool(report(member, own_epoch, histories[member][-1][metric]))
             stopped = shared.patience > 0 and stale[member] >= shared.patience
-            if not (pruned or stopped or epoch == shared.max_epochs - 1):
+            if not (pruned or stopped or own_epoch == shared.max_epochs - 1):
                 keep.append(slot)
                 continue
             restore = shared.patience > 0 and not pruned
-            chosen = best_epoch[member] if restore else epoch
+            chosen = best_epoch[member] if restore else own_epoch
             record = histories[member][chosen]
             result = results[member] = TrialResult(
-                config=configs[member],
+                config=group.configs[member],
                 metrics={name: record[name] for name in ("val_accuracy", "val_loss", "train_loss")},
                 history=histories[member],
                 pruned=pruned,
-                epochs=epoch + 1,
+                epochs=own_epoch + 1,
                 best_epoch=chosen,
                 seconds=time.perf_counter() - start,
                 _state=group.member_state(slot, restore),
@@ -355,10 +391,24 @@ def train_group(
             )
             if on_result is not None:
                 on_result(member, result)
-        if not keep:
+        joining: list[TrialConfig] = []
+        if refill is not None and len(keep) < capacity:
+            joining = list(refill(capacity - len(keep)))[: capacity - len(keep)]
+            check_group([shared, *joining])
+        if not keep and not joining:
             break
-        if len(keep) < k:
-            group.keep(keep)
+        if not keep:
+            group = group.restart(joining, data, epoch + 1)
+        else:
+            if len(keep) < k:
+                group.keep(keep)
+            if joining:
+                group.extend(joining, data, epoch + 1)
+        histories.extend([] for _ in joining)
+        best_loss.extend([math.inf] * len(joining))
+        best_epoch.extend([0] * len(joining))
+        stale.extend([0] * len(joining))
+        results.extend([None] * len(joining))
     return [r for r in results if r is not None]
 
 

@@ -276,14 +276,29 @@ class Slot:
 
     def _fuse_size(self, definition: StudyDefinition) -> int:
         size = self.options.fuse or definition.objective.fuse or 1
-        if self.options.max_trials is not None:
-            size = min(size, self.options.max_trials - self.finished)
         return max(1, min(size, self.max_fuse or size))
 
-    def _claim(self, name: str, definition: StudyDefinition) -> list[trials.TrialAssignment]:
+    def _room(self) -> int | None:
+        """How many more trials ``--max-trials`` lets this slot take (None: no limit)."""
+        if self.options.max_trials is None:
+            return None
+        with self.held_lock:
+            return max(0, self.options.max_trials - self.finished - len(self.held))
+
+    def _claim(
+        self,
+        name: str,
+        definition: StudyDefinition,
+        count: int | None = None,
+        fixed: dict[str, Any] | None = None,
+    ) -> list[trials.TrialAssignment]:
+        """Ask up to ``count`` trials (default: the fused group size) sharing non-fusible values."""
+        count = self._fuse_size(definition) if count is None else count
+        room = self._room()
+        if room is not None:
+            count = min(count, room)
         group: list[trials.TrialAssignment] = []
-        fixed: dict[str, Any] | None = None
-        for _ in range(self._fuse_size(definition)):
+        for _ in range(count):
             if self.stop.is_set():
                 break
             try:
@@ -297,7 +312,7 @@ class Slot:
             group.append(assignment)
             if fixed is None:
                 # the rest of the group shares the first trial's non-fusible hyperparameters
-                fixed = {k: v for k, v in assignment.params.items() if k not in FUSIBLE}
+                fixed = _non_fusible(assignment.params)
         return group
 
     def _config(self, definition: StudyDefinition, params: dict[str, Any]) -> TrialConfig:
@@ -335,12 +350,7 @@ class Slot:
             except ValueError as exc:
                 self._finish(name, assignment.number, "fail", reason=f"invalid trainer config: {exc}")
                 continue
-            key = tuple(
-                sorted(
-                    (k, str(v)) for k, v in configs[assignment.number].to_params().items() if k not in FUSIBLE
-                )
-            )
-            subgroups.setdefault(key, []).append(assignment)
+            subgroups.setdefault(_group_key(configs[assignment.number]), []).append(assignment)
         for members in subgroups.values():
             if self.stop.is_set():
                 return
@@ -374,31 +384,53 @@ class Slot:
             # told the moment it leaves the group: the sampler and pruner see it at once
             self._tell(name, definition, numbers[member], result)
 
+        key = _group_key(configs[0])
+        fixed = _non_fusible(members[0].params)
+        leftovers: list[trials.TrialAssignment] = []
+
+        def refill(free: int) -> list[TrialConfig]:
+            # new trials take the places of members that left, so the group stays full
+            if self.stop.is_set() or leftovers:
+                return []
+            joining: list[TrialConfig] = []
+            for assignment in self._claim(name, definition, free, fixed):
+                try:
+                    config = self._config(definition, assignment.params)
+                except ValueError as exc:
+                    self._finish(name, assignment.number, "fail", reason=f"invalid trainer config: {exc}")
+                    continue
+                if _group_key(config) != key:  # a retry with other non-fusible values: train it next
+                    leftovers.append(assignment)
+                    continue
+                numbers.append(assignment.number)
+                joining.append(config)
+            return joining
+
         try:
             data = self._dataset(definition)
-            train_group(configs, data, report, metric=definition.metrics[0], on_result=record)
+            train_group(configs, data, report, metric=definition.metrics[0], on_result=record, refill=refill)
         except Stopped:
-            return  # handed back in run()'s finally
+            return  # everything held is handed back in run()'s finally
         except torch.cuda.OutOfMemoryError:
-            if len(members) > 1:
-                self.max_fuse = max(1, len(members) // 2)
+            held = self._still_held(name, numbers)
+            if len(held) > 1:
+                self.max_fuse = max(1, len(held) // 2)
                 _log.warning(
-                    "out of memory with %d fused trials; handing back, fusing %d from now",
-                    len(members),
-                    self.max_fuse,
+                    "out of memory with %d fused trials; handing back, fusing %d", len(held), self.max_fuse
                 )
-                for number in self._still_held(name, numbers):
+                for number in held:
                     self._hand_back(
                         name, number, "out of memory in a fused group; retried with a smaller group"
                     )
-                return
-            self._finish(name, numbers[0], "fail", reason="CUDA out of memory")
-            return
+            else:
+                for number in held:
+                    self._finish(name, number, "fail", reason="CUDA out of memory")
         except Exception as exc:
             _log.exception("training failed for trials %s of %s", numbers, name)
             for number in self._still_held(name, numbers):
                 self._finish(name, number, "fail", reason=f"{type(exc).__name__}: {exc}"[:2000])
-            return
+        if leftovers and not self.stop.is_set():
+            self._train(name, definition, leftovers)
 
     def _still_held(self, name: str, numbers: list[int]) -> list[int]:
         """The members not yet told (the others left the group and were recorded already)."""
@@ -471,6 +503,15 @@ class Slot:
                 self._hand_back(name, number, "handed back by a stopping worker")
             except DB_ERRORS:
                 _log.warning("could not hand back trial %d of %s: the reaper will", number, name)
+
+
+def _non_fusible(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in FUSIBLE}
+
+
+def _group_key(config: TrialConfig) -> tuple[tuple[str, str], ...]:
+    """What members of one fused group must share."""
+    return tuple(sorted((k, str(v)) for k, v in config.to_params().items() if k not in FUSIBLE))
 
 
 def _finite(value: float) -> bool:

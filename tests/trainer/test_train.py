@@ -209,3 +209,37 @@ def test_on_result_reports_each_member_as_it_leaves(small_tabular) -> None:
     assert order[0] == (1, 2)  # recorded as soon as it was pruned, before the others finished
     assert sorted(order) == [(0, 4), (1, 2), (2, 4)]
     assert [r.pruned for r in results] == [False, True, False]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_refilled_members_train_as_if_alone(digits: Dataset, optimizer: str) -> None:
+    """A member that joins a running group (in a pruned member's place) gets its solo history."""
+    base = {**_FAST, "max_epochs": 4, "optimizer": optimizer, "lr_decay": "exponential", "lr_decay_rate": 0.1}
+    configs = [TrialConfig(lr=lr, seed=s, **base) for s, lr in enumerate([1e-3, 3e-3, 2e-3])]
+    newcomer = TrialConfig(lr=5e-3, seed=7, **base)
+    offered: list[int] = []
+
+    def refill(free: int) -> list[TrialConfig]:
+        offered.append(free)
+        return [newcomer] if len(offered) == 1 else []
+
+    results = train_group(configs, digits, lambda m, step, v: m == 1 and step == 1, refill=refill)
+    assert offered[0] == 1 and len(results) == 4
+    assert results[1].pruned and results[1].epochs == 2
+    alone = train(newcomer, digits)
+    assert results[3].epochs == 4 and [h["epoch"] for h in results[3].history] == [0, 1, 2, 3]
+    np.testing.assert_allclose(_history(results[3]), _history(alone), rtol=1e-5, atol=1e-6)
+    reference = train_group(configs, digits)
+    for k in (0, 2):
+        np.testing.assert_allclose(_history(results[k]), _history(reference[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_emptied_by_pruning_restarts_with_refills(digits: Dataset) -> None:
+    configs = [TrialConfig(lr=1e-3, seed=0, **{**_FAST, "max_epochs": 3})]
+    joiner = TrialConfig(lr=2e-3, seed=3, **{**_FAST, "max_epochs": 3})
+    queue = [joiner]
+    results = train_group(
+        configs, digits, lambda m, step, v: m == 0, refill=lambda free: [queue.pop()] if queue else []
+    )
+    assert [r.pruned for r in results] == [True, False]
+    np.testing.assert_allclose(_history(results[1]), _history(train(joiner, digits)), rtol=1e-5, atol=1e-6)
