@@ -2,7 +2,7 @@
 
 Auth applies only when ``Settings.api_token`` (``CAVIAR_API_TOKEN``, the admin token) is set;
 without it the service binds to loopback only and is open. With it, every request needs a token
-except the open paths (``/healthz``, and ``/metrics`` unless ``CAVIAR_METRICS_AUTH`` is set).
+except the open paths (``/healthz``, and ``/metrics`` when ``CAVIAR_METRICS_AUTH`` is false).
 The scope a request needs depends only on its method and path (:func:`required_scope`), so a
 router that anyone adds is covered without any per-route code:
 
