@@ -154,14 +154,12 @@ def to_read(definition: StudyDefinition, trial: FrozenTrial, lease: TrialLease |
     )
 
 
-def _assignment(
-    record: StudyRecord, trial: FrozenTrial, lease: TrialLease, policy: LeasePolicy
-) -> TrialAssignment:
-    definition = definition_of(record)
+def _assignment(name: str, params: dict[str, Any], lease: TrialLease, policy: LeasePolicy) -> TrialAssignment:
+    """What an ask answers: the trial's decoded parameters and its lease."""
     return TrialAssignment(
-        study=record.name,
+        study=name,
         number=lease.number,
-        params=decode_params(definition.search_space, trial.params),
+        params=params,
         heartbeat_interval_s=policy.heartbeat_interval_s,
         lease_expires_at=lease.expires_at,
         retry_of=lease.retry_of,
@@ -281,14 +279,7 @@ def ask(
     for key, param in definition.search_space.items():
         if isinstance(param, FloatParam) and param.scale == "reverse_log" and key in decoded:
             db.optuna.set_trial_user_attr(started.trial_id, key, decoded[key])
-    return TrialAssignment(
-        study=record.name,
-        number=started.number,
-        params=decoded,
-        heartbeat_interval_s=policy.heartbeat_interval_s,
-        lease_expires_at=lease.expires_at,
-        retry_of=lease.retry_of,
-    )
+    return _assignment(record.name, decoded, lease, policy)
 
 
 @dataclass(frozen=True)
@@ -355,7 +346,10 @@ def _by_request(
         )
     if lease is None:
         return None
-    return _assignment(record, db.optuna.get_trial(lease.trial_id), lease, policy)
+    trial = db.optuna.get_trial(lease.trial_id)
+    return _assignment(
+        record.name, decode_params(definition_of(record).search_space, trial.params), lease, policy
+    )
 
 
 # ---- report / heartbeat --------------------------------------------------------------------
