@@ -24,10 +24,6 @@ BACKEND_URL = os.environ.get("CAVIAR_TEST_DATABASE", "sqlite")
 IS_POSTGRES = BACKEND_URL.startswith("postgresql")
 
 
-def _pg_admin():  # type: ignore[no-untyped-def]
-    return create_engine(BACKEND_URL, isolation_level="AUTOCOMMIT", pool_size=1)
-
-
 def _pg_url(name: str) -> str:
     return make_url(BACKEND_URL).set(database=name).render_as_string(hide_password=False)
 
@@ -39,15 +35,26 @@ class DatabaseFactory:
         self.root = root
         self.created: list[str] = []
         self.template: str | None = None
+        self._admin = None
+
+    def _create_pg(self, template: str | None = None) -> str:
+        name = f"caviar_t_{uuid.uuid4().hex[:12]}"
+        clause = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        with self.admin().connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+        self.created.append(name)
+        return _pg_url(name)
+
+    def admin(self):  # type: ignore[no-untyped-def]
+        """One autocommit engine on the server's admin URL for the whole session."""
+        if self._admin is None:
+            self._admin = create_engine(BACKEND_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+        return self._admin
 
     def empty(self) -> str:
         """A URL of a brand-new empty database."""
         if IS_POSTGRES:
-            name = f"caviar_t_{uuid.uuid4().hex[:12]}"
-            with _pg_admin().connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-            self.created.append(name)
-            return _pg_url(name)
+            return self._create_pg()
         return f"sqlite:///{self.root / (uuid.uuid4().hex[:12] + '.db')}"
 
     def migrated(self) -> str:
@@ -56,11 +63,7 @@ class DatabaseFactory:
             self.template = self.empty()
             storage.upgrade(self.template)
         if IS_POSTGRES:
-            name = f"caviar_t_{uuid.uuid4().hex[:12]}"
-            with _pg_admin().connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{make_url(self.template).database}"'))
-            self.created.append(name)
-            return _pg_url(name)
+            return self._create_pg(template=self.template)
         source = Path(str(make_url(self.template).database))
         target = self.root / (uuid.uuid4().hex[:12] + ".db")
         shutil.copyfile(source, target)
@@ -69,9 +72,10 @@ class DatabaseFactory:
     def drop_all(self) -> None:
         if not IS_POSTGRES:
             return
-        with _pg_admin().connect() as conn:
+        with self.admin().connect() as conn:
             for name in self.created:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin().dispose()
 
 
 @pytest.fixture(scope="session")
