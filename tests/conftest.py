@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 import storage
 
@@ -46,9 +47,12 @@ class DatabaseFactory:
         return _pg_url(name)
 
     def admin(self):  # type: ignore[no-untyped-def]
-        """One autocommit engine on the server's admin URL for the whole session."""
+        """One autocommit engine on the server's admin URL for the whole session.
+
+        It pools nothing: a test restarts the server, and a pooled connection would not survive.
+        """
         if self._admin is None:
-            self._admin = create_engine(BACKEND_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+            self._admin = create_engine(BACKEND_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         return self._admin
 
     def empty(self) -> str:
