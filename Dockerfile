@@ -22,6 +22,7 @@ RUN pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /app
 COPY pyproject.toml README.md* ./
+COPY caviar ./caviar
 COPY storage ./storage
 COPY service ./service
 COPY trainer ./trainer

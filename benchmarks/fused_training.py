@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-try:
-    import trainer  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
+    sys.path.insert(0, str(ROOT))
 
-from trainer import Dataset, TrialConfig, load_dataset, train, train_group
+from benchmarks.baseline import train_plain  # noqa: E402
+from caviar.trainer import Dataset, TrialConfig, load_dataset, train, train_group  # noqa: E402
 
 LAYERS, HIDDEN, BATCH = 2, 128, 64
 
@@ -69,37 +66,8 @@ def sample_configs(k: int, epochs: int, seed: int) -> list[TrialConfig]:
 
 
 def reference_trial(config: TrialConfig, data: Dataset) -> float:
-    """One trial as Optuna's PyTorch example writes it; returns the final validation accuracy."""
-    torch.manual_seed(config.seed)
-    modules: list[nn.Module] = []
-    in_features = data.n_features
-    for _ in range(config.layers):
-        modules += [nn.Linear(in_features, config.hidden_units), nn.ReLU(), nn.Dropout(config.dropout)]
-        in_features = config.hidden_units
-    modules.append(nn.Linear(in_features, data.n_classes))
-    model = nn.Sequential(*modules)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    train_set = TensorDataset(data.X_train, data.y_train)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
-    valid_loader = DataLoader(TensorDataset(data.X_val, data.y_val), batch_size=config.batch_size)
-    accuracy = 0.0
-    for _epoch in range(config.max_epochs):
-        model.train()
-        for inputs, target in train_loader:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), target)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for inputs, target in valid_loader:
-                pred = model(inputs).argmax(dim=1, keepdim=True)
-                correct += pred.eq(target.view_as(pred)).sum().item()
-        accuracy = correct / len(valid_loader.dataset)  # type: ignore[arg-type]
-    return accuracy
+    """One trial as Optuna's PyTorch example writes it (DataLoader); the final validation accuracy."""
+    return train_plain(config, data, feed="dataloader").metrics["val_accuracy"]
 
 
 def run(method: str, configs: list[TrialConfig], data: Dataset, repeat: int) -> tuple[float, list[float]]:

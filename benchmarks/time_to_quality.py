@@ -54,8 +54,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
+if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
     sys.path.insert(0, str(ROOT))
+
+from caviar.service import processes  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DATASET = "synthetic"  # 20000 x 40, 10 classes: the defaults of trainer.load_dataset("synthetic")
@@ -150,9 +152,9 @@ def caviar_definition(name: str, seed: int, n_trials: int, max_epochs: int, fuse
 
 
 def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    import storage
-    from service.db import Database
-    from service.studies.service import create_study, parse_definition
+    from caviar import storage
+    from caviar.service.db import Database
+    from caviar.service.studies.service import create_study, parse_definition
 
     storage.upgrade(url)
     db = Database(url)
@@ -161,38 +163,17 @@ def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict
         db, parse_definition(caviar_definition(name, seed, args.n_trials, args.max_epochs, args.fuse))
     )
     db.dispose()
-    env = {
-        **os.environ,
-        "CAVIAR_DATABASE_URL": url,
-        "CAVIAR_ARTIFACT_DIR": str(tmp / f"artifacts-{seed}"),
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "worker",
-        "--gpus",
-        "none",
-        "--cpu",
-        str(args.slots),
-        "--study",
-        name,
-        "--fuse",
-        str(args.fuse),
-        "--exit-when-idle",
-        "0.5",
-        "--poll-interval",
-        "0.2",
-    ]
-    log_path = tmp / f"caviar-{seed}.log"
-    with open(log_path, "wb") as log:
+    env = {"CAVIAR_ARTIFACT_DIR": str(tmp / f"artifacts-{seed}")}
+    server, base = processes.serve(url, env=env, log=tmp / f"serve-{seed}.log")
+    command = ["worker", "--url", base, "--gpus", "none", "--cpu", str(args.slots), "--study", name]
+    command += ["--fuse", str(args.fuse), "--exit-when-idle", "0.5", "--poll-interval", "0.2"]
+    with server:
         t0 = time.time()
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-        code = process.wait(timeout=args.timeout)
+        worker = processes.CaviarProcess(command, log=tmp / f"caviar-{seed}.log", cwd=tmp)
+        code = worker.wait(timeout=args.timeout)
         exited = time.time() - t0
     if code != 0:
-        raise RuntimeError(f"caviar worker exited {code}: {log_path.read_text()[-3000:]}")
+        raise RuntimeError(f"caviar worker exited {code}: {worker.output(3000)}")
     arm = analyse(url, name, t0)
     arm["processes_exited_s"] = exited
     return arm
@@ -205,11 +186,9 @@ def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> N
     """One process of the plain arm: Optuna's PyTorch example, adapted to this task."""
     import optuna
     import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from trainer import load_dataset
+    from benchmarks.baseline import train_plain
+    from caviar.trainer import TrialConfig, load_dataset
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -217,41 +196,28 @@ def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> N
     max_epochs = int(os.environ["TTQ_MAX_EPOCHS"])
 
     def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", *LR, log=True)
-        beta1 = 1.0 - trial.suggest_float("one_minus_beta1", 1.0 - BETA1[1], 1.0 - BETA1[0], log=True)
-        dropout = trial.suggest_float("dropout", *DROPOUT)
-        weight_decay = trial.suggest_float("weight_decay", *WEIGHT_DECAY, log=True)
-        modules: list[nn.Module] = []
-        in_features = data.n_features
-        for _ in range(LAYERS):
-            modules += [nn.Linear(in_features, HIDDEN), nn.ReLU(), nn.Dropout(dropout)]
-            in_features = HIDDEN
-        modules.append(nn.Linear(in_features, data.n_classes))
-        model = nn.Sequential(*modules)
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay
+        config = TrialConfig(
+            layers=LAYERS,
+            hidden_units=HIDDEN,
+            batch_size=BATCH,
+            optimizer="adam",
+            init="xavier",
+            max_epochs=max_epochs,
+            lr=trial.suggest_float("lr", *LR, log=True),
+            beta1=1.0 - trial.suggest_float("one_minus_beta1", 1.0 - BETA1[1], 1.0 - BETA1[0], log=True),
+            dropout=trial.suggest_float("dropout", *DROPOUT),
+            weight_decay=trial.suggest_float("weight_decay", *WEIGHT_DECAY, log=True),
+            seed=trial.number,
         )
-        train_loader = DataLoader(TensorDataset(data.X_train, data.y_train), batch_size=BATCH, shuffle=True)
-        valid_loader = DataLoader(TensorDataset(data.X_val, data.y_val), batch_size=BATCH)
-        accuracy = 0.0
-        for epoch in range(max_epochs):
-            model.train()
-            for inputs, target in train_loader:
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(inputs), target)
-                loss.backward()
-                optimizer.step()
-            model.eval()
-            correct = 0
-            with torch.no_grad():
-                for inputs, target in valid_loader:
-                    pred = model(inputs).argmax(dim=1, keepdim=True)
-                    correct += pred.eq(target.view_as(pred)).sum().item()
-            accuracy = correct / len(data.y_val)
-            trial.report(accuracy, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return accuracy
+
+        def report(epoch: int, value: float) -> bool:
+            trial.report(value, epoch)
+            return trial.should_prune()
+
+        result = train_plain(config, data, report, feed="dataloader")
+        if result.pruned:
+            raise optuna.TrialPruned()
+        return result.metrics["val_accuracy"]
 
     study = optuna.load_study(
         study_name=name,

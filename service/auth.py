@@ -11,7 +11,8 @@ scope      may
 =========  ==================================================================================
 read       GET/HEAD/OPTIONS anything (API, dashboard, OpenAPI docs)
 worker     read + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/{n}/report``,
-           ``.../trials/{n}/heartbeat`` and ``.../trials/{n}/tell``
+           ``.../heartbeat``, ``.../tell``, ``.../release`` and ``.../artifacts``;
+           ``POST /api/v1/workers`` and ``/api/v1/workers/{id}/heartbeat``
 write      everything except token management (studies, schedules, trials, dashboard writes)
 admin      everything, including ``/api/v1/tokens``
 =========  ==================================================================================
@@ -37,17 +38,21 @@ from pydantic import SecretStr
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.db import Database
-from service.tokens import service as tokens
-from service.tokens.schemas import Scope as TokenScope
+from caviar.service.db import Database
+from caviar.service.envelope import error_response
+from caviar.service.tokens import service as tokens
+from caviar.service.tokens.schemas import Scope as TokenScope
 
 SCOPE_LEVELS: Final[dict[str, int]] = {"read": 0, "worker": 1, "write": 2, "admin": 3}
 """Scopes are ordered: each one may do everything the ones below it may."""
 
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_PATH: Final = "/api/v1/tokens"
-WORKER_ROUTE: Final = re.compile(r"^/api/v1/studies/[^/]+/trials/(?:ask|[^/]+/(?:report|heartbeat|tell))/?$")
-"""The trial lifecycle POSTs a ``worker`` token may make."""
+WORKER_ROUTE: Final = re.compile(
+    r"^/api/v1/(?:studies/[^/]+/trials/(?:ask|[^/]+/(?:report|heartbeat|tell|release|artifacts))"
+    r"|workers(?:/[^/]+/heartbeat)?)/?$"
+)
+"""The POSTs a ``worker`` token may make: the trial lifecycle, artifacts, registration, heartbeats."""
 
 MAX_TOKEN_CHARS: Final = 512
 CACHE_TTL_S: Final = 5.0
@@ -106,16 +111,26 @@ class _Cached:
 
 
 class TokenVerifier:
-    """Resolves a presented token to its scope: the admin token, or a stored (hashed) one.
+    """Resolves a presented token to its scope: the admin token, the worker token, or a stored
+    (hashed) one.
 
     Args:
         admin_token: ``CAVIAR_API_TOKEN``.
         db: where created tokens live.
+        worker_token: ``CAVIAR_WORKER_TOKEN`` (a static worker-scope token, for deployments).
         ttl_s: how long a verified token is cached in this process.
     """
 
-    def __init__(self, admin_token: SecretStr, db: Database, *, ttl_s: float = CACHE_TTL_S) -> None:
+    def __init__(
+        self,
+        admin_token: SecretStr,
+        db: Database,
+        *,
+        worker_token: SecretStr | None = None,
+        ttl_s: float = CACHE_TTL_S,
+    ) -> None:
         self._admin = _digest(admin_token.get_secret_value())
+        self._worker = _digest(worker_token.get_secret_value()) if worker_token is not None else None
         self._db = db
         self._ttl_s = ttl_s
         self._cache: dict[str, _Cached] = {}
@@ -136,6 +151,8 @@ class TokenVerifier:
         """The scope of ``token``, or None when it is unknown or revoked (may query the database)."""
         if self.is_admin(token):
             return "admin"
+        if self._worker is not None and hmac.compare_digest(_digest(token), self._worker):
+            return "worker"
         key = tokens.hash_token(token)
         now = time.monotonic()
         entry = self._cache.get(key)
@@ -204,8 +221,6 @@ class AuthMiddleware:
             await self._refuse(scope, receive, send, token is None, path)
             return
         if not allows(granted, needed):
-            from service.api import error_response
-
             message = f"a {granted} token cannot {method} {path}: it needs {needed} scope"
             response = error_response(403, "forbidden", message, [{"scope": granted, "required": needed}])
             await response(scope, receive, send)
@@ -215,8 +230,6 @@ class AuthMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, missing: bool, path: str) -> None:
-        from service.api import error_response
-
         api = path == "/api/v1" or path.startswith("/api/v1/")
         challenge = f"Bearer {REALM}" if api else f"Basic {REALM}"
         if missing:

@@ -1,9 +1,9 @@
 """Where CLI commands get their data: the local database, or a caviar service over REST.
 
-:class:`LocalBackend` calls the domain functions on a :class:`~service.db.Database`;
-:class:`RemoteBackend` calls the same operations through ``/api/v1`` with httpx. Both return the
-API's JSON shapes (plain dicts) and raise :class:`~service.errors.CaviarError` with the API's
-error code and message, so every command has one body for both.
+:class:`~caviar.service.local.LocalBackend` calls the domain functions on the database;
+:class:`~caviar.service.remote.RemoteBackend` makes the same calls through ``/api/v1``. Both
+return the API's JSON shapes (plain dicts) and raise an error carrying the API's error code and
+message, so every command has one body for both.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import io
 import json
 from typing import Any, Protocol
 
-import httpx
-
-from service.errors import CaviarError
-
 PAGE = 1000
 
 
 class Backend(Protocol):
-    """The study operations the CLI needs."""
+    """The operations the CLI needs."""
+
+    # ---- studies -------------------------------------------------------------------------
 
     def check_definitions(self, documents: list[dict[str, Any]]) -> None:
         """Validate definitions before creating any (locally; a remote service checks each one)."""
@@ -31,8 +29,10 @@ class Backend(Protocol):
         """Create a study from a definition; returns it."""
         ...
 
-    def list_studies(self, *, state: str | None, tag: str | None, limit: int) -> dict[str, Any]:
-        """A page of studies, newest first: ``{"items", "total"}``."""
+    def list_studies(
+        self, *, state: str | None = None, tag: str | None = None, limit: int = 100, queue: bool = False
+    ) -> dict[str, Any]:
+        """A page of studies, newest first (or queued/running ones in queue order): ``{items, total}``."""
         ...
 
     def study(self, name: str) -> dict[str, Any]:
@@ -51,152 +51,43 @@ class Backend(Protocol):
         """Create the coarse-to-fine follow-up study; returns it."""
         ...
 
+    def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
+        """A trial's checkpoint (default: the best trial's): ``(number, filename, content)``."""
+        ...
+
+    def workers(self) -> dict[str, Any]:
+        """Registered workers: ``{items, total}``."""
+        ...
+
+    # ---- schedules -----------------------------------------------------------------------
+
+    def add_schedules(self, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Create schedules (locally every document is checked before any is created)."""
+        ...
+
+    def list_schedules(self) -> dict[str, Any]: ...
+
+    def schedule(self, ref: str) -> dict[str, Any]: ...
+
+    def update_schedule(self, ref: str, change: dict[str, Any]) -> dict[str, Any]: ...
+
+    def run_schedule(self, ref: str) -> dict[str, Any]: ...
+
+    def schedule_runs(self, ref: str, *, limit: int) -> dict[str, Any]: ...
+
+    def delete_schedule(self, ref: str) -> None: ...
+
+    # ---- tokens --------------------------------------------------------------------------
+
+    def create_token(self, scope: str, name: str | None) -> dict[str, Any]: ...
+
+    def list_tokens(self, *, include_revoked: bool) -> dict[str, Any]: ...
+
+    def revoke_token(self, token_id: int) -> None: ...
+
     def close(self) -> None:
         """Release connections."""
         ...
-
-
-class LocalBackend:
-    """Study operations on the local database.
-
-    Args:
-        database_url: SQLAlchemy URL (default: from the environment).
-    """
-
-    def __init__(self, database_url: str | None) -> None:
-        from service.config import Settings
-        from service.db import Database
-
-        settings = Settings(database_url=database_url) if database_url else Settings()
-        self.db = Database(settings.database_url)
-
-    def check_definitions(self, documents: list[dict[str, Any]]) -> None:
-        from service.studies import service
-
-        for doc in documents:
-            service.parse_definition(doc)
-
-    def create_study(self, document: dict[str, Any]) -> dict[str, Any]:
-        from service.studies import service
-
-        record = service.create_study(self.db, service.parse_definition(document))
-        return service.describe(self.db, record, trials=[]).model_dump(mode="json")
-
-    def list_studies(self, *, state: str | None, tag: str | None, limit: int) -> dict[str, Any]:
-        from service.studies import service
-
-        return service.list_studies(self.db, state=state, tag=tag, limit=limit).model_dump(mode="json")
-
-    def study(self, name: str) -> dict[str, Any]:
-        from service.studies import service
-
-        return service.describe(self.db, service.load_record(self.db, name)).model_dump(mode="json")
-
-    def trials(self, name: str, *, state: str | None = None) -> list[dict[str, Any]]:
-        from service.trials import service
-
-        items: list[dict[str, Any]] = []
-        while True:
-            page = service.list_trials(self.db, name, state=state, limit=PAGE, offset=len(items))
-            items += [trial.model_dump(mode="json") for trial in page.items]
-            if not page.items or len(items) >= page.total:
-                return items
-
-    def best(self, name: str) -> dict[str, Any]:
-        from service.trials import service
-
-        return service.best(self.db, name).model_dump(mode="json")
-
-    def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        from service.studies import service as studies
-        from service.trials import service
-        from service.trials.schemas import RefineRequest
-
-        request = RefineRequest.model_validate(options)
-        record = service.refine(self.db, name, **request.model_dump())
-        return studies.describe(self.db, record, trials=[]).model_dump(mode="json")
-
-    def close(self) -> None:
-        self.db.dispose()
-
-
-class RemoteBackend:
-    """Study operations through a caviar service's REST API.
-
-    Args:
-        url: the service's base URL (``http://host:8000``).
-        token: a bearer token (read scope for reads, write scope to create and refine).
-        timeout_s: per-request timeout.
-        transport: an httpx transport (tests pass an ASGI one).
-    """
-
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        *,
-        timeout_s: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(
-            base_url=self.url + "/api/v1", headers=headers, timeout=timeout_s, transport=transport
-        )
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise CaviarError(f"cannot reach {self.url}: {type(exc).__name__}", code="unreachable") from None
-        if response.is_success:
-            return response.json()
-        try:
-            error = response.json()["error"]
-            message, code = str(error["message"]), str(error["code"])
-        except (ValueError, KeyError, TypeError):
-            message, code = f"{self.url} answered HTTP {response.status_code}", "http_error"
-        raise CaviarError(message, code=code)
-
-    def check_definitions(self, documents: list[dict[str, Any]]) -> None:
-        return None
-
-    def create_study(self, document: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call("POST", "/studies", json=document))
-
-    def list_studies(self, *, state: str | None, tag: str | None, limit: int) -> dict[str, Any]:
-        params = {key: value for key, value in {"state": state, "tag": tag, "limit": limit}.items() if value}
-        return dict(self._call("GET", "/studies", params=params))
-
-    def study(self, name: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/studies/{name}"))
-
-    def trials(self, name: str, *, state: str | None = None) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        while True:
-            params: dict[str, Any] = {"limit": PAGE, "offset": len(items)} | (
-                {"state": state} if state else {}
-            )
-            page = self._call("GET", f"/studies/{name}/trials", params=params)
-            items += page["items"]
-            if not page["items"] or len(items) >= page["total"]:
-                return items
-
-    def best(self, name: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/studies/{name}/best"))
-
-    def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call("POST", f"/studies/{name}/refine", json=options))
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def open_backend(url: str | None, token: str | None, database_url: str | None) -> Backend:
-    """The remote backend when a URL is given, else the local database."""
-    if url:
-        return RemoteBackend(url, token)
-    return LocalBackend(database_url)
 
 
 def trials_csv(trials: list[dict[str, Any]]) -> str:

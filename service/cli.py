@@ -7,25 +7,35 @@ non-zero exit code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-import yaml
 from pydantic import SecretStr
-from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.backend import Backend
-from service.config import Settings
-from service.errors import CaviarError
-from service.schedules.cli import schedule_app
-from service.tokens.cli import token_app
+from caviar.service.backend import trials_csv
+from caviar.service.cli_helpers import (
+    DOMAIN_ERRORS,
+    DatabaseUrl,
+    JsonFlag,
+    ServiceToken,
+    ServiceUrl,
+    backend_for,
+    console,
+    err_console,
+    fail,
+    print_json,
+    read_documents,
+    safe,
+    settings_from,
+)
+from caviar.service.schedules.cli import schedule_app
+from caviar.service.tokens.cli import token_app
 
 app = typer.Typer(
     name="caviar", help="caviar: hyperparameter tuning service for PyTorch models.", no_args_is_help=True
@@ -36,81 +46,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(token_app, name="token")
 app.add_typer(schedule_app, name="schedule")
-
-console = Console()
-err_console = Console(stderr=True)
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option("--database-url", envvar="CAVIAR_DATABASE_URL", help="SQLAlchemy URL of the database."),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-ServiceUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="CAVIAR_URL", help="Talk to this caviar service over REST instead of the database."
-    ),
-]
-ServiceToken = Annotated[
-    str | None, typer.Option("--token", envvar="CAVIAR_API_TOKEN", help="Bearer token for --url.")
-]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one error line and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def settings_from(database_url: str | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment with CLI flags on top."""
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if database_url:
-        values["database_url"] = database_url
-    return Settings(**values)
-
-
-def open_db(database_url: str | None):  # type: ignore[no-untyped-def]
-    from service.db import Database
-
-    return Database(settings_from(database_url).database_url)
-
-
-@contextlib.contextmanager
-def backend_for(url: str | None, token: str | None, database_url: str | None) -> Iterator[Backend]:
-    """The local database or, with ``--url``, the remote service; domain errors become one line."""
-    from service.backend import open_backend
-
-    backend = open_backend(url, token, database_url)
-    try:
-        yield backend
-    except CaviarError as exc:
-        fail(exc.message)
-    finally:
-        backend.close()
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def read_documents(path: Path) -> list[dict[str, Any]]:
-    """One or several definitions from a YAML/JSON file (multi-document YAML or a list)."""
-    if str(path) == "-":
-        text = sys.stdin.read()
-    else:
-        if not path.exists():
-            fail(f"{path}: no such file")
-        text = path.read_text()
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        fail(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})")
-    if len(documents) == 1 and isinstance(documents[0], list):
-        documents = documents[0]
-    if not documents or not all(isinstance(doc, dict) for doc in documents):
-        fail(f"{path}: expected a mapping (or a list of mappings) per definition")
-    return documents
 
 
 def _study_row(study: dict[str, Any]) -> list[str]:
@@ -148,7 +83,8 @@ def _root() -> None:
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseUrl = None) -> None:
     """Create Optuna's schema and migrate caviar's tables to the newest revision."""
-    import storage
+    # lazy: Alembic, SQLAlchemy and Optuna load only for the commands that need them
+    from caviar import storage
 
     url = settings_from(database_url).database_url
     try:
@@ -159,6 +95,7 @@ def db_upgrade(database_url: DatabaseUrl = None) -> None:
 
 
 def _safe_url(url: str) -> str:
+    # lazy: SQLAlchemy
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
@@ -177,7 +114,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the REST API (migrating the database first)."""
-    from service.server import serve as run_server
+    # lazy: uvicorn, FastAPI and the service load only to serve
+    from caviar.service.metrics import prepare_multiprocess
+    from caviar.service.server import serve as run_server
 
     settings = settings_from(
         database_url,
@@ -187,8 +126,6 @@ def serve(
         api_token=SecretStr(token) if token else None,
         migrate_on_start=False if no_migrate else None,
     )
-    from service.metrics import prepare_multiprocess
-
     prepare_multiprocess(settings.processes)
     run_server(settings, log_level=log_level)
 
@@ -202,11 +139,12 @@ def dashboard(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run optuna-dashboard on the caviar database on its own port (same auth as the API)."""
+    # lazy: uvicorn, the dashboard and the database load only to serve
     import uvicorn
 
-    from service.dashboard import create_dashboard_app
-    from service.db import Database
-    from service.server import check_bind_allowed
+    from caviar.service.dashboard import create_dashboard_app
+    from caviar.service.db import Database
+    from caviar.service.server import check_bind_allowed
 
     secret = SecretStr(token) if token else None
     settings = settings_from(database_url, host=host, port=port, api_token=secret)
@@ -243,7 +181,7 @@ def study_create(
             backend.check_definitions(documents)
             for doc in documents:
                 created.append(backend.create_study(doc))
-        except CaviarError:
+        except DOMAIN_ERRORS:
             if created:
                 err_console.print(f"created {', '.join(s['name'] for s in created)} before the error")
             raise
@@ -361,8 +299,6 @@ def study_export(
     token: ServiceToken = None,
 ) -> None:
     """Export every trial of a study as CSV (one params.<name> column per parameter) or JSON."""
-    from service.backend import trials_csv
-
     if format not in ("csv", "json"):
         fail(f"--format: expected csv or json, not {format!r}")
     with backend_for(url, token, database_url) as backend:
@@ -412,7 +348,6 @@ def study_watch(
     token: ServiceToken = None,
 ) -> None:
     """A live progress bar with the best value so far, until the study completes or fails."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with backend_for(url, token, database_url) as backend, Progress(*columns, console=console) as progress:
@@ -438,17 +373,13 @@ def study_watch(
 def queue(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Studies queued or running, in the order workers take them (priority, then oldest)."""
-    from service.studies import service
-
-    db = open_db(database_url)
-    try:
-        page = service.list_studies(db, states=service.QUEUE_STATES, limit=limit, queue_order=True)
-    finally:
-        db.dispose()
-    data = page.model_dump(mode="json")
+    with backend_for(url, token, database_url) as backend:
+        data = backend.list_studies(limit=limit, queue=True)
     if as_json:
         print_json(data)
     else:
@@ -457,7 +388,13 @@ def queue(
 
 @app.command()
 def worker(
-    database_url: DatabaseUrl = None,
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="CAVIAR_URL", help="The caviar service (default: http://127.0.0.1:8000)."),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CAVIAR_API_TOKEN", help="A worker-scope token.", show_default=False)
+    ] = None,
     gpus: Annotated[str, typer.Option(help="all | none | comma-separated GPU indices.")] = "all",
     per_gpu: Annotated[int, typer.Option("--per-gpu", min=1, help="Slots (processes) per GPU.")] = 1,
     cpu: Annotated[int | None, typer.Option(min=0, help="CPU slots (default: 1 when no GPU slot).")] = None,
@@ -470,23 +407,27 @@ def worker(
         float | None, typer.Option("--exit-when-idle", min=0, help="Exit after this many idle seconds.")
     ] = None,
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.05)] = 2.0,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(envvar="CAVIAR_DATA_DIR", help="The only directory file: datasets are read from."),
+    ] = None,
 ) -> None:
-    """Train trials of queued studies: one process per device slot."""
-    from trainer.worker import WorkerOptions, run_workers
+    """Draw trials from a caviar service and run them: one process per device slot (REST only)."""
+    # lazy: the worker package pulls in the trainer (torch) in its slot processes
+    from caviar.worker import WorkerOptions, run_workers
 
-    settings = settings_from(database_url)
     options = WorkerOptions(
-        database_url=settings.database_url,
+        url=url,
+        token=token,
         gpus=gpus,
         per_gpu=per_gpu,
         cpu=cpu,
         studies=tuple(study or ()),
         fuse=fuse,
         max_trials=max_trials,
-        heartbeat_interval_s=settings.heartbeat_interval_s,
         poll_interval_s=poll_interval,
-        artifact_dir=settings.artifact_dir,
         exit_when_idle_s=exit_when_idle,
+        data_dir=data_dir,
     )
     try:
         code = run_workers(options)
@@ -503,7 +444,8 @@ def gradcheck(
     as_json: JsonFlag = False,
 ) -> None:
     """Compare analytic and numerical gradients of the fused layers in float64 (fails above 1e-7)."""
-    from trainer import gradcheck as check
+    # lazy: torch
+    from caviar.trainer import gradcheck as check
 
     if model not in ("mlp", "cnn"):
         fail(f"--model must be mlp or cnn (got {model!r})")
@@ -529,42 +471,36 @@ def study_checkpoint(
     ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write it.")] = None,
     database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
 ) -> None:
     """Download a trained checkpoint (the best trial's by default)."""
-    from service.trials.artifacts import artifact_store, open_checkpoint
-
-    settings = settings_from(database_url)
-    db = open_db(database_url)
-    try:
-        number, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name, trial)
-    except CaviarError as exc:
-        fail(exc.message)
-    finally:
-        db.dispose()
+    with backend_for(url, token, database_url) as backend:
+        number, filename, content = backend.checkpoint(name, trial)
     target = output or Path(f"{name}-trial{number}-{filename}")
-    with reader, open(target, "wb") as handle:
-        handle.write(reader.read())
-    console.print(f"trial {number} checkpoint written to {target}")
+    target.write_bytes(content)
+    console.print(f"trial {number} checkpoint written to {safe(target)}", highlight=False)
 
 
 @app.command("workers")
-def workers_list(database_url: DatabaseUrl = None, as_json: JsonFlag = False) -> None:
+def workers_list(
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Registered workers: device, current trials, last heartbeat, live or lost."""
-    from service.workers.service import list_workers
-
-    settings = settings_from(database_url)
-    db = open_db(database_url)
-    try:
-        data = list_workers(db, heartbeat_interval_s=settings.heartbeat_interval_s).model_dump(mode="json")
-    finally:
-        db.dispose()
+    with backend_for(url, token, database_url) as backend:
+        data = backend.workers()
     if as_json:
         print_json(data)
         return
     table = Table("id", "device", "status", "trials", "last seen")
     for item in data["items"]:
         trials = ", ".join(f"{t['study']}#{t['number']}" for t in item["current_trials"])
-        table.add_row(item["id"], item["device"], item["status"], trials, item["last_seen_at"])
+        table.add_row(
+            safe(item["id"]), safe(item["device"]), item["status"], safe(trials), str(item["last_seen_at"])
+        )
     console.print(table)
 
 
@@ -582,7 +518,8 @@ def demo(
     ] = False,
 ) -> None:
     """Tune the digits MLP end to end: API + workers + the example study, with live progress."""
-    from service.demo import run_demo
+    # lazy: the demo drives the local database directly
+    from caviar.service.demo import run_demo
 
     settings = settings_from(database_url)
     raise typer.Exit(
@@ -594,9 +531,6 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     app()
 
 

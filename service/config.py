@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None, description="Admin bearer token; unset = loopback only."
     )
+    worker_token: SecretStr | None = Field(
+        default=None, description="A static worker-scope token (deployments hand it to their workers)."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
@@ -32,6 +35,12 @@ class Settings(BaseSettings):
     )
     scheduler_interval_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    data_dir: str | None = Field(
+        default=None, description="The only directory `file:` datasets are read from; unset: none over REST."
+    )
+    max_artifact_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Largest file a worker or client may store with a trial."
+    )
     cors_origins: list[str] = Field(default_factory=list)
     metrics_auth: bool = Field(
         default=True,

@@ -23,9 +23,11 @@ from sqlalchemy import select
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import Settings
-from service.db import Database
-from storage import StudyRecord
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.envelope import error_response
+from caviar.service.security import secure
+from caviar.storage import StudyRecord
 
 _DASHBOARD_PREFIXES = ("/dashboard/", "/static/", "/csv/", "/artifacts/", "/api/")
 _DASHBOARD_EXACT = frozenset({"/dashboard", "/favicon.ico"})
@@ -78,8 +80,6 @@ class DashboardMount:
         if scope["type"] == "http" and (self.app is None or is_dashboard_path(get_route_path(scope))):
             study_id = _guarded_study(scope["method"], get_route_path(scope))
             if study_id is not None and await anyio.to_thread.run_sync(self._is_caviar_study, study_id):
-                from service.api import error_response
-
                 response = error_response(
                     409,
                     "caviar_study",
@@ -107,6 +107,7 @@ class DashboardMount:
 
 def build_dashboard(db: Database) -> ASGIApp:
     """optuna-dashboard's WSGI app on ``db``'s Optuna storage, wrapped for ASGI."""
+    # lazy: optuna-dashboard and its WSGI stack load on the first dashboard request, not at start
     import optuna_dashboard
     from a2wsgi import WSGIMiddleware
 
@@ -118,6 +119,4 @@ def build_dashboard(db: Database) -> ASGIApp:
 def create_dashboard_app(settings: Settings, db: Database) -> ASGIApp:
     """The standalone dashboard of ``caviar dashboard``: every path goes to optuna-dashboard,
     behind the same body cap and auth as the API."""
-    from service.security import secure
-
     return secure(DashboardMount(None, db), settings, db)

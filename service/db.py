@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker
+from caviar.storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker
 
 _PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
 

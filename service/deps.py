@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.config import Settings
-from service.db import Database
+from caviar.service.config import Settings
+from caviar.service.db import Database
 
 
 def get_db(request: Request) -> Database:

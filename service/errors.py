@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 _PARAM_TAGS = {"float", "int", "categorical"}
 
@@ -98,3 +100,14 @@ def invalid_from_pydantic(errors: Sequence[Any], *, prefix: str = "") -> Invalid
     first = details[0] if details else {"field": prefix, "message": "invalid input"}
     where = first["field"] or "body"
     return InvalidInput(f"{where}: {first['message']}", details=details)
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def parse_model(model: type[_Model], data: Any, *, prefix: str = "") -> _Model:
+    """Validate ``data`` as ``model``; an :class:`InvalidInput` naming the field otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc.errors(), prefix=prefix) from None

@@ -42,10 +42,10 @@ from starlette._utils import get_route_path
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.dashboard import is_dashboard_path
-from service.db import Database
-from service.deps import DbDep, SettingsDep
-from storage import ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
+from caviar.service.dashboard import is_dashboard_path
+from caviar.service.db import Database
+from caviar.service.deps import DbDep, SettingsDep
+from caviar.storage import ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
 
 _log = logging.getLogger("caviar.metrics")
 

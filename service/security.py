@@ -7,15 +7,22 @@ clients get their 401 before any body is read), then the request body cap.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.config import Settings
-from service.db import Database
+from caviar.service.auth import AuthMiddleware, TokenVerifier
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.envelope import error_response
+
+ARTIFACT_ROUTE = re.compile(r"^/api/v1/studies/[^/]+/trials/[^/]+/artifacts/?$")
+"""File uploads: capped by ``max_artifact_bytes`` instead of ``max_body_bytes``."""
 
 OPEN_PATHS = frozenset({"/healthz"})
 """Paths that never need a token (``/metrics`` joins them when ``metrics_auth`` is false)."""
@@ -35,24 +42,29 @@ class BodyLimitMiddleware:
     Args:
         app: the next ASGI application.
         max_bytes: the largest body accepted.
+        artifact_bytes: the largest file uploaded to ``POST .../trials/{n}/artifacts``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, artifact_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.artifact_bytes = artifact_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if scope["method"] == "POST" and ARTIFACT_ROUTE.match(get_route_path(scope)):
+            limit = self.artifact_bytes
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared < 0 or declared > self.max_bytes:
-                    await self._too_large(scope, receive, send, declared >= 0)
+                if declared < 0 or declared > limit:
+                    await self._too_large(scope, receive, send, declared >= 0, limit)
                     return
         received = 0
         started = False
@@ -62,8 +74,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def watching_send(message: Message) -> None:
@@ -77,16 +89,16 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await self._too_large(scope, receive, send, True)
+            await self._too_large(scope, receive, send, True, limit)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send, too_long: bool) -> None:
-        from service.api import error_response
-
+    async def _too_large(
+        self, scope: Scope, receive: Receive, send: Send, too_long: bool, limit: int
+    ) -> None:
         if too_long:
             response = error_response(
                 413,
                 "payload_too_large",
-                f"request body exceeds {self.max_bytes} bytes",
+                f"request body exceeds {limit} bytes",
                 headers={"Connection": "close"},
             )
         else:
@@ -101,13 +113,14 @@ def open_paths(settings: Settings) -> frozenset[str]:
 
 def layers(settings: Settings, db: Database) -> list[tuple[type[Any], dict[str, Any]]]:
     """The security middleware for these settings, innermost first, as ``(class, kwargs)``."""
-    from service.auth import AuthMiddleware, TokenVerifier
-
     stack: list[tuple[type[Any], dict[str, Any]]] = [
-        (BodyLimitMiddleware, {"max_bytes": settings.max_body_bytes})
+        (
+            BodyLimitMiddleware,
+            {"max_bytes": settings.max_body_bytes, "artifact_bytes": settings.max_artifact_bytes},
+        )
     ]
     if settings.api_token is not None:
-        verifier = TokenVerifier(settings.api_token, db)
+        verifier = TokenVerifier(settings.api_token, db, worker_token=settings.worker_token)
         stack.append((AuthMiddleware, {"verifier": verifier, "open_paths": open_paths(settings)}))
     if settings.cors_origins:
         stack.append(

@@ -19,7 +19,9 @@ from typing import Any
 
 import uvicorn
 
-from service.config import Settings
+from caviar import storage
+from caviar.service.api import create_app
+from caviar.service.config import Settings
 
 _log = logging.getLogger("caviar.server")
 
@@ -58,8 +60,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _run_one(sock: socket.socket, settings_data: dict[str, Any], log_level: str) -> None:
     settings = Settings.model_validate(settings_data)
     os.environ["CAVIAR_DATABASE_URL"] = settings.database_url
-    from service.api import create_app
-
     config = uvicorn.Config(
         create_app(settings),
         log_level=log_level,
@@ -74,13 +74,13 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     """Serve the API with ``settings.processes`` processes (migrating first unless disabled)."""
     check_bind_allowed(settings)
     if settings.migrate_on_start:
-        import storage
-
         storage.upgrade(settings.database_url)
     sock = bind_socket(settings.host, settings.port)
     data = settings.model_dump(mode="json")
-    if settings.api_token is not None:
-        data["api_token"] = settings.api_token.get_secret_value()
+    for secret in ("api_token", "worker_token"):  # model_dump masks secrets; the children need them
+        value = getattr(settings, secret)
+        if value is not None:
+            data[secret] = value.get_secret_value()
     print(
         f"caviar serving on http://{settings.host}:{settings.port} with {settings.processes} process(es)",
         flush=True,

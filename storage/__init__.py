@@ -1,8 +1,8 @@
 """caviar's storage: engines, caviar's own tables and migrations, and the Optuna storage factory."""
 
-from storage._engine import is_sqlite, make_engine, make_sessionmaker
-from storage._migrate import current_revision, head_revision, is_up_to_date, upgrade
-from storage._models import (
+from caviar.storage._engine import is_sqlite, make_engine, make_sessionmaker
+from caviar.storage._migrate import current_revision, head_revision, is_up_to_date, upgrade
+from caviar.storage._models import (
     ApiToken,
     Base,
     Schedule,
@@ -12,7 +12,7 @@ from storage._models import (
     WorkerRecord,
     utcnow,
 )
-from storage._optuna import get_optuna_storage, reset_optuna_storages
+from caviar.storage._optuna import get_optuna_storage, reset_optuna_storages
 
 __all__ = [
     "ApiToken",

@@ -20,9 +20,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-from storage._engine import is_sqlite, make_engine
-from storage._models import VERSION_TABLE
+from caviar.storage._engine import is_sqlite, make_engine
+from caviar.storage._models import VERSION_TABLE
 
 _log = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -102,7 +103,7 @@ def upgrade(url: str) -> str:
     try:
         with _schema_lock(engine) as connection:
             # Optuna creates (or checks) its own tables and its own alembic_version table.
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": _null_pool()})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
             storage.engine.dispose()
             command.upgrade(_alembic_config(connection), "head")
             connection.commit()
@@ -111,9 +112,3 @@ def upgrade(url: str) -> str:
         return revision or ""
     finally:
         engine.dispose()
-
-
-def _null_pool() -> type:
-    from sqlalchemy.pool import NullPool
-
-    return NullPool

@@ -7,7 +7,7 @@ import threading
 import optuna
 from optuna.storages import BaseStorage
 
-from storage._engine import engine_kwargs
+from caviar.storage._engine import engine_kwargs
 
 _lock = threading.Lock()
 _storages: dict[str, BaseStorage] = {}

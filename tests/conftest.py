@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-import storage
+from caviar import storage
 
 BACKEND_URL = os.environ.get("CAVIAR_TEST_DATABASE", "sqlite")
 IS_POSTGRES = BACKEND_URL.startswith("postgresql")
@@ -100,7 +100,7 @@ def db_url(databases: DatabaseFactory) -> Iterator[str]:
 
 @pytest.fixture
 def db(db_url: str):  # type: ignore[no-untyped-def]
-    from service.db import Database
+    from caviar.service.db import Database
 
     database = Database(db_url)
     yield database
@@ -109,7 +109,7 @@ def db(db_url: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    from service.config import Settings
+    from caviar.service.config import Settings
 
     return Settings(
         database_url=db_url, heartbeat_interval_s=30, artifact_dir=str(tmp_path / "artifacts"), api_token=None
@@ -120,7 +120,7 @@ def settings(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def client(settings, db):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    from service.api import create_app
+    from caviar.service.api import create_app
 
     with TestClient(create_app(settings, db=db)) as test_client:
         yield test_client

@@ -15,8 +15,8 @@ import pytest
 import typer.main
 import yaml
 
-from service.cli import app as cli_app
-from service.config import Settings
+from caviar.service.cli import app as cli_app
+from caviar.service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -73,6 +73,12 @@ def test_the_roles_run_the_right_commands() -> None:
     assert SERVICES["dashboard"]["command"][0] == "dashboard"
 
 
+SERVER_SIDE = ("migrate", "api", "dashboard")
+WORKERS = ("worker", "cpu-worker")
+CLIENT_VARIABLES = {"CAVIAR_URL", "CAVIAR_API_TOKEN"}
+"""What ``caviar worker`` reads besides Settings (the client's URL and token)."""
+
+
 def test_environment_names_are_settings_fields() -> None:
     fields = {f"CAVIAR_{name.upper()}" for name in Settings.model_fields}
     seen: set[str] = set()
@@ -81,32 +87,51 @@ def test_environment_names_are_settings_fields() -> None:
         assert isinstance(environment, dict)
         for key in environment:
             if key.startswith("CAVIAR_"):
-                assert key in fields, f"{name}: {key} is not a Settings field"
+                assert key in fields | CLIENT_VARIABLES, f"{name}: {key} is not a Settings field"
                 seen.add(key)
-    assert {"CAVIAR_DATABASE_URL", "CAVIAR_API_TOKEN", "CAVIAR_HEARTBEAT_INTERVAL_S"} <= seen
+    assert {
+        "CAVIAR_DATABASE_URL",
+        "CAVIAR_API_TOKEN",
+        "CAVIAR_WORKER_TOKEN",
+        "CAVIAR_HEARTBEAT_INTERVAL_S",
+    } <= seen
 
 
-def test_the_api_needs_the_admin_token_from_the_environment() -> None:
+def test_the_api_needs_both_tokens_from_the_environment() -> None:
     for name in ("api", "dashboard"):
         token = SERVICES[name]["environment"]["CAVIAR_API_TOKEN"]
         assert token.startswith("${CAVIAR_API_TOKEN:?"), "a required variable: no token, no start"
+    assert SERVICES["api"]["environment"]["CAVIAR_WORKER_TOKEN"].startswith("${CAVIAR_WORKER_TOKEN:?")
 
 
-def test_postgres_has_a_healthcheck_and_a_volume() -> None:
+def test_workers_get_a_url_and_the_worker_token_and_no_database_credentials() -> None:
+    for name in WORKERS:
+        environment = SERVICES[name]["environment"]
+        assert set(environment) == CLIENT_VARIABLES, environment
+        assert environment["CAVIAR_API_TOKEN"].startswith("${CAVIAR_WORKER_TOKEN:?")
+        assert "api:8000" in environment["CAVIAR_URL"]
+        text = json.dumps(SERVICES[name])
+        assert "postgres" not in text and "DATABASE" not in text and "POSTGRES" not in text
+
+
+def test_postgres_is_private_with_a_healthcheck_and_a_volume() -> None:
     postgres = SERVICES["postgres"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     volume = postgres["volumes"][0].split(":")[0]
     assert volume in COMPOSE["volumes"]
-    bind = postgres["ports"][0]
-    assert bind.startswith("${POSTGRES_BIND:-127.0.0.1}:"), "PostgreSQL is local unless asked otherwise"
+    assert "ports" not in postgres, "PostgreSQL is never published: workers reach the API, not the database"
     assert "/healthz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
+    for name in SERVER_SIDE:
+        assert "postgres:5432" in SERVICES[name]["environment"]["CAVIAR_DATABASE_URL"]
 
 
 def test_migration_runs_once_before_servers_and_workers() -> None:
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["restart"] == "no"
-    for name in ("api", "worker", "cpu-worker", "dashboard"):
+    for name in ("api", "dashboard"):
         assert SERVICES[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for name in WORKERS:
+        assert SERVICES[name]["depends_on"]["api"]["condition"] == "service_healthy"
 
 
 def test_worker_reserves_gpus_and_can_scale() -> None:
@@ -121,12 +146,12 @@ def test_worker_reserves_gpus_and_can_scale() -> None:
         assert SERVICES[name]["stop_grace_period"]
 
 
-def test_dockerignore_keeps_the_packages_in_the_build_context() -> None:
+def test_dockerignore_keeps_the_package_in_the_build_context() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "tests"} <= ignored
-    assert not {"service", "storage", "trainer", "pyproject.toml"} & ignored
+    assert not {"caviar", "service", "storage", "trainer", "pyproject.toml"} & ignored
     copied = re.findall(r"^COPY\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
-    assert {"storage", "service", "trainer"} <= set(copied)
+    assert {"caviar", "storage", "service", "trainer"} <= set(copied)
 
 
 @pytest.mark.parametrize("args", [["serve", "--hots", "x"], ["worker", "--gpu", "all"], ["nope"], ["db"]])

@@ -1,23 +1,315 @@
-"""Architecture rules: service/ never imports torch, trainer/ never imports FastAPI."""
+"""Architecture rules, checked on the source (every import statement) and in fresh interpreters.
+
+- one import name: nothing imports the old top-level ``service``, ``storage`` or ``trainer``;
+- no import circles between caviar's modules (function-level imports included);
+- the trainer is a leaf: it imports nothing of caviar's service, storage or worker;
+- the worker reaches the service over REST only: it imports nothing of the service or storage;
+- domain modules import neither FastAPI/Starlette nor the CLI (typer, rich) nor HTTP adapters;
+- the service never imports torch, and ``import caviar`` stays light;
+- an import inside a function is there to keep a heavy dependency off a light path, and says so
+  in a ``# lazy:`` comment right above it (or on its line).
+"""
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
 import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "caviar"
+OLD_NAMES = ("service", "storage", "trainer")
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # the importing module
+    target: str  # the imported module (or the module a name was imported from)
+    line: int
+    lazy: bool  # inside a function
+    commented: bool  # a "# lazy:" comment on the line or right above its block
+    type_only: bool  # under ``if TYPE_CHECKING:``
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def caviar_modules() -> dict[str, Path]:
+    """Every module under ``caviar/`` (following the links to service/, trainer/, storage/)."""
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(PACKAGE, followlinks=True):
+        for file in files:
+            path = Path(folder) / file
+            if file.endswith(".py") and "migrations" not in path.parts:
+                found[module_name(path)] = path
+    return dict(sorted(found.items()))
+
+
+MODULES = caviar_modules()
+
+
+def _resolve(source: str, path: Path, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    package = source if path.name == "__init__.py" else source.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def imports_of(source: str, path: Path) -> list[Import]:
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    found: list[Import] = []
+
+    def commented(node: ast.stmt, body: list[ast.stmt]) -> bool:
+        if "# lazy" in lines[node.lineno - 1]:
+            return True
+        index = body.index(node)
+        while index > 0 and isinstance(body[index - 1], ast.Import | ast.ImportFrom):
+            index -= 1  # the comment may head a block of imports
+        first = body[index].lineno - 2
+        return first >= 0 and lines[first].strip().startswith("# lazy:")
+
+    def visit(body: list[ast.stmt], in_function: bool, type_only: bool) -> None:
+        for node in body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                targets: list[str] = []
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                else:
+                    base = _resolve(source, path, node)
+                    for alias in node.names:
+                        full = f"{base}.{alias.name}"
+                        targets.append(full if full in MODULES else base)
+                note = commented(node, body)
+                found.extend(Import(source, t, node.lineno, in_function, note, type_only) for t in targets)
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(node.body, True, type_only)
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body, in_function, type_only)
+            elif isinstance(node, ast.If):
+                guard = ast.unparse(node.test)
+                visit(node.body, in_function, type_only or guard.endswith("TYPE_CHECKING"))
+                visit(node.orelse, in_function, type_only)
+            elif isinstance(node, ast.Try | ast.With | ast.For | ast.While):
+                for block in ("body", "handlers", "orelse", "finalbody"):
+                    for item in getattr(node, block, []):
+                        visit(
+                            item.body if isinstance(item, ast.ExceptHandler) else [item],
+                            in_function,
+                            type_only,
+                        )
+
+    visit(tree.body, False, False)
+    return found
+
+
+ALL_IMPORTS = [imp for name, path in MODULES.items() for imp in imports_of(name, path)]
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_package_is_found_through_its_links() -> None:
+    for name in ("caviar", "caviar.service.api", "caviar.trainer.spec", "caviar.storage", "caviar.worker"):
+        assert name in MODULES, name
+
+
+def test_nothing_imports_the_old_top_level_names() -> None:
+    files = [*MODULES.values(), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py")]
+    files += [*ROOT.glob("examples/**/*.py")]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            offenders += [f"{path}:{node.lineno}: {n}" for n in names if n.split(".")[0] in OLD_NAMES]
+    assert not offenders, offenders
+
+
+def test_no_import_circles() -> None:
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for imp in ALL_IMPORTS:
+        if imp.target in MODULES and not imp.type_only and imp.target != imp.source:
+            graph[imp.source].add(imp.target)
+    # Tarjan's strongly connected components: any component of 2+ modules is a circle
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for node in graph:
+        if node not in index:
+            connect(node)
+    assert not circles, circles
+
 
 @pytest.mark.parametrize(
-    ("modules", "forbidden"),
+    ("package", "forbidden"),
     [
-        (["service.api", "service.cli", "service.trials.service", "service.schedules.service"], "torch"),
-        (["trainer", "trainer.worker"], "fastapi"),
+        (
+            "caviar.trainer",
+            ("caviar.service", "caviar.storage", "caviar.worker", "fastapi", "sqlalchemy", "optuna"),
+        ),
+        ("caviar.worker", ("caviar.service", "caviar.storage", "sqlalchemy", "optuna", "fastapi")),
+        ("caviar.storage", ("caviar.service", "caviar.trainer", "caviar.worker", "fastapi", "torch")),
+        (
+            "caviar.service",
+            ("torch", "caviar.worker._trainer", "caviar.trainer._train", "caviar.trainer._data"),
+        ),
     ],
 )
-def test_layers_do_not_import_each_others_stack(modules: list[str], forbidden: str) -> None:
-    code = (
-        "import sys\n" + "".join(f"import {m}\n" for m in modules) + f"print({forbidden!r} in sys.modules)\n"
+def test_packages_stay_in_their_lane(package: str, forbidden: tuple[str, ...]) -> None:
+    bad = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for imp in ALL_IMPORTS
+        if _within(imp.source, package) and any(_within(imp.target, f) for f in forbidden)
+    ]
+    assert not bad, bad
+
+
+def test_the_service_reads_only_the_trainer_contract() -> None:
+    """The service knows the trainer through ``caviar.trainer.spec`` (no torch); the one other use,
+    ``caviar gradcheck``, loads the trainer on demand."""
+    bad = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for imp in ALL_IMPORTS
+        if _within(imp.source, "caviar.service")
+        and _within(imp.target, "caviar.trainer")
+        and imp.target != "caviar.trainer.spec"
+        and not imp.lazy
+    ]
+    assert not bad, bad
+
+
+DOMAIN = [
+    name
+    for name in MODULES
+    if name.startswith(("caviar.service.definition", "caviar.service.trials", "caviar.service.studies"))
+    or name.startswith(("caviar.service.schedules", "caviar.service.tokens", "caviar.service.workers"))
+    or name in ("caviar.service.errors", "caviar.service.db", "caviar.service.config")
+]
+ADAPTERS = ("fastapi", "starlette", "typer", "rich", "click", "uvicorn")
+
+
+def test_domain_modules_import_no_http_or_cli() -> None:
+    domain = [name for name in DOMAIN if not name.endswith((".router", ".cli"))]
+    assert "caviar.service.trials.lifecycle" in domain and "caviar.service.studies.service" in domain
+    bad = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for imp in ALL_IMPORTS
+        if imp.source in domain
+        and (
+            any(_within(imp.target, a) for a in ADAPTERS)
+            or imp.target.endswith((".router", ".cli", ".cli_helpers"))
+            or imp.target in ("caviar.service.api", "caviar.service.envelope")
+        )
+    ]
+    assert not bad, bad
+
+
+def test_every_function_level_import_says_why() -> None:
+    silent = [
+        f"{imp.source}:{imp.line} {imp.target}" for imp in ALL_IMPORTS if imp.lazy and not imp.commented
+    ]
+    assert not silent, "imports inside functions need a '# lazy: <why>' comment: " + ", ".join(silent)
+
+
+def _imported_by(statement: str, *modules: str) -> list[str]:
+    code = f"import sys\n{statement}\nprint(','.join(m for m in {modules!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False", f"{modules} import {forbidden}"
+    return [m for m in result.stdout.strip().split(",") if m]
+
+
+def test_import_caviar_is_light() -> None:
+    assert _imported_by("import caviar", "torch", "fastapi", "sqlalchemy", "optuna", "starlette") == []
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import caviar.service.api, caviar.service.cli, caviar.service.trials, caviar.service.schedules.service",
+        "from caviar.service.cli import app",
+    ],
+)
+def test_the_service_never_imports_torch(statement: str) -> None:
+    assert _imported_by(statement, "torch") == []
+
+
+def test_the_trainer_and_worker_never_import_the_web_stack() -> None:
+    statement = "import caviar.trainer, caviar.worker, caviar.worker._slot; caviar.trainer.train"
+    assert _imported_by(statement, "fastapi", "starlette", "sqlalchemy", "optuna") == []
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("caviar_hpo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "caviar",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    shipped = {
+        name.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+        for name in names
+        if name.endswith(".py")
+    }
+    missing = {m for m in MODULES if m not in shipped}
+    assert not missing, missing
+    assert "caviar/storage/migrations/script.py.mako" in names
+    assert "caviar/service/examples/digits-mlp.yaml" in names

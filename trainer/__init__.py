@@ -2,17 +2,43 @@
 
 ``train`` runs one trial; ``train_group`` runs K trials that differ only in :data:`FUSIBLE`
 hyperparameters as one stacked model, so each member gets the same result as training alone.
+
+The contract with the tuning service (:mod:`caviar.trainer.spec`: hyperparameter names,
+datasets, metrics) imports only the standard library; everything that needs torch is loaded on
+first use, so the service can read the contract without importing torch.
 """
 
-from ._checkpoint import TrainedModel, load_model
-from ._config import FUSIBLE, HYPERPARAMETERS, TrialConfig, lr_at
-from ._data import Dataset, load_dataset
-from ._gradcheck import gradcheck
-from ._train import TrialResult, train, train_group
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .spec import DATASETS, FUSIBLE, HYPERPARAMETERS, METRICS, MODELS, TrialConfig, lr_at
+
+if TYPE_CHECKING:
+    from ._checkpoint import TrainedModel, load_model
+    from ._data import Dataset, load_dataset
+    from ._gradcheck import gradcheck
+    from ._train import TrialResult, train, train_group
+
+# lazy: the torch-backed API, imported on first attribute access (keeps torch off the service's path)
+_TORCH_API = {
+    "TrainedModel": "._checkpoint",
+    "load_model": "._checkpoint",
+    "Dataset": "._data",
+    "load_dataset": "._data",
+    "gradcheck": "._gradcheck",
+    "TrialResult": "._train",
+    "train": "._train",
+    "train_group": "._train",
+}
 
 __all__ = [
+    "DATASETS",
     "FUSIBLE",
     "HYPERPARAMETERS",
+    "METRICS",
+    "MODELS",
     "Dataset",
     "TrainedModel",
     "TrialConfig",
@@ -24,3 +50,16 @@ __all__ = [
     "train",
     "train_group",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _TORCH_API.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

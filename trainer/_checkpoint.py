@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._config import TrialConfig
 from ._layers import FusedModel, build_model
+from .spec import TrialConfig
 
 __all__ = ["FORMAT", "TrainedModel", "load_model", "save_checkpoint"]
 

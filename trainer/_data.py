@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "load_dataset"]
+from .spec import DATASETS
 
-BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+__all__ = ["Dataset", "load_dataset"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +89,7 @@ def load_dataset(
     elif options:
         raise ValueError(f"unexpected options for dataset {key!r}: {', '.join(sorted(options))}")
     elif key in ("digits", "breast_cancer", "wine"):
+        # lazy: scikit-learn (about a second to import) loads only when a dataset needs it
         from sklearn import datasets
 
         bunch = getattr(datasets, f"load_{key}")()
@@ -99,7 +100,7 @@ def load_dataset(
         x, y = _load_file(Path(key), target)
     else:
         raise ValueError(
-            f"unknown dataset {key!r}: use one of {', '.join(BUILTIN_DATASETS)} or a .csv/.npz/.parquet path"
+            f"unknown dataset {key!r}: use one of {', '.join(DATASETS)} or a .csv/.npz/.parquet path"
         )
     return _split(key, x, y, validation_split, seed, image_shape)
 
@@ -113,6 +114,7 @@ def _synthetic(
     class_sep: float = 1.5,
     data_seed: int | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any]]:
+    # lazy: scikit-learn, as above
     from sklearn.datasets import make_classification
 
     n_informative = min(n_informative, n_features)
@@ -147,6 +149,7 @@ def _load_file(path: Path, target: str) -> tuple[NDArray[Any], NDArray[Any]]:
                 f"{path}: x must be 2-D and y 1-D of the same length, got {x.shape} and {y.shape}"
             )
         return x.astype(np.float64), y
+    # lazy: pandas loads only for CSV and Parquet files
     import pandas as pd
 
     frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
@@ -171,6 +174,7 @@ def _split(
     seed: int,
     image_shape: tuple[int, int, int] | None,
 ) -> Dataset:
+    # lazy: scikit-learn, as above
     from sklearn.model_selection import train_test_split
 
     if len(x) == 0 or x.shape[1] == 0:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ._checkpoint import save_checkpoint
-from ._config import TrialConfig, check_group, lr_at
 from ._data import Dataset
 from ._layers import FusedModel, build_model
 from ._optim import COEFFICIENTS, FusedOptimizer
@@ -30,13 +29,13 @@ from ._rng import (
     permutations,
     uniform,
 )
+from .spec import METRICS, TrialConfig, check_group, lr_at
 
 __all__ = ["GroupReport", "Report", "TrialResult", "augment_batch", "resolve_device", "train", "train_group"]
 
 Report = Callable[[int, float], bool]
 """``report(step, val_accuracy) -> prune?`` for :func:`train`."""
 GroupReport = Callable[[int, int, float], bool]
-METRICS = ("val_accuracy", "val_loss", "train_loss")
 """``report(member_index, step, val_accuracy) -> prune?`` for :func:`train_group`."""
 
 _EVAL_CHUNK = 4096

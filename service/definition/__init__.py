@@ -1,24 +1,36 @@
 """Study definitions: search spaces, samplers, pruners, budgets, and their Optuna mapping."""
 
-from service.definition._factories import PRUNERS, SAMPLERS, allowed_options, build_pruner, build_sampler
-from service.definition._space import (
+from caviar.service.definition._codec import (
     REVERSE_PREFIX,
+    decode,
+    decode_params,
+    decoded_name,
+    encode,
+    encode_params,
+    is_reversed,
+    search_scale,
+    stored_name,
+)
+from caviar.service.definition._factories import (
+    PRUNERS,
+    SAMPLERS,
+    allowed_options,
+    build_pruner,
+    build_sampler,
+)
+from caviar.service.definition._space import (
     CategoricalParam,
     FloatParam,
     IntParam,
     Param,
-    decode_params,
-    encode_value,
     is_active,
     sampling_order,
-    stored_name,
 )
-from service.definition._spec import (
-    BUILTIN_DATASETS,
+from caviar.service.definition._spec import (
     NAME_PATTERN,
-    TRAINER_HYPERPARAMETERS,
     Budget,
     Objective,
+    ObjectiveKind,
     PrunerSpec,
     SamplerSpec,
     StudyDefinition,
@@ -28,17 +40,16 @@ from service.definition._spec import (
 )
 
 __all__ = [
-    "BUILTIN_DATASETS",
     "NAME_PATTERN",
     "PRUNERS",
     "REVERSE_PREFIX",
     "SAMPLERS",
-    "TRAINER_HYPERPARAMETERS",
     "Budget",
     "CategoricalParam",
     "FloatParam",
     "IntParam",
     "Objective",
+    "ObjectiveKind",
     "Param",
     "PrunerSpec",
     "SamplerSpec",
@@ -48,10 +59,15 @@ __all__ = [
     "build_pruner",
     "build_sampler",
     "check_finite",
+    "decode",
     "decode_params",
-    "encode_value",
+    "decoded_name",
+    "encode",
+    "encode_params",
     "is_active",
+    "is_reversed",
     "is_valid_name",
     "sampling_order",
+    "search_scale",
     "stored_name",
 ]

@@ -1,8 +1,6 @@
 """Search-space parameters and their mapping onto Optuna distributions.
 
-``reverse_log`` parameters (betas, momentum) are sampled log-uniformly in ``1 - x``: Optuna
-stores them as ``one_minus_<name>`` over ``[1 - high, 1 - low]`` and caviar decodes them back
-to ``<name>`` everywhere users look.
+How a value is stored (``reverse_log`` as ``one_minus_<name>``) is :mod:`._codec`'s business.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ from optuna.distributions import (
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-REVERSE_PREFIX = "one_minus_"
+from caviar.service.definition._codec import REVERSE_PREFIX, stored_bounds
+
 RESERVED_PREFIXES = (REVERSE_PREFIX, "caviar")
 PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
@@ -61,9 +60,8 @@ class FloatParam(_Param):
         return self
 
     def distribution(self) -> BaseDistribution:
-        if self.scale == "reverse_log":
-            return FloatDistribution(1.0 - self.high, 1.0 - self.low, log=True)
-        return FloatDistribution(self.low, self.high, log=self.scale == "log", step=self.step)
+        low, high, log = stored_bounds(self.low, self.high, self.scale)
+        return FloatDistribution(low, high, log=log, step=self.step)
 
 
 class IntParam(_Param):
@@ -112,37 +110,6 @@ class CategoricalParam(_Param):
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
-
-
-def stored_name(name: str, param: Param) -> str:
-    """The name Optuna stores ``name`` under."""
-    if isinstance(param, FloatParam) and param.scale == "reverse_log":
-        return REVERSE_PREFIX + name
-    return name
-
-
-def encode_value(param: Param, value: Any) -> Any:
-    """A user-facing value as Optuna stores it."""
-    if isinstance(param, FloatParam) and param.scale == "reverse_log":
-        return 1.0 - float(value)
-    return value
-
-
-def decode_params(space: dict[str, Param], stored: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's stored params -> the decoded params users see (``one_minus_beta1`` -> ``beta1``).
-
-    Parameters outside the search space (a trial enqueued through Optuna, say) pass through.
-    """
-    decoded: dict[str, Any] = {}
-    for key, value in stored.items():
-        if key.startswith(REVERSE_PREFIX):
-            name = key[len(REVERSE_PREFIX) :]
-            param = space.get(name)
-            if isinstance(param, FloatParam) and param.scale == "reverse_log":
-                decoded[name] = 1.0 - float(value)
-                continue
-        decoded[key] = value
-    return decoded
 
 
 def sampling_order(space: dict[str, Param]) -> list[str]:

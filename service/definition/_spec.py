@@ -12,7 +12,8 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from service.definition._factories import (
+from caviar.service.definition._codec import stored_name
+from caviar.service.definition._factories import (
     PRUNERS,
     SAMPLERS,
     build_pruner,
@@ -20,7 +21,7 @@ from service.definition._factories import (
     check_options,
     grid_values,
 )
-from service.definition._space import (
+from caviar.service.definition._space import (
     PARAM_NAME_PATTERN,
     RESERVED_PREFIXES,
     CategoricalParam,
@@ -28,38 +29,30 @@ from service.definition._space import (
     IntParam,
     Param,
     sampling_order,
-    stored_name,
 )
+from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-
-# The trainer's TrialConfig fields (tests check this list against ``trainer.HYPERPARAMETERS``;
-# service/ cannot import the trainer, which imports torch).
-TRAINER_HYPERPARAMETERS = frozenset(
-    {
-        "layers", "hidden_units", "batch_norm", "dropout", "init", "optimizer", "lr", "momentum",
-        "beta1", "beta2", "eps", "lr_decay", "lr_decay_rate", "lr_decay_steps", "weight_decay", "l1",
-        "batch_size", "patience", "augment", "seed",
-    }
-)  # fmt: skip
-BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
-TRAINER_METRICS = ("val_accuracy", "val_loss", "train_loss")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ObjectiveKind = Literal["trainer", "external"]
+"""What runs a trial: caviar's built-in trainer (workers), or an external client that asks and tells."""
+
+
 class Objective(_Strict):
     """What a trial runs: caviar's built-in trainer, or an external client that asks and tells."""
 
-    kind: Literal["trainer", "external"] = "external"
+    kind: ObjectiveKind = "external"
     dataset: str | None = Field(
         default=None, max_length=1024, description="digits | breast_cancer | wine | synthetic | file:PATH"
     )
     target: str = Field(default="target", max_length=256, description="Target column of a CSV/Parquet file.")
-    model: Literal["mlp", "cnn"] = "mlp"
+    model: str = Field(default="mlp", max_length=32, description="The trainer's model: " + " | ".join(MODELS))
     max_epochs: int = Field(default=20, ge=1, le=100_000)
     validation_split: float = Field(default=0.2, gt=0, lt=1)
     fixed: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters held constant.")
@@ -70,11 +63,13 @@ class Objective(_Strict):
         if self.kind == "trainer":
             if not self.dataset:
                 raise ValueError("dataset is required for kind trainer")
-            if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("file:")):
+            if not (self.dataset in DATASETS or self.dataset.startswith("file:")):
                 raise ValueError(
-                    f"dataset must be one of {', '.join(BUILTIN_DATASETS)} or file:PATH, got {self.dataset!r}"
+                    f"dataset must be one of {', '.join(DATASETS)} or file:PATH, got {self.dataset!r}"
                 )
-            unknown = sorted(set(self.fixed) - TRAINER_HYPERPARAMETERS)
+            if self.model not in MODELS:
+                raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+            unknown = sorted(set(self.fixed) - TUNABLE)
             if unknown:
                 raise ValueError(f"fixed: unknown trainer hyperparameter {unknown[0]!r}")
         return self
@@ -171,10 +166,9 @@ class StudyTemplate(_Strict):
         objective = info.data.get("objective")
         if isinstance(objective, Objective) and objective.kind == "trainer":
             for name in space:
-                if name not in TRAINER_HYPERPARAMETERS:
+                if name not in TUNABLE:
                     raise ValueError(
-                        f"{name!r} is not a trainer hyperparameter "
-                        f"(known: {', '.join(sorted(TRAINER_HYPERPARAMETERS))})"
+                        f"{name!r} is not a trainer hyperparameter (known: {', '.join(sorted(TUNABLE))})"
                     )
                 if name in objective.fixed:
                     raise ValueError(f"{name!r} is both searched and fixed")
@@ -199,11 +193,9 @@ class StudyTemplate(_Strict):
         if len(set(metrics)) != len(metrics):
             raise ValueError("metric: names must be unique")
         if self.objective.kind == "trainer":
-            unknown = [m for m in metrics if m not in TRAINER_METRICS]
+            unknown = [m for m in metrics if m not in METRICS]
             if unknown:
-                raise ValueError(
-                    f"metric: the trainer reports {', '.join(TRAINER_METRICS)}, not {unknown[0]!r}"
-                )
+                raise ValueError(f"metric: the trainer reports {', '.join(METRICS)}, not {unknown[0]!r}")
         if self.sampler.type == "grid":
             for name, param in self.search_space.items():
                 if param.when:

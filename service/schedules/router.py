@@ -9,9 +9,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from service.deps import DbDep
-from service.schedules import service
-from service.schedules.schemas import (
+from caviar.service.deps import DbDep
+from caviar.service.schedules import service
+from caviar.service.schedules.schemas import (
     ScheduleCreate,
     ScheduleList,
     ScheduleRead,

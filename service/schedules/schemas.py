@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from service.definition import NAME_PATTERN
-from service.schedules._cron import CronError, check_cron, parse_timezone
+from caviar.service.definition import NAME_PATTERN
+from caviar.service.schedules._cron import CronError, check_cron, parse_timezone
 
 MAX_NAME_LENGTH = 100
 """Schedule names are at most 100 characters, so that ``<name>-<YYYYmmddTHHMM>`` (and the

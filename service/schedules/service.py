@@ -16,20 +16,27 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.background import PeriodicTask
-from service.config import Settings
-from service.db import Database
-from service.definition import StudyDefinition, StudyTemplate
-from service.errors import CaviarError, Conflict, InvalidInput, NotFound, invalid_from_pydantic
-from service.schedules._cron import CronError, CronSchedule
-from service.schedules.schemas import (
+from caviar.service.background import PeriodicTask
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.definition import StudyDefinition, StudyTemplate
+from caviar.service.errors import (
+    CaviarError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    invalid_from_pydantic,
+    parse_model,
+)
+from caviar.service.schedules._cron import CronError, CronSchedule
+from caviar.service.schedules.schemas import (
     ScheduleCreate,
     ScheduleList,
     ScheduleRead,
@@ -37,8 +44,8 @@ from service.schedules.schemas import (
     ScheduleRunRead,
     ScheduleUpdate,
 )
-from service.studies.service import QUEUE_STATES, create_study
-from storage import Schedule, ScheduleRun, StudyRecord, utcnow
+from caviar.service.studies.service import QUEUE_STATES, create_study
+from caviar.storage import Schedule, ScheduleRun, StudyRecord, utcnow
 
 _log = logging.getLogger("caviar.scheduler")
 
@@ -52,24 +59,15 @@ MISSED_COUNT_CAP = 10_000
 clock: Callable[[], datetime] = utcnow
 """The scheduler loop's clock (tests replace it; :func:`fire_due` itself takes ``now``)."""
 
-_Model = TypeVar("_Model", bound=BaseModel)
-
-
-def _parse(model: type[_Model], data: Any) -> _Model:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_pydantic(exc.errors()) from None
-
 
 def parse_create(data: Any) -> ScheduleCreate:
     """Validate a new schedule from JSON/YAML data; errors name the field."""
-    return _parse(ScheduleCreate, data)
+    return parse_model(ScheduleCreate, data)
 
 
 def parse_update(data: Any) -> ScheduleUpdate:
     """Validate a schedule change from JSON/YAML data; errors name the field."""
-    return _parse(ScheduleUpdate, data)
+    return parse_model(ScheduleUpdate, data)
 
 
 def tick_study_name(schedule_name: str, cron: CronSchedule, tick: datetime) -> str:

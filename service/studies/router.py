@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from service.definition import StudyDefinition
-from service.deps import DbDep
-from service.studies import service
-from service.studies.schemas import StudyList, StudyRead, StudyState
+from caviar.service.definition import StudyDefinition
+from caviar.service.deps import DbDep
+from caviar.service.studies import service
+from caviar.service.studies.schemas import StudyList, StudyRead, StudyState
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -36,14 +36,14 @@ def create_study(db: DbDep, body: Annotated[StudyDefinition, Body(examples=[_EXA
 @router.get("", summary="List studies")
 def list_studies(
     db: DbDep,
-    state: StudyState | None = None,
+    state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
     tag: Annotated[str | None, Query(max_length=200, description="key or key=value")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
     return service.list_studies(
-        db, state=state, tag=tag, limit=limit, offset=offset, queue_order=order == "queue"
+        db, states=state, tag=tag, limit=limit, offset=offset, queue_order=order == "queue"
     )
 
 

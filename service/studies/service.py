@@ -1,6 +1,6 @@
 """Study operations: create, read, list, delete, pause and resume.
 
-Plain functions over a :class:`~service.db.Database`; the REST API, the CLI, the scheduler and
+Plain functions over a :class:`~caviar.service.db.Database`; the REST API, the CLI, the scheduler and
 the workers all call them.
 """
 
@@ -15,18 +15,27 @@ from typing import Any
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db import Database
-from service.definition import StudyDefinition, decode_params
-from service.errors import Conflict, NotFound, invalid_from_pydantic
-from service.studies.schemas import BestTrial, ParetoFront, ParetoTrial, StudyList, StudyRead, TrialCounts
-from storage import StudyRecord, utcnow
+from caviar.service.db import Database
+from caviar.service.definition import StudyDefinition, decode_params
+from caviar.service.errors import Conflict, NotFound, parse_model
+from caviar.service.studies.schemas import (
+    BestTrial,
+    ParetoFront,
+    ParetoTrial,
+    StudyList,
+    StudyRead,
+    TrialCounts,
+)
+from caviar.storage import StudyRecord, utcnow
 
 QUEUE_STATES = ("queued", "running")
+"""States in which a study hands out trials."""
+QUEUE_ORDER = (StudyRecord.priority.desc(), StudyRecord.created_at, StudyRecord.id)
+"""The order workers take studies in: highest priority first, then the oldest."""
 _COUNTED = {
     TrialState.WAITING: "waiting",
     TrialState.RUNNING: "running",
@@ -38,10 +47,7 @@ _COUNTED = {
 
 def parse_definition(data: dict[str, Any], *, prefix: str = "") -> StudyDefinition:
     """Validate a study definition from JSON/YAML data; errors name the field."""
-    try:
-        return StudyDefinition.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_pydantic(exc.errors(), prefix=prefix) from None
+    return parse_model(StudyDefinition, data, prefix=prefix)
 
 
 _definitions: dict[tuple[int, datetime], StudyDefinition] = {}
@@ -193,7 +199,9 @@ def list_studies(
     ``tag`` is ``key`` or ``key=value``; ``states`` keeps studies in any of these states.
     """
     with db.session() as session:
-        query = select(StudyRecord)
+        query = select(StudyRecord).order_by(
+            *(QUEUE_ORDER if queue_order else (StudyRecord.created_at.desc(), StudyRecord.id.desc()))
+        )
         if state is not None:
             query = query.where(StudyRecord.state == state)
         if states is not None:
@@ -206,12 +214,21 @@ def list_studies(
             for r in records
             if key in r.definition.get("tags", {}) and (not value or r.definition["tags"][key] == value)
         ]
-    if queue_order:
-        records.sort(key=lambda r: (-r.priority, r.created_at, r.id))
-    else:
-        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     page = records[offset : offset + limit]
     return StudyList(items=[describe(db, r) for r in page], total=len(records))
+
+
+def runnable_studies(
+    db: Database, *, kinds: Sequence[str] | None = None, names: Sequence[str] | None = None
+) -> list[StudyRecord]:
+    """Studies that hand out trials, in queue order; optionally only these objective kinds or names."""
+    with db.session() as session:
+        query = select(StudyRecord).where(StudyRecord.state.in_(QUEUE_STATES)).order_by(*QUEUE_ORDER)
+        if kinds:
+            query = query.where(StudyRecord.objective_kind.in_(list(kinds)))
+        if names:
+            query = query.where(StudyRecord.name.in_(list(names)))
+        return list(session.scalars(query))
 
 
 def count_studies_by_state(db: Database) -> dict[str, int]:

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 
-from service.deps import DbDep
-from service.tokens import service
-from service.tokens.schemas import TokenCreate, TokenCreated, TokenList
+from caviar.service.deps import DbDep
+from caviar.service.tokens import service
+from caviar.service.tokens.schemas import TokenCreate, TokenCreated, TokenList
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 

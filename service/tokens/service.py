@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from service.db import Database
-from service.errors import NotFound
-from service.tokens.schemas import Scope, TokenCreated, TokenList, TokenRead
-from storage import ApiToken, utcnow
+from caviar.service.db import Database
+from caviar.service.errors import NotFound
+from caviar.service.tokens.schemas import Scope, TokenCreated, TokenList, TokenRead
+from caviar.storage import ApiToken, utcnow
 
 TOKEN_PREFIX = "cvr_"
 _SHOWN_CHARS = 12

@@ -9,11 +9,13 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upl
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from service.db import Database
-from service.errors import NotFound
-from service.studies.service import all_trials, definition_of, load_record, ranked
+from caviar.service.db import Database
+from caviar.service.errors import NotFound
+from caviar.service.studies.service import all_trials, definition_of, load_record, ranked
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
+FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Names of files stored with trials: no directories, no hidden files."""
 
 
 def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
@@ -22,8 +24,11 @@ def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(artifact_dir)
 
 
-def save_checkpoint(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:
-    """Attach the file at ``path`` to trial ``number`` of study ``name``; returns the artifact id."""
+def save_artifact(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:
+    """Attach the file at ``path`` to trial ``number`` of study ``name``; returns the artifact id.
+
+    The artifact keeps the file's base name (``checkpoint.pt``, ``trial.log``, ...).
+    """
     record = load_record(db, name)
     trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
     return upload_artifact(
@@ -51,7 +56,9 @@ def open_checkpoint(
             raise NotFound(f"study {name!r} has no trial {number}", code="trial_not_found") from None
         candidates = [db.optuna.get_trial(trial_id)]
     for trial in candidates:
-        metas = get_all_artifact_meta(trial, storage=db.optuna)
+        metas = [
+            m for m in get_all_artifact_meta(trial, storage=db.optuna) if m.filename == CHECKPOINT_FILENAME
+        ]
         if metas:
             meta = metas[-1]
             try:

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Response, status
+import anyio.to_thread
+from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from service.deps import DbDep, SettingsDep
-from service.errors import InvalidInput
-from service.schemas import error_responses
-from service.studies import service as studies
-from service.studies.schemas import StudyRead
-from service.trials import service
-from service.trials.artifacts import artifact_store, open_checkpoint
-from service.trials.schemas import (
+from caviar.service import trials as service
+from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.envelope import error_responses
+from caviar.service.errors import InvalidInput
+from caviar.service.studies import service as studies
+from caviar.service.studies.schemas import StudyRead
+from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
+from caviar.service.trials.schemas import (
+    ArtifactRead,
     AskRequest,
     HeartbeatRequest,
     Importances,
     ParetoTrials,
     RefineRequest,
+    ReleaseRequest,
     ReportRequest,
     ReportResponse,
     TellRequest,
@@ -42,7 +47,12 @@ def ask(
 ) -> TrialAssignment:
     body = body or AskRequest()
     return service.ask(
-        db, name, worker_id=body.worker_id, request_id=body.request_id, policy=_policy(settings)
+        db,
+        name,
+        worker_id=body.worker_id,
+        request_id=body.request_id,
+        policy=_policy(settings),
+        fixed=body.fixed,
     )
 
 
@@ -71,7 +81,43 @@ def tell(db: DbDep, name: str, number: int, body: TellRequest) -> TrialRead:
     if body.value is not None and body.values is not None:
         raise InvalidInput("value: give value or values, not both")
     values = body.values if body.values is not None else ([body.value] if body.value is not None else None)
-    return service.tell(db, name, number, body.state, values=values, reason=body.reason)
+    return service.tell(
+        db, name, number, body.state, values=values, reason=body.reason, user_attrs=body.user_attrs
+    )
+
+
+@router.post("/trials/{number}/release", summary="Hand a running trial back (retried without using a retry)")
+def release(
+    db: DbDep, name: str, number: int, body: Annotated[ReleaseRequest | None, Body()] = None
+) -> TrialRead:
+    body = body or ReleaseRequest()
+    service.release(db, name, number, reason=body.reason)
+    return service.get_trial(db, name, number)
+
+
+@router.post(
+    "/trials/{number}/artifacts",
+    status_code=status.HTTP_201_CREATED,
+    summary="Store a file with a trial (checkpoint, log); the body is the file",
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}},
+)
+async def upload_artifact(
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    name: str,
+    number: int,
+    filename: Annotated[str, Query(pattern=FILENAME_PATTERN, description="The file's name.")],
+) -> ArtifactRead:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, filename)
+        with open(path, "wb") as handle:
+            async for chunk in request.stream():
+                handle.write(chunk)
+        artifact_id = await anyio.to_thread.run_sync(
+            save_artifact, db, artifact_store(settings.artifact_dir), name, number, path
+        )
+    return ArtifactRead(artifact_id=artifact_id, filename=filename)
 
 
 @router.get("/trials", summary="List trials ordered by number")

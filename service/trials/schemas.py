@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TrialStateName = Literal["waiting", "running", "complete", "pruned", "fail"]
+
+
+WorkerId = Annotated[str, Field(min_length=1, max_length=128, description="Who runs the trial.")]
+AttrKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")]
 
 
 class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    worker_id: str | None = Field(default=None, max_length=128, description="Who runs the trial.")
+    worker_id: WorkerId | None = None
     request_id: str | None = Field(
         default=None, min_length=1, max_length=128, description="Repeat an ask safely: same id, same trial."
+    )
+    fixed: dict[str, Any] | None = Field(
+        default=None,
+        max_length=256,
+        description="Decoded parameter values to keep; the sampler chooses the rest (fused groups).",
     )
 
 
@@ -35,6 +45,7 @@ class ReportRequest(BaseModel):
 
     step: int = Field(ge=0, le=2**31 - 1)
     value: float
+    worker_id: WorkerId | None = None
 
 
 class ReportResponse(BaseModel):
@@ -44,7 +55,16 @@ class ReportResponse(BaseModel):
 class HeartbeatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    worker_id: str | None = Field(default=None, max_length=128)
+    worker_id: WorkerId | None = None
+
+
+class ReleaseRequest(BaseModel):
+    """Hand a running trial back unfinished: it is retried without using up a retry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="handed back by worker", max_length=2000)
+    worker_id: WorkerId | None = None
 
 
 class TellRequest(BaseModel):
@@ -56,6 +76,24 @@ class TellRequest(BaseModel):
     value: float | None = None
     values: list[float] | None = Field(default=None, min_length=1, max_length=16)
     reason: str | None = Field(default=None, max_length=2000)
+    user_attrs: dict[AttrKey, Any] | None = Field(
+        default=None, max_length=64, description="Recorded on the trial (epochs, timings, final metrics)."
+    )
+    worker_id: WorkerId | None = None
+
+    @field_validator("user_attrs")
+    @classmethod
+    def _not_reserved(cls, attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, value in (attrs or {}).items():
+            if key.startswith("caviar"):
+                raise ValueError(f"{key!r}: attribute names starting with 'caviar' are reserved")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key!r}: must be a finite number")
+            if isinstance(value, str) and len(value) > 1000:
+                raise ValueError(f"{key!r}: at most 1000 characters")
+            if not isinstance(value, str | int | float | bool | None):
+                raise ValueError(f"{key!r}: must be a string, a number, true/false or null")
+        return attrs
 
 
 class TrialRead(BaseModel):
@@ -82,6 +120,13 @@ class TrialList(BaseModel):
 
 class ParetoTrials(BaseModel):
     trials: list[TrialRead]
+
+
+class ArtifactRead(BaseModel):
+    """A file stored with a trial (Optuna artifact)."""
+
+    artifact_id: str
+    filename: str
 
 
 class Importances(BaseModel):

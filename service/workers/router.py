@@ -1,18 +1,63 @@
-"""HTTP adapter for the worker registry."""
+"""HTTP adapter for workers: registry, the one heartbeat for all leases, and the study queue."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from service.deps import DbDep, SettingsDep
-from service.workers import service
-from service.workers.schemas import WorkerList
+from fastapi import APIRouter, Path, Query, status
 
-router = APIRouter(prefix="/workers", tags=["workers"])
+from caviar.service.definition import NAME_PATTERN, ObjectiveKind
+from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.trials import LeasePolicy
+from caviar.service.workers import service
+from caviar.service.workers.schemas import (
+    WORKER_ID_PATTERN,
+    HeartbeatResult,
+    QueueList,
+    WorkerHeartbeat,
+    WorkerList,
+    WorkerRegister,
+    WorkerRegistered,
+)
+
+router = APIRouter(tags=["workers"])
+
+WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
+_NAME = NAME_PATTERN.strip("^$")
+STUDY_LIST = f"^{_NAME}(,{_NAME}){{0,99}}$"
 
 
-@router.get("", summary="Registered workers: device, current trials, last heartbeat, live or lost")
+@router.get("/workers", summary="Registered workers: device, current trials, last heartbeat, live or lost")
 def list_workers(db: DbDep, settings: SettingsDep, live_only: bool = False) -> WorkerList:
     return service.list_workers(
         db, heartbeat_interval_s=settings.heartbeat_interval_s, include_stopped=not live_only
     )
+
+
+@router.post("/workers", status_code=status.HTTP_201_CREATED, summary="Register a worker slot")
+def register_worker(db: DbDep, settings: SettingsDep, body: WorkerRegister) -> WorkerRegistered:
+    worker = service.register_worker(db, body.id, host=body.host, pid=body.pid, device=body.device)
+    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=settings.heartbeat_interval_s)
+
+
+@router.post(
+    "/workers/{worker_id}/heartbeat", summary="Renew the leases of all the worker's trials in one call"
+)
+def worker_heartbeat(
+    db: DbDep, settings: SettingsDep, worker_id: WorkerIdPath, body: WorkerHeartbeat
+) -> HeartbeatResult:
+    policy = LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
+    lost = service.beat(db, worker_id, body.trials, status=body.status, policy=policy)
+    return HeartbeatResult(lost=lost)
+
+
+@router.get("/queue", summary="Studies that hand out trials, in the order workers take them")
+def queue(
+    db: DbDep,
+    kind: Annotated[list[ObjectiveKind] | None, Query(max_length=8, description="Only these kinds.")] = None,
+    study: Annotated[
+        str | None, Query(pattern=STUDY_LIST, description="Only these studies (comma-separated names).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> QueueList:
+    return service.queue(db, kinds=kind or (), names=study.split(",") if study else (), limit=limit)

@@ -1,11 +1,14 @@
-"""Worker read schema."""
+"""Worker schemas: registration, the one heartbeat for all of a worker's leases, the queue."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Unique per worker slot.")]
 
 
 class WorkerRead(BaseModel):
@@ -20,6 +23,63 @@ class WorkerRead(BaseModel):
     last_seen_at: datetime
 
 
+class WorkerRegistered(WorkerRead):
+    heartbeat_interval_s: float = Field(description="Beat at least this often to keep leases.")
+
+
 class WorkerList(BaseModel):
     items: list[WorkerRead]
     total: int
+
+
+class WorkerRegister(BaseModel):
+    """A worker slot announcing itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: WorkerId
+    host: str = Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
+    pid: int = Field(ge=0, le=2**31 - 1)
+    device: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9:_-]+$")
+
+
+class TrialRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    study: str = Field(min_length=1, max_length=128)
+    number: int = Field(ge=0, le=2**31 - 1)
+
+
+class WorkerHeartbeat(BaseModel):
+    """Renew the leases of every trial the worker runs, and say what it is doing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["idle", "busy", "stopped"] = "busy"
+    trials: list[TrialRef] = Field(default_factory=list, max_length=10_000)
+
+
+class LostTrial(TrialRef):
+    code: str = Field(description="lease_lost, trial_finished, not_your_trial or trial_not_found")
+
+
+class HeartbeatResult(BaseModel):
+    """The trials the worker must stop: their leases were not renewed."""
+
+    lost: list[LostTrial]
+
+
+class QueueItem(BaseModel):
+    """A study that hands out trials, as workers see it."""
+
+    name: str
+    state: str
+    priority: int
+    objective_kind: str
+    metrics: list[str] = Field(description="The optimised metrics, one per direction, in order.")
+    definition: dict[str, Any]
+    created_at: datetime
+
+
+class QueueList(BaseModel):
+    items: list[QueueItem]

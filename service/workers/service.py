@@ -1,4 +1,7 @@
-"""Worker registration and listing (plain functions; the worker processes call them)."""
+"""Workers: registration, one heartbeat renewing all of a worker's leases, the study queue.
+
+Plain functions over a :class:`~caviar.service.db.Database`; workers reach them over REST.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,23 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from service.db import Database
-from service.workers.schemas import WorkerList, WorkerRead
-from storage import WorkerRecord, utcnow
+from caviar.service.db import Database
+from caviar.service.studies.service import definition_of, runnable_studies
+from caviar.service.trials import LeasePolicy
+from caviar.service.workers.schemas import (
+    LostTrial,
+    QueueItem,
+    QueueList,
+    TrialRef,
+    WorkerList,
+    WorkerRead,
+)
+from caviar.storage import StudyRecord, TrialLease, WorkerRecord, utcnow
 
 
-def register_worker(db: Database, worker_id: str, *, host: str, pid: int, device: str) -> None:
+def register_worker(db: Database, worker_id: str, *, host: str, pid: int, device: str) -> WorkerRead:
     """Record (or re-record) a worker slot as started now."""
     now = utcnow()
     with db.session() as session, session.begin():
@@ -26,19 +38,89 @@ def register_worker(db: Database, worker_id: str, *, host: str, pid: int, device
         record.current_trials = {"trials": []}
         record.started_at = now
         record.last_seen_at = now
+    return _read(record, live=True)
 
 
-def touch_worker(
-    db: Database, worker_id: str, *, status: str, trials: Sequence[tuple[str, int]] = ()
-) -> None:
-    """Mark a worker alive now, with what it currently runs."""
+def beat(
+    db: Database,
+    worker_id: str,
+    trials: Sequence[TrialRef],
+    *,
+    status: str = "busy",
+    policy: LeasePolicy | None = None,
+) -> list[LostTrial]:
+    """Renew the leases of ``trials`` (all of one worker's) in one statement; mark the worker seen.
+
+    Returns:
+        The trials whose lease was not renewed, with why: ``lease_lost`` (reaped or handed back:
+        its retry runs elsewhere), ``trial_finished``, ``not_your_trial`` (another worker asked
+        for it) or ``trial_not_found``. The worker stops training those.
+    """
+    policy = policy or LeasePolicy()
+    names = sorted({ref.study for ref in trials})
     with db.session() as session, session.begin():
-        record = session.get(WorkerRecord, worker_id)
-        if record is None:
-            return
-        record.status = status
-        record.current_trials = {"trials": [{"study": s, "number": n} for s, n in trials]}
-        record.last_seen_at = utcnow()
+        rows = session.execute(select(StudyRecord.name, StudyRecord.id).where(StudyRecord.name.in_(names)))
+        ids: dict[str, int] = {name: study_id for name, study_id in rows}
+        wanted = {(ids[ref.study], ref.number): ref for ref in trials if ref.study in ids}
+        leases = {
+            (lease.study_id, lease.number): lease
+            for lease in session.scalars(
+                select(TrialLease).where(TrialLease.study_id.in_(list(ids.values())))
+            )
+            if (lease.study_id, lease.number) in wanted
+        }
+        renewable = [
+            lease.trial_id
+            for lease in leases.values()
+            if lease.status == "active" and lease.worker_id in (None, worker_id)
+        ]
+        if renewable:
+            session.execute(
+                update(TrialLease)
+                .where(TrialLease.trial_id.in_(renewable), TrialLease.status == "active")
+                .values(expires_at=utcnow() + timedelta(seconds=policy.lease_s))
+            )
+        worker = session.get(WorkerRecord, worker_id)
+        if worker is not None:
+            worker.status = status
+            worker.current_trials = {"trials": [ref.model_dump() for ref in trials]}
+            worker.last_seen_at = utcnow()
+    lost = []
+    for ref in trials:
+        lease = leases.get((ids.get(ref.study, -1), ref.number))
+        if lease is None:
+            code = "trial_not_found"
+        elif lease.worker_id not in (None, worker_id):
+            code = "not_your_trial"
+        elif lease.status in ("reaped", "released"):
+            code = "lease_lost"
+        elif lease.status != "active":
+            code = "trial_finished"
+        else:
+            continue
+        lost.append(LostTrial(study=ref.study, number=ref.number, code=code))
+    return lost
+
+
+def queue(
+    db: Database, *, kinds: Sequence[str] = (), names: Sequence[str] = (), limit: int = 100
+) -> QueueList:
+    """The studies that hand out trials, in the order workers take them."""
+    records = runnable_studies(db, kinds=kinds, names=names)[:limit]
+    return QueueList(
+        items=[
+            QueueItem(
+                name=r.name,
+                state=r.state,
+                priority=r.priority,
+                objective_kind=r.objective_kind,
+                metrics=definition_of(r).metrics,
+                definition=r.definition,
+                created_at=r.created_at,
+            )
+            for r in records
+        ]
+    )
 
 
 def list_workers(db: Database, *, heartbeat_interval_s: float, include_stopped: bool = True) -> WorkerList:

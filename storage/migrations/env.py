@@ -6,7 +6,7 @@ from typing import Any
 
 from alembic import context
 
-from storage._models import VERSION_TABLE, Base
+from caviar.storage._models import VERSION_TABLE, Base
 
 
 def _include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

@@ -14,11 +14,11 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from service.api import create_app
-from service.auth import allows, credentials, required_scope
-from service.cli import app as cli_app
-from service.security import OPEN_PATHS
-from storage import ApiToken
+from caviar.service.api import create_app
+from caviar.service.auth import allows, credentials, required_scope
+from caviar.service.cli import app as cli_app
+from caviar.service.security import OPEN_PATHS
+from caviar.storage import ApiToken
 from tests.service.helpers import external_study
 
 ADMIN = "admin-" + "s3cr3t-" * 4

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from service.api import create_app
-from service.cli import app as cli_app
+from caviar.service.api import create_app
+from caviar.service.cli import app as cli_app
 from tests.service.helpers import external_study
 from tests.service.test_dashboard import free_port, live_server
 

@@ -19,8 +19,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.api import create_app
-from service.dashboard import create_dashboard_app, is_dashboard_path
+from caviar.service.api import create_app
+from caviar.service.dashboard import create_dashboard_app, is_dashboard_path
 from tests.service.helpers import external_study
 
 ADMIN = "dashboard-admin-token-0123456789"

@@ -23,9 +23,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.errors import UnsupportedSchema
 
-from service.api import create_app
-from service.config import Settings
-from service.db import Database
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+from caviar.service.db import Database
 from tests.service.test_dashboard import free_port, live_server
 
 MAX_EXAMPLES = 25

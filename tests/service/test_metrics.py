@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from service.api import create_app
-from service.metrics import MULTIPROC_ENV, prepare_multiprocess
-from storage import Schedule, ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
+from caviar.service.api import create_app
+from caviar.service.metrics import MULTIPROC_ENV, prepare_multiprocess
+from caviar.storage import Schedule, ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
 from tests.service.helpers import external_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,16 +130,16 @@ def test_multiprocess_mode_sums_request_metrics_over_processes(tmp_path: Path, d
     record = textwrap.dedent(
         f"""
         from fastapi.testclient import TestClient
-        from service.api import create_app
-        from service.config import Settings
+        from caviar.service.api import create_app
+        from caviar.service.config import Settings
         with TestClient(create_app(Settings(database_url={db_url!r}))) as client:
             assert client.get("/api/v1/studies").status_code == 200
         """
     )
     scrape_code = textwrap.dedent(
         f"""
-        from service.db import Database
-        from service.metrics import render
+        from caviar.service.db import Database
+        from caviar.service.metrics import render
         print(render(Database({db_url!r}), 60.0).decode())
         """
     )

@@ -16,14 +16,14 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from service.api import create_app
-from service.config import Settings
-from service.db import Database
-from service.examples import example_path
-from service.schedules import service
-from service.schedules.schemas import ScheduleRead
-from service.studies.service import pause_study, set_state
-from storage import Schedule, ScheduleRun, StudyRecord
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.examples import example_path
+from caviar.service.schedules import service
+from caviar.service.schedules.schemas import ScheduleRead
+from caviar.service.studies.service import pause_study, set_state
+from caviar.storage import Schedule, ScheduleRun, StudyRecord
 
 _EXAMPLE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
 
@@ -213,8 +213,8 @@ def test_disabled_schedule_does_not_fire_and_reenabling_starts_from_now(db: Data
 
 
 def test_a_study_name_taken_by_someone_else_records_an_error(db: Database) -> None:
-    from service.definition import StudyDefinition
-    from service.studies.service import create_study
+    from caviar.service.definition import StudyDefinition
+    from caviar.service.studies.service import create_study
 
     make(db, utc(2024, 5, 1, 0, 30))
     create_study(db, StudyDefinition.from_template("nightly-20240501T0100", template()))

@@ -11,10 +11,10 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.db import Database
-from service.schedules import service
-from storage import StudyRecord
+from caviar.service.cli import app
+from caviar.service.db import Database
+from caviar.service.schedules import service
+from caviar.storage import StudyRecord
 from tests.service.test_schedules import template
 
 runner = CliRunner()
@@ -84,7 +84,7 @@ def test_queue_lists_queued_and_running_in_worker_order(db_url: str, db: Databas
         doc = {**template(priority=priority), "name": name}
         cli(db_url, "study", "create", "-f", write(tmp_path, doc))
     cli(db_url, "study", "create", "-f", write(tmp_path, {**template(), "name": "low2"}))
-    from service.studies.service import pause_study
+    from caviar.service.studies.service import pause_study
 
     pause_study(db, "paused")
     queue = cli_json(db_url, "queue")

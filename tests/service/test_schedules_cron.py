@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from service.schedules._cron import CronError, CronSchedule, check_cron, parse_timezone
+from caviar.service.schedules._cron import CronError, CronSchedule, check_cron, parse_timezone
 from tests.service.test_schedules import utc
 
 

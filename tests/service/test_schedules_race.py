@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service.api import create_app
-from service.config import Settings
-from service.db import Database
-from service.schedules import service
-from storage import Schedule, ScheduleRun, StudyRecord
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.schedules import service
+from caviar.storage import Schedule, ScheduleRun, StudyRecord
 from tests.conftest import IS_POSTGRES
 from tests.service.test_schedules import make, utc
 
@@ -94,8 +94,8 @@ def _process_replica(url: str, ticks: list[datetime], barrier: Any, results: Any
     """One replica in its own process: fire at each tick together with the others."""
     import optuna
 
-    from service.db import Database
-    from service.schedules import service
+    from caviar.service.db import Database
+    from caviar.service.schedules import service
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = Database(url)

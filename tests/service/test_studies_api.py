@@ -10,7 +10,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service.examples import example_path
+from caviar.service.examples import example_path
 
 EXAMPLE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
 

@@ -169,7 +169,7 @@ def test_budget_counts_trials_created_through_optuna(client: TestClient, db_url:
 
 
 def test_lease_lapses_is_reaped_and_retried(settings, db) -> None:
-    from service.api import create_app
+    from caviar.service.api import create_app
 
     fast = settings.model_copy(update={"heartbeat_interval_s": 0.2, "reaper_interval_s": 0.1})
     with TestClient(create_app(fast, db=db)) as client:
@@ -194,7 +194,7 @@ def test_lease_lapses_is_reaped_and_retried(settings, db) -> None:
 
 
 def test_heartbeats_keep_the_lease(settings, db) -> None:
-    from service.api import create_app
+    from caviar.service.api import create_app
 
     fast = settings.model_copy(update={"heartbeat_interval_s": 0.3, "reaper_interval_s": 0.1})
     with TestClient(create_app(fast, db=db)) as client:
@@ -209,8 +209,8 @@ def test_heartbeats_keep_the_lease(settings, db) -> None:
 def test_trial_timeout_fails_the_trial(client: TestClient, db) -> None:
     from datetime import timedelta
 
-    from service.trials.service import reap
-    from storage import utcnow
+    from caviar.service.trials import reap
+    from caviar.storage import utcnow
 
     name = create(client, n_trials=3, trial_timeout_s=1)
     ask(client, name)
@@ -348,8 +348,9 @@ def test_importances_and_refine(client: TestClient) -> None:
 
 def test_a_trial_orphaned_mid_ask_is_recovered(client: TestClient, db) -> None:
     """A crash between creating the trial and writing its lease (a database restart) is recovered."""
-    from service.studies.service import all_trials, load_record
-    from service.trials.service import _start_trial, reap
+    from caviar.service.studies.service import all_trials, load_record
+    from caviar.service.trials import reap
+    from caviar.service.trials.lifecycle import _start_trial
 
     name = create(client, n_trials=2)
     record = load_record(db, name)

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 from scipy import stats
 
-from service.db import Database
-from service.errors import Conflict
-from service.studies.service import create_study, parse_definition
-from service.trials import service as trials
+from caviar.service import trials
+from caviar.service.db import Database
+from caviar.service.errors import Conflict
+from caviar.service.studies.service import create_study, load_record, parse_definition
 from tests.service.helpers import external_study
 
 
@@ -89,7 +89,7 @@ def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database) -> None:
     for thread in threads:
         thread.join(60)
     assert not errors
-    record_state = trials.load_record(db, "tells").state
+    record_state = load_record(db, "tells").state
     assert record_state == "completed"
 
 

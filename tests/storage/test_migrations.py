@@ -7,7 +7,7 @@ import multiprocessing
 import optuna
 from sqlalchemy import inspect, text
 
-import storage
+from caviar import storage
 from tests.conftest import DatabaseFactory
 
 CAVIAR_TABLES = {
@@ -42,8 +42,8 @@ def test_upgrade_from_empty_to_head(databases: DatabaseFactory) -> None:
 
 
 def test_optuna_and_caviar_studies_coexist(databases: DatabaseFactory) -> None:
-    from service.db import Database
-    from service.studies.service import create_study, parse_definition
+    from caviar.service.db import Database
+    from caviar.service.studies.service import create_study, parse_definition
     from tests.service.helpers import external_study
 
     url = databases.migrated()

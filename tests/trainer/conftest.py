@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import Dataset, load_dataset
+from caviar.trainer import Dataset, load_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from trainer import FUSIBLE, HYPERPARAMETERS, TrialConfig, lr_at
-from trainer._config import check_group
+from caviar.trainer import FUSIBLE, HYPERPARAMETERS, TrialConfig, lr_at
+from caviar.trainer.spec import check_group
 
 
 def test_field_names_are_the_contract() -> None:

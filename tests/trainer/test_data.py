@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from trainer import Dataset, load_dataset
+from caviar.trainer import Dataset, load_dataset
 
 
 def test_digits_shapes_and_image_shape(digits: Dataset) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from caviar.service.cli import app
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import gradcheck
-from trainer._gradcheck import THRESHOLD
-from trainer._layers import FusedBatchNorm, FusedConv2d, FusedLinear, FusedMLP, fused_dropout
-from trainer._rng import STREAM_AUGMENT, STREAM_DROPOUT, member_generators
-from trainer._train import augment_batch
+from caviar.trainer import gradcheck
+from caviar.trainer._gradcheck import THRESHOLD
+from caviar.trainer._layers import FusedBatchNorm, FusedConv2d, FusedLinear, FusedMLP, fused_dropout
+from caviar.trainer._rng import STREAM_AUGMENT, STREAM_DROPOUT, member_generators
+from caviar.trainer._train import augment_batch
 
 
 def test_fused_linear_and_conv_match_per_member_layers() -> None:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from trainer import Dataset, TrialConfig, train
-from trainer._optim import FusedOptimizer
+from caviar.trainer import Dataset, TrialConfig, train
+from caviar.trainer._optim import FusedOptimizer
 
 _DEFAULTS = {
     "momentum": [0.9],

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import Dataset, TrialConfig, load_dataset, load_model, train, train_group
-from trainer import _train as train_module
-from trainer._layers import FusedModel
+from caviar.trainer import Dataset, TrialConfig, load_dataset, load_model, train, train_group
+from caviar.trainer import _train as train_module
+from caviar.trainer._layers import FusedModel
 
 _FAST = {"hidden_units": 32, "max_epochs": 3, "batch_size": 64, "device": "cpu"}
 
@@ -183,7 +183,7 @@ def test_group_and_model_errors(digits: Dataset) -> None:
 
 
 def test_report_sends_the_chosen_metric(small_tabular) -> None:
-    from trainer import TrialConfig, train
+    from caviar.trainer import TrialConfig, train
 
     seen: list[tuple[int, float]] = []
     config = TrialConfig(hidden_units=16, max_epochs=3, batch_size=64, seed=0)
@@ -196,7 +196,7 @@ def test_report_sends_the_chosen_metric(small_tabular) -> None:
 
 
 def test_on_result_reports_each_member_as_it_leaves(small_tabular) -> None:
-    from trainer import TrialConfig, train_group
+    from caviar.trainer import TrialConfig, train_group
 
     configs = [TrialConfig(hidden_units=16, max_epochs=4, batch_size=64, seed=s, lr=1e-3) for s in range(3)]
     order: list[tuple[int, int]] = []

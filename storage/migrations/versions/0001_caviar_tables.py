@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import storage._models
+from caviar.storage import _models
 
 revision = "0001"
 down_revision = None
@@ -27,9 +27,9 @@ def upgrade() -> None:
         sa.Column("scope", sa.String(length=16), nullable=False),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("prefix", sa.String(length=16), nullable=False),
-        sa.Column("created_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_used_at", storage._models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("revoked_at", storage._models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_used_at", _models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("revoked_at", _models.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("token_hash"),
     )
@@ -43,12 +43,12 @@ def upgrade() -> None:
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("misfire", sa.String(length=16), nullable=False),
         sa.Column("overlap", sa.String(length=24), nullable=False),
-        sa.Column("next_run_at", storage._models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("end_at", storage._models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_run_at", _models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("end_at", _models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("max_runs", sa.Integer(), nullable=True),
         sa.Column("run_count", sa.Integer(), nullable=False),
-        sa.Column("created_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", storage._models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", _models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
     )
@@ -63,16 +63,16 @@ def upgrade() -> None:
         sa.Column("device", sa.String(length=32), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("current_trials", sa.JSON(), nullable=False),
-        sa.Column("started_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_seen_at", storage._models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_at", _models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_table(
         "caviar_schedule_runs",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("schedule_id", sa.Integer(), nullable=False),
-        sa.Column("tick_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("fired_at", storage._models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("tick_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("fired_at", _models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("study_name", sa.String(length=128), nullable=True),
         sa.Column("outcome", sa.String(length=24), nullable=False),
         sa.Column("message", sa.Text(), nullable=True),
@@ -96,8 +96,8 @@ def upgrade() -> None:
         sa.Column("objective_kind", sa.String(length=16), nullable=False),
         sa.Column("optuna_study_id", sa.Integer(), nullable=False),
         sa.Column("schedule_id", sa.Integer(), nullable=True),
-        sa.Column("created_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", storage._models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", _models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["schedule_id"], ["caviar_schedules.id"], ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
@@ -116,9 +116,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("retry_of", sa.Integer(), nullable=True),
-        sa.Column("started_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", storage._models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("deadline_at", storage._models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("started_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", _models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("deadline_at", _models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(["study_id"], ["caviar_studies.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("trial_id"),

@@ -1,8 +1,9 @@
-"""Trial configuration: the hyperparameters one training run is defined by.
+"""The trainer's contract: what one training run is defined by, and what it reports.
 
-The field names of :class:`TrialConfig` are the contract with the tuning service, which validates
-study definitions against :data:`HYPERPARAMETERS` without importing torch (this module imports
-only the standard library).
+Everything the tuning service must know about the trainer is declared here once: the
+hyperparameters (:class:`TrialConfig`'s fields), which of them may differ within a fused group,
+the models, the built-in datasets and the reported metrics. The service reads this module to
+validate study definitions, so it imports only the standard library (never torch).
 """
 
 from __future__ import annotations
@@ -14,9 +15,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FUSIBLE", "HYPERPARAMETERS", "SHARED", "TrialConfig", "check_group", "lr_at"]
+__all__ = [
+    "DATASETS",
+    "FUSIBLE",
+    "HYPERPARAMETERS",
+    "METRICS",
+    "MODELS",
+    "SHARED",
+    "TUNABLE",
+    "TrialConfig",
+    "check_group",
+    "lr_at",
+]
 
 MODELS = ("mlp", "cnn")
+"""Model families; the CNN needs an image dataset."""
+DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+"""Built-in datasets (shipped with scikit-learn or generated: nothing is downloaded)."""
+IMAGE_DATASETS = ("digits",)
+"""Built-in datasets whose samples are images (the CNN's inputs)."""
+METRICS = ("val_accuracy", "val_loss", "train_loss")
+"""What a training run reports, per epoch and at its end."""
 INITS = ("he", "xavier")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 LR_DECAYS = ("none", "inverse_time", "exponential", "step")
@@ -193,6 +212,9 @@ FUSIBLE: frozenset[str] = frozenset(
 
 SHARED: frozenset[str] = HYPERPARAMETERS - FUSIBLE
 """Fields the members of one fused group must agree on."""
+
+TUNABLE: frozenset[str] = HYPERPARAMETERS - {"model", "max_epochs", "device"}
+"""The hyperparameters a study may search or hold fixed (the rest come from its objective)."""
 
 
 def check_group(configs: Sequence[TrialConfig]) -> None:

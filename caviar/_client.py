@@ -1,0 +1,403 @@
+"""``caviar.Client``: studies and trials of a caviar service, from any Python program.
+
+Depends on httpx only (no torch, no FastAPI). The same :class:`Trial` serves a client loop
+(``with study.ask() as trial``), ``study.optimize(objective)`` and programs run by a worker
+(:func:`current_trial`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from caviar._errors import CaviarApiError, LeaseLost, TrialPruned
+from caviar._http import RETRY_STATUSES, HttpClient
+from caviar._http import api_path as _path
+
+_log = logging.getLogger("caviar.client")
+
+STOP_CODES = frozenset({"budget_exhausted", "study_failed", "study_paused", "study_stopped"})
+"""Ask refusals that mean the study hands out no more trials (to this loop, for now)."""
+
+
+class Client:
+    """A caviar service.
+
+    Args:
+        url: the service's base URL (default: ``CAVIAR_URL``, else ``http://127.0.0.1:8000``).
+        token: bearer token (default: ``CAVIAR_API_TOKEN``).
+        timeout_s: per-request timeout.
+        retry_s: how long a request is retried through connection errors, 429 and 503.
+        transport: an httpx transport (tests pass one).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry_s: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.http = HttpClient(url, token, timeout_s=timeout_s, retry_s=retry_s, transport=transport)
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def create_study(self, definition: dict[str, Any] | str | Path) -> Study:
+        """Create a study from a definition (a mapping, or a YAML/JSON file path)."""
+        if not isinstance(definition, dict):
+            definition = _load_definition(Path(definition))
+        created = self.http.post(_path("studies"), json=definition)
+        return Study(self, str(created["name"]))
+
+    def study(self, name: str) -> Study:
+        """A handle on an existing study (no request is made)."""
+        return Study(self, name)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _load_definition(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        # lazy: PyYAML is needed only for definition files
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected one study definition (a mapping)")
+    return data
+
+
+class Study:
+    """One study of a caviar service."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Study({self.name!r})"
+
+    def info(self) -> dict[str, Any]:
+        """The study as the API shows it: state, definition, trial counts, best."""
+        return dict(self.client.http.get(_path("studies", self.name)))
+
+    def best(self) -> dict[str, Any]:
+        """The best trial, or ``{"trials": [...]}`` (the Pareto front) for several objectives."""
+        return dict(self.client.http.get(_path("studies", self.name, "best")))
+
+    def trials(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every trial (optionally of one state), ordered by number."""
+        items: list[dict[str, Any]] = []
+        while True:
+            params: dict[str, Any] = {"limit": 1000, "offset": len(items)}
+            if state:
+                params["state"] = state
+            page = self.client.http.get(_path("studies", self.name, "trials"), params=params)
+            items += page["items"]
+            if not page["items"] or len(items) >= page["total"]:
+                return items
+
+    def ask(
+        self,
+        *,
+        worker_id: str | None = None,
+        fixed: dict[str, Any] | None = None,
+        wait: bool = True,
+        heartbeat: bool = True,
+    ) -> Trial:
+        """Claim a trial (use as ``with study.ask() as trial:``).
+
+        Args:
+            worker_id: who runs the trial (default: a random id for this client).
+            fixed: decoded parameter values the sampler must keep (it chooses the rest).
+            wait: when the study runs ``max_parallel`` trials, wait for a free place (else raise).
+            heartbeat: keep the lease from a background thread while the ``with`` block runs.
+
+        Raises:
+            CaviarApiError: ``budget_exhausted``, ``study_paused``, ``study_failed``, ...
+        """
+        body: dict[str, Any] = {"request_id": uuid.uuid4().hex, "worker_id": worker_id or _client_id()}
+        if fixed:
+            body["fixed"] = fixed
+        retry_on = RETRY_STATUSES if wait else RETRY_STATUSES - {429}
+        while True:
+            try:
+                data = self.client.http.post(
+                    _path("studies", self.name, "trials", "ask"), json=body, retry_on=retry_on
+                )
+            except CaviarApiError as exc:
+                if exc.code == "max_parallel_reached" and wait:
+                    continue  # the HTTP layer's retry budget ran out while the study stayed full
+                raise
+            return Trial(self.client, data, worker_id=body["worker_id"], heartbeat=heartbeat)
+
+    def optimize(
+        self,
+        objective: Callable[[Trial], float | Sequence[float]],
+        n_trials: int | None = None,
+        n_jobs: int = 1,
+        *,
+        catch: tuple[type[Exception], ...] = (),
+    ) -> int:
+        """Run ``objective(trial)`` on trials of this study until its global budget is used.
+
+        The budget is the study's, shared with every other client and worker; ``n_trials`` caps
+        how many this call runs. ``objective`` returns the value (or values); it may call
+        ``trial.report(step, value)``, which raises :class:`TrialPruned` when the pruner says so.
+
+        Args:
+            objective: the function to tune.
+            n_trials: at most this many trials in this call (default: until the study is done).
+            n_jobs: threads running trials at once.
+            catch: exception types that fail the trial and go on (others fail it and stop).
+
+        Returns:
+            The number of trials this call finished.
+        """
+        lock = threading.Lock()
+        state = {"started": 0, "finished": 0, "stop": False}
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if state["stop"] or (n_trials is not None and state["started"] >= n_trials):
+                        return
+                    state["started"] += 1
+                try:
+                    trial = self.ask()
+                except CaviarApiError as exc:
+                    if exc.code in STOP_CODES:
+                        with lock:
+                            state["stop"] = True
+                        return
+                    raise
+                try:
+                    with trial:
+                        result = objective(trial)
+                        trial.tell(result)
+                except LeaseLost:
+                    _log.warning("trial %d of %s lost its lease; it is retried", trial.number, self.name)
+                except catch as exc:
+                    _log.warning("trial %d of %s failed: %r", trial.number, self.name, exc)
+                with lock:
+                    state["finished"] += 1
+
+        if n_jobs <= 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                for future in [pool.submit(worker) for _ in range(n_jobs)]:
+                    future.result()
+        return state["finished"]
+
+
+_CLIENT_ID = f"client-{uuid.uuid4().hex[:12]}"
+
+
+def _client_id() -> str:
+    return _CLIENT_ID
+
+
+class Trial:
+    """A claimed trial: its parameters, and the calls that report on it and finish it.
+
+    Attributes:
+        study: the study's name.
+        number: the trial's number in the study.
+        params: the decoded parameters (``beta1``, not ``one_minus_beta1``).
+        retry_of: the number of the failed trial this one retries, if any.
+    """
+
+    def __init__(
+        self, client: Client, assignment: dict[str, Any], *, worker_id: str | None, heartbeat: bool = True
+    ) -> None:
+        self.client = client
+        self.study = str(assignment["study"])
+        self.number = int(assignment["number"])
+        self.params: dict[str, Any] = dict(assignment["params"])
+        self.retry_of: int | None = assignment.get("retry_of")
+        self.heartbeat_interval_s = float(assignment.get("heartbeat_interval_s", 30.0))
+        self.worker_id = worker_id
+        self._heartbeat = heartbeat
+        self._finished = False
+        self._lost: LeaseLost | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Trial(study={self.study!r}, number={self.number}, params={self.params})"
+
+    def _post(self, action: str, body: dict[str, Any]) -> Any:
+        if self._lost is not None:
+            raise self._lost
+        if self.worker_id is not None:
+            body = {**body, "worker_id": self.worker_id}
+        try:
+            return self.client.http.post(
+                _path("studies", self.study, "trials", self.number, action), json=body
+            )
+        except LeaseLost as exc:
+            self._lost = exc
+            raise
+
+    # ---- reporting ---------------------------------------------------------------------
+
+    def should_prune(self, step: int, value: float) -> bool:
+        """Report an intermediate value and return the pruner's decision (renews the lease)."""
+        return bool(self._post("report", {"step": int(step), "value": float(value)})["should_prune"])
+
+    def report(self, step: int, value: float) -> None:
+        """Report an intermediate value; raise :class:`TrialPruned` when the pruner says so."""
+        if self.should_prune(step, value):
+            raise TrialPruned(f"trial {self.number} pruned at step {step}")
+
+    def heartbeat(self) -> None:
+        """Renew the lease now (the ``with`` block does this in the background)."""
+        self._post("heartbeat", {})
+
+    def upload(self, path: str | Path, *, filename: str | None = None) -> dict[str, Any]:
+        """Store a file (checkpoint, log) with the trial; returns ``{artifact_id, filename}``."""
+        path = Path(path)
+        return dict(
+            self.client.http.post(
+                _path("studies", self.study, "trials", self.number, "artifacts"),
+                params={"filename": filename or path.name},
+                content=path.read_bytes(),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        )
+
+    # ---- finishing ---------------------------------------------------------------------
+
+    def tell(
+        self,
+        value: float | Sequence[float] | None = None,
+        *,
+        values: Sequence[float] | None = None,
+        user_attrs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Finish the trial as complete with its value (or values, for several objectives)."""
+        if values is None:
+            if value is None:
+                raise ValueError("tell needs a value (or values)")
+            values = list(value) if isinstance(value, Sequence) else [value]
+        body: dict[str, Any] = {"state": "complete", "values": [float(v) for v in values]}
+        return self._finish(body, user_attrs)
+
+    def prune(self, *, user_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the trial as pruned."""
+        return self._finish({"state": "pruned"}, user_attrs)
+
+    def fail(self, reason: str = "", *, user_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the trial as failed; the service retries it (same parameters) per ``max_retries``."""
+        return self._finish({"state": "fail", "reason": reason[-2000:] or None}, user_attrs)
+
+    def release(self, reason: str = "handed back") -> None:
+        """Hand the trial back unfinished: it is retried without using up a retry."""
+        self._post("release", {"reason": reason[:2000]})
+        self._finished = True
+
+    def _finish(self, body: dict[str, Any], user_attrs: dict[str, Any] | None) -> dict[str, Any]:
+        if user_attrs:
+            body["user_attrs"] = user_attrs
+        told = dict(self._post("tell", body))
+        self._finished = True
+        return told
+
+    # ---- the with block ----------------------------------------------------------------
+
+    def __enter__(self) -> Trial:
+        if self._heartbeat:
+            self._thread = threading.Thread(
+                target=self._beat, name=f"caviar-heartbeat-{self.number}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat()
+            except LeaseLost:
+                return
+            except CaviarApiError as exc:
+                if exc.code == "trial_finished":
+                    return
+                _log.warning("heartbeat of trial %d failed: %s", self.number, exc)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._finished or isinstance(exc, LeaseLost) or self._lost is not None:
+            return False
+        if exc is None:
+            self.fail("the trial's block ended without a tell")
+            raise RuntimeError(
+                f"trial {self.number} of {self.study}: the with-block ended without trial.tell(value); "
+                "it was told failed"
+            )
+        if isinstance(exc, TrialPruned):
+            self.prune()
+            return True
+        if isinstance(exc, Exception):
+            self.fail(f"{type(exc).__name__}: {exc}")
+        else:  # KeyboardInterrupt, SystemExit: not the trial's fault
+            self.release(f"interrupted ({type(exc).__name__})")
+        return False
+
+
+def current_trial() -> Trial:
+    """The trial a ``caviar worker`` runs this program for (``kind: python`` or ``command``).
+
+    The worker heartbeats on the program's behalf; ``report``, ``tell`` and ``upload`` go to the
+    service named by ``CAVIAR_URL`` with ``CAVIAR_API_TOKEN``.
+
+    Raises:
+        RuntimeError: outside a program started by a worker (no ``CAVIAR_TRIAL``).
+    """
+    raw = os.environ.get("CAVIAR_TRIAL")
+    if not raw:
+        raise RuntimeError(
+            "caviar.current_trial(): not running under a caviar worker (CAVIAR_TRIAL is unset)"
+        )
+    data = json.loads(raw)
+    return Trial(_shared_client(), data, worker_id=data.get("worker_id"), heartbeat=False)
+
+
+_shared: Client | None = None
+_shared_lock = threading.Lock()
+
+
+def _shared_client() -> Client:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Client()
+        return _shared

@@ -1,0 +1,137 @@
+"""HTTP to a caviar service: bearer auth, the error envelope, and retries through outages.
+
+Network faults are normal operating conditions: a request that fails to connect, times out, or is
+answered 429 / 502 / 503 / 504 is retried with exponential backoff (honouring ``Retry-After``)
+until ``retry_s`` seconds have passed. Every caviar call is safe to repeat: asks carry a
+``request_id``, tells and hand-backs are idempotent, heartbeats and reports overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from caviar._errors import CaviarApiError, LeaseLost
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+API_PREFIX = "/api/v1"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def api_path(*parts: str | int) -> str:
+    """``/api/v1/<part>/<part>...`` with each part URL-quoted (names may hold dots and dashes)."""
+    return API_PREFIX + "".join("/" + quote(str(part), safe="") for part in parts)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def api_error(response: httpx.Response) -> CaviarApiError:
+    """The exception for an error answer (``LeaseLost`` for ``409 lease_lost``)."""
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+        details = list(error.get("details") or [])
+    except (ValueError, KeyError, TypeError):
+        code, message, details = "http_error", f"HTTP {response.status_code}", []
+    cls = LeaseLost if code == "lease_lost" else CaviarApiError
+    return cls(response.status_code, code, message, details)
+
+
+class HttpClient:
+    """A thread-safe JSON client of one caviar service.
+
+    Args:
+        url: the service's base URL (default: ``CAVIAR_URL``, else ``http://127.0.0.1:8000``).
+        token: bearer token (default: ``CAVIAR_API_TOKEN``).
+        timeout_s: per-request timeout.
+        retry_s: how long to keep retrying a request through outages before giving up.
+        transport: an httpx transport (tests pass an ASGI one).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry_s: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = (url or os.environ.get("CAVIAR_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("CAVIAR_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retry_s = retry_s
+        self._client = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout_s, transport=transport
+        )
+        self._closed = threading.Event()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request (arguments as :meth:`send`); return the decoded JSON body (None if empty).
+
+        Raises:
+            CaviarApiError: an error answer, or the service unreachable past ``retry_s``
+                (status 0, code ``unreachable``).
+            LeaseLost: the trial named in ``path`` lost its lease.
+        """
+        response = self.send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        retry: bool = True,
+        retry_on: frozenset[int] = RETRY_STATUSES,
+    ) -> httpx.Response:
+        """Send a request and return the successful response (for bodies that are not JSON)."""
+        deadline = time.monotonic() + (self.retry_s if retry else 0.0)
+        delay = 0.2
+        while True:
+            wait: float | None
+            try:
+                response = self._client.request(
+                    method, path, json=json, params=params, content=content, headers=headers
+                )
+            except httpx.TransportError as exc:
+                failure = CaviarApiError(0, "unreachable", f"cannot reach {self.url}: {type(exc).__name__}")
+                wait = None
+            else:
+                if response.is_success:
+                    return response
+                failure = api_error(response)
+                if response.status_code not in retry_on:
+                    raise failure
+                wait = _retry_after(response)
+            pause = min(wait if wait is not None else delay * (0.5 + random.random()), 30.0)
+            if self._closed.is_set() or time.monotonic() + pause > deadline:
+                raise failure
+            time.sleep(pause)
+            delay = min(delay * 2, 10.0)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def close(self) -> None:
+        """Stop retrying and release the connections."""
+        self._closed.set()
+        self._client.close()

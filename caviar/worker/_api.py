@@ -1,0 +1,70 @@
+"""The worker's one face onto the service: the REST calls a worker slot makes, nothing else.
+
+A worker needs only a URL and a ``worker``-scope token: no database URL or credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from caviar._client import Client, Trial
+from caviar._errors import CaviarApiError
+from caviar._http import api_path as _path
+
+NO_TRIAL_CODES = frozenset(
+    {
+        "budget_exhausted",
+        "study_paused",
+        "study_failed",
+        "study_stopped",
+        "max_parallel_reached",
+        "study_not_found",
+    }
+)
+"""Ask refusals that mean "nothing to run in this study now": the worker moves on."""
+
+
+class Stopped(Exception):
+    """Raised inside a running trial when its slot was asked to stop."""
+
+
+class WorkerApi:
+    """The service as one worker slot sees it.
+
+    Args:
+        client: the service.
+        worker_id: this slot's id (trials it asks for are bound to it).
+    """
+
+    def __init__(self, client: Client, worker_id: str) -> None:
+        self.client = client
+        self.http = client.http
+        self.worker_id = worker_id
+
+    def register(self, *, host: str, pid: int, device: str) -> float:
+        """Announce this slot; returns the service's heartbeat interval."""
+        body = {"id": self.worker_id, "host": host, "pid": pid, "device": device}
+        return float(self.http.post(_path("workers"), json=body)["heartbeat_interval_s"])
+
+    def beat(self, held: Iterable[tuple[str, int]], *, status: str) -> list[tuple[str, int, str]]:
+        """Renew every held lease in one call; returns the trials to stop, with why."""
+        body = {"status": status, "trials": [{"study": s, "number": n} for s, n in held]}
+        answer = self.http.post(_path("workers", self.worker_id, "heartbeat"), json=body)
+        return [(item["study"], int(item["number"]), str(item["code"])) for item in answer["lost"]]
+
+    def queue(self, *, kinds: Sequence[str], studies: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Runnable studies of these objective kinds, in the order workers take them."""
+        params = [("kind", kind) for kind in kinds] + ([("study", ",".join(studies))] if studies else [])
+        return list(self.http.get(_path("queue"), params=params)["items"])
+
+    def ask(self, study: str, *, fixed: dict[str, Any] | None = None) -> Trial | None:
+        """Claim a trial of ``study``; None when it has nothing to hand out now."""
+        try:
+            return self.client.study(study).ask(
+                worker_id=self.worker_id, fixed=fixed, wait=False, heartbeat=False
+            )
+        except CaviarApiError as exc:
+            if exc.code in NO_TRIAL_CODES:
+                return None
+            raise

@@ -1,0 +1,42 @@
+"""The options of ``caviar worker``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerOptions:
+    """Options of ``caviar worker`` (one instance is shared by every slot).
+
+    Attributes:
+        url: the caviar service (``None``: ``CAVIAR_URL``, else the local ``caviar serve``).
+        token: a ``worker``-scope token (``None``: ``CAVIAR_API_TOKEN``).
+        gpus: ``all``, ``none`` or GPU indices like ``0,1``.
+        per_gpu: slots (processes) per GPU.
+        cpu: CPU slots (default: one when there is no GPU slot).
+        studies: only these studies (default: every runnable study, by priority).
+        fuse: train up to this many trials of a trainer study as one fused group.
+        max_trials: each slot exits after finishing this many trials.
+        poll_interval_s: how often an idle slot looks at the queue.
+        exit_when_idle_s: exit after this long without work.
+        data_dir: the only directory ``file:`` datasets are read from (``CAVIAR_DATA_DIR``).
+        retry_s: how long a call is retried while the service is unreachable.
+        worker_prefix: the first part of each slot's worker id (default: the host name).
+    """
+
+    url: str | None = None
+    token: str | None = None
+    gpus: str = "all"
+    per_gpu: int = 1
+    cpu: int | None = None
+    studies: Sequence[str] = ()
+    fuse: int | None = None
+    max_trials: int | None = None
+    poll_interval_s: float = 2.0
+    exit_when_idle_s: float | None = None
+    data_dir: str | None = None
+    retry_s: float = 300.0
+    worker_prefix: str = field(default_factory=socket.gethostname)

@@ -1,0 +1,209 @@
+"""One worker slot: a process bound to one device that claims, runs, reports and tells trials.
+
+The slot keeps every trial it holds in :attr:`Slot.held`; a background thread renews all their
+leases in one call per heartbeat interval and marks the ones the service says are lost, which
+stops their training at the next report. SIGTERM/SIGINT: take no new work, hand the running
+trials back (retried without using up a retry), exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from caviar._client import Client, Trial
+from caviar._errors import CaviarApiError, LeaseLost
+from caviar.worker._api import Stopped, WorkerApi
+from caviar.worker._options import WorkerOptions
+from caviar.worker._trainer import TrainerRunner
+
+_log = logging.getLogger("caviar.worker")
+
+
+class Slot:
+    """The loop of one device slot.
+
+    Args:
+        options: the worker's options.
+        device: ``cpu`` or ``cuda:N``.
+        threads: CPU threads this slot may use.
+    """
+
+    def __init__(self, options: WorkerOptions, device: str, threads: int = 1) -> None:
+        self.options = options
+        self.device = device
+        self.threads = threads
+        self.worker_id = f"{options.worker_prefix}-{os.getpid()}-{device.replace(':', '')}"
+        self.client = Client(options.url, options.token, retry_s=options.retry_s)
+        self.api = WorkerApi(self.client, self.worker_id)
+        self.stop = threading.Event()
+        self.held: dict[tuple[str, int], Trial] = {}
+        self.lost: set[tuple[str, int]] = set()
+        self.held_lock = threading.Lock()
+        self.finished = 0
+        self.heartbeat_interval_s = 30.0  # the service's own, once registered
+        self.runners = {"trainer": TrainerRunner(self)}
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.heartbeat_interval_s = self.api.register(
+            host=socket.gethostname(), pid=os.getpid(), device=self.device
+        )
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        idle_since = time.monotonic()
+        try:
+            while not self.stop.is_set() and self.room() != 0:
+                try:
+                    worked = self._work_once()
+                except CaviarApiError as exc:
+                    _log.warning("service error outside a trial (%s); backing off", exc)
+                    worked = False
+                if worked:
+                    idle_since = time.monotonic()
+                    continue
+                idle = self.options.exit_when_idle_s
+                if idle is not None and time.monotonic() - idle_since >= idle:
+                    break
+                self.stop.wait(self.options.poll_interval_s)
+        finally:
+            self.hand_back_all("handed back by a stopping worker")
+            self.stop.set()
+            with contextlib.suppress(CaviarApiError):
+                self.api.beat([], status="stopped")
+            self.client.close()
+
+    def _work_once(self) -> bool:
+        for item in self.api.queue(kinds=list(self.runners), studies=self.options.studies):
+            if self.stop.is_set():
+                return False
+            if self.runners[item["objective_kind"]].run(item):
+                return True
+        return False
+
+    def _heartbeat_loop(self) -> None:
+        # twice per interval: a lease (two intervals) survives one slow or lost beat and more
+        while not self.stop.wait(self.heartbeat_interval_s / 2):
+            with self.held_lock:
+                held = [key for key in self.held if key not in self.lost]
+            try:
+                lost = self.api.beat(held, status="busy" if held else "idle")
+            except CaviarApiError as exc:
+                _log.warning("heartbeat failed: %s", exc)
+                continue
+            if lost:
+                with self.held_lock:
+                    for study, number, code in lost:
+                        _log.warning("trial %d of %s: %s; stopping it", number, study, code)
+                        self.lost.add((study, number))
+
+    # ---- what runners call -------------------------------------------------------------
+
+    def room(self) -> int | None:
+        """How many more trials ``--max-trials`` lets this slot take (None: no limit)."""
+        if self.options.max_trials is None:
+            return None
+        with self.held_lock:
+            return max(0, self.options.max_trials - self.finished - len(self.held))
+
+    def ask(self, study: str, *, fixed: dict[str, Any] | None = None) -> Trial | None:
+        """Claim a trial (None when the study has none for us now, or the slot stops)."""
+        if self.stop.is_set() or self.room() == 0:
+            return None
+        trial = self.api.ask(study, fixed=fixed)
+        if trial is not None:
+            with self.held_lock:
+                self.held[(study, trial.number)] = trial
+        return trial
+
+    def is_lost(self, trial: Trial) -> bool:
+        with self.held_lock:
+            return (trial.study, trial.number) in self.lost
+
+    def should_prune(self, trial: Trial, step: int, value: float) -> bool:
+        """Report an intermediate value; True when the trial must stop (pruned, or its lease lost)."""
+        if self.stop.is_set():
+            raise Stopped
+        if self.is_lost(trial):
+            return True
+        try:
+            return trial.should_prune(step, value)
+        except LeaseLost:
+            self._mark_lost(trial)
+            return True
+
+    def finish(
+        self,
+        trial: Trial,
+        state: str,
+        *,
+        values: list[float] | None = None,
+        reason: str | None = None,
+        user_attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """Tell a trial's outcome (a trial whose lease was lost is dropped: its retry runs elsewhere)."""
+        key = (trial.study, trial.number)
+        if not self.is_lost(trial):
+            try:
+                if state == "complete":
+                    trial.tell(values=values, user_attrs=user_attrs)
+                elif state == "pruned":
+                    trial.prune(user_attrs=user_attrs)
+                else:
+                    trial.fail(reason or "", user_attrs=user_attrs)
+            except CaviarApiError as exc:
+                _log.warning("tell %s of trial %d of %s refused: %s", state, trial.number, trial.study, exc)
+        with self.held_lock:
+            self.held.pop(key, None)
+            self.lost.discard(key)
+            self.finished += 1
+
+    def hand_back(self, trial: Trial, reason: str) -> None:
+        """Give a trial back unfinished: the service retries it without using up a retry."""
+        key = (trial.study, trial.number)
+        if not self.is_lost(trial):
+            try:
+                trial.release(reason)
+            except CaviarApiError as exc:
+                _log.warning("hand back of trial %d of %s refused: %s", trial.number, trial.study, exc)
+        with self.held_lock:
+            self.held.pop(key, None)
+            self.lost.discard(key)
+
+    def still_held(self, trials: list[Trial]) -> list[Trial]:
+        """The trials not told yet (the others left their group and were recorded already)."""
+        with self.held_lock:
+            return [t for t in trials if (t.study, t.number) in self.held]
+
+    def hand_back_all(self, reason: str) -> None:
+        with self.held_lock:
+            held = list(self.held.values())
+        for trial in held:
+            self.hand_back(trial, reason)
+
+    def _mark_lost(self, trial: Trial) -> None:
+        with self.held_lock:
+            self.lost.add((trial.study, trial.number))
+
+
+def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> None:
+    """Entry point of one slot process."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s slot{index}[{device}] %(levelname)s %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    slot = Slot(options, device, threads)
+
+    def stop(signum: int, _frame: Any) -> None:
+        slot.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    slot.run()

@@ -1,0 +1,120 @@
+"""``caviar worker``: discover device slots, start one process per slot, restart the ones that die."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from caviar.worker._options import WorkerOptions
+
+_log = logging.getLogger("caviar.worker")
+
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+def visible_gpus() -> int:
+    """How many GPUs this process sees (through ``CUDA_VISIBLE_DEVICES``)."""
+    # lazy: torch is imported only to count GPUs (and only when GPUs are asked for)
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def discover_slots(gpus: str, per_gpu: int, cpu: int | None, *, available: int | None = None) -> list[str]:
+    """Device names of the slots to start: ``cuda:N`` (``per_gpu`` each) then ``cpu`` slots.
+
+    ``gpus`` is ``all``, ``none`` or a comma-separated list of indices (of the devices visible
+    through ``CUDA_VISIBLE_DEVICES``). With no GPU slot and ``cpu`` unset, one CPU slot starts.
+
+    Args:
+        gpus: which GPUs.
+        per_gpu: slots per GPU.
+        cpu: CPU slots.
+        available: visible GPUs (default: asked from torch when ``gpus`` is not ``none``).
+    """
+    if gpus == "none":
+        indices: list[int] = []
+    else:
+        count = visible_gpus() if available is None else available
+        if gpus == "all":
+            indices = list(range(count))
+        else:
+            try:
+                indices = [int(part) for part in gpus.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"--gpus must be all, none or a list like 0,1 (got {gpus!r})") from None
+            missing = [i for i in indices if not 0 <= i < count]
+            if missing:
+                raise ValueError(f"--gpus: GPU {missing[0]} is not visible ({count} visible)")
+    slots = [f"cuda:{i}" for i in indices for _ in range(per_gpu)]
+    n_cpu = cpu if cpu is not None else (0 if slots else 1)
+    slots.extend("cpu" for _ in range(n_cpu))
+    return slots
+
+
+def run_workers(options: WorkerOptions) -> int:
+    """Start one process per slot and supervise them until they finish or SIGTERM arrives.
+
+    A slot that crashes (or is killed) is restarted with exponential backoff; the others go on.
+
+    Returns:
+        The exit status (0 after a clean stop).
+    """
+    # lazy: the slot module imports the trainer (torch) only in the slot processes
+    from caviar.worker._slot import run_slot
+
+    slots = discover_slots(options.gpus, options.per_gpu, options.cpu)
+    if not slots:
+        raise ValueError("no device slots: pass --cpu N or make a GPU visible")
+    cpu_slots = sum(1 for s in slots if s == "cpu")
+    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_slots))
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start(index: int) -> BaseProcess:
+        child = ctx.Process(
+            target=run_slot, args=(options, slots[index], index, threads), name=f"slot{index}"
+        )
+        child.start()
+        return child
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.set()
+        for child in children:
+            if child.pid and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+
+    children = [start(i) for i in range(len(slots))]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"caviar worker: {len(slots)} slot(s): {', '.join(slots)}", flush=True)
+    done = [False] * len(children)
+    restarts = [0] * len(children)
+    while not all(done):
+        stopping.wait(0.2)
+        for i, child in enumerate(children):
+            if done[i] or child.is_alive():
+                continue
+            if child.exitcode == 0 or stopping.is_set():
+                done[i] = True
+                continue
+            wait = min(RESTART_BACKOFF_MAX_S, 2.0 ** restarts[i])
+            _log.warning(
+                "slot %d (%s) exited with %s; restarting in %.0fs", i, slots[i], child.exitcode, wait
+            )
+            print(
+                f"caviar worker: slot {i} exited with {child.exitcode}; restarting in {wait:.0f}s", flush=True
+            )
+            if stopping.wait(wait):
+                done[i] = True
+                continue
+            restarts[i] += 1
+            children[i] = start(i)
+    for child in children:
+        child.join(timeout=15)
+    return 0

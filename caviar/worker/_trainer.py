@@ -1,0 +1,230 @@
+"""Running ``kind: trainer`` studies: fused groups of the built-in trainer on the slot's device.
+
+With ``--fuse K`` (or the study's ``objective.fuse``) the slot claims one trial, then up to K - 1
+more whose non-fusible hyperparameters are pinned to the first one's (the sampler chooses the
+rest), and trains them as one group with :func:`caviar.trainer.train_group`. A member that leaves
+(pruned, early-stopped, done) is told at once, and a newly claimed trial takes its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from caviar import trainer
+from caviar._client import Trial
+from caviar.trainer.spec import FUSIBLE, TrialConfig
+from caviar.worker._api import Stopped
+
+if TYPE_CHECKING:
+    from caviar.worker._slot import Slot
+
+_log = logging.getLogger("caviar.worker")
+
+
+class DataFileRefused(ValueError):
+    """A ``file:`` dataset this worker may not read."""
+
+
+def resolve_data_file(data_dir: str | None, relative: str) -> Path:
+    """The path of a ``file:`` dataset: inside ``data_dir``, checked again after following links.
+
+    Raises:
+        DataFileRefused: no data root, an absolute path, ``..``, a path that leaves the root
+            through a link, or no such file; the message never says which file exists.
+    """
+    if not data_dir:
+        raise DataFileRefused("this worker reads no file datasets (CAVIAR_DATA_DIR is unset)")
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts or not relative:
+        raise DataFileRefused("file datasets are paths relative to the data root, without '..'")
+    root = Path(data_dir).resolve()
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        raise DataFileRefused(f"dataset file:{relative} is not available in this worker's data root")
+    return resolved
+
+
+def _attr(value: float) -> float | str:
+    """A metric as a trial attribute (non-finite values as text: attributes are JSON numbers)."""
+    return value if math.isfinite(value) else str(value)
+
+
+def non_fusible(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in FUSIBLE}
+
+
+def group_key(config: TrialConfig) -> tuple[tuple[str, str], ...]:
+    """What members of one fused group must share."""
+    return tuple(sorted((k, str(v)) for k, v in config.to_params().items() if k not in FUSIBLE))
+
+
+class TrainerRunner:
+    """Claims and trains trials of built-in trainer studies for one slot."""
+
+    kind = "trainer"
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+        self.max_fuse: int | None = None  # lowered after an out-of-memory error
+        self._datasets: dict[tuple[str, float, str], trainer.Dataset] = {}
+        if slot.device == "cpu":
+            torch.set_num_threads(slot.threads)
+
+    def run(self, study: dict[str, Any]) -> bool:
+        """Claim a group of trials of ``study`` and train it; False when there was nothing to claim."""
+        group = self._claim(study, self._fuse_size(study))
+        if not group:
+            return False
+        self._train(study, group)
+        return True
+
+    def _fuse_size(self, study: dict[str, Any]) -> int:
+        size = self.slot.options.fuse or study["definition"]["objective"].get("fuse") or 1
+        return int(max(1, min(size, self.max_fuse or size)))
+
+    def _claim(self, study: dict[str, Any], count: int, fixed: dict[str, Any] | None = None) -> list[Trial]:
+        """Ask up to ``count`` trials sharing non-fusible values (the first one's, unless ``fixed``)."""
+        group: list[Trial] = []
+        for _ in range(count):
+            trial = self.slot.ask(study["name"], fixed=fixed)
+            if trial is None:
+                break
+            group.append(trial)
+            if fixed is None:
+                # the rest of the group shares the first trial's non-fusible hyperparameters
+                fixed = non_fusible(trial.params)
+        return group
+
+    def _config(self, study: dict[str, Any], params: dict[str, Any]) -> TrialConfig:
+        objective = study["definition"]["objective"]
+        return TrialConfig.from_params(
+            {
+                **objective.get("fixed", {}),
+                **params,
+                "model": objective.get("model", "mlp"),
+                "max_epochs": objective.get("max_epochs", 20),
+                "device": self.slot.device,
+            }
+        )
+
+    def _dataset(self, study: dict[str, Any]) -> trainer.Dataset:
+        objective = study["definition"]["objective"]
+        spec = str(objective["dataset"])
+        split = float(objective.get("validation_split", 0.2))
+        target = str(objective.get("target", "target"))
+        key = (spec, split, target)
+        if key not in self._datasets:
+            source: str | Path = spec
+            if spec.startswith("file:"):
+                source = resolve_data_file(self.slot.options.data_dir, spec.removeprefix("file:"))
+            self._datasets[key] = trainer.load_dataset(source, split, seed=0, target=target)
+        return self._datasets[key]
+
+    def _train(self, study: dict[str, Any], group: list[Trial]) -> None:
+        # Trials handed out first may be retries with other non-fusible values: train them apart.
+        subgroups: dict[tuple[Any, ...], list[tuple[Trial, TrialConfig]]] = {}
+        for trial in group:
+            try:
+                config = self._config(study, trial.params)
+            except ValueError as exc:
+                self.slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
+                continue
+            subgroups.setdefault(group_key(config), []).append((trial, config))
+        for members in subgroups.values():
+            if self.slot.stop.is_set():
+                return
+            self._train_members(study, [t for t, _ in members], [c for _, c in members])
+
+    def _train_members(self, study: dict[str, Any], members: list[Trial], configs: list[TrialConfig]) -> None:
+        slot = self.slot
+        trials = list(members)  # grows as refills join; index = member index in train_group
+        metrics: list[str] = study["metrics"]
+
+        def report(member: int, step: int, value: float) -> bool:
+            return slot.should_prune(trials[member], step, value)
+
+        def record(member: int, result: trainer.TrialResult) -> None:
+            # told the moment it leaves the group: the sampler and pruner see it at once
+            self._tell(trials[member], metrics, result)
+
+        key = group_key(configs[0])
+        fixed = non_fusible(members[0].params)
+        leftovers: list[Trial] = []
+
+        def refill(free: int) -> list[TrialConfig]:
+            # new trials take the places of members that left, so the group stays full
+            if slot.stop.is_set() or leftovers:
+                return []
+            joining: list[TrialConfig] = []
+            for trial in self._claim(study, free, fixed):
+                try:
+                    config = self._config(study, trial.params)
+                except ValueError as exc:
+                    slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
+                    continue
+                if group_key(config) != key:  # a retry with other non-fusible values: train it next
+                    leftovers.append(trial)
+                    continue
+                trials.append(trial)
+                joining.append(config)
+            return joining
+
+        try:
+            data = self._dataset(study)
+            trainer.train_group(configs, data, report, metric=metrics[0], on_result=record, refill=refill)
+        except Stopped:
+            return  # everything held is handed back when the slot stops
+        except torch.cuda.OutOfMemoryError:
+            held = slot.still_held(trials)
+            if len(held) > 1:
+                self.max_fuse = max(1, len(held) // 2)
+                _log.warning(
+                    "out of memory with %d fused trials; handing back, fusing %d", len(held), self.max_fuse
+                )
+                for trial in held:
+                    slot.hand_back(trial, "out of memory in a fused group; retried with a smaller group")
+            else:
+                for trial in held:
+                    slot.finish(trial, "fail", reason="CUDA out of memory")
+        except DataFileRefused as exc:
+            for trial in slot.still_held(trials):
+                slot.finish(trial, "fail", reason=str(exc))
+        except Exception as exc:
+            _log.exception("training failed for trials %s of %s", [t.number for t in trials], study["name"])
+            for trial in slot.still_held(trials):
+                slot.finish(trial, "fail", reason=f"{type(exc).__name__}: {exc}"[:2000])
+        if leftovers and not slot.stop.is_set():
+            self._train(study, leftovers)
+
+    def _tell(self, trial: Trial, metrics: list[str], result: trainer.TrialResult) -> None:
+        slot = self.slot
+        attrs: dict[str, Any] = {
+            "epochs": result.epochs,
+            "train_seconds": round(result.seconds, 3),
+            "device": slot.device,
+            "worker": slot.worker_id,
+            **{f"final_{k}": _attr(v) for k, v in result.metrics.items()},
+        }
+        if result.pruned:
+            slot.finish(trial, "pruned", user_attrs=attrs)
+            return
+        diverged = {k: v for k, v in result.metrics.items() if not math.isfinite(v)}
+        if diverged:  # a NaN loss fails the trial with its reason, even when accuracy looks finite
+            slot.finish(trial, "fail", reason=f"training diverged: {diverged}", user_attrs=attrs)
+            return
+        if not slot.is_lost(trial):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "checkpoint.pt")
+                result.save(path)
+                try:
+                    trial.upload(path)
+                except Exception as exc:  # the result still counts without its weights
+                    _log.warning("checkpoint upload of trial %d failed: %s", trial.number, exc)
+        slot.finish(trial, "complete", values=[result.metrics[m] for m in metrics], user_attrs=attrs)

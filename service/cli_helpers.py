@@ -1,0 +1,105 @@
+"""What every ``caviar`` command shares: options, output, errors, and where its data comes from."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+
+from caviar._errors import CaviarApiError
+from caviar.service.backend import Backend
+from caviar.service.config import Settings
+from caviar.service.errors import CaviarError
+from caviar.service.remote import RemoteBackend
+
+DOMAIN_ERRORS = (CaviarError, CaviarApiError)
+"""What a command reports as one line: refusals of the local domain or of the remote service."""
+
+console = Console()
+err_console = Console(stderr=True)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", envvar="CAVIAR_DATABASE_URL", help="SQLAlchemy URL of the database."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ServiceUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="CAVIAR_URL", help="Talk to this caviar service over REST instead of the database."
+    ),
+]
+ServiceToken = Annotated[
+    str | None, typer.Option("--token", envvar="CAVIAR_API_TOKEN", help="Bearer token for --url.")
+]
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """``text`` for a terminal: control characters (escape sequences) shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one error line and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {safe(message)}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def settings_from(database_url: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment with CLI flags on top."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if database_url:
+        values["database_url"] = database_url
+    return Settings(**values)
+
+
+@contextlib.contextmanager
+def backend_for(url: str | None, token: str | None, database_url: str | None) -> Iterator[Backend]:
+    """The remote service with ``--url``, else the local database; an error becomes one line."""
+    backend: Backend
+    if url:
+        backend = RemoteBackend(url, token)
+    else:
+        # lazy: the local backend imports SQLAlchemy and Optuna, which a remote command never needs
+        from caviar.service.local import LocalBackend
+
+        backend = LocalBackend(settings_from(database_url))
+    try:
+        yield backend
+    except DOMAIN_ERRORS as exc:
+        fail(exc.message)
+    finally:
+        backend.close()
+
+
+def read_documents(path: Path) -> list[dict[str, Any]]:
+    """One or several definitions from a YAML/JSON file (multi-document YAML or a list)."""
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        if not path.exists():
+            fail(f"{path}: no such file")
+        text = path.read_text()
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        fail(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})")
+    if len(documents) == 1 and isinstance(documents[0], list):
+        documents = documents[0]
+    if not documents or not all(isinstance(doc, dict) for doc in documents):
+        fail(f"{path}: expected a mapping (or a list of mappings) per definition")
+    return documents

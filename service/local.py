@@ -1,0 +1,128 @@
+"""The CLI's local backend: the domain functions on the database named by the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from caviar.service import trials
+from caviar.service.backend import PAGE
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.errors import parse_model
+from caviar.service.schedules import service as schedules
+from caviar.service.schedules.schemas import ScheduleUpdate
+from caviar.service.studies import service as studies
+from caviar.service.tokens import service as tokens
+from caviar.service.tokens.schemas import TokenCreate
+from caviar.service.trials.artifacts import artifact_store, open_checkpoint
+from caviar.service.trials.schemas import RefineRequest
+from caviar.service.workers import service as workers
+
+
+class LocalBackend:
+    """Every CLI operation on the local database.
+
+    Args:
+        settings: where the database and the artifacts are.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" lines
+        self.settings = settings
+        self.db = Database(settings.database_url)
+
+    # ---- studies -------------------------------------------------------------------------
+
+    def check_definitions(self, documents: list[dict[str, Any]]) -> None:
+        for doc in documents:
+            studies.parse_definition(doc)
+
+    def create_study(self, document: dict[str, Any]) -> dict[str, Any]:
+        record = studies.create_study(self.db, studies.parse_definition(document))
+        return studies.describe(self.db, record, trials=[]).model_dump(mode="json")
+
+    def list_studies(
+        self, *, state: str | None = None, tag: str | None = None, limit: int = 100, queue: bool = False
+    ) -> dict[str, Any]:
+        page = studies.list_studies(
+            self.db,
+            state=state,
+            states=studies.QUEUE_STATES if queue else None,
+            tag=tag,
+            limit=limit,
+            queue_order=queue,
+        )
+        return page.model_dump(mode="json")
+
+    def study(self, name: str) -> dict[str, Any]:
+        return studies.describe(self.db, studies.load_record(self.db, name)).model_dump(mode="json")
+
+    def trials(self, name: str, *, state: str | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        while True:
+            page = trials.list_trials(self.db, name, state=state, limit=PAGE, offset=len(items))
+            items += [trial.model_dump(mode="json") for trial in page.items]
+            if not page.items or len(items) >= page.total:
+                return items
+
+    def best(self, name: str) -> dict[str, Any]:
+        return trials.best(self.db, name).model_dump(mode="json")
+
+    def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        request = parse_model(RefineRequest, options)
+        record = trials.refine(self.db, name, **request.model_dump())
+        return studies.describe(self.db, record, trials=[]).model_dump(mode="json")
+
+    def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
+        store = artifact_store(self.settings.artifact_dir)
+        found, filename, reader = open_checkpoint(self.db, store, name, number)
+        with reader:
+            return found, filename, reader.read()
+
+    def workers(self) -> dict[str, Any]:
+        page = workers.list_workers(self.db, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+        return page.model_dump(mode="json")
+
+    # ---- schedules -----------------------------------------------------------------------
+
+    def add_schedules(self, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        specs = [schedules.parse_create(doc) for doc in documents]
+        for spec in specs:  # every document is checked before any is created
+            schedules.check_template(spec.name, spec.template)
+        return [schedules.create_schedule(self.db, spec).model_dump(mode="json") for spec in specs]
+
+    def list_schedules(self) -> dict[str, Any]:
+        return schedules.list_schedules(self.db, limit=1000).model_dump(mode="json")
+
+    def schedule(self, ref: str) -> dict[str, Any]:
+        return schedules.show_schedule(self.db, ref).model_dump(mode="json")
+
+    def update_schedule(self, ref: str, change: dict[str, Any]) -> dict[str, Any]:
+        update = parse_model(ScheduleUpdate, change)
+        return schedules.update_schedule(self.db, ref, update).model_dump(mode="json")
+
+    def run_schedule(self, ref: str) -> dict[str, Any]:
+        return schedules.run_now(self.db, ref).model_dump(mode="json")
+
+    def schedule_runs(self, ref: str, *, limit: int) -> dict[str, Any]:
+        return schedules.list_runs(self.db, ref, limit=limit).model_dump(mode="json")
+
+    def delete_schedule(self, ref: str) -> None:
+        schedules.delete_schedule(self.db, ref)
+
+    # ---- tokens --------------------------------------------------------------------------
+
+    def create_token(self, scope: str, name: str | None) -> dict[str, Any]:
+        request = parse_model(TokenCreate, {"scope": scope, "name": name})
+        return tokens.create_token(self.db, request.scope, request.name).model_dump(mode="json")
+
+    def list_tokens(self, *, include_revoked: bool) -> dict[str, Any]:
+        return tokens.list_tokens(self.db, include_revoked=include_revoked).model_dump(mode="json")
+
+    def revoke_token(self, token_id: int) -> None:
+        tokens.revoke_token(self.db, token_id)
+
+    def close(self) -> None:
+        self.db.dispose()

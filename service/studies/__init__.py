@@ -1,0 +1,1 @@
+"""Studies: create, read, list, pause and resume; the queue order workers take them in."""

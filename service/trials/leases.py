@@ -1,0 +1,217 @@
+"""Leases: an ask starts one, heartbeats and reports renew it, the reaper fails and retries
+trials whose lease lapsed (or that ran past ``trial_timeout_s``), a stopping worker hands its
+trials back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select, update
+
+from caviar.service.db import Database
+from caviar.service.definition import StudyDefinition
+from caviar.service.errors import Conflict
+from caviar.service.studies.service import all_trials, definition_of, load_record
+from caviar.service.trials._core import (
+    ASKED,
+    FAIL_REASON,
+    RELEASED,
+    frozen,
+    lease_of,
+    leases_for,
+)
+from caviar.service.trials.outcomes import requeue_retry, settle_study
+from caviar.storage import StudyRecord, TrialLease, utcnow
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """Lease timing: a lease lasts two heartbeat intervals."""
+
+    heartbeat_interval_s: float = 30.0
+
+    @property
+    def lease_s(self) -> float:
+        return 2 * self.heartbeat_interval_s
+
+
+def check_running(db: Database, record: StudyRecord, trial: FrozenTrial) -> TrialLease | None:
+    """The trial's lease (None for a trial created outside caviar); raise if it cannot run on.
+
+    Raises:
+        Conflict: ``lease_lost`` (reaped or handed back: its retry runs instead),
+            ``trial_finished`` or ``trial_not_running``.
+    """
+    lease = lease_of(db, trial._trial_id)
+    if lease is not None and lease.status in ("reaped", "released"):
+        raise Conflict(
+            f"trial {trial.number} of {record.name!r} lost its lease ({lease.reason or lease.status}); "
+            "its retry runs instead",
+            code="lease_lost",
+        )
+    if trial.state.is_finished():
+        raise Conflict(f"trial {trial.number} of {record.name!r} is already finished", code="trial_finished")
+    if trial.state != TrialState.RUNNING:
+        raise Conflict(f"trial {trial.number} of {record.name!r} is not running", code="trial_not_running")
+    return lease
+
+
+def renew(db: Database, trial_id: int, policy: LeasePolicy) -> bool:
+    """Extend an active lease by one lease period; False when the trial has no active lease."""
+    with db.session() as session, session.begin():
+        result = session.execute(
+            update(TrialLease)
+            .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
+            .values(expires_at=utcnow() + timedelta(seconds=policy.lease_s))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def heartbeat(db: Database, name: str, number: int, *, policy: LeasePolicy | None = None) -> None:
+    """Keep a trial's lease."""
+    policy = policy or LeasePolicy()
+    record = load_record(db, name)
+    trial = frozen(db, record, number)
+    if not renew(db, trial._trial_id, policy):
+        check_running(db, record, trial)
+
+
+def close_lease(db: Database, trial_id: int, reason: str | None) -> None:
+    """Mark an active lease finished (its trial was told)."""
+    with db.session() as session, session.begin():
+        session.execute(
+            update(TrialLease)
+            .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
+            .values(status="finished", reason=reason[:2000] if reason else None)
+        )
+
+
+# ---- reaping -------------------------------------------------------------------------------
+
+
+def reap(db: Database, *, now: datetime | None = None) -> int:
+    """Fail every trial whose lease lapsed or that ran past ``trial_timeout_s``; re-queue retries.
+
+    Safe to call from every server process at once.
+
+    Returns:
+        The number of trials reaped.
+    """
+    now = now or utcnow()
+    with db.session() as session:
+        due = list(
+            session.scalars(
+                select(TrialLease).where(
+                    TrialLease.status == "active",
+                    (TrialLease.expires_at < now) | (TrialLease.deadline_at < now),
+                )
+            )
+        )
+    reaped = _reap_orphans(db)
+    for study_id in sorted({lease.study_id for lease in due}):
+        with db.session() as session:
+            record = session.get(StudyRecord, study_id)
+        if record is None:
+            continue
+        definition = definition_of(record)
+        with db.study_lock(study_id):
+            for lease in (item for item in due if item.study_id == study_id):
+                reaped += _reap_one(db, record, definition, lease.trial_id, now)
+            settle_study(db, record, definition)
+    return reaped
+
+
+def _reap_orphans(db: Database) -> int:
+    """Recover trials asked through caviar whose lease row never got written (a crash mid-ask).
+
+    An ask writes the lease before it releases the study lock, so under that lock a running trial
+    marked as asked but without a lease can only be the leftover of an ask that died half-way.
+    """
+    with db.session() as session:
+        records = list(
+            session.scalars(select(StudyRecord).where(StudyRecord.state.in_(("running", "paused"))))
+        )
+    reaped = 0
+    for record in records:
+        stale = [t for t in all_trials(db, record, [TrialState.RUNNING]) if t.user_attrs.get(ASKED)]
+        if not stale:
+            continue
+        leased = leases_for(db, [t._trial_id for t in stale])
+        orphans = [t for t in stale if t._trial_id not in leased]
+        if not orphans:
+            continue
+        definition = definition_of(record)
+        with db.study_lock(record.id):
+            for trial in orphans:
+                if lease_of(db, trial._trial_id) is not None:
+                    continue
+                current = db.optuna.get_trial(trial._trial_id)
+                if current.state != TrialState.RUNNING:
+                    continue
+                db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, "lost while being handed out")
+                db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), None)
+                reaped += 1
+            settle_study(db, record, definition)
+    return reaped
+
+
+def _reap_one(
+    db: Database, record: StudyRecord, definition: StudyDefinition, trial_id: int, now: datetime
+) -> int:
+    lease = lease_of(db, trial_id)
+    if lease is None or lease.status != "active":
+        return 0
+    timed_out = lease.deadline_at is not None and lease.deadline_at < now
+    if not timed_out and lease.expires_at >= now:
+        return 0  # renewed meanwhile
+    reason = "trial timeout" if timed_out else "lease expired (no heartbeat)"
+    try:
+        trial = db.optuna.get_trial(trial_id)
+    except KeyError:
+        trial = None
+    status = "finished"
+    if trial is not None and not trial.state.is_finished():
+        with contextlib.suppress(UpdateFinishedTrialError):  # a tell may win the race
+            db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+            db.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
+            status = "reaped"
+    with db.session() as session, session.begin():
+        session.execute(
+            update(TrialLease).where(TrialLease.trial_id == trial_id).values(status=status, reason=reason)
+        )
+    if status != "reaped" or trial is None:
+        return 0
+    requeue_retry(db, record, definition, db.optuna.get_trial(trial_id), lease)
+    return 1
+
+
+# ---- handing back --------------------------------------------------------------------------
+
+
+def release(db: Database, name: str, number: int, *, reason: str = "handed back by worker") -> None:
+    """Hand a running trial back: it is failed and re-queued without using up a retry."""
+    record = load_record(db, name)
+    definition = definition_of(record)
+    trial = frozen(db, record, number)
+    with db.study_lock(record.id):
+        trial = db.optuna.get_trial(trial._trial_id)
+        lease = lease_of(db, trial._trial_id)
+        if trial.state != TrialState.RUNNING:
+            return
+        db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
+        db.optuna.set_trial_user_attr(trial._trial_id, RELEASED, True)
+        db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        with db.session() as session, session.begin():
+            session.execute(
+                update(TrialLease)
+                .where(TrialLease.trial_id == trial._trial_id)
+                .values(status="released", reason=reason)
+            )
+        requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), lease, handed_back=True)
+        settle_study(db, record, definition)

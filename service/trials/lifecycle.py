@@ -1,0 +1,411 @@
+"""The trial lifecycle: ask, report, tell.
+
+Plain functions over a :class:`~caviar.service.db.Database`, called by the REST API (and so by
+every worker and client). Budget-sensitive steps (ask, a failing tell) run under
+:meth:`Database.study_lock`, which makes the global trial budget exact across threads,
+processes and machines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
+
+from caviar.service.db import Database
+from caviar.service.definition import (
+    StudyDefinition,
+    check_finite,
+    decode,
+    decode_params,
+    encode_params,
+    is_active,
+    is_reversed,
+    sampling_order,
+    stored_name,
+)
+from caviar.service.errors import Conflict, InvalidInput, RateLimited
+from caviar.service.studies.service import all_trials, definition_of, get_record, load_record, set_state
+from caviar.service.trials._core import (
+    ASKED,
+    ATTEMPT,
+    FAIL_REASON,
+    FINISHED_BY_NAME,
+    RETRY_OF,
+    STATE_NAMES,
+    WORKER,
+    frozen,
+    lease_of,
+    state_counts,
+    study_handle,
+    trial_id,
+)
+from caviar.service.trials.leases import LeasePolicy, check_running, close_lease, renew
+from caviar.service.trials.outcomes import requeue_retry, settle_study
+from caviar.service.trials.reads import to_read
+from caviar.service.trials.schemas import TrialAssignment, TrialRead
+from caviar.storage import StudyRecord, TrialLease, utcnow
+
+# ---- ask -----------------------------------------------------------------------------------
+
+
+def ask(
+    db: Database,
+    name: str,
+    *,
+    worker_id: str | None = None,
+    request_id: str | None = None,
+    policy: LeasePolicy | None = None,
+    fixed: Mapping[str, Any] | None = None,
+) -> TrialAssignment:
+    """Claim a trial: a waiting one first (retries, enqueued trials), else a newly sampled one.
+
+    Args:
+        db: the database.
+        name: study name.
+        worker_id: who runs the trial (one worker may hold many trials).
+        request_id: makes the ask idempotent: the same id returns the same trial.
+        policy: lease timing.
+        fixed: decoded parameter values to hold fixed while the sampler chooses the rest (fused
+            groups pin their non-fusible hyperparameters this way).
+
+    Raises:
+        Conflict: ``study_paused``, ``study_failed`` or ``budget_exhausted``, in that precedence.
+        RateLimited: ``max_parallel_reached`` when the study runs ``max_parallel`` trials.
+        InvalidInput: ``fixed`` names a parameter outside the search space.
+    """
+    policy = policy or LeasePolicy()
+    record = load_record(db, name)
+    if request_id is not None:
+        existing = _by_request(db, record, request_id, policy)
+        if existing is not None:
+            return existing
+    definition = definition_of(record)
+    encoded_fixed = _encode_fixed(definition, fixed) if fixed else None
+    # Under the lock only what the budget depends on: the checks, the running trial and its
+    # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
+    # sampler's constant liar sees the other running trials.
+    with db.study_lock(record.id):
+        if request_id is not None:  # the same request retried concurrently: one trial for both
+            existing = _by_request(db, record, request_id, policy)
+            if existing is not None:
+                return existing
+        # The record read just before the lock is fresh enough: a pause racing this ask by a
+        # few milliseconds may let it through, the budget cannot.
+        if record.state == "paused":
+            raise Conflict(f"study {name!r} is paused", code="study_paused")
+        if record.state == "failed":
+            raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
+        trials = all_trials(db, record)
+        counts = state_counts(trials)
+        used = sum(
+            counts[s]
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        )
+        if counts[TrialState.WAITING] == 0 and (
+            record.state == "completed" or used >= definition.budget.n_trials
+        ):
+            raise Conflict(
+                f"study {name!r} has used its budget of {definition.budget.n_trials} trials",
+                code="budget_exhausted",
+            )
+        max_parallel = definition.budget.max_parallel
+        if max_parallel is not None and counts[TrialState.RUNNING] >= max_parallel:
+            raise RateLimited(
+                f"study {name!r} already runs {max_parallel} trials (max_parallel)",
+                code="max_parallel_reached",
+                retry_after_s=max(1, math.ceil(policy.heartbeat_interval_s / 2)),
+            )
+        started = _start_trial(db, record, trials, worker_id)
+        now = utcnow()
+        timeout = definition.budget.trial_timeout_s
+        lease = TrialLease(
+            trial_id=started.trial_id,
+            study_id=record.id,
+            number=started.number,
+            worker_id=worker_id,
+            request_id=request_id,
+            status="active",
+            attempt=int(started.user_attrs.get(ATTEMPT, 0)),
+            retry_of=started.user_attrs.get(RETRY_OF),
+            started_at=now,
+            expires_at=now + timedelta(seconds=policy.lease_s),
+            deadline_at=now + timedelta(seconds=timeout) if timeout else None,
+        )
+        with db.session() as session, session.begin():
+            session.add(lease)
+            if record.state == "queued":
+                record = get_record(session, name)
+                set_state(session, record, "running")
+    study = study_handle(db, record, definition, trial_number=started.number)
+    if encoded_fixed and not started.waiting:
+        study.sampler = optuna.samplers.PartialFixedSampler(encoded_fixed, study.sampler)
+    trial = optuna.Trial(study, started.trial_id)
+    _sample(trial, definition)
+    decoded = decode_params(definition.search_space, dict(trial.params))
+    for key, param in definition.search_space.items():
+        if is_reversed(param) and key in decoded:
+            db.optuna.set_trial_user_attr(started.trial_id, key, decoded[key])
+    return _assignment(record.name, decoded, lease, policy)
+
+
+@dataclass(frozen=True)
+class _Started:
+    trial_id: int
+    number: int
+    waiting: bool
+    user_attrs: dict[str, Any]
+
+
+def _start_trial(
+    db: Database, record: StudyRecord, trials: Sequence[FrozenTrial], worker_id: str | None
+) -> _Started:
+    """Move the first waiting trial to running, or create a running trial.
+
+    Either way the trial is marked as asked through caviar *before* it runs, so a crash between
+    this and the lease row (a database restart, say) leaves a trial the reaper recognises and
+    recovers instead of one that runs forever.
+    """
+    attrs: dict[str, Any] = {ASKED: True}
+    if worker_id is not None:
+        attrs[WORKER] = worker_id
+    for waiting in sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t.number):
+        for key, value in attrs.items():
+            db.optuna.set_trial_user_attr(waiting._trial_id, key, value)
+        if db.optuna.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            return _Started(waiting._trial_id, waiting.number, True, dict(waiting.user_attrs))
+    template = FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.now(),  # Optuna stores naive local times
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs=attrs,
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    new_id = db.optuna.create_new_trial(record.optuna_study_id, template_trial=template)
+    return _Started(new_id, db.optuna.get_trial_number_from_id(new_id), False, attrs)
+
+
+def _sample(trial: optuna.Trial, definition: StudyDefinition) -> None:
+    """Suggest every active parameter (parents before their conditional children)."""
+    decoded: dict[str, Any] = {}
+    space = definition.search_space
+    for name in sampling_order(space):
+        param = space[name]
+        if not is_active(param, decoded):
+            continue
+        decoded[name] = decode(param, trial._suggest(stored_name(name, param), param.distribution()))
+
+
+def _encode_fixed(definition: StudyDefinition, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(fixed) - set(definition.search_space))
+    if unknown:
+        raise InvalidInput(
+            f"fixed: {unknown[0]!r} is not a parameter of the search space", code="unknown_parameter"
+        )
+    return encode_params(definition.search_space, fixed)
+
+
+def _assignment(name: str, params: dict[str, Any], lease: TrialLease, policy: LeasePolicy) -> TrialAssignment:
+    """What an ask answers: the trial's decoded parameters and its lease."""
+    return TrialAssignment(
+        study=name,
+        number=lease.number,
+        params=params,
+        heartbeat_interval_s=policy.heartbeat_interval_s,
+        lease_expires_at=lease.expires_at,
+        retry_of=lease.retry_of,
+    )
+
+
+def _by_request(
+    db: Database, record: StudyRecord, request_id: str, policy: LeasePolicy
+) -> TrialAssignment | None:
+    with db.session() as session:
+        lease = session.scalar(
+            select(TrialLease).where(TrialLease.study_id == record.id, TrialLease.request_id == request_id)
+        )
+    if lease is None:
+        return None
+    trial = db.optuna.get_trial(lease.trial_id)
+    return _assignment(
+        record.name, decode_params(definition_of(record).search_space, trial.params), lease, policy
+    )
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def report(
+    db: Database, name: str, number: int, step: int, value: float, *, policy: LeasePolicy | None = None
+) -> bool:
+    """Record an intermediate value, renew the lease and ask the study's pruner.
+
+    Returns:
+        True when the trial should be pruned.
+    """
+    policy = policy or LeasePolicy()
+    record = load_record(db, name)
+    definition = definition_of(record)
+    if definition.multi_objective:
+        raise InvalidInput(
+            "report: intermediate values are for single-objective studies only (as in Optuna)",
+            code="multi_objective_report",
+        )
+    check_value(value, "value")
+    trial = frozen(db, record, number)
+    lease = check_running(db, record, trial)
+    if lease is not None and not renew(db, trial._trial_id, policy):
+        check_running(db, record, db.optuna.get_trial(trial._trial_id))
+    db.optuna.set_trial_intermediate_value(trial._trial_id, step, value)
+    study = study_handle(db, record, definition)
+    return bool(study.pruner.prune(study, db.optuna.get_trial(trial._trial_id)))
+
+
+def check_value(value: float, field: str) -> None:
+    if not math.isfinite(value):
+        raise InvalidInput(f"{field}: must be a finite number (got {value})", code="non_finite_value")
+
+
+# ---- tell ----------------------------------------------------------------------------------
+
+
+def tell(
+    db: Database,
+    name: str,
+    number: int,
+    state: str,
+    *,
+    values: Sequence[float] | None = None,
+    reason: str | None = None,
+    user_attrs: Mapping[str, Any] | None = None,
+) -> TrialRead:
+    """Finish a trial as ``complete`` (with values), ``pruned`` or ``fail``.
+
+    Repeating a tell with the same final state and values returns the trial; anything else on a
+    finished trial is ``trial_finished``, and on a reaped trial ``lease_lost``. A failed trial is
+    re-queued with the same parameters while it has retries left. ``user_attrs`` (epochs,
+    timings, final metrics, ...) are recorded on the trial before it finishes.
+    """
+    record = load_record(db, name)
+    definition = definition_of(record)
+    if state not in FINISHED_BY_NAME:
+        raise InvalidInput(
+            f"state: must be complete, pruned or fail (got {state!r})", code="validation_error"
+        )
+    final = FINISHED_BY_NAME[state]
+    n_objectives = len(definition.study_directions)
+    if final == TrialState.COMPLETE:
+        if values is None:
+            raise InvalidInput("value: a complete trial needs value (or values)", code="validation_error")
+        if len(values) != n_objectives:
+            raise InvalidInput(
+                f"values: the study has {n_objectives} objective(s), got {len(values)} value(s)",
+                code="wrong_number_of_values",
+            )
+        try:
+            check_finite(list(values))
+        except ValueError as exc:
+            raise InvalidInput(f"values: {exc}", code="non_finite_value") from None
+    elif values is not None:
+        raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
+    tid = trial_id(db, record, number)
+    if user_attrs:
+        _record_attrs(db, record, tid, user_attrs)
+    if final != TrialState.FAIL:
+        # No study lock: Optuna's row-locked state update decides a race with the reaper (or a
+        # repeated tell), and each tell settles the study after its own commit.
+        return _finish(db, record, definition, tid, number, final, values)
+    # A failure re-queues a retry, which must not race an ask's budget count.
+    with db.study_lock(record.id):
+        trial = db.optuna.get_trial(tid)
+        lease = lease_of(db, tid)
+        if trial.state.is_finished():
+            return _told_before(definition, record, trial, lease, final, values)
+        if trial.state != TrialState.RUNNING:
+            raise Conflict(f"trial {number} of {name!r} is not running", code="trial_not_running")
+        if reason:
+            db.optuna.set_trial_user_attr(tid, FAIL_REASON, reason[:2000])
+        finished = study_handle(db, record, definition).tell(number, state=final)
+        close_lease(db, tid, reason)
+        requeue_retry(db, record, definition, finished, lease)
+        settle_study(db, record, definition)
+    if lease is not None:
+        lease.status = "finished"
+    return to_read(definition, finished, lease)
+
+
+def _record_attrs(db: Database, record: StudyRecord, tid: int, attrs: Mapping[str, Any]) -> None:
+    """Store user attributes on a running trial (a finished one keeps what it has)."""
+    trial = db.optuna.get_trial(tid)
+    if trial.state.is_finished():
+        return
+    for key, value in attrs.items():
+        try:
+            db.optuna.set_trial_user_attr(tid, key, value)
+        except UpdateFinishedTrialError:
+            return  # finished meanwhile (the reaper, or a concurrent tell): the tell decides below
+
+
+def _finish(
+    db: Database,
+    record: StudyRecord,
+    definition: StudyDefinition,
+    tid: int,
+    number: int,
+    final: TrialState,
+    values: Sequence[float] | None,
+) -> TrialRead:
+    """Complete or prune a trial: Optuna's tell, the lease closed, the study settled."""
+    try:
+        finished = study_handle(db, record, definition).tell(
+            number, values=list(values) if values is not None else None, state=final
+        )
+    except (UpdateFinishedTrialError, ValueError):
+        trial = db.optuna.get_trial(tid)
+        if trial.state.is_finished():
+            return _told_before(definition, record, trial, lease_of(db, tid), final, values)
+        if trial.state != TrialState.RUNNING:
+            raise Conflict(
+                f"trial {number} of {record.name!r} is not running", code="trial_not_running"
+            ) from None
+        raise
+    close_lease(db, tid, None)
+    settle_study(db, record, definition)
+    return to_read(definition, finished)
+
+
+def _told_before(
+    definition: StudyDefinition,
+    record: StudyRecord,
+    trial: FrozenTrial,
+    lease: TrialLease | None,
+    final: TrialState,
+    values: Sequence[float] | None,
+) -> TrialRead:
+    """The answer to a tell on a finished trial: the same trial, lease_lost or trial_finished."""
+    if lease is not None and lease.status in ("reaped", "released"):
+        raise Conflict(
+            f"trial {trial.number} of {record.name!r} lost its lease; its retry runs instead",
+            code="lease_lost",
+        )
+    if trial.state == final and (
+        final != TrialState.COMPLETE or list(trial.values or []) == list(values or [])
+    ):
+        return to_read(definition, trial, lease)
+    raise Conflict(
+        f"trial {trial.number} of {record.name!r} already finished as {STATE_NAMES[trial.state]}",
+        code="trial_finished",
+    )

@@ -1,0 +1,269 @@
+"""End-to-end tests of ``caviar worker``: real processes against a real ``caviar serve``.
+
+Each test starts the API on the database under test and workers as the CLI does (``caviar worker
+--url ...``, with no database URL in their environment), and watches the study through the
+domain functions. Heartbeats are shortened so crashed trials are reaped fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import select
+
+from caviar.service import processes, trials
+from caviar.service.db import Database
+from caviar.service.examples import example_path
+from caviar.service.processes import CaviarProcess, wait_until
+from caviar.service.studies import service as studies
+from caviar.storage import WorkerRecord
+from caviar.worker import discover_slots
+from tests.conftest import IS_POSTGRES
+
+pytestmark = pytest.mark.slow
+
+
+def digits_study(
+    name: str, *, n_trials: int, max_epochs: int = 15, fuse: int | None = None
+) -> dict[str, Any]:
+    """The example study, kept small: Adam/RMSProp with sane learning rates."""
+    body = copy.deepcopy(yaml.safe_load(example_path("digits-mlp").read_text()))
+    body["name"] = name
+    body["search_space"]["lr"] = {"type": "float", "low": 5e-4, "high": 2e-2, "scale": "log"}
+    body["search_space"]["optimizer"] = {"type": "categorical", "choices": ["adam", "rmsprop", "momentum"]}
+    body["search_space"]["batch_size"] = {"type": "categorical", "choices": [32, 64]}
+    body["objective"]["max_epochs"] = max_epochs
+    body["objective"]["fuse"] = fuse
+    body["budget"].update(n_trials=n_trials, max_parallel=8, max_failed_trials=20)
+    return body
+
+
+@dataclass
+class Service:
+    """A running ``caviar serve`` on the test database."""
+
+    process: CaviarProcess
+    url: str
+
+
+@pytest.fixture
+def serve(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start the API (heartbeat interval as given; the reaper runs every half interval)."""
+    started: list[CaviarProcess] = []
+
+    def start(heartbeat: float = 0.5) -> Service:
+        env = {
+            "CAVIAR_HEARTBEAT_INTERVAL_S": str(heartbeat),
+            "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        }
+        process, url = processes.serve(db_url, env=env, log=tmp_path / "serve.log")
+        started.append(process)
+        return Service(process, url)
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., CaviarProcess]]:
+    """Start ``caviar worker`` against a service, with no database URL in its environment."""
+    started: list[CaviarProcess] = []
+
+    def start(service: Service, *args: str) -> CaviarProcess:
+        command = ["worker", "--url", service.url, "--gpus", "none", "--poll-interval", "0.2", *args]
+        log = tmp_path / f"worker-{time.monotonic_ns()}.log"
+        workers = CaviarProcess(command, unset=("CAVIAR_DATABASE_URL",), log=log, cwd=tmp_path)
+        started.append(workers)
+        return workers
+
+    yield start
+    for workers in started:
+        workers.stop()
+
+
+def finished_counts(db: Database, name: str) -> dict[str, int]:
+    return studies.describe(db, studies.load_record(db, name)).trial_counts.model_dump()
+
+
+def busy_slot(db: Database, name: str) -> tuple[int, int] | None:
+    """(pid, trial number) of a slot currently training a trial of ``name``."""
+    with db.session() as session:
+        for record in session.scalars(select(WorkerRecord)):
+            for trial in (record.current_trials or {}).get("trials", []):
+                if trial["study"] == name and record.status == "busy":
+                    return record.pid, trial["number"]
+    return None
+
+
+def test_discover_slots() -> None:
+    assert discover_slots("none", 1, None) == ["cpu"]
+    assert discover_slots("none", 1, 3) == ["cpu", "cpu", "cpu"]
+    assert discover_slots("all", 2, None, available=0) == ["cpu"]
+    assert discover_slots("all", 2, None, available=2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert discover_slots("1", 1, 1, available=2) == ["cuda:1", "cpu"]
+    with pytest.raises(ValueError, match="gpus"):
+        discover_slots("x,y", 1, None, available=2)
+    with pytest.raises(ValueError, match="not visible"):
+        discover_slots("7", 1, 0, available=2)
+    visible = discover_slots("all", 1, 0)  # asks torch: this machine's GPUs, one slot each
+    assert visible == [f"cuda:{i}" for i in range(len(visible))]
+
+
+def test_service_and_two_workers_finish_a_digits_study(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess], tmp_path: Path
+) -> None:
+    """The API serves while 2 CPU workers (no database URL) run a 16-trial study: best >= 0.95,
+    some pruned, checkpoints downloadable."""
+    service = serve()
+    created = httpx.post(
+        f"{service.url}/api/v1/studies", json=digits_study("e2e", n_trials=16, fuse=2), timeout=30
+    )
+    assert created.status_code == 201, created.text
+    workers = spawn(service, "--cpu", "2", "--study", "e2e", "--exit-when-idle", "2")
+    assert workers.wait(240) == 0, workers.output()
+    study = httpx.get(f"{service.url}/api/v1/studies/e2e", timeout=30).json()
+    counts = study["trial_counts"]
+    assert study["state"] == "completed", study
+    assert counts["complete"] + counts["pruned"] == 16 and counts["running"] == 0
+    assert counts["pruned"] >= 1, counts
+    assert study["best"]["value"] >= 0.95, study["best"]
+    best = httpx.get(f"{service.url}/api/v1/studies/e2e/best", timeout=30).json()
+    assert best["user_attrs"]["device"] == "cpu" and best["user_attrs"]["epochs"] >= 1
+    assert "train_seconds" in best["user_attrs"] and best["worker_id"]
+    assert 0.8 <= best["params"]["beta1"] <= 0.999
+    listed = httpx.get(f"{service.url}/api/v1/workers", timeout=30).json()
+    assert len(listed["items"]) == 2 and {w["device"] for w in listed["items"]} == {"cpu"}
+    assert {w["status"] for w in listed["items"]} == {"stopped"}
+    checkpoint = httpx.get(f"{service.url}/api/v1/studies/e2e/trials/{best['number']}/checkpoint", timeout=30)
+    assert checkpoint.status_code == 200, checkpoint.text
+    target = tmp_path / "best.pt"
+    target.write_bytes(checkpoint.content)
+    from sklearn.datasets import load_digits
+
+    from caviar.trainer import load_model
+
+    digits = load_digits()
+    predicted = load_model(target).predict(digits.data[:200])
+    assert (predicted == digits.target[:200]).mean() >= 0.9
+
+
+def test_sigterm_hands_the_trial_back_and_exits_0(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    service = serve(heartbeat=2.0)
+    studies.create_study(db, studies.parse_definition(digits_study("term", n_trials=4, max_epochs=200)))
+    workers = spawn(service, "--cpu", "1", "--study", "term")
+    wait_until(lambda: busy_slot(db, "term") is not None, 60, "no trial started")
+    _, number = busy_slot(db, "term")  # type: ignore[misc]
+    started = time.monotonic()
+    workers.signal(signal.SIGTERM)
+    assert workers.wait(15) == 0, workers.output()
+    assert time.monotonic() - started < 10
+    handed_back = trials.get_trial(db, "term", number)
+    assert handed_back.state == "fail" and "handed back" in (handed_back.fail_reason or "")
+    waiting = trials.list_trials(db, "term", state="waiting").items
+    assert [t.retry_of for t in waiting] == [number]
+    assert waiting[0].params == handed_back.params
+
+
+def test_sigkill_mid_trial_is_reaped_and_retried(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    service = serve(heartbeat=0.3)
+    studies.create_study(db, studies.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
+    workers = spawn(service, "--cpu", "2", "--study", "kill", "--exit-when-idle", "3")
+    wait_until(lambda: busy_slot(db, "kill") is not None, 60, "no trial started")
+    pid, number = busy_slot(db, "kill")  # type: ignore[misc]
+    os.kill(pid, signal.SIGKILL)
+    assert workers.wait(240) == 0, workers.output()
+    counts = finished_counts(db, "kill")
+    assert counts["complete"] + counts["pruned"] == 6, counts
+    assert counts["running"] == 0 and counts["waiting"] == 0
+    killed = trials.get_trial(db, "kill", number)
+    assert killed.state == "fail" and "lease expired" in (killed.fail_reason or "")
+    retries = [t for t in trials.list_trials(db, "kill", limit=1000).items if t.retry_of == number]
+    assert len(retries) == 1 and retries[0].state in ("complete", "pruned")
+    assert studies.load_record(db, "kill").state == "completed"
+    assert "restarting" in workers.output()  # the supervisor restarted the killed slot
+
+
+def test_four_workers_racing_keep_the_budget_exact(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    service = serve(heartbeat=2.0)
+    studies.create_study(
+        db, studies.parse_definition(digits_study("race4", n_trials=12, max_epochs=5, fuse=2))
+    )
+    workers = spawn(service, "--cpu", "4", "--study", "race4", "--exit-when-idle", "2")
+    assert workers.wait(240) == 0, workers.output()
+    items = trials.list_trials(db, "race4", limit=1000).items
+    finished = [t for t in items if t.state in ("complete", "pruned")]
+    assert len(finished) == 12, [t.state for t in items]
+    failed = [t for t in items if t.state == "fail"]  # only a lapsed lease under load fails a trial here
+    assert {t.number for t in failed} <= {t.retry_of for t in items}
+    assert studies.load_record(db, "race4").state == "completed"
+
+
+def _pg_restart_command() -> list[str] | None:
+    if (
+        not IS_POSTGRES
+        or os.geteuid() != 0
+        or not shutil.which("pg_ctlcluster")
+        or not Path("/etc/postgresql").exists()
+    ):
+        return None
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
+
+
+@pytest.mark.skipif(
+    _pg_restart_command() is None, reason="needs a local PostgreSQL cluster it may restart (root)"
+)
+def test_postgres_restart_mid_study_workers_recover(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    service = serve(heartbeat=1.0)
+    studies.create_study(db, studies.parse_definition(digits_study("pgr", n_trials=10, max_epochs=15)))
+    workers = spawn(service, "--cpu", "2", "--study", "pgr", "--exit-when-idle", "3")
+    wait_until(
+        lambda: finished_counts(db, "pgr")["complete"] + finished_counts(db, "pgr")["pruned"] >= 2,
+        120,
+        "no progress",
+    )
+    command = _pg_restart_command()
+    assert command is not None
+    subprocess.run(command, check=True, timeout=120)
+    assert workers.wait(300) == 0, workers.output()
+    counts = finished_counts(db, "pgr")
+    assert counts["complete"] + counts["pruned"] == 10, counts
+    assert studies.load_record(db, "pgr").state == "completed"
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    service = serve()
+    body = digits_study("nan", n_trials=2, max_epochs=3)
+    body["search_space"] = {"lr": {"type": "float", "low": 1e6, "high": 1e7, "scale": "log"}}
+    body["objective"]["fixed"] = {"layers": 2, "optimizer": "sgd", "batch_size": 64}
+    body["pruner"] = {"type": "none"}
+    body["budget"].update(max_retries=1, max_failed_trials=3)
+    studies.create_study(db, studies.parse_definition(body))
+    workers = spawn(service, "--cpu", "1", "--study", "nan", "--exit-when-idle", "2")
+    assert workers.wait(120) == 0, workers.output()
+    failed = trials.list_trials(db, "nan", state="fail", limit=100).items
+    assert len(failed) == 4 and all("diverged" in (t.fail_reason or "") for t in failed)
+    assert studies.load_record(db, "nan").state == "failed"
