@@ -17,7 +17,7 @@ from .spec import DATASETS, FUSIBLE, HYPERPARAMETERS, METRICS, MODELS, TrialConf
 
 if TYPE_CHECKING:
     from ._checkpoint import TrainedModel, load_model
-    from ._data import Dataset, load_dataset
+    from ._data import Dataset, DatasetError, load_dataset
     from ._gradcheck import gradcheck
     from ._train import TrialResult, train, train_group
 
@@ -26,6 +26,7 @@ _TORCH_API = {
     "TrainedModel": "._checkpoint",
     "load_model": "._checkpoint",
     "Dataset": "._data",
+    "DatasetError": "._data",
     "load_dataset": "._data",
     "gradcheck": "._gradcheck",
     "TrialResult": "._train",
@@ -40,6 +41,7 @@ __all__ = [
     "METRICS",
     "MODELS",
     "Dataset",
+    "DatasetError",
     "TrainedModel",
     "TrialConfig",
     "TrialResult",

@@ -13,7 +13,11 @@ from numpy.typing import NDArray
 
 from .spec import DATASETS
 
-__all__ = ["Dataset", "load_dataset"]
+__all__ = ["Dataset", "DatasetError", "load_dataset"]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used. Its message never quotes the data (names, values)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,18 +80,17 @@ def load_dataset(
         The dataset; normalisation statistics are fitted on the training split only.
 
     Raises:
-        ValueError: Unknown name, bad split, missing target column, NaNs, fewer than two classes,
-            or options for a dataset that takes none.
-        FileNotFoundError: A path that does not exist.
+        DatasetError: Unknown name, a missing file, bad split, missing target column, NaNs, fewer
+            than two classes, or options for a dataset that takes none (a ``ValueError``).
     """
     if not isinstance(validation_split, float | int) or not 0 < validation_split < 1:
-        raise ValueError(f"validation_split must be in (0, 1), got {validation_split!r}")
+        raise DatasetError(f"validation_split must be in (0, 1), got {validation_split!r}")
     image_shape: tuple[int, int, int] | None = None
     key = str(name)
     if key == "synthetic":
         x, y = _synthetic(seed=seed, **options)
     elif options:
-        raise ValueError(f"unexpected options for dataset {key!r}: {', '.join(sorted(options))}")
+        raise DatasetError(f"unexpected options for dataset {key!r}: {', '.join(sorted(options))}")
     elif key in ("digits", "breast_cancer", "wine"):
         # lazy: scikit-learn (about a second to import) loads only when a dataset needs it
         from sklearn import datasets
@@ -98,8 +101,9 @@ def load_dataset(
             image_shape = (1, 8, 8)
     elif Path(key).suffix.lower() in (".csv", ".npz", ".parquet") or Path(key).exists():
         x, y = _load_file(Path(key), target)
+        key = Path(key).name  # messages and the dataset's name carry the file's name, not its path
     else:
-        raise ValueError(
+        raise DatasetError(
             f"unknown dataset {key!r}: use one of {', '.join(DATASETS)} or a .csv/.npz/.parquet path"
         )
     return _split(key, x, y, validation_split, seed, image_shape)
@@ -133,20 +137,24 @@ def _synthetic(
 
 
 def _load_file(path: Path, target: str) -> tuple[NDArray[Any], NDArray[Any]]:
+    # Messages name the problem, never the file's contents (column names, values): a study's
+    # author sees them in the trial's fail reason.
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DatasetError(f"dataset file not found: {path.name}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("X", "y") if k not in archive.files]
             if missing:
-                raise ValueError(f"{path}: .npz needs arrays 'X' and 'y', missing {', '.join(missing)}")
+                raise DatasetError(
+                    f"{path.name}: .npz needs arrays 'X' and 'y', missing {', '.join(missing)}"
+                )
             x, y = archive["X"], archive["y"]
         if x.ndim == 1:
             x = x[:, None]
         if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(
-                f"{path}: x must be 2-D and y 1-D of the same length, got {x.shape} and {y.shape}"
+            raise DatasetError(
+                f"{path.name}: X must be 2-D and y 1-D of the same length, got {x.shape} and {y.shape}"
             )
         return x.astype(np.float64), y
     # lazy: pandas loads only for CSV and Parquet files
@@ -154,15 +162,15 @@ def _load_file(path: Path, target: str) -> tuple[NDArray[Any], NDArray[Any]]:
 
     frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
     if target not in frame.columns:
-        raise ValueError(
-            f"{path}: target column {target!r} not found; columns: {', '.join(map(str, frame.columns))}"
+        raise DatasetError(
+            f"{path.name}: no target column {target!r} (the file has {len(frame.columns)} columns)"
         )
     features = frame.drop(columns=[target])
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
-        raise ValueError(f"{path}: non-numeric feature columns: {', '.join(non_numeric)}")
+        raise DatasetError(f"{path.name}: {len(non_numeric)} feature column(s) are not numeric")
     if frame[target].isna().any():
-        raise ValueError(f"{path}: target column {target!r} contains NaN")
+        raise DatasetError(f"{path.name}: target column {target!r} contains NaN")
     return features.to_numpy(dtype=np.float64), frame[target].to_numpy()
 
 
@@ -178,19 +186,21 @@ def _split(
     from sklearn.model_selection import train_test_split
 
     if len(x) == 0 or x.shape[1] == 0:
-        raise ValueError(f"dataset {name!r} is empty (shape {x.shape})")
+        raise DatasetError(f"dataset {name!r} is empty (shape {x.shape})")
     if np.isnan(x).any():
         rows, cols = np.nonzero(np.isnan(x))
-        raise ValueError(f"dataset {name!r} contains NaN features (first at row {rows[0]}, column {cols[0]})")
+        raise DatasetError(
+            f"dataset {name!r} contains NaN features (first at row {rows[0]}, column {cols[0]})"
+        )
     if not np.isfinite(x).all():
-        raise ValueError(f"dataset {name!r} contains infinite features")
+        raise DatasetError(f"dataset {name!r} contains infinite features")
     classes, labels = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"dataset {name!r} has a single class ({classes.tolist()}); need at least 2")
+        raise DatasetError(f"dataset {name!r} has a single class; need at least 2")
     counts = np.bincount(labels)
     n_val = math.ceil(validation_split * len(labels))
     if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
-        raise ValueError(
+        raise DatasetError(
             f"dataset {name!r} is too small for a stratified {validation_split} split "
             f"({len(labels)} samples, smallest class has {counts.min()})"
         )

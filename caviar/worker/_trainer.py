@@ -51,6 +51,17 @@ def resolve_data_file(data_dir: str | None, relative: str) -> Path:
     return resolved
 
 
+def data_error(spec: str, exc: Exception) -> str:
+    """A trial's fail reason for a dataset that could not be loaded: never the file's contents.
+
+    Only caviar's own messages (which name the problem, not the data) are passed on; a parser's
+    message may quote the file, so other errors are reported by their type alone.
+    """
+    if isinstance(exc, DataFileRefused | trainer.DatasetError):
+        return str(exc)
+    return f"dataset {spec} could not be read ({type(exc).__name__})"
+
+
 def _attr(value: float) -> float | str:
     """A metric as a trial attribute (non-finite values as text: attributes are JSON numbers)."""
     return value if math.isfinite(value) else str(value)
@@ -178,6 +189,12 @@ class TrainerRunner:
 
         try:
             data = self._dataset(study)
+        except Exception as exc:
+            reason = data_error(study["definition"]["objective"]["dataset"], exc)
+            for trial in members:
+                slot.finish(trial, "fail", reason=reason)
+            return
+        try:
             trainer.train_group(configs, data, report, metric=metrics[0], on_result=record, refill=refill)
         except Stopped:
             return  # everything held is handed back when the slot stops
@@ -193,9 +210,6 @@ class TrainerRunner:
             else:
                 for trial in held:
                     slot.finish(trial, "fail", reason="CUDA out of memory")
-        except DataFileRefused as exc:
-            for trial in slot.still_held(trials):
-                slot.finish(trial, "fail", reason=str(exc))
         except Exception as exc:
             _log.exception("training failed for trials %s of %s", [t.number for t in trials], study["name"])
             for trial in slot.still_held(trials):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from optuna.distributions import BaseDistribution
@@ -40,6 +41,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+FILE_PREFIX = "file:"
+DATA_FILE_SUFFIXES = (".csv", ".npz", ".parquet")
+
+
+def check_data_file(path: str) -> None:
+    """Refuse a ``file:`` dataset path that could leave the data root (``CAVIAR_DATA_DIR``).
+
+    The path is relative, has no ``..`` part and no backslash or NUL, and names a .csv, .npz or
+    .parquet file; workers resolve it under their own data root and check it again after
+    following links.
+    """
+    pure = PurePosixPath(path)
+    if not path or path.startswith(("/", "~")) or pure.is_absolute() or re.match(r"^[A-Za-z]:", path):
+        raise ValueError("dataset: file: paths are relative to the data root (CAVIAR_DATA_DIR)")
+    if ".." in pure.parts or "\\" in path or any(ord(c) < 32 for c in path):
+        raise ValueError("dataset: file: paths may not contain '..', backslashes or control characters")
+    if pure.suffix.lower() not in DATA_FILE_SUFFIXES:
+        raise ValueError(f"dataset: file: datasets are {', '.join(DATA_FILE_SUFFIXES)} files")
+
+
 ObjectiveKind = Literal["trainer", "external"]
 """What runs a trial: caviar's built-in trainer (workers), or an external client that asks and tells."""
 
@@ -63,7 +84,9 @@ class Objective(_Strict):
         if self.kind == "trainer":
             if not self.dataset:
                 raise ValueError("dataset is required for kind trainer")
-            if not (self.dataset in DATASETS or self.dataset.startswith("file:")):
+            if self.dataset.startswith(FILE_PREFIX):
+                check_data_file(self.dataset.removeprefix(FILE_PREFIX))
+            elif self.dataset not in DATASETS:
                 raise ValueError(
                     f"dataset must be one of {', '.join(DATASETS)} or file:PATH, got {self.dataset!r}"
                 )
@@ -224,6 +247,11 @@ class StudyTemplate(_Strict):
         """Optuna's directions, one per objective."""
         names = self.directions or [self.direction or "maximize"]
         return [StudyDirection.MAXIMIZE if d == "maximize" else StudyDirection.MINIMIZE for d in names]
+
+    @property
+    def uses_data_file(self) -> bool:
+        """Whether trials read a ``file:`` dataset (allowed over REST only with a data root)."""
+        return (self.objective.dataset or "").startswith(FILE_PREFIX)
 
     @property
     def multi_objective(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from caviar.service.deps import DbDep
+from caviar.service.deps import DbDep, SettingsDep
 from caviar.service.schedules import service
 from caviar.service.schedules.schemas import (
     ScheduleCreate,
@@ -48,8 +48,10 @@ def list_schedules(
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a schedule")
-def create_schedule(db: DbDep, body: Annotated[ScheduleCreate, Body(examples=[_EXAMPLE])]) -> ScheduleRead:
-    return service.create_schedule(db, body)
+def create_schedule(
+    db: DbDep, settings: SettingsDep, body: Annotated[ScheduleCreate, Body(examples=[_EXAMPLE])]
+) -> ScheduleRead:
+    return service.create_schedule(db, body, data_files=settings.data_dir is not None)
 
 
 @router.get("/{ref}", summary="One schedule (by id or name)")
@@ -58,8 +60,8 @@ def get_schedule(db: DbDep, ref: str) -> ScheduleRead:
 
 
 @router.patch("/{ref}", summary="Enable/disable a schedule or change its timing, template or policies")
-def update_schedule(db: DbDep, ref: str, body: ScheduleUpdate) -> ScheduleRead:
-    return service.update_schedule(db, ref, body)
+def update_schedule(db: DbDep, settings: SettingsDep, ref: str, body: ScheduleUpdate) -> ScheduleRead:
+    return service.update_schedule(db, ref, body, data_files=settings.data_dir is not None)
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a schedule and its runs")

@@ -44,7 +44,7 @@ from caviar.service.schedules.schemas import (
     ScheduleRunRead,
     ScheduleUpdate,
 )
-from caviar.service.studies.service import QUEUE_STATES, create_study
+from caviar.service.studies.service import QUEUE_STATES, check_data_access, create_study
 from caviar.storage import Schedule, ScheduleRun, StudyRecord, utcnow
 
 _log = logging.getLogger("caviar.scheduler")
@@ -80,17 +80,19 @@ def manual_study_name(schedule_name: str, cron: CronSchedule, moment: datetime) 
     return f"{schedule_name}-manual-{moment.astimezone(cron.zone).strftime('%Y%m%dT%H%M%S')}"
 
 
-def check_template(schedule_name: str, template: dict[str, Any]) -> None:
+def check_template(schedule_name: str, template: dict[str, Any], *, data_files: bool = True) -> None:
     """Validate a template, and that the studies it stamps out are valid definitions.
 
     Raises:
-        InvalidInput: the failing field, prefixed ``template.`` (``template.search_space.lr.low``).
+        InvalidInput: the failing field, prefixed ``template.`` (``template.search_space.lr.low``);
+            ``file_datasets_disabled`` (see :func:`~caviar.service.studies.service.check_data_access`).
     """
     try:
-        StudyTemplate.model_validate(template)
+        parsed = StudyTemplate.model_validate(template)
         StudyDefinition.from_template(f"{schedule_name}-manual-00000000T000000", template)
     except ValidationError as exc:
         raise invalid_from_pydantic(exc.errors(), prefix="template") from None
+    check_data_access(parsed, data_files=data_files)
 
 
 def _cron_of(cron: str, timezone: str) -> CronSchedule:
@@ -148,15 +150,18 @@ def list_schedules(db: Database, *, limit: int = 100, offset: int = 0) -> Schedu
         return ScheduleList(items=[_read(s) for s in rows], total=total)
 
 
-def create_schedule(db: Database, spec: ScheduleCreate, *, now: datetime | None = None) -> ScheduleRead:
+def create_schedule(
+    db: Database, spec: ScheduleCreate, *, now: datetime | None = None, data_files: bool = True
+) -> ScheduleRead:
     """Create a schedule; its first tick is the first one after ``now``.
 
     Raises:
-        InvalidInput: an invalid template (fields prefixed ``template.``).
+        InvalidInput: an invalid template (fields prefixed ``template.``), or a ``file:`` dataset
+            where ``data_files`` is false.
         Conflict: ``name_taken`` when a schedule has the name already.
     """
     now = now or utcnow()
-    check_template(spec.name, spec.template)
+    check_template(spec.name, spec.template, data_files=data_files)
     cron = _cron_of(spec.cron, spec.timezone)
     schedule = Schedule(
         name=spec.name,
@@ -188,7 +193,12 @@ _NOT_NULL = ("cron", "timezone", "template", "enabled", "misfire", "overlap")
 
 
 def update_schedule(
-    db: Database, ref: str | int, change: ScheduleUpdate, *, now: datetime | None = None
+    db: Database,
+    ref: str | int,
+    change: ScheduleUpdate,
+    *,
+    now: datetime | None = None,
+    data_files: bool = True,
 ) -> ScheduleRead:
     """Change a schedule; the next tick is recomputed from ``now`` when its timing changed.
 
@@ -207,7 +217,7 @@ def update_schedule(
     with db.session() as session, session.begin():
         schedule = get_schedule(session, ref)
         if change.template is not None:
-            check_template(schedule.name, change.template)
+            check_template(schedule.name, change.template, data_files=data_files)
         for field in given:
             setattr(schedule, field, getattr(change, field))
         cron = _cron_of(schedule.cron, schedule.timezone)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response, status
 
 from caviar.service.definition import StudyDefinition
-from caviar.service.deps import DbDep
+from caviar.service.deps import DbDep, SettingsDep
 from caviar.service.studies import service
 from caviar.service.studies.schemas import StudyList, StudyRead, StudyState
 
@@ -28,8 +28,10 @@ _EXAMPLE = {
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a study from a definition")
-def create_study(db: DbDep, body: Annotated[StudyDefinition, Body(examples=[_EXAMPLE])]) -> StudyRead:
-    record = service.create_study(db, body)
+def create_study(
+    db: DbDep, settings: SettingsDep, body: Annotated[StudyDefinition, Body(examples=[_EXAMPLE])]
+) -> StudyRead:
+    record = service.create_study(db, body, data_files=settings.data_dir is not None)
     return service.describe(db, record, trials=[])
 
 

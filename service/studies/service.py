@@ -20,8 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
-from caviar.service.definition import StudyDefinition, decode_params
-from caviar.service.errors import Conflict, NotFound, parse_model
+from caviar.service.definition import StudyDefinition, StudyTemplate, decode_params
+from caviar.service.errors import Conflict, InvalidInput, NotFound, parse_model
 from caviar.service.studies.schemas import (
     BestTrial,
     ParetoFront,
@@ -68,12 +68,40 @@ def definition_of(record: StudyRecord) -> StudyDefinition:
     return definition
 
 
-def create_study(db: Database, definition: StudyDefinition, *, schedule_id: int | None = None) -> StudyRecord:
+def check_data_access(definition: StudyTemplate, *, data_files: bool) -> None:
+    """Refuse a ``file:`` dataset where the caller may not name files.
+
+    Over REST a study may read a ``file:`` dataset only when the service has a data root
+    (``CAVIAR_DATA_DIR``): whoever can create a study must not be able to make workers read files
+    outside the directory their operator set aside for data.
+
+    Raises:
+        InvalidInput: ``file_datasets_disabled``.
+    """
+    if definition.uses_data_file and not data_files:
+        raise InvalidInput(
+            "objective.dataset: file: datasets are disabled on this service (CAVIAR_DATA_DIR is unset)",
+            code="file_datasets_disabled",
+            details=[{"field": "objective.dataset", "message": "file: datasets are disabled"}],
+        )
+
+
+def create_study(
+    db: Database, definition: StudyDefinition, *, schedule_id: int | None = None, data_files: bool = True
+) -> StudyRecord:
     """Create the caviar study and the Optuna study of the same name.
+
+    Args:
+        db: the database.
+        definition: the validated definition.
+        schedule_id: the schedule that created it, if any.
+        data_files: whether the caller may use ``file:`` datasets (see :func:`check_data_access`).
 
     Raises:
         Conflict: ``name_taken`` when a caviar or Optuna study already has the name.
+        InvalidInput: ``file_datasets_disabled``.
     """
+    check_data_access(definition, data_files=data_files)
     name = definition.name
     with db.session() as session:
         if session.scalar(select(StudyRecord.id).where(StudyRecord.name == name)) is not None:

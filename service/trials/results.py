@@ -74,8 +74,12 @@ def refine(
     min_top: int = 3,
     margin: float = 0.25,
     n_trials: int | None = None,
+    data_files: bool = True,
 ) -> StudyRecord:
-    """Create ``<name>-refined-N``: the space narrowed around the best trials, in each parameter's scale."""
+    """Create ``<name>-refined-N``: the space narrowed around the best trials, in each parameter's scale.
+
+    ``data_files``: whether the caller may create a study that reads a ``file:`` dataset.
+    """
     _, definition, complete = _completed(db, name)
     if definition.multi_objective:
         top = pareto_front(complete, definition.study_directions)
@@ -94,7 +98,7 @@ def refine(
     index = next(i for i in range(1, len(taken) + 2) if i not in taken)
     data["name"] = f"{base}{index}"
     data["tags"] = {**data.get("tags", {}), "refined_from": name}
-    return create_study(db, parse_definition(data))
+    return create_study(db, parse_definition(data), data_files=data_files)
 
 
 def narrow_space(definition: StudyDefinition, top: list[dict[str, Any]], margin: float) -> dict[str, Any]:

@@ -159,7 +159,9 @@ def importances(db: DbDep, name: str) -> Importances:
 
 
 @router.post("/refine", status_code=status.HTTP_201_CREATED, summary="Coarse to fine: a narrowed new study")
-def refine(db: DbDep, name: str, body: Annotated[RefineRequest | None, Body()] = None) -> StudyRead:
+def refine(
+    db: DbDep, settings: SettingsDep, name: str, body: Annotated[RefineRequest | None, Body()] = None
+) -> StudyRead:
     body = body or RefineRequest()
     record = service.refine(
         db,
@@ -168,5 +170,6 @@ def refine(db: DbDep, name: str, body: Annotated[RefineRequest | None, Body()] =
         min_top=body.min_top,
         margin=body.margin,
         n_trials=body.n_trials,
+        data_files=settings.data_dir is not None,
     )
     return studies.describe(db, record, trials=[])

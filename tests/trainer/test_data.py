@@ -11,7 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from caviar.trainer import Dataset, load_dataset
+from caviar.trainer import Dataset, DatasetError, load_dataset
 
 
 def test_digits_shapes_and_image_shape(digits: Dataset) -> None:
@@ -80,11 +80,11 @@ def test_csv_npz_and_parquet_files(tmp_path: Path) -> None:
 def test_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(DatasetError, match="not found"):
         load_dataset(tmp_path / "missing.csv")
     frame = _frame()
     frame.to_csv(tmp_path / "d.csv", index=False)
-    with pytest.raises(ValueError, match="target column 'target' not found"):
+    with pytest.raises(DatasetError, match="no target column 'target'"):
         load_dataset(tmp_path / "d.csv")
     frame.loc[3, "b"] = np.nan
     frame.to_csv(tmp_path / "nan.csv", index=False)

@@ -267,3 +267,30 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
     failed = trials.list_trials(db, "nan", state="fail", limit=100).items
     assert len(failed) == 4 and all("diverged" in (t.fail_reason or "") for t in failed)
     assert studies.load_record(db, "nan").state == "failed"
+
+
+def test_file_datasets_are_read_under_the_data_root_and_never_quoted(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess], tmp_path: Path
+) -> None:
+    """Regression: a study could make a worker read any file and report its contents."""
+    secret = "CAVIAR_API_TOKEN=s3cr3t-value"
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "leaky.csv").write_text(f"{secret},b\n1,2\n3,4\n")  # no target column
+    (tmp_path / "outside.csv").write_text(f"{secret},target\n1,0\n2,1\n")
+    os.symlink(tmp_path / "outside.csv", root / "escape.csv")
+    for name, dataset in (("leaky", "file:leaky.csv"), ("escape", "file:escape.csv")):
+        body = digits_study(name, n_trials=1, max_epochs=1)
+        body["objective"]["dataset"] = dataset
+        body["budget"].update(max_retries=0, max_failed_trials=0)
+        studies.create_study(db, studies.parse_definition(body))
+    service = serve()
+    workers = spawn(service, "--cpu", "1", "--exit-when-idle", "2", "--data-dir", str(root))
+    assert workers.wait(120) == 0, workers.output()
+    leaky = trials.list_trials(db, "leaky", state="fail").items[0].fail_reason or ""
+    escape = trials.list_trials(db, "escape", state="fail").items[0].fail_reason or ""
+    assert "no target column" in leaky and "2 columns" in leaky
+    assert "not available in this worker's data root" in escape
+    for reason in (leaky, escape):
+        assert secret not in reason and str(tmp_path) not in reason
+    assert secret not in workers.output()
