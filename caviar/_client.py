@@ -121,6 +121,15 @@ class Study:
             if not page["items"] or len(items) >= page["total"]:
                 return items
 
+    def artifacts(self, number: int) -> list[dict[str, Any]]:
+        """The files stored with trial ``number``: ``[{artifact_id, filename}]``."""
+        return list(self.client.http.get(_path("studies", self.name, "trials", number, "artifacts")))
+
+    def download(self, number: int, filename: str) -> bytes:
+        """The newest file named ``filename`` stored with trial ``number`` (checkpoint.pt, trial.log)."""
+        path = _path("studies", self.name, "trials", number, "artifacts", filename)
+        return self.client.http.send("GET", path).content
+
     def ask(
         self,
         *,
@@ -233,9 +242,16 @@ class Trial:
     """
 
     def __init__(
-        self, client: Client, assignment: dict[str, Any], *, worker_id: str | None, heartbeat: bool = True
+        self,
+        client: Client,
+        assignment: dict[str, Any],
+        *,
+        worker_id: str | None,
+        heartbeat: bool = True,
+        result_file: str | None = None,
     ) -> None:
         self.client = client
+        self._result_file = result_file  # under a worker: the outcome goes to the worker, which tells
         self.study = str(assignment["study"])
         self.number = int(assignment["number"])
         self.params: dict[str, Any] = dict(assignment["params"])
@@ -250,6 +266,11 @@ class Trial:
 
     def __repr__(self) -> str:
         return f"Trial(study={self.study!r}, number={self.number}, params={self.params})"
+
+    @property
+    def finished(self) -> bool:
+        """Whether this trial was told (complete, pruned or failed) or handed back."""
+        return self._finished
 
     def _post(self, action: str, body: dict[str, Any]) -> Any:
         if self._lost is not None:
@@ -324,6 +345,15 @@ class Trial:
     def _finish(self, body: dict[str, Any], user_attrs: dict[str, Any] | None) -> dict[str, Any]:
         if user_attrs:
             body["user_attrs"] = user_attrs
+        if self._result_file is not None:
+            # A worker runs this program: it tells the service once the program exits (after
+            # storing its log), so the outcome is handed to it rather than sent from here.
+            tmp = f"{self._result_file}.tmp"
+            with open(tmp, "w") as handle:
+                json.dump(body, handle)
+            os.replace(tmp, self._result_file)
+            self._finished = True
+            return body
         told = dict(self._post("tell", body))
         self._finished = True
         return told
@@ -388,7 +418,13 @@ def current_trial() -> Trial:
             "caviar.current_trial(): not running under a caviar worker (CAVIAR_TRIAL is unset)"
         )
     data = json.loads(raw)
-    return Trial(_shared_client(), data, worker_id=data.get("worker_id"), heartbeat=False)
+    return Trial(
+        _shared_client(),
+        data,
+        worker_id=data.get("worker_id"),
+        heartbeat=False,
+        result_file=data.get("result_file"),
+    )
 
 
 _shared: Client | None = None

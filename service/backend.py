@@ -55,6 +55,14 @@ class Backend(Protocol):
         """A trial's checkpoint (default: the best trial's): ``(number, filename, content)``."""
         ...
 
+    def artifacts(self, name: str, number: int) -> list[dict[str, Any]]:
+        """The files stored with a trial: ``[{artifact_id, filename}]``."""
+        ...
+
+    def download(self, name: str, number: int, filename: str) -> bytes:
+        """The newest file named ``filename`` stored with a trial."""
+        ...
+
     def workers(self) -> dict[str, Any]:
         """Registered workers: ``{items, total}``."""
         ...

@@ -411,6 +411,13 @@ def worker(
         str | None,
         typer.Option(envvar="CAVIAR_DATA_DIR", help="The only directory file: datasets are read from."),
     ] = None,
+    allow_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-code",
+            help="Run kind python/command studies: user code from this host, one child per trial.",
+        ),
+    ] = False,
 ) -> None:
     """Draw trials from a caviar service and run them: one process per device slot (REST only)."""
     # lazy: the worker package pulls in the trainer (torch) in its slot processes
@@ -428,6 +435,7 @@ def worker(
         poll_interval_s=poll_interval,
         exit_when_idle_s=exit_when_idle,
         data_dir=data_dir,
+        allow_code=allow_code,
     )
     try:
         code = run_workers(options)
@@ -480,6 +488,50 @@ def study_checkpoint(
     target = output or Path(f"{name}-trial{number}-{filename}")
     target.write_bytes(content)
     console.print(f"trial {number} checkpoint written to {safe(target)}", highlight=False)
+
+
+@study_app.command("artifacts")
+def study_artifacts(
+    name: str,
+    trial: Annotated[int, typer.Option(help="Trial number.")],
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the files stored with a trial (checkpoint.pt, trial.log, uploads)."""
+    with backend_for(url, token, database_url) as backend:
+        items = backend.artifacts(name, trial)
+    if as_json:
+        print_json(items)
+        return
+    table = Table("file", "artifact id")
+    for item in items:
+        table.add_row(safe(item["filename"]), item["artifact_id"])
+    console.print(table)
+
+
+@study_app.command("download")
+def study_download(
+    name: str,
+    filename: Annotated[str, typer.Argument(help="The file's name, e.g. trial.log.")],
+    trial: Annotated[int, typer.Option(help="Trial number.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write it ('-': stdout).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+) -> None:
+    """Download a file stored with a trial (a log to the terminal: `... trial.log --trial N -o -`)."""
+    with backend_for(url, token, database_url) as backend:
+        content = backend.download(name, trial, filename)
+    if output is not None and str(output) == "-":
+        sys.stdout.buffer.write(content)
+        return
+    target = output or Path(f"{name}-trial{trial}-{filename}")
+    target.write_bytes(content)
+    console.print(f"trial {trial} {safe(filename)} written to {safe(target)}", highlight=False)
 
 
 @app.command("workers")

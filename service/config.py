@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         default=None, description="A static worker-scope token (deployments hand it to their workers)."
     )
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="0: any free port (printed at start).")
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     artifact_dir: str = "./caviar-artifacts"

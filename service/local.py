@@ -16,6 +16,7 @@ from caviar.service.schedules.schemas import ScheduleUpdate
 from caviar.service.studies import service as studies
 from caviar.service.tokens import service as tokens
 from caviar.service.tokens.schemas import TokenCreate
+from caviar.service.trials import artifacts
 from caviar.service.trials.artifacts import artifact_store, open_checkpoint
 from caviar.service.trials.schemas import RefineRequest
 from caviar.service.workers import service as workers
@@ -80,6 +81,14 @@ class LocalBackend:
         found, filename, reader = open_checkpoint(self.db, store, name, number)
         with reader:
             return found, filename, reader.read()
+
+    def artifacts(self, name: str, number: int) -> list[dict[str, Any]]:
+        return [item.model_dump(mode="json") for item in artifacts.list_artifacts(self.db, name, number)]
+
+    def download(self, name: str, number: int, filename: str) -> bytes:
+        store = artifact_store(self.settings.artifact_dir)
+        with artifacts.open_artifact(self.db, store, name, number, filename) as reader:
+            return reader.read()
 
     def workers(self) -> dict[str, Any]:
         page = workers.list_workers(self.db, heartbeat_interval_s=self.settings.heartbeat_interval_s)

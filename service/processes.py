@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -116,10 +117,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, message: str, inte
     raise TimeoutError(message)
 
 
+SERVING = re.compile(r"caviar serving on (http://\S+) with")
+
+
 def serve(
     database_url: str,
     *,
-    port: int | None = None,
+    port: int = 0,
     processes: int = 1,
     env: Mapping[str, str] | None = None,
     log: str | Path = "caviar-serve.log",
@@ -128,10 +132,14 @@ def serve(
 ) -> tuple[CaviarProcess, str]:
     """Start ``caviar serve`` on a migrated database and wait until it is healthy.
 
+    With ``port=0`` the server binds any free port (no race with other processes picking ports)
+    and the URL is read from its first line of output.
+
     Returns:
         The process and its base URL.
     """
-    port = port or free_port(18000)
+    log = Path(log)
+    offset = log.stat().st_size if log.exists() else 0
     args = [
         "serve",
         "--port",
@@ -145,13 +153,20 @@ def serve(
     server = CaviarProcess(
         [*args, *(extra or [])], env={"CAVIAR_DATABASE_URL": database_url, **(env or {})}, log=log
     )
-    base = f"http://127.0.0.1:{port}"
+    found: list[str] = []
 
     def healthy() -> bool:
         if not server.alive():
             raise RuntimeError(f"caviar serve exited during start-up:\n{server.output()}")
+        if not found:
+            with open(log, "rb") as handle:
+                handle.seek(offset)
+                match = SERVING.search(handle.read().decode("utf-8", "replace"))
+            if match is None:
+                return False
+            found.append(match.group(1))
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"{found[0]}/healthz", timeout=2).status_code == 200
         return False
 
     try:
@@ -159,4 +174,4 @@ def serve(
     except BaseException:
         server.stop()
         raise
-    return server, base
+    return server, found[0]

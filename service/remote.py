@@ -80,6 +80,12 @@ class RemoteBackend:
         filename = disposition.rpartition("filename=")[2].strip('"').rpartition("-")[2] or "checkpoint.pt"
         return number, filename, response.content
 
+    def artifacts(self, name: str, number: int) -> list[dict[str, Any]]:
+        return list(self._get("studies", name, "trials", number, "artifacts"))
+
+    def download(self, name: str, number: int, filename: str) -> bytes:
+        return self.http.send("GET", _path("studies", name, "trials", number, "artifacts", filename)).content
+
     def workers(self) -> dict[str, Any]:
         return dict(self._get("workers"))
 

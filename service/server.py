@@ -81,10 +81,8 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         value = getattr(settings, secret)
         if value is not None:
             data[secret] = value.get_secret_value()
-    print(
-        f"caviar serving on http://{settings.host}:{settings.port} with {settings.processes} process(es)",
-        flush=True,
-    )
+    url = f"http://{settings.host}:{sock.getsockname()[1]}"  # the port bound: --port 0 picks a free one
+    print(f"caviar serving on {url} with {settings.processes} process(es)", flush=True)
     if settings.processes == 1:
         _run_one(sock, data, log_level)
         return

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ._checkpoint import TrainedModel, load_model
     from ._data import Dataset, DatasetError, load_dataset
     from ._gradcheck import gradcheck
-    from ._train import TrialResult, train, train_group
+    from ._train import Interrupted, TrialResult, train, train_group
 
 # lazy: the torch-backed API, imported on first attribute access (keeps torch off the service's path)
 _TORCH_API = {
@@ -29,6 +29,7 @@ _TORCH_API = {
     "DatasetError": "._data",
     "load_dataset": "._data",
     "gradcheck": "._gradcheck",
+    "Interrupted": "._train",
     "TrialResult": "._train",
     "train": "._train",
     "train_group": "._train",
@@ -42,6 +43,7 @@ __all__ = [
     "MODELS",
     "Dataset",
     "DatasetError",
+    "Interrupted",
     "TrainedModel",
     "TrialConfig",
     "TrialResult",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,21 @@ from ._rng import (
 )
 from .spec import METRICS, TrialConfig, check_group, lr_at
 
-__all__ = ["GroupReport", "Report", "TrialResult", "augment_batch", "resolve_device", "train", "train_group"]
+__all__ = [
+    "GroupReport",
+    "Interrupted",
+    "Report",
+    "TrialResult",
+    "augment_batch",
+    "resolve_device",
+    "train",
+    "train_group",
+]
+
+
+class Interrupted(Exception):
+    """Raised by :func:`train_group` when its ``interrupt`` event is set (checked every mini-batch)."""
+
 
 Report = Callable[[int, float], bool]
 """``report(step, val_accuracy) -> prune?`` for :func:`train`."""
@@ -261,6 +276,7 @@ def train_group(
     metric: str = "val_accuracy",
     on_result: Callable[[int, TrialResult], None] | None = None,
     refill: Callable[[int], Sequence[TrialConfig]] | None = None,
+    interrupt: threading.Event | None = None,
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
@@ -280,6 +296,8 @@ def train_group(
             of free places (the group's initial size minus the live members); the configs it
             returns join the group as new members (indices continue after ``configs``) and train
             their own ``max_epochs`` from their own epoch 0, exactly as if trained alone.
+        interrupt: When set, training stops at the next mini-batch with :class:`Interrupted` (a
+            stopping worker hands its trials back without waiting for the epoch to end).
 
     Returns:
         One result per config (the refilled ones after ``configs``), in order.
@@ -329,6 +347,8 @@ def train_group(
         group.model.train()
         loss_sum = torch.zeros(k, device=device)
         for start_index in range(0, n_train, batch):
+            if interrupt is not None and interrupt.is_set():  # a host-side flag: no device sync
+                raise Interrupted
             index = order[:, start_index : start_index + batch]
             xb, yb = x_train[index], y_train[index]
             if augment:

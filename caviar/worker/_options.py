@@ -23,6 +23,7 @@ class WorkerOptions:
         poll_interval_s: how often an idle slot looks at the queue.
         exit_when_idle_s: exit after this long without work.
         data_dir: the only directory ``file:`` datasets are read from (``CAVIAR_DATA_DIR``).
+        allow_code: run ``kind: python`` and ``kind: command`` studies (user code on this host).
         retry_s: how long a call is retried while the service is unreachable.
         worker_prefix: the first part of each slot's worker id (default: the host name).
     """
@@ -38,5 +39,6 @@ class WorkerOptions:
     poll_interval_s: float = 2.0
     exit_when_idle_s: float | None = None
     data_dir: str | None = None
+    allow_code: bool = False
     retry_s: float = 300.0
     worker_prefix: str = field(default_factory=socket.gethostname)

@@ -9,6 +9,7 @@ trials back (retried without using up a retry), exit 0.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from caviar._client import Client, Trial
 from caviar._errors import CaviarApiError, LeaseLost
 from caviar.worker._api import Stopped, WorkerApi
 from caviar.worker._options import WorkerOptions
+from caviar.worker._program import ProgramRunner
 from caviar.worker._trainer import TrainerRunner
 
 _log = logging.getLogger("caviar.worker")
@@ -48,7 +50,9 @@ class Slot:
         self.held_lock = threading.Lock()
         self.finished = 0
         self.heartbeat_interval_s = 30.0  # the service's own, once registered
-        self.runners = {"trainer": TrainerRunner(self)}
+        self.runners: dict[str, TrainerRunner | ProgramRunner] = {"trainer": TrainerRunner(self)}
+        if options.allow_code:
+            self.runners["python"] = self.runners["command"] = ProgramRunner(self)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -58,6 +62,7 @@ class Slot:
         )
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
+        self._say_what_is_refused()
         idle_since = time.monotonic()
         try:
             while not self.stop.is_set() and self.room() != 0:
@@ -79,6 +84,22 @@ class Slot:
             with contextlib.suppress(CaviarApiError):
                 self.api.beat([], status="stopped")
             self.client.close()
+
+    def _say_what_is_refused(self) -> None:
+        """A worker asked for studies it will not run says so once, instead of idling silently."""
+        if not self.options.studies:
+            return
+        for item in self.api.queue(kinds=["python", "command", "external"], studies=self.options.studies):
+            if item["objective_kind"] == "external":
+                _log.warning(
+                    "study %s is kind external: its trials are run by clients, not workers", item["name"]
+                )
+            elif item["objective_kind"] not in self.runners:
+                _log.warning(
+                    "study %s runs user code (kind %s): start the worker with --allow-code to run it here",
+                    item["name"],
+                    item["objective_kind"],
+                )
 
     def _work_once(self) -> bool:
         for item in self.api.queue(kinds=list(self.runners), studies=self.options.studies):
@@ -199,6 +220,7 @@ def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> N
         level=logging.INFO, format=f"%(asctime)s slot{index}[{device}] %(levelname)s %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     slot = Slot(options, device, threads)
 
     def stop(signum: int, _frame: Any) -> None:

@@ -89,11 +89,23 @@ class TrainerRunner:
             torch.set_num_threads(slot.threads)
 
     def run(self, study: dict[str, Any]) -> bool:
-        """Claim a group of trials of ``study`` and train it; False when there was nothing to claim."""
+        """Claim a group of trials of ``study`` and train it; False when there was nothing to claim.
+
+        The dataset is loaded before any trial is claimed, so no lease is held while it loads.
+        """
+        try:
+            data: trainer.Dataset | Exception = self._dataset(study)
+        except Exception as exc:
+            data = exc
         group = self._claim(study, self._fuse_size(study))
         if not group:
             return False
-        self._train(study, group)
+        if isinstance(data, Exception):
+            reason = data_error(study["definition"]["objective"]["dataset"], data)
+            for trial in group:
+                self.slot.finish(trial, "fail", reason=reason)
+            return True
+        self._train(study, data, group)
         return True
 
     def _fuse_size(self, study: dict[str, Any]) -> int:
@@ -138,7 +150,7 @@ class TrainerRunner:
             self._datasets[key] = trainer.load_dataset(source, split, seed=0, target=target)
         return self._datasets[key]
 
-    def _train(self, study: dict[str, Any], group: list[Trial]) -> None:
+    def _train(self, study: dict[str, Any], data: trainer.Dataset, group: list[Trial]) -> None:
         # Trials handed out first may be retries with other non-fusible values: train them apart.
         subgroups: dict[tuple[Any, ...], list[tuple[Trial, TrialConfig]]] = {}
         for trial in group:
@@ -151,9 +163,11 @@ class TrainerRunner:
         for members in subgroups.values():
             if self.slot.stop.is_set():
                 return
-            self._train_members(study, [t for t, _ in members], [c for _, c in members])
+            self._train_members(study, data, [t for t, _ in members], [c for _, c in members])
 
-    def _train_members(self, study: dict[str, Any], members: list[Trial], configs: list[TrialConfig]) -> None:
+    def _train_members(
+        self, study: dict[str, Any], data: trainer.Dataset, members: list[Trial], configs: list[TrialConfig]
+    ) -> None:
         slot = self.slot
         trials = list(members)  # grows as refills join; index = member index in train_group
         metrics: list[str] = study["metrics"]
@@ -188,15 +202,10 @@ class TrainerRunner:
             return joining
 
         try:
-            data = self._dataset(study)
-        except Exception as exc:
-            reason = data_error(study["definition"]["objective"]["dataset"], exc)
-            for trial in members:
-                slot.finish(trial, "fail", reason=reason)
-            return
-        try:
-            trainer.train_group(configs, data, report, metric=metrics[0], on_result=record, refill=refill)
-        except Stopped:
+            trainer.train_group(
+                configs, data, report, metric=metrics[0], on_result=record, refill=refill, interrupt=slot.stop
+            )
+        except (Stopped, trainer.Interrupted):
             return  # everything held is handed back when the slot stops
         except torch.cuda.OutOfMemoryError:
             held = slot.still_held(trials)
@@ -215,7 +224,7 @@ class TrainerRunner:
             for trial in slot.still_held(trials):
                 slot.finish(trial, "fail", reason=f"{type(exc).__name__}: {exc}"[:2000])
         if leftovers and not slot.stop.is_set():
-            self._train(study, leftovers)
+            self._train(study, data, leftovers)
 
     def _tell(self, trial: Trial, metrics: list[str], result: trainer.TrialResult) -> None:
         slot = self.slot

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from optuna.distributions import BaseDistribution
 from optuna.pruners import BasePruner
@@ -61,12 +62,46 @@ def check_data_file(path: str) -> None:
         raise ValueError(f"dataset: file: datasets are {', '.join(DATA_FILE_SUFFIXES)} files")
 
 
-ObjectiveKind = Literal["trainer", "external"]
-"""What runs a trial: caviar's built-in trainer (workers), or an external client that asks and tells."""
+ObjectiveKind = Literal["trainer", "external", "python", "command"]
+"""What runs a trial: caviar's built-in trainer, an external client that asks and tells, or user code
+that a worker started with ``--allow-code`` runs (a Python function, or any command)."""
+
+CODE_KINDS = ("python", "command")
+ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+COMMAND_PLACEHOLDERS = ("study", "number")
+"""Placeholders every command may use besides its parameters: the study's name, the trial's number."""
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_RESERVED_ENV = ("CAVIAR_TRIAL", "CAVIAR_URL", "CAVIAR_API_TOKEN", "CUDA_VISIBLE_DEVICES")
+
+
+def command_placeholders(command: list[str]) -> set[str]:
+    """The ``{name}`` placeholders of a command's arguments (``{{`` and ``}}`` are literal braces).
+
+    Raises:
+        ValueError: a malformed argument, or a placeholder that is not a plain name.
+    """
+    names: set[str] = set()
+    for index, argument in enumerate(command):
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(argument) if field is not None]
+        except ValueError as exc:
+            raise ValueError(f"command[{index}]: {exc} (write {{{{ and }}}} for literal braces)") from None
+        for field in fields:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field):
+                raise ValueError(f"command[{index}]: placeholder {{{field}}} must be a parameter name")
+            names.add(field)
+    return names
 
 
 class Objective(_Strict):
-    """What a trial runs: caviar's built-in trainer, or an external client that asks and tells."""
+    """What a trial runs.
+
+    ``trainer``: caviar's built-in PyTorch trainer (``dataset``, ``model``, ``max_epochs``, ``fixed``,
+    ``fuse``). ``external``: a client asks and tells. ``python``: a worker calls ``entrypoint``
+    (``"package.module:function"``) with a :class:`caviar.Trial`. ``command``: a worker runs
+    ``command`` with ``{param}`` placeholders filled in (and ``env``). User code runs only on
+    workers started with ``--allow-code``, one child process per trial, at most ``timeout_s``.
+    """
 
     kind: ObjectiveKind = "external"
     dataset: str | None = Field(
@@ -78,6 +113,18 @@ class Objective(_Strict):
     validation_split: float = Field(default=0.2, gt=0, lt=1)
     fixed: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters held constant.")
     fuse: int | None = Field(default=None, ge=1, le=1024, description="Train up to this many trials fused.")
+    entrypoint: str | None = Field(
+        default=None, max_length=256, description="kind python: the function to call, package.module:function"
+    )
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, min_length=1, max_length=256, description="kind command: argv with {param} placeholders"
+    )
+    env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64, description="kind python/command: extra environment variables"
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=30 * 86400, description="kind python/command: kill and fail a trial after this"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Objective:
@@ -95,6 +142,28 @@ class Objective(_Strict):
             unknown = sorted(set(self.fixed) - TUNABLE)
             if unknown:
                 raise ValueError(f"fixed: unknown trainer hyperparameter {unknown[0]!r}")
+        if self.kind == "python":
+            if not self.entrypoint or not re.match(ENTRYPOINT_PATTERN, self.entrypoint):
+                raise ValueError(
+                    f"entrypoint: kind python needs package.module:function (got {self.entrypoint!r})"
+                )
+        elif self.entrypoint is not None:
+            raise ValueError("entrypoint: only for kind python")
+        if self.kind == "command":
+            if not self.command:
+                raise ValueError("command: kind command needs a command (a list of arguments)")
+            if any("\x00" in part for part in self.command):
+                raise ValueError("command: arguments may not contain NUL characters")
+            command_placeholders(self.command)
+        elif self.command is not None:
+            raise ValueError("command: only for kind command")
+        if self.kind not in CODE_KINDS and (self.env or self.timeout_s is not None):
+            raise ValueError("env and timeout_s: only for kind python or command")
+        for name, value in self.env.items():
+            if not _ENV_NAME.match(name) or name in _RESERVED_ENV:
+                raise ValueError(f"env: {name!r} is not a valid (or is a reserved) variable name")
+            if "\x00" in value:
+                raise ValueError(f"env.{name}: may not contain NUL characters")
         return self
 
 
@@ -219,6 +288,17 @@ class StudyTemplate(_Strict):
             unknown = [m for m in metrics if m not in METRICS]
             if unknown:
                 raise ValueError(f"metric: the trainer reports {', '.join(METRICS)}, not {unknown[0]!r}")
+        if self.objective.kind == "command" and self.objective.command:
+            unknown = sorted(
+                command_placeholders(self.objective.command)
+                - set(self.search_space)
+                - set(COMMAND_PLACEHOLDERS)
+            )
+            if unknown:
+                raise ValueError(
+                    f"objective.command: placeholder {{{unknown[0]}}} names no parameter "
+                    f"(parameters: {', '.join(self.search_space)}; also {', '.join(COMMAND_PLACEHOLDERS)})"
+                )
         if self.sampler.type == "grid":
             for name, param in self.search_space.items():
                 if param.when:

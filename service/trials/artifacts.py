@@ -1,4 +1,4 @@
-"""Trial checkpoints stored as Optuna artifacts (file system store, listed by the dashboard)."""
+"""Files stored with trials (checkpoints, logs) as Optuna artifacts: the dashboard lists them too."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from typing import BinaryIO
 
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
 from caviar.service.errors import NotFound
 from caviar.service.studies.service import all_trials, definition_of, load_record, ranked
+from caviar.service.trials._core import frozen
+from caviar.service.trials.schemas import ArtifactRead
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -30,10 +32,48 @@ def save_artifact(db: Database, store: FileSystemArtifactStore, name: str, numbe
     The artifact keeps the file's base name (``checkpoint.pt``, ``trial.log``, ...).
     """
     record = load_record(db, name)
-    trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
-    return upload_artifact(
-        artifact_store=store, file_path=path, study_or_trial=db.optuna.get_trial(trial_id), storage=db.optuna
-    )
+    trial = frozen(db, record, number)
+    return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial, storage=db.optuna)
+
+
+def list_artifacts(db: Database, name: str, number: int) -> list[ArtifactRead]:
+    """The files stored with a trial, oldest first."""
+    trial = frozen(db, load_record(db, name), number)
+    return [
+        ArtifactRead(artifact_id=m.artifact_id, filename=m.filename)
+        for m in get_all_artifact_meta(trial, storage=db.optuna)
+    ]
+
+
+def open_artifact(
+    db: Database, store: FileSystemArtifactStore, name: str, number: int, filename: str
+) -> BinaryIO:
+    """The newest file named ``filename`` stored with trial ``number`` (a binary reader).
+
+    Raises:
+        NotFound: ``artifact_not_found``.
+    """
+    trial = frozen(db, load_record(db, name), number)
+    reader = _newest(db, store, trial, filename)
+    if reader is None:
+        raise NotFound(f"trial {number} of {name!r} has no file {filename!r}", code="artifact_not_found")
+    return reader
+
+
+def _newest(
+    db: Database, store: FileSystemArtifactStore, trial: FrozenTrial, filename: str
+) -> BinaryIO | None:
+    metas = [m for m in get_all_artifact_meta(trial, storage=db.optuna) if m.filename == filename]
+    if not metas:
+        return None
+    try:
+        return store.open_reader(metas[-1].artifact_id)
+    except ArtifactNotFound:
+        raise NotFound(
+            f"the file {filename!r} of trial {trial.number} is missing from the artifact store "
+            "(is CAVIAR_ARTIFACT_DIR the one the service used when it was stored?)",
+            code="artifact_not_found",
+        ) from None
 
 
 def open_checkpoint(
@@ -45,29 +85,14 @@ def open_checkpoint(
         The trial number, the artifact's file name and an open binary reader.
     """
     record = load_record(db, name)
-    definition = definition_of(record)
     if number is None:
         complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values]
-        candidates = ranked(definition, complete)
+        candidates = ranked(definition_of(record), complete)
     else:
-        try:
-            trial_id = db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
-        except KeyError:
-            raise NotFound(f"study {name!r} has no trial {number}", code="trial_not_found") from None
-        candidates = [db.optuna.get_trial(trial_id)]
+        candidates = [frozen(db, record, number)]
     for trial in candidates:
-        metas = [
-            m for m in get_all_artifact_meta(trial, storage=db.optuna) if m.filename == CHECKPOINT_FILENAME
-        ]
-        if metas:
-            meta = metas[-1]
-            try:
-                return trial.number, meta.filename, store.open_reader(meta.artifact_id)
-            except ArtifactNotFound:
-                raise NotFound(
-                    f"the checkpoint of trial {trial.number} of {name!r} is missing from the artifact store "
-                    "(is CAVIAR_ARTIFACT_DIR the workers' one?)",
-                    code="checkpoint_not_found",
-                ) from None
+        reader = _newest(db, store, trial, CHECKPOINT_FILENAME)
+        if reader is not None:
+            return trial.number, CHECKPOINT_FILENAME, reader
     which = f"trial {number}" if number is not None else "any completed trial"
     raise NotFound(f"no checkpoint stored for {which} of {name!r}", code="checkpoint_not_found")

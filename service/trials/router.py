@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import anyio.to_thread
 from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 
 from caviar.service import trials as service
@@ -16,6 +17,7 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.studies import service as studies
 from caviar.service.studies.schemas import StudyRead
+from caviar.service.trials import artifacts
 from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
 from caviar.service.trials.schemas import (
     ArtifactRead,
@@ -144,7 +146,33 @@ def get_trial(db: DbDep, name: str, number: int) -> TrialRead:
 )
 def checkpoint(db: DbDep, settings: SettingsDep, name: str, number: int) -> StreamingResponse:
     found, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name, number)
-    headers = {"Content-Disposition": f'attachment; filename="{name}-trial{found}-{filename}"'}
+    return _download(reader, f"{name}-trial{found}-{filename}")
+
+
+@router.get("/trials/{number}/artifacts", summary="The files stored with a trial (checkpoints, logs)")
+def list_artifacts(db: DbDep, name: str, number: int) -> list[ArtifactRead]:
+    return artifacts.list_artifacts(db, name, number)
+
+
+@router.get(
+    "/trials/{number}/artifacts/{filename}",
+    summary="Download a file stored with a trial (the newest of that name)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_artifact(
+    db: DbDep,
+    settings: SettingsDep,
+    name: str,
+    number: int,
+    filename: Annotated[str, FastApiPath(pattern=FILENAME_PATTERN)],
+) -> StreamingResponse:
+    reader = artifacts.open_artifact(db, artifact_store(settings.artifact_dir), name, number, filename)
+    return _download(reader, f"{name}-trial{number}-{filename}")
+
+
+def _download(reader: BinaryIO, filename: str) -> StreamingResponse:
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     return StreamingResponse(reader, media_type="application/octet-stream", headers=headers)
 
 

@@ -1,0 +1,53 @@
+"""``python -m caviar.worker._run_python package.module:function``: one trial of a ``kind: python`` study.
+
+Run by a worker in a child process (with ``CAVIAR_TRIAL`` set): imports the function from the
+worker's working directory or an installed package, calls it with ``caviar.current_trial()`` and
+hands its return value (the objective value, or one value per objective) back to the worker.
+``TrialPruned`` tells the trial pruned; any other exception fails it with its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import caviar
+
+
+def load(entrypoint: str) -> Callable[[caviar.Trial], Any]:
+    """The function named ``package.module:function``."""
+    module_name, _, function_name = entrypoint.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise SystemExit(f"caviar: {entrypoint}: {module_name} has no function {function_name!r}")
+    return function
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m caviar.worker._run_python package.module:function", file=sys.stderr)
+        return 2
+    objective = load(argv[0])
+    trial = caviar.current_trial()
+    try:
+        result = objective(trial)
+    except caviar.TrialPruned:
+        trial.prune()
+        return 0
+    if trial.finished:  # the function told (or pruned) the trial itself
+        return 0
+    if result is None:
+        print(f"caviar: {argv[0]} returned None; return the objective value", file=sys.stderr)
+        return 1
+    trial.tell(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,134 @@
+"""The examples run as the README says: a service, a ``caviar worker --allow-code`` started in the
+example's folder (no database URL in its environment), and the example's own study file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import caviar
+from caviar.service import processes
+from caviar.service.processes import CaviarProcess
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+def service(db_url: str, tmp_path: Path) -> Iterator[caviar.Client]:
+    env = {"CAVIAR_HEARTBEAT_INTERVAL_S": "2", "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts")}
+    server, url = processes.serve(db_url, env=env, log=tmp_path / "serve.log")
+    with server, caviar.Client(url) as client:
+        yield client
+
+
+@pytest.fixture
+def worker(service: caviar.Client, tmp_path: Path) -> Iterator[Callable[..., CaviarProcess]]:
+    started: list[CaviarProcess] = []
+
+    def start(folder: Path, *args: str) -> CaviarProcess:
+        command = ["worker", "--url", service.url, "--gpus", "none", "--poll-interval", "0.2", *args]
+        log = tmp_path / f"worker-{len(started)}.log"
+        process = CaviarProcess(command, unset=("CAVIAR_DATABASE_URL",), log=log, cwd=folder)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def study_from(folder: str, n_trials: int, **changes: Any) -> dict[str, Any]:
+    definition = yaml.safe_load((EXAMPLES / folder / "study.yaml").read_text())
+    definition["budget"]["n_trials"] = n_trials
+    definition.update(changes)
+    return definition
+
+
+def run_to_the_end(
+    client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int
+) -> caviar.Study:
+    study = client.create_study(study_from(folder, n_trials))
+    process = start(EXAMPLES / folder, "--allow-code", "--cpu", "2", "--exit-when-idle", "2")
+    assert process.wait(300) == 0, process.output()
+    info = study.info()
+    assert info["state"] == "completed", (info, process.output())
+    counts = info["trial_counts"]
+    assert counts["complete"] + counts["pruned"] == n_trials and counts["fail"] == 0, counts
+    return study
+
+
+def test_a_python_function_your_own_pytorch_model(service: caviar.Client, worker: Any) -> None:
+    study = run_to_the_end(service, worker, "python_objective", 6)
+    best = study.best()
+    assert best["value"] >= 0.85, best
+    files = {a["filename"] for a in study.artifacts(best["number"])}
+    assert files == {"model.pt", "trial.log"}
+    import torch
+
+    state = torch.load(
+        __import__("io").BytesIO(study.download(best["number"], "model.pt")), weights_only=True
+    )
+    assert state["layers.0.weight"].shape[1] == 13
+
+
+def test_a_training_script_reporting_with_the_sdk(service: caviar.Client, worker: Any) -> None:
+    study = run_to_the_end(service, worker, "command_sdk", 6)
+    trials = study.trials()
+    assert all(len(t["intermediate_values"]) >= 1 for t in trials)
+    log = study.download(trials[0]["number"], "trial.log").decode()
+    assert "epoch 0: train loss" in log  # the script's own output, kept as the trial's log
+    assert study.best()["value"] < 0.2
+
+
+def test_a_non_python_program_reporting_on_stdout(service: caviar.Client, worker: Any) -> None:
+    study = run_to_the_end(service, worker, "command_stdout", 8)
+    trials = study.trials()
+    complete = [t for t in trials if t["state"] == "complete"]
+    assert complete and all(len(t["intermediate_values"]) == 10 for t in complete)
+    log = study.download(complete[0]["number"], "trial.log").decode()
+    assert "caviar-report step=9" in log and "epoch 9 loss" in log
+
+
+def test_an_external_loop_with_study_optimize(service: caviar.Client) -> None:
+    script = EXAMPLES / "client_optimize.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--url", service.url, "--name", "ext", "--n-jobs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this run finished 16 trials" in result.stdout
+    info = service.study("ext").info()
+    assert info["state"] == "completed" and info["best"]["value"] >= 0.9
+
+
+def test_a_prune_decision_stops_a_printing_program(service: caviar.Client, worker: Any) -> None:
+    definition = study_from("command_stdout", 2, name="prune-now")
+    definition["objective"]["command"] = ["bash", "train.sh", "{lr}", "{decay}", "60"]
+    definition["objective"]["env"] = {"CAVIAR_EXAMPLE_EPOCH_S": "1"}
+    definition["pruner"] = {"type": "threshold", "options": {"upper": 0.0}}  # every report is above 0
+    study = service.create_study(definition)
+    started = time.monotonic()
+    process = worker(EXAMPLES / "command_stdout", "--allow-code", "--cpu", "1", "--exit-when-idle", "1")
+    assert process.wait(120) == 0, process.output()
+    assert time.monotonic() - started < 45  # 60 epochs of 1 s each were cut short
+    trials = study.trials()
+    assert [t["state"] for t in trials] == ["pruned", "pruned"]
+    assert all(len(t["intermediate_values"]) <= 2 for t in trials)
+
+
+def test_a_worker_without_allow_code_refuses_and_says_why(service: caviar.Client, worker: Any) -> None:
+    study = service.create_study(study_from("command_stdout", 2, name="no-code"))
+    process = worker(EXAMPLES / "command_stdout", "--cpu", "1", "--study", "no-code", "--exit-when-idle", "1")
+    assert process.wait(60) == 0
+    assert "start the worker with --allow-code" in process.output()
+    assert study.info()["trial_counts"]["running"] == 0 and study.info()["state"] == "queued"

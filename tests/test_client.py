@@ -1,0 +1,220 @@
+"""``caviar.Client`` against a live server (uvicorn on loopback, the database under test)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+import caviar
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from caviar.service.trials import reap
+from caviar.storage import utcnow
+from tests.service.helpers import external_study
+from tests.service.test_dashboard import free_port, live_server
+
+
+@pytest.fixture
+def base(db: Database, db_url: str, tmp_path: Path) -> Iterator[str]:
+    settings = Settings(
+        database_url=db_url,
+        heartbeat_interval_s=0.5,
+        artifact_dir=str(tmp_path / "artifacts"),
+        api_token=None,
+        background_tasks=False,  # the tests reap with a controlled clock
+    )
+    with live_server(create_app(settings, db=db), free_port()) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base: str) -> Iterator[caviar.Client]:
+    with caviar.Client(base, retry_s=5) as client:
+        yield client
+
+
+def test_import_caviar_exposes_the_public_api() -> None:
+    assert {"Client", "Study", "Trial", "TrialPruned", "LeaseLost", "current_trial"} <= set(caviar.__all__)
+
+
+def test_create_from_a_mapping_and_from_a_yaml_file(client: caviar.Client, tmp_path: Path) -> None:
+    study = client.create_study(external_study("from-dict", n_trials=3))
+    assert study.info()["state"] == "queued"
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(external_study("from-yaml", n_trials=3)))
+    assert client.create_study(path).name == "from-yaml"
+    with pytest.raises(caviar.CaviarApiError) as taken:
+        client.create_study(path)
+    assert taken.value.status == 409 and taken.value.code == "name_taken"
+
+
+def test_the_with_block_tells_what_happened(client: caviar.Client) -> None:
+    study = client.create_study(external_study("block", n_trials=10, max_retries=0))
+    with study.ask() as trial:
+        assert set(trial.params) == {"lr", "beta1", "dropout"} and 0.8 <= trial.params["beta1"] <= 0.999
+        trial.report(0, 0.5)
+        trial.tell(0.9)
+    with study.ask() as pruned:
+        raise caviar.TrialPruned()
+    with pytest.raises(ZeroDivisionError), study.ask() as failed:
+        1 / 0  # noqa: B018
+    with pytest.raises(RuntimeError, match=r"without trial\.tell"), study.ask() as forgotten:
+        pass
+    states = {t["number"]: (t["state"], t["fail_reason"]) for t in study.trials()}
+    assert states[trial.number] == ("complete", None)
+    assert states[pruned.number][0] == "pruned"
+    assert states[failed.number] == ("fail", "ZeroDivisionError: division by zero")
+    assert states[forgotten.number][0] == "fail"
+    assert study.best()["number"] == trial.number
+
+
+def test_report_raises_trial_pruned_when_the_pruner_says_so(client: caviar.Client) -> None:
+    body = external_study("prune", n_trials=2)
+    body["pruner"] = {"type": "threshold", "options": {"lower": 0.5}}
+    study = client.create_study(body)
+    with study.ask() as trial:
+        trial.report(0, 0.9)
+        with pytest.raises(caviar.TrialPruned):
+            trial.report(1, 0.1)
+        raise caviar.TrialPruned()
+    assert study.trials()[0]["state"] == "pruned"
+
+
+def test_the_block_heartbeats_in_the_background(client: caviar.Client, db: Database) -> None:
+    study = client.create_study(external_study("beats", n_trials=2))
+    with study.ask() as trial:
+        time.sleep(2.0)  # two leases (2 x 0.5 s) pass; heartbeats every 0.5 s keep it
+        assert reap(db) == 0
+        trial.tell(1.0)
+    assert study.trials()[0]["state"] == "complete"
+
+
+def test_a_lost_lease_raises_lease_lost(client: caviar.Client, db: Database) -> None:
+    study = client.create_study(external_study("lost", n_trials=3))
+    trial = study.ask(heartbeat=False)
+    assert reap(db, now=utcnow() + timedelta(seconds=60)) == 1
+    with pytest.raises(caviar.LeaseLost):
+        trial.report(0, 0.5)
+    with pytest.raises(caviar.LeaseLost):
+        trial.tell(0.5)  # remembered: nothing this trial says counts any more
+
+
+def test_optimize_stops_at_the_global_budget_shared_by_several_clients(base: str) -> None:
+    with caviar.Client(base) as first, caviar.Client(base) as second:
+        study = first.create_study(external_study("shared", n_trials=13))
+
+        def objective(trial: caviar.Trial) -> float:
+            time.sleep(0.01)
+            return -abs(trial.params["dropout"] - 0.3)
+
+        counts: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda c=c: counts.append(c.study("shared").optimize(objective, n_jobs=3))
+            )
+            for c in (first, second)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sum(counts) == 13, counts
+        info = study.info()
+        assert info["state"] == "completed" and info["trial_counts"]["complete"] == 13
+
+
+def test_optimize_caps_this_call_and_catches_listed_errors(client: caviar.Client) -> None:
+    study = client.create_study(external_study("capped", n_trials=10, max_retries=0))
+    calls = {"n": 0}
+
+    def objective(trial: caviar.Trial) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("bad luck")
+        return 1.0
+
+    assert study.optimize(objective, n_trials=4, catch=(ValueError,)) == 4
+    states = sorted(t["state"] for t in study.trials())
+    assert states == ["complete", "complete", "complete", "fail"]
+
+
+def test_ask_waits_for_a_free_place_under_max_parallel(client: caviar.Client) -> None:
+    study = client.create_study(external_study("par", n_trials=4, max_parallel=1))
+    first = study.ask(heartbeat=False)
+    threading.Timer(0.8, lambda: first.tell(1.0)).start()
+    started = time.monotonic()
+    second = study.ask(heartbeat=False)  # 429 + Retry-After until the first is told
+    assert time.monotonic() - started >= 0.7 and second.number != first.number
+    with pytest.raises(caviar.CaviarApiError) as full:
+        study.ask(heartbeat=False, wait=False)
+    assert full.value.status == 429 and full.value.code == "max_parallel_reached"
+
+
+class _Flaky(httpx.BaseTransport):
+    """A real HTTP transport that fails on purpose: 503 first, or a lost answer after the server acted."""
+
+    def __init__(self, mode: str) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.mode = mode
+        self.calls = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.mode == "503" and self.calls == 1:
+            return httpx.Response(
+                503,
+                headers={"Retry-After": "0"},
+                json={"error": {"code": "database_unavailable", "message": "down"}},
+            )
+        response = self.inner.handle_request(request)
+        if self.mode == "lost" and request.url.path.endswith("/ask") and self.calls == 1:
+            response.read()
+            raise httpx.ReadError("connection reset after the server answered")
+        return response
+
+
+@pytest.mark.parametrize("mode", ["503", "lost"])
+def test_retries_through_outages_without_claiming_two_trials(base: str, mode: str) -> None:
+    flaky = _Flaky(mode)
+    with caviar.Client(base) as setup, caviar.Client(base, transport=flaky, retry_s=10) as client:
+        study = setup.create_study(external_study(f"flaky-{mode}", n_trials=5))
+        trial = client.study(study.name).ask(heartbeat=False)
+        trial.tell(0.5)
+        trials = study.trials()
+    assert flaky.calls >= 3  # the failed attempt, its retry, the tell
+    assert [t["number"] for t in trials] == [trial.number], trials  # one trial, not two
+
+
+def test_unreachable_service_gives_up_after_retry_s() -> None:
+    with caviar.Client(f"http://127.0.0.1:{free_port()}", retry_s=1) as client:
+        started = time.monotonic()
+        with pytest.raises(caviar.CaviarApiError) as unreachable:
+            client.study("x").info()
+    assert unreachable.value.code == "unreachable" and 0.5 < time.monotonic() - started < 5
+
+
+def test_upload_and_download_a_file(client: caviar.Client, tmp_path: Path) -> None:
+    study = client.create_study(external_study("files", n_trials=2))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00\x01" * 1000)
+    with study.ask() as trial:
+        stored: dict[str, Any] = trial.upload(path)
+        trial.tell(1.0)
+    assert stored["filename"] == "weights.bin"
+    assert [a["filename"] for a in study.artifacts(trial.number)] == ["weights.bin"]
+    assert study.download(trial.number, "weights.bin") == path.read_bytes()
+
+
+def test_current_trial_outside_a_worker_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAVIAR_TRIAL", raising=False)
+    with pytest.raises(RuntimeError, match="not running under a caviar worker"):
+        caviar.current_trial()
