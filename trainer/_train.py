@@ -70,7 +70,7 @@ class TrialResult:
         pruned: Whether ``report`` asked to prune it.
         epochs: Number of epochs run.
         best_epoch: Epoch whose metrics and weights are returned.
-        seconds: Wall time from the start of training until the member left its group.
+        seconds: Wall time from the member joining its group until it left it.
     """
 
     config: TrialConfig
@@ -334,6 +334,7 @@ def train_group(
     best_loss = [math.inf] * len(configs)
     best_epoch = [0] * len(configs)
     stale = [0] * len(configs)
+    joined = [start] * len(configs)  # when each member started training (refills join later)
     results: list[TrialResult | None] = [None] * len(configs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     epoch = -1
@@ -404,7 +405,7 @@ def train_group(
                 pruned=pruned,
                 epochs=own_epoch + 1,
                 best_epoch=chosen,
-                seconds=time.perf_counter() - start,
+                seconds=time.perf_counter() - joined[member],
                 _state=group.member_state(slot, restore),
                 _meta=meta,
             )
@@ -427,6 +428,7 @@ def train_group(
         best_loss.extend([math.inf] * len(joining))
         best_epoch.extend([0] * len(joining))
         stale.extend([0] * len(joining))
+        joined.extend([time.perf_counter()] * len(joining))
         results.extend([None] * len(joining))
     return [r for r in results if r is not None]
 
