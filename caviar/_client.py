@@ -83,9 +83,9 @@ def _load_definition(path: Path) -> dict[str, Any]:
         data = json.loads(text)
     else:
         # lazy: PyYAML is needed only for definition files
-        import yaml
+        from caviar._yaml import load
 
-        data = yaml.safe_load(text)
+        data = load(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected one study definition (a mapping)")
     return data

@@ -9,6 +9,8 @@ from typing import Any
 
 import optuna
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
 from caviar.service.background import PeriodicTask
 from caviar.service.config import Settings, get_settings
@@ -38,6 +40,74 @@ def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
     return tasks
 
 
+def operation_id(route: APIRoute) -> str:
+    """A stable operation id from the endpoint's name: ``create_study`` -> ``createStudy``."""
+    first, *rest = route.name.split("_")
+    return first + "".join(part.capitalize() for part in rest)
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema with the bearer token declared (HTTP Basic with the token as password
+    works too, for browsers); ``/healthz`` needs none."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+            description=app.description,
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearerToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A caviar token (CAVIAR_API_TOKEN, or one made by `caviar token create`); "
+                "required when the service has CAVIAR_API_TOKEN set.",
+            },
+            "basicToken": {
+                "type": "http",
+                "scheme": "basic",
+                "description": "Any user; the token as password.",
+            },
+        }
+        schema["security"] = [{"bearerToken": []}, {"basicToken": []}]
+        schema["paths"]["/healthz"]["get"]["security"] = []
+        _add_links(schema)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+_STUDY_LINKS = (
+    "getStudy",
+    "askTrial",
+    "listTrials",
+    "pauseStudy",
+    "resumeStudy",
+    "bestTrial",
+    "getImportances",
+)
+_TRIAL_LINKS = ("reportTrial", "heartbeatTrial", "tellTrial", "releaseTrial", "getTrial", "listArtifacts")
+_SCHEDULE_LINKS = ("getSchedule", "updateSchedule", "runSchedule", "listScheduleRuns", "deleteSchedule")
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    """OpenAPI links: what a created study, a claimed trial and a created schedule lead to.
+
+    Clients (and the stateful fuzzer) follow them: ``createStudy`` -> ``askTrial`` -> ``tellTrial``.
+    """
+    study = {"name": "$response.body#/name"}
+    trial = {"name": "$response.body#/study", "number": "$response.body#/number"}
+    schedule = {"ref": "$response.body#/name"}
+    sources = (
+        ("/api/v1/studies", "post", "201", _STUDY_LINKS, study),
+        ("/api/v1/studies/{name}/trials/ask", "post", "200", _TRIAL_LINKS, trial),
+        ("/api/v1/schedules", "post", "201", _SCHEDULE_LINKS, schedule),
+    )
+    for path, method, status, targets, parameters in sources:
+        response = schema["paths"][path][method]["responses"][status]
+        response["links"] = {target: {"operationId": target, "parameters": parameters} for target in targets}
+
+
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
     """Build the caviar API.
 
@@ -64,11 +134,15 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         version="0.1.0",
         summary="Hyperparameter tuning service for PyTorch models, over Optuna.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.db = db or Database(settings.database_url)
     install_error_handlers(app)
-    app.add_middleware(DashboardMount, db=app.state.db)  # innermost: /dashboard, /static, /api/<not v1>
+    app.add_middleware(
+        DashboardMount, db=app.state.db, artifact_dir=settings.artifact_dir
+    )  # innermost: /dashboard, /static, /api/<not v1>
     install_security(app, settings, app.state.db)  # body cap, then auth (with a token), then CORS
     app.add_middleware(MetricsMiddleware)  # outermost: times and counts every answer
 
@@ -82,7 +156,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         return {"status": "ok"}
 
     app.include_router(metrics_router)
-    api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 413, 422))
+    api = APIRouter(prefix="/api/v1", responses=error_responses(401, 403, 404, 409, 413, 422, 503))
     api.include_router(studies_router)
     api.include_router(trials_router)
     api.include_router(workers_router)

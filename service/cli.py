@@ -59,7 +59,7 @@ def _study_row(study: dict[str, Any]) -> list[str]:
     done = counts["complete"] + counts["pruned"]
     n_trials = study["definition"]["budget"]["n_trials"]
     return [
-        study["name"],
+        safe(study["name"]),
         study["state"],
         f"{done}/{n_trials}",
         str(counts["running"]),
@@ -183,13 +183,13 @@ def study_create(
                 created.append(backend.create_study(doc))
         except DOMAIN_ERRORS:
             if created:
-                err_console.print(f"created {', '.join(s['name'] for s in created)} before the error")
+                err_console.print(f"created {safe(', '.join(s['name'] for s in created))} before the error")
             raise
     if as_json:
         print_json(created if len(created) > 1 else created[0])
     else:
         for study in created:
-            console.print(f"created study [bold]{study['name']}[/] ({study['state']})")
+            console.print(f"created study [bold]{safe(study['name'])}[/] ({study['state']})")
 
 
 @study_app.command("list")
@@ -239,8 +239,10 @@ def print_trials(trials: list[dict[str, Any]]) -> None:
     """Trials as a table: number, state, value(s), decoded parameters."""
     table = Table("#", "state", "value", "params", "worker", "retry of")
     for trial in trials:
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items()
+        params = safe(
+            ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items()
+            )
         )
         retry = "" if trial.get("retry_of") is None else str(trial["retry_of"])
         table.add_row(
@@ -248,7 +250,7 @@ def print_trials(trials: list[dict[str, Any]]) -> None:
             trial["state"],
             _trial_value(trial),
             params,
-            trial.get("worker_id") or "",
+            safe(trial.get("worker_id") or ""),
             retry,
         )
     console.print(table)
@@ -308,7 +310,7 @@ def study_export(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        err_console.print(f"wrote {len(trials)} trials to {output}")
+        err_console.print(f"wrote {len(trials)} trials to {safe(output)}")
 
 
 @study_app.command("refine")
@@ -332,7 +334,7 @@ def study_refine(
     if as_json:
         print_json(study)
     else:
-        console.print(f"created study [bold]{study['name']}[/] refined from {name}")
+        console.print(f"created study [bold]{safe(study['name'])}[/] refined from {safe(name)}")
         console.print_json(data=study["definition"]["search_space"])
 
 
@@ -356,17 +358,17 @@ def study_watch(
             study = backend.study(name)
             counts = study["trial_counts"]
             done = counts["complete"] + counts["pruned"]
-            row = _study_row(study)
+            best = _study_row(study)[-1] or "-"
             progress.update(
                 task,
                 total=study["definition"]["budget"]["n_trials"],
                 completed=done,
-                description=f"{name} [{study['state']}] running {counts['running']}, best {row[-1] or '-'}",
+                description=f"{safe(name)} ({study['state']}) running {counts['running']}, best {best}",
             )
             if study["state"] in FINAL_STATES:
                 break
             time.sleep(interval)
-    console.print(f"study {name} {study['state']}: best {_study_row(study)[-1] or '-'}")
+    console.print(f"study {safe(name)} {study['state']}: best {_study_row(study)[-1] or '-'}")
 
 
 @app.command()

@@ -12,9 +12,12 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from caviar._errors import CaviarApiError
+from caviar._yaml import load_all
 from caviar.service.backend import Backend
 from caviar.service.config import Settings
 from caviar.service.errors import CaviarError
@@ -45,8 +48,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def safe(text: object) -> str:
-    """``text`` for a terminal: control characters (escape sequences) shown as ``\\xNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` from the service or a file, for the terminal: control characters (escape sequences)
+    shown as ``\\xNN`` and Rich markup (``[bold]``) shown as written, never interpreted."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -64,7 +68,12 @@ def settings_from(database_url: str | None = None, **overrides: Any) -> Settings
     values = {k: v for k, v in overrides.items() if v is not None}
     if database_url:
         values["database_url"] = database_url
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        fail(f"configuration: {where}: {error['msg'].removeprefix('Value error, ')}")
 
 
 @contextlib.contextmanager
@@ -95,7 +104,7 @@ def read_documents(path: Path) -> list[dict[str, Any]]:
             fail(f"{path}: no such file")
         text = path.read_text()
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        documents = [doc for doc in load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
         fail(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})")
     if len(documents) == 1 and isinstance(documents[0], list):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_TOKEN_CHARS = 32
+"""Tokens set by environment (admin, worker) are at least this long: they guard a network service."""
 
 
 class Settings(BaseSettings):
@@ -48,6 +51,17 @@ class Settings(BaseSettings):
     )
     migrate_on_start: bool = True
     background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")
+
+    @field_validator("api_token", "worker_token")
+    @classmethod
+    def _strong(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            variable = f"CAVIAR_{str(info.field_name).upper()}"
+            raise ValueError(
+                f"{variable} must be at least {MIN_TOKEN_CHARS} characters "
+                "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'); unset it for no auth"
+            )
+        return token
 
     @property
     def lease_s(self) -> float:

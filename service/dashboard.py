@@ -14,24 +14,30 @@ user attributes, telling a trial from the UI, creating a plain Optuna study) go 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from typing import Any
 
 import anyio.to_thread
+from optuna.storages._rdb.models import TrialModel
 from sqlalchemy import select
 from starlette._utils import get_route_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.security import secure
+from caviar.service.trials.artifacts import artifact_store
 from caviar.storage import StudyRecord
 
 _DASHBOARD_PREFIXES = ("/dashboard/", "/static/", "/csv/", "/artifacts/", "/api/")
 _DASHBOARD_EXACT = frozenset({"/dashboard", "/favicon.ico"})
 _STUDY_WRITE = re.compile(r"^/api/studies/(\d+)(/rename)?/?$")
+_TELL = re.compile(r"^/api/trials/(\d+)/tell/?$")
+_MAX_TELL_BYTES = 64 * 1024
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -62,9 +68,10 @@ class DashboardMount:
         db: the database whose Optuna storage the dashboard shows.
     """
 
-    def __init__(self, app: ASGIApp | None, db: Database) -> None:
+    def __init__(self, app: ASGIApp | None, db: Database, artifact_dir: str) -> None:
         self.app = app
         self.db = db
+        self.artifact_dir = artifact_dir
         self._dashboard: ASGIApp | None = None
         self._lock = threading.Lock()
 
@@ -73,7 +80,7 @@ class DashboardMount:
         if self._dashboard is None:
             with self._lock:
                 if self._dashboard is None:
-                    self._dashboard = build_dashboard(self.db)
+                    self._dashboard = build_dashboard(self.db, self.artifact_dir)
         return self._dashboard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,6 +95,17 @@ class DashboardMount:
                 )
                 await response(scope, receive, send)
                 return
+            if not any(key == b"accept-encoding" for key, _ in scope["headers"]):
+                # optuna-dashboard reads this header unconditionally (a KeyError, i.e. a 500, without it)
+                scope = {**scope, "headers": [*scope["headers"], (b"accept-encoding", b"identity")]}
+            tell = _TELL.match(get_route_path(scope)) if scope["method"] == "POST" else None
+            if tell is not None:
+                body = await _read_body(receive, _MAX_TELL_BYTES)
+                refusal = await anyio.to_thread.run_sync(self._check_tell, int(tell.group(1)), body)
+                if refusal is not None:
+                    await refusal(scope, receive, send)
+                    return
+                receive = _replay(body or b"")
             await self.dashboard()(scope, receive, send)
             return
         if self.app is not None:
@@ -97,6 +115,29 @@ class DashboardMount:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
 
+    def _check_tell(self, trial_id: int, body: bytes | None) -> JSONResponse | None:
+        """A dashboard tell must give one value per objective (Optuna raises, a 500, otherwise)."""
+        if body is None:
+            return error_response(413, "payload_too_large", "the tell's body is too large")
+        try:
+            data = json.loads(body)
+            values = data.get("values") if isinstance(data, dict) else None
+            state = str(data.get("state", "")).lower() if isinstance(data, dict) else ""
+            with self.db.session() as session:  # Optuna's storage API has no trial -> study lookup
+                study_id = session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+            if study_id is None:
+                return None  # the dashboard answers 404 itself
+            n_objectives = len(self.db.optuna.get_study_directions(study_id))
+        except (ValueError, KeyError, AttributeError):
+            return None  # a malformed body: the dashboard answers 400 itself
+        if state == "complete" and isinstance(values, list) and len(values) != n_objectives:
+            return error_response(
+                422,
+                "wrong_number_of_values",
+                f"values: the study has {n_objectives} objective(s), got {len(values)} value(s)",
+            )
+        return None
+
     def _is_caviar_study(self, optuna_study_id: int) -> bool:
         with self.db.session() as session:
             found = session.scalar(
@@ -105,13 +146,42 @@ class DashboardMount:
         return found is not None
 
 
-def build_dashboard(db: Database) -> ASGIApp:
-    """optuna-dashboard's WSGI app on ``db``'s Optuna storage, wrapped for ASGI."""
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body (None when it is longer than ``limit``)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    """A ``receive`` that hands the already read body on."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def build_dashboard(db: Database, artifact_dir: str) -> ASGIApp:
+    """optuna-dashboard's WSGI app on ``db``'s Optuna storage and the trials' artifact store."""
     # lazy: optuna-dashboard and its WSGI stack load on the first dashboard request, not at start
     import optuna_dashboard
     from a2wsgi import WSGIMiddleware
 
-    wsgi: Any = optuna_dashboard.wsgi(storage=db.optuna)
+    wsgi: Any = optuna_dashboard.wsgi(storage=db.optuna, artifact_store=artifact_store(artifact_dir))
     asgi: ASGIApp = WSGIMiddleware(wsgi)  # type: ignore[assignment]
     return asgi
 
@@ -119,4 +189,4 @@ def build_dashboard(db: Database) -> ASGIApp:
 def create_dashboard_app(settings: Settings, db: Database) -> ASGIApp:
     """The standalone dashboard of ``caviar dashboard``: every path goes to optuna-dashboard,
     behind the same body cap and auth as the API."""
-    return secure(DashboardMount(None, db), settings, db)
+    return secure(DashboardMount(None, db, settings.artifact_dir), settings, db)

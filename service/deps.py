@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 
 from caviar.service.config import Settings
 from caviar.service.db import Database
+from caviar.service.definition import NAME_PATTERN
+from caviar.service.types import INT32_MAX, MAX_OFFSET
 
 
 def get_db(request: Request) -> Database:
@@ -20,5 +22,17 @@ def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
+def may_act_on_any_trial(request: Request) -> bool:
+    """Whether the caller may act on trials other workers asked for: write scope, or no auth."""
+    scope = getattr(request.state, "token_scope", None)
+    return scope is None or scope in ("write", "admin")
+
+
 DbDep = Annotated[Database, Depends(get_db)]
+AnyTrialDep = Annotated[bool, Depends(may_act_on_any_trial)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128, description="The study's name.")]
+TrialNumber = Annotated[int, Path(ge=0, le=INT32_MAX, description="The trial's number in its study.")]
+ScheduleRef = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Id or name.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")]

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, InterfaceE
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from caviar.service.errors import CaviarError, RateLimited, validation_details
+from caviar.service.errors import CaviarError, validation_details
 
 _log = logging.getLogger("caviar.api")
 
@@ -75,7 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CaviarError)
     async def _domain(_: Request, exc: CaviarError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else {}
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
         return error_response(exc.status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)

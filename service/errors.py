@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 _PARAM_TAGS = {"float", "int", "categorical"}
+_TYPE_TAG = re.compile(r"^(function-\w+\[.*\]|constrained-\w+|str|int|float|bool|none|\[key\])$")
 
 
 class CaviarError(Exception):
@@ -23,13 +25,20 @@ class CaviarError(Exception):
     status = 400
 
     def __init__(
-        self, message: str, *, code: str | None = None, details: Sequence[Any] | None = None
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Sequence[Any] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.details = list(details or [])
+        self.retry_after_s = retry_after_s
+        """Seconds after which repeating the request may succeed (the ``Retry-After`` header)."""
 
 
 class NotFound(CaviarError):
@@ -52,8 +61,7 @@ class RateLimited(CaviarError):
     status = 429
 
     def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
-        super().__init__(message, code=code)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 class Unauthorized(CaviarError):
@@ -77,7 +85,8 @@ def field_path(loc: Sequence[Any]) -> str:
         parts = parts[1:]
     if len(parts) >= 3 and parts[0] == "search_space" and parts[2] in _PARAM_TAGS:
         del parts[2]
-    return ".".join(parts)
+    # union members and validators show up as tags like "function-after[no_nul(), constrained-str]"
+    return ".".join(p for p in parts if not _TYPE_TAG.match(p))
 
 
 def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:

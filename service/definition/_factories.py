@@ -7,8 +7,11 @@ definition whenever it needs one.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import functools
 import inspect
+import json
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -18,6 +21,7 @@ import numpy as np
 import optuna
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
+from optuna.samplers._lazy_random_state import LazyRandomState
 from pydantic import TypeAdapter, ValidationError
 
 SAMPLERS: dict[str, Callable[..., BaseSampler]] = {
@@ -84,8 +88,23 @@ def _option_types(factory: Callable[..., Any]) -> dict[str, TypeAdapter[Any]]:
     return adapters
 
 
+OPTION_CAPS: dict[str, int] = {
+    "n_ei_candidates": 1_000,  # TPE's candidates per suggestion: the cost of every ask
+    "population_size": 10_000,
+    "popsize": 10_000,
+    "n_startup_trials": 100_000,
+}
+"""Upper bounds of the options whose size is the cost of every ask (others: at most 10**6)."""
+MAX_INT_OPTION = 1_000_000
+MAX_ABS_FLOAT_OPTION = 1e12
+
+
 def check_options(factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Raise ValueError naming the first unknown or mistyped option."""
+    """Raise ValueError naming the first unknown, mistyped or out-of-bounds option.
+
+    Numbers are bounded (:data:`OPTION_CAPS`, else ``|int| <= 10**6``, finite ``|float| <= 1e12``)
+    so that no option can make each ask take seconds or gigabytes.
+    """
     allowed = allowed_options(factory)
     adapters = _option_types(factory)
     for key, value in options.items():
@@ -96,6 +115,29 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any]) -> None:
                 adapters[key].validate_python(value)
             except ValidationError as exc:
                 raise ValueError(f"option {key!r}: {exc.errors()[0]['msg']}") from None
+        _check_bounded(key, value)
+
+
+def _check_bounded(key: str, value: Any) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        cap = OPTION_CAPS.get(key, MAX_INT_OPTION)
+        if abs(value) > cap:
+            raise ValueError(f"option {key!r}: at most {cap} (got {value})")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_ABS_FLOAT_OPTION:
+            raise ValueError(f"option {key!r}: a finite number within +/-{MAX_ABS_FLOAT_OPTION:g}")
+    elif isinstance(value, list | tuple):
+        if len(value) > 1000:
+            raise ValueError(f"option {key!r}: at most 1000 items")
+        for item in value:
+            _check_bounded(key, item)
+    elif isinstance(value, dict):
+        if len(value) > 100:
+            raise ValueError(f"option {key!r}: at most 100 entries")
+        for item in value.values():
+            _check_bounded(key, item)
 
 
 def trial_seed(seed: int | None, trial_number: int) -> int | None:
@@ -114,14 +156,32 @@ def build_sampler(
     trial_number: int = 0,
 ) -> BaseSampler:
     """A sampler of ``kind`` seeded for ``trial_number`` (QMC keeps the study seed: it indexes by trial)."""
+    if kind == "grid":
+        return grid_sampler(grid or {}, seed, trial_number)
     factory = SAMPLERS[kind]
     kwargs = dict(options)
     kwargs["seed"] = seed if kind == "qmc" else trial_seed(seed, trial_number)
     if kind == "qmc":
         kwargs.setdefault("warn_asynchronous_seeding", False)
-    if kind == "grid":
-        kwargs["search_space"] = grid or {}
     return factory(**kwargs)
+
+
+def grid_sampler(grid: dict[str, list[Any]], seed: int | None, trial_number: int) -> BaseSampler:
+    """Optuna's grid sampler: the grid shuffled once with the study's seed, the pick per trial.
+
+    Optuna identifies a visited point by its index in the shuffled grid, so every process must
+    shuffle the same way (the study seed); only the choice among unvisited points takes the
+    trial's seed, so concurrent asks rarely pick the same point. The grid (up to
+    ``MAX_GRID_POINTS`` tuples) is built once per process, not per ask.
+    """
+    sampler = copy.copy(_shuffled_grid(json.dumps(grid, sort_keys=True), seed))
+    sampler._rng = LazyRandomState(trial_seed(seed, trial_number) or trial_number)
+    return sampler
+
+
+@functools.lru_cache(maxsize=64)
+def _shuffled_grid(grid_json: str, seed: int | None) -> optuna.samplers.GridSampler:
+    return optuna.samplers.GridSampler(json.loads(grid_json), seed=seed)
 
 
 def build_pruner(kind: str, options: dict[str, Any], *, max_resource: int | None = None) -> BasePruner:

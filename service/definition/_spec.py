@@ -24,22 +24,25 @@ from caviar.service.definition._factories import (
     grid_values,
 )
 from caviar.service.definition._space import (
+    MAX_GRID_POINTS,
     PARAM_NAME_PATTERN,
     RESERVED_PREFIXES,
     CategoricalParam,
     FloatParam,
     IntParam,
     Param,
+    grid_size,
     sampling_order,
 )
-from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE
+from caviar.service.types import nul_path
+from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 FILE_PREFIX = "file:"
@@ -111,7 +114,11 @@ class Objective(_Strict):
     model: str = Field(default="mlp", max_length=32, description="The trainer's model: " + " | ".join(MODELS))
     max_epochs: int = Field(default=20, ge=1, le=100_000)
     validation_split: float = Field(default=0.2, gt=0, lt=1)
-    fixed: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters held constant.")
+    fixed: dict[
+        Annotated[str, Field(max_length=64)], Annotated[Scalar, Field(union_mode="left_to_right")]
+    ] = Field(
+        default_factory=dict, max_length=256, description="Hyperparameters held constant (JSON scalars)."
+    )
     fuse: int | None = Field(default=None, ge=1, le=1024, description="Train up to this many trials fused.")
     entrypoint: str | None = Field(
         default=None, max_length=256, description="kind python: the function to call, package.module:function"
@@ -142,6 +149,10 @@ class Objective(_Strict):
             unknown = sorted(set(self.fixed) - TUNABLE)
             if unknown:
                 raise ValueError(f"fixed: unknown trainer hyperparameter {unknown[0]!r}")
+            try:
+                TrialConfig.from_params(self.fixed)
+            except ValueError as exc:
+                raise ValueError(f"fixed: {exc}") from None
         if self.kind == "python":
             if not self.entrypoint or not re.match(ENTRYPOINT_PATTERN, self.entrypoint):
                 raise ValueError(
@@ -207,12 +218,20 @@ class PrunerSpec(_Strict):
         return options
 
 
+MAX_SECONDS = 366 * 86400
+"""Durations (timeouts, deadlines) are at most a year."""
+MAX_CHOICES = 20_000
+"""All categorical choices of a search space together."""
+Scalar = str | int | float | bool | None
+"""A JSON scalar: what a hyperparameter value may be."""
+
+
 class Budget(_Strict):
     """Global limits of a study, exact across every worker and client."""
 
     n_trials: int = Field(default=100, ge=1, le=1_000_000)
     max_parallel: int | None = Field(default=None, ge=1, le=100_000)
-    trial_timeout_s: float | None = Field(default=None, gt=0)
+    trial_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     max_retries: int = Field(default=2, ge=0, le=100)
     max_failed_trials: int = Field(default=10, ge=0, le=1_000_000)
 
@@ -233,6 +252,14 @@ class StudyTemplate(_Strict):
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        where = nul_path(data)
+        if where:
+            raise ValueError(f"{where}: must not contain NUL characters")
+        return data
+
     @field_validator("search_space")
     @classmethod
     def _check_space(cls, space: dict[str, Param], info: ValidationInfo) -> dict[str, Param]:
@@ -240,6 +267,8 @@ class StudyTemplate(_Strict):
             raise ValueError("search_space must define at least one parameter")
         if len(space) > 256:
             raise ValueError("search_space may define at most 256 parameters")
+        if sum(len(p.choices) for p in space.values() if isinstance(p, CategoricalParam)) > MAX_CHOICES:
+            raise ValueError(f"search_space may define at most {MAX_CHOICES} categorical choices in all")
         for name, param in space.items():
             if not re.match(PARAM_NAME_PATTERN, name):
                 raise ValueError(f"{name!r}: parameter names must match {PARAM_NAME_PATTERN}")
@@ -300,11 +329,15 @@ class StudyTemplate(_Strict):
                     f"(parameters: {', '.join(self.search_space)}; also {', '.join(COMMAND_PLACEHOLDERS)})"
                 )
         if self.sampler.type == "grid":
+            points = 1
             for name, param in self.search_space.items():
                 if param.when:
                     raise ValueError(f"sampler: grid cannot sample conditional parameter {name!r}")
                 if isinstance(param, FloatParam) and param.step is None:
                     raise ValueError(f"sampler: grid needs a step for float parameter {name!r}")
+                points *= grid_size(param)
+                if points > MAX_GRID_POINTS:
+                    raise ValueError(f"sampler: the grid has more than {MAX_GRID_POINTS} points")
         try:
             self.sampler_for(0)
         except (TypeError, ValueError) as exc:

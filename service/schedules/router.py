@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.deps import DbDep, Offset, ScheduleRef, SettingsDep
 from caviar.service.schedules import service
 from caviar.service.schedules.schemas import (
     ScheduleCreate,
@@ -42,7 +42,7 @@ _EXAMPLE = {
 def list_schedules(
     db: DbDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> ScheduleList:
     return service.list_schedules(db, limit=limit, offset=offset)
 
@@ -55,31 +55,31 @@ def create_schedule(
 
 
 @router.get("/{ref}", summary="One schedule (by id or name)")
-def get_schedule(db: DbDep, ref: str) -> ScheduleRead:
+def get_schedule(db: DbDep, ref: ScheduleRef) -> ScheduleRead:
     return service.show_schedule(db, ref)
 
 
 @router.patch("/{ref}", summary="Enable/disable a schedule or change its timing, template or policies")
-def update_schedule(db: DbDep, settings: SettingsDep, ref: str, body: ScheduleUpdate) -> ScheduleRead:
+def update_schedule(db: DbDep, settings: SettingsDep, ref: ScheduleRef, body: ScheduleUpdate) -> ScheduleRead:
     return service.update_schedule(db, ref, body, data_files=settings.data_dir is not None)
 
 
 @router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a schedule and its runs")
-def delete_schedule(db: DbDep, ref: str) -> Response:
+def delete_schedule(db: DbDep, ref: ScheduleRef) -> Response:
     service.delete_schedule(db, ref)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{ref}/run", status_code=status.HTTP_201_CREATED, summary="Create the schedule's study now")
-def run_schedule(db: DbDep, ref: str) -> ScheduleRunRead:
+def run_schedule(db: DbDep, ref: ScheduleRef) -> ScheduleRunRead:
     return service.run_now(db, ref)
 
 
 @router.get("/{ref}/runs", summary="A schedule's runs, newest first, with their studies' state")
-def list_runs(
+def list_schedule_runs(
     db: DbDep,
-    ref: str,
+    ref: ScheduleRef,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> ScheduleRunList:
     return service.list_runs(db, ref, limit=limit, offset=offset)

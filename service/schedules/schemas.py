@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -32,13 +32,29 @@ def _valid_cron(value: str | None) -> str | None:
         raise ValueError(str(exc)) from None
 
 
+HOST_DEPENDENT_ZONES = ("localtime", "Factory")
+"""Zone names whose meaning depends on the host (its local time, a placeholder): refused."""
+EARLIEST_END = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_END = datetime(3000, 1, 1, tzinfo=UTC)
+
+
 def _valid_timezone(value: str | None) -> str | None:
     if value is None:
         return None
+    if value in HOST_DEPENDENT_ZONES or value.startswith(("posix/", "right/")):
+        raise ValueError(f"{value!r} depends on the host; name an IANA zone such as 'Europe/Berlin'")
     try:
         parse_timezone(value)
     except CronError as exc:
         raise ValueError(str(exc)) from None
+    return value
+
+
+def _valid_end(value: datetime | None) -> datetime | None:
+    """A schedule's end is before the year 3000 (and, checked against the scheduler's clock when the
+    schedule is created or changed, in the future)."""
+    if value is not None and not EARLIEST_END <= value < LATEST_END:
+        raise ValueError("must be between the years 2000 and 3000")
     return value
 
 
@@ -60,6 +76,7 @@ class ScheduleUpdate(_Strict):
 
     _cron = field_validator("cron")(_valid_cron)
     _timezone = field_validator("timezone")(_valid_timezone)
+    _end = field_validator("end_at")(_valid_end)
 
 
 class ScheduleCreate(_Strict):
@@ -77,6 +94,7 @@ class ScheduleCreate(_Strict):
 
     _cron = field_validator("cron")(_valid_cron)
     _timezone = field_validator("timezone")(_valid_timezone)
+    _end = field_validator("end_at")(_valid_end)
 
 
 class ScheduleRead(BaseModel):

@@ -45,6 +45,7 @@ from caviar.service.schedules.schemas import (
     ScheduleUpdate,
 )
 from caviar.service.studies.service import QUEUE_STATES, check_data_access, create_study
+from caviar.service.types import INT32_MAX
 from caviar.storage import Schedule, ScheduleRun, StudyRecord, utcnow
 
 _log = logging.getLogger("caviar.scheduler")
@@ -95,6 +96,14 @@ def check_template(schedule_name: str, template: dict[str, Any], *, data_files: 
     check_data_access(parsed, data_files=data_files)
 
 
+def _check_end(end_at: datetime | None, now: datetime) -> None:
+    """A schedule that ends in the past would never fire: refuse it (422)."""
+    if end_at is not None and end_at <= now:
+        raise InvalidInput(
+            "end_at: must be in the future", details=[{"field": "end_at", "message": "in the past"}]
+        )
+
+
 def _cron_of(cron: str, timezone: str) -> CronSchedule:
     try:
         return CronSchedule(cron, timezone)
@@ -127,7 +136,7 @@ def get_schedule(session: Session, ref: str | int) -> Schedule:
     """
     schedule = None
     text = str(ref)
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and int(text) <= INT32_MAX:  # not "²", nothing past int32
         schedule = session.get(Schedule, int(text))
     if schedule is None:
         schedule = session.scalar(select(Schedule).where(Schedule.name == text))
@@ -162,6 +171,7 @@ def create_schedule(
     """
     now = now or utcnow()
     check_template(spec.name, spec.template, data_files=data_files)
+    _check_end(spec.end_at, now)
     cron = _cron_of(spec.cron, spec.timezone)
     schedule = Schedule(
         name=spec.name,
@@ -218,6 +228,8 @@ def update_schedule(
         schedule = get_schedule(session, ref)
         if change.template is not None:
             check_template(schedule.name, change.template, data_files=data_files)
+        if "end_at" in given:
+            _check_end(change.end_at, now)
         for field in given:
             setattr(schedule, field, getattr(change, field))
         cron = _cron_of(schedule.cron, schedule.timezone)

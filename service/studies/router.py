@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response, status
 
 from caviar.service.definition import StudyDefinition
-from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.deps import DbDep, Offset, SettingsDep, StudyName
 from caviar.service.studies import service
 from caviar.service.studies.schemas import StudyList, StudyRead, StudyState
 
@@ -41,7 +41,7 @@ def list_studies(
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
     tag: Annotated[str | None, Query(max_length=200, description="key or key=value")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
     return service.list_studies(
@@ -50,21 +50,21 @@ def list_studies(
 
 
 @router.get("/{name}", summary="One study")
-def get_study(db: DbDep, name: str) -> StudyRead:
+def get_study(db: DbDep, name: StudyName) -> StudyRead:
     return service.describe(db, service.load_record(db, name))
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a study and its trials")
-def delete_study(db: DbDep, name: str) -> Response:
+def delete_study(db: DbDep, name: StudyName) -> Response:
     service.delete_study(db, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{name}/pause", summary="Stop handing out trials")
-def pause_study(db: DbDep, name: str) -> StudyRead:
+def pause_study(db: DbDep, name: StudyName) -> StudyRead:
     return service.describe(db, service.pause_study(db, name))
 
 
 @router.post("/{name}/resume", summary="Hand out trials again")
-def resume_study(db: DbDep, name: str) -> StudyRead:
+def resume_study(db: DbDep, name: StudyName) -> StudyRead:
     return service.describe(db, service.resume_study(db, name))

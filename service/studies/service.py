@@ -110,22 +110,27 @@ def create_study(
         study_id = db.optuna.create_new_study(definition.study_directions, name)
     except optuna.exceptions.DuplicatedStudyError:
         raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
-    db.optuna.set_study_user_attr(study_id, "caviar:metrics", definition.metrics)
-    record = StudyRecord(
-        name=name,
-        state="queued",
-        definition=definition.model_dump(mode="json"),
-        priority=definition.priority,
-        objective_kind=definition.objective.kind,
-        optuna_study_id=study_id,
-        schedule_id=schedule_id,
-    )
+    # All or nothing: whatever fails from here on (a value the database refuses, an outage), the
+    # Optuna study goes too, so the name is never left blocked by a half-created study.
     try:
+        db.optuna.set_study_user_attr(study_id, "caviar:metrics", definition.metrics)
+        record = StudyRecord(
+            name=name,
+            state="queued",
+            definition=definition.model_dump(mode="json"),
+            priority=definition.priority,
+            objective_kind=definition.objective.kind,
+            optuna_study_id=study_id,
+            schedule_id=schedule_id,
+        )
         with db.session() as session, session.begin():
             session.add(record)
-    except IntegrityError:
-        db.optuna.delete_study(study_id)
-        raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            db.optuna.delete_study(study_id)
+        if isinstance(exc, IntegrityError):
+            raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
+        raise
     return record
 
 

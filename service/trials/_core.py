@@ -22,6 +22,7 @@ FAIL_REASON = "caviar:fail_reason"
 RELEASED = "caviar:released"
 WORKER = "caviar:worker_id"
 ASKED = "caviar:asked"
+READY = "caviar:ready"  # system attr: the ask that made this trial finished sampling
 
 STATE_NAMES = {
     TrialState.WAITING: "waiting",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import BinaryIO
 
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
@@ -20,10 +21,23 @@ FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names of files stored with trials: no directories, no hidden files."""
 
 
+class PrivateArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system store, writing files only their owner can read (0600), in a 0700 folder.
+
+    Checkpoints and logs are a trial's results: other accounts on the host have no business there.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = self._get_filepath(artifact_id)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            shutil.copyfileobj(content_body, handle)
+
+
 def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
     """The file-system artifact store under ``CAVIAR_ARTIFACT_DIR``."""
-    os.makedirs(artifact_dir, exist_ok=True)
-    return FileSystemArtifactStore(artifact_dir)
+    os.makedirs(artifact_dir, mode=0o700, exist_ok=True)
+    return PrivateArtifactStore(artifact_dir)
 
 
 def save_artifact(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:

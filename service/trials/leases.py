@@ -30,6 +30,37 @@ from caviar.storage import StudyRecord, TrialLease, utcnow
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who acts on a trial: a trial belongs to the worker that asked for it.
+
+    Attributes:
+        worker_id: the caller's worker id (None: it gave none).
+        any_trial: may act on any trial (write scope, or a service without tokens).
+    """
+
+    worker_id: str | None = None
+    any_trial: bool = True
+
+
+ANYONE = Caller()
+
+
+def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, caller: Caller) -> None:
+    """Refuse a heartbeat, report, tell or hand-back from another worker than the one that asked.
+
+    Raises:
+        Conflict: ``not_your_trial``.
+    """
+    if caller.any_trial or lease is None or lease.worker_id is None or lease.worker_id == caller.worker_id:
+        return
+    raise Conflict(
+        f"trial {number} of {record.name!r} belongs to another worker "
+        "(only its own worker, or a token with write scope, may act on it)",
+        code="not_your_trial",
+    )
+
+
+@dataclass(frozen=True)
 class LeasePolicy:
     """Lease timing: a lease lasts two heartbeat intervals."""
 
@@ -72,11 +103,15 @@ def renew(db: Database, trial_id: int, policy: LeasePolicy) -> bool:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def heartbeat(db: Database, name: str, number: int, *, policy: LeasePolicy | None = None) -> None:
+def heartbeat(
+    db: Database, name: str, number: int, *, policy: LeasePolicy | None = None, caller: Caller = ANYONE
+) -> None:
     """Keep a trial's lease."""
     policy = policy or LeasePolicy()
     record = load_record(db, name)
     trial = frozen(db, record, number)
+    if not caller.any_trial:
+        check_owner(record, number, lease_of(db, trial._trial_id), caller)
     if not renew(db, trial._trial_id, policy):
         check_running(db, record, trial)
 
@@ -194,7 +229,9 @@ def _reap_one(
 # ---- handing back --------------------------------------------------------------------------
 
 
-def release(db: Database, name: str, number: int, *, reason: str = "handed back by worker") -> None:
+def release(
+    db: Database, name: str, number: int, *, reason: str = "handed back by worker", caller: Caller = ANYONE
+) -> None:
     """Hand a running trial back: it is failed and re-queued without using up a retry."""
     record = load_record(db, name)
     definition = definition_of(record)
@@ -202,6 +239,7 @@ def release(db: Database, name: str, number: int, *, reason: str = "handed back 
     with db.study_lock(record.id):
         trial = db.optuna.get_trial(trial._trial_id)
         lease = lease_of(db, trial._trial_id)
+        check_owner(record, number, lease, caller)
         if trial.state != TrialState.RUNNING:
             return
         db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)

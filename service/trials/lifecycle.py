@@ -9,6 +9,7 @@ processes and machines.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +39,7 @@ from caviar.service.trials._core import (
     ATTEMPT,
     FAIL_REASON,
     FINISHED_BY_NAME,
+    READY,
     RETRY_OF,
     STATE_NAMES,
     WORKER,
@@ -47,7 +49,15 @@ from caviar.service.trials._core import (
     study_handle,
     trial_id,
 )
-from caviar.service.trials.leases import LeasePolicy, check_running, close_lease, renew
+from caviar.service.trials.leases import (
+    ANYONE,
+    Caller,
+    LeasePolicy,
+    check_owner,
+    check_running,
+    close_lease,
+    renew,
+)
 from caviar.service.trials.outcomes import requeue_retry, settle_study
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialAssignment, TrialRead
@@ -84,66 +94,20 @@ def ask(
     policy = policy or LeasePolicy()
     record = load_record(db, name)
     if request_id is not None:
-        existing = _by_request(db, record, request_id, policy)
-        if existing is not None:
-            return existing
+        earlier = _lease_by_request(db, record, request_id)
+        if earlier is not None:
+            return _replay(db, record, earlier, policy)
     definition = definition_of(record)
     encoded_fixed = _encode_fixed(definition, fixed) if fixed else None
     # Under the lock only what the budget depends on: the checks, the running trial and its
     # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
     # sampler's constant liar sees the other running trials.
     with db.study_lock(record.id):
-        if request_id is not None:  # the same request retried concurrently: one trial for both
-            existing = _by_request(db, record, request_id, policy)
-            if existing is not None:
-                return existing
-        # The record read just before the lock is fresh enough: a pause racing this ask by a
-        # few milliseconds may let it through, the budget cannot.
-        if record.state == "paused":
-            raise Conflict(f"study {name!r} is paused", code="study_paused")
-        if record.state == "failed":
-            raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
-        trials = all_trials(db, record)
-        counts = state_counts(trials)
-        used = sum(
-            counts[s]
-            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        )
-        if counts[TrialState.WAITING] == 0 and (
-            record.state == "completed" or used >= definition.budget.n_trials
-        ):
-            raise Conflict(
-                f"study {name!r} has used its budget of {definition.budget.n_trials} trials",
-                code="budget_exhausted",
-            )
-        max_parallel = definition.budget.max_parallel
-        if max_parallel is not None and counts[TrialState.RUNNING] >= max_parallel:
-            raise RateLimited(
-                f"study {name!r} already runs {max_parallel} trials (max_parallel)",
-                code="max_parallel_reached",
-                retry_after_s=max(1, math.ceil(policy.heartbeat_interval_s / 2)),
-            )
-        started = _start_trial(db, record, trials, worker_id)
-        now = utcnow()
-        timeout = definition.budget.trial_timeout_s
-        lease = TrialLease(
-            trial_id=started.trial_id,
-            study_id=record.id,
-            number=started.number,
-            worker_id=worker_id,
-            request_id=request_id,
-            status="active",
-            attempt=int(started.user_attrs.get(ATTEMPT, 0)),
-            retry_of=started.user_attrs.get(RETRY_OF),
-            started_at=now,
-            expires_at=now + timedelta(seconds=policy.lease_s),
-            deadline_at=now + timedelta(seconds=timeout) if timeout else None,
-        )
-        with db.session() as session, session.begin():
-            session.add(lease)
-            if record.state == "queued":
-                record = get_record(session, name)
-                set_state(session, record, "running")
+        replayed = _lease_by_request(db, record, request_id) if request_id is not None else None
+        if replayed is None:
+            record, started, lease = _claim(db, record, definition, worker_id, request_id, policy)
+    if replayed is not None:  # the same request retried concurrently: one trial for both
+        return _replay(db, record, replayed, policy)
     study = study_handle(db, record, definition, trial_number=started.number)
     if encoded_fixed and not started.waiting:
         study.sampler = optuna.samplers.PartialFixedSampler(encoded_fixed, study.sampler)
@@ -153,7 +117,68 @@ def ask(
     for key, param in definition.search_space.items():
         if is_reversed(param) and key in decoded:
             db.optuna.set_trial_user_attr(started.trial_id, key, decoded[key])
+    if request_id is not None:  # a replay of this request may now answer with the whole assignment
+        db.optuna.set_trial_system_attr(started.trial_id, READY, True)
     return _assignment(record.name, decoded, lease, policy)
+
+
+def _claim(
+    db: Database,
+    record: StudyRecord,
+    definition: StudyDefinition,
+    worker_id: str | None,
+    request_id: str | None,
+    policy: LeasePolicy,
+) -> tuple[StudyRecord, _Started, TrialLease]:
+    """Under the study lock: check the study and the budget, start a trial, write its lease."""
+    name = record.name
+    # The record read just before the lock is fresh enough: a pause racing this ask by a
+    # few milliseconds may let it through, the budget cannot.
+    if record.state == "paused":
+        raise Conflict(f"study {name!r} is paused", code="study_paused")
+    if record.state == "failed":
+        raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
+    trials = all_trials(db, record)
+    counts = state_counts(trials)
+    used = sum(
+        counts[s] for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    )
+    if counts[TrialState.WAITING] == 0 and (
+        record.state == "completed" or used >= definition.budget.n_trials
+    ):
+        raise Conflict(
+            f"study {name!r} has used its budget of {definition.budget.n_trials} trials",
+            code="budget_exhausted",
+        )
+    max_parallel = definition.budget.max_parallel
+    if max_parallel is not None and counts[TrialState.RUNNING] >= max_parallel:
+        raise RateLimited(
+            f"study {name!r} already runs {max_parallel} trials (max_parallel)",
+            code="max_parallel_reached",
+            retry_after_s=max(1, math.ceil(policy.heartbeat_interval_s / 2)),
+        )
+    started = _start_trial(db, record, trials, worker_id)
+    now = utcnow()
+    timeout = definition.budget.trial_timeout_s
+    lease = TrialLease(
+        trial_id=started.trial_id,
+        study_id=record.id,
+        number=started.number,
+        worker_id=worker_id,
+        request_id=request_id,
+        status="active",
+        attempt=int(started.user_attrs.get(ATTEMPT, 0)),
+        retry_of=started.user_attrs.get(RETRY_OF),
+        started_at=now,
+        expires_at=now + timedelta(seconds=policy.lease_s),
+        deadline_at=now + timedelta(seconds=timeout) if timeout else None,
+    )
+    with db.session() as session, session.begin():
+        session.add(lease)
+        if record.state == "queued":
+            record = get_record(session, name)
+            set_state(session, record, "running")
+    return record, started, lease
 
 
 @dataclass(frozen=True)
@@ -230,16 +255,35 @@ def _assignment(name: str, params: dict[str, Any], lease: TrialLease, policy: Le
     )
 
 
-def _by_request(
-    db: Database, record: StudyRecord, request_id: str, policy: LeasePolicy
-) -> TrialAssignment | None:
+REPLAY_WAIT_S = 5.0
+"""How long a repeated ask waits for the first one to finish sampling before answering 409."""
+
+
+def _lease_by_request(db: Database, record: StudyRecord, request_id: str) -> TrialLease | None:
     with db.session() as session:
-        lease = session.scalar(
+        return session.scalar(
             select(TrialLease).where(TrialLease.study_id == record.id, TrialLease.request_id == request_id)
         )
-    if lease is None:
-        return None
-    trial = db.optuna.get_trial(lease.trial_id)
+
+
+def _replay(db: Database, record: StudyRecord, lease: TrialLease, policy: LeasePolicy) -> TrialAssignment:
+    """The assignment an earlier ask with the same request id made, once its sampling finished.
+
+    Raises:
+        Conflict: ``ask_in_progress`` (with Retry-After) when the first ask is still sampling.
+    """
+    deadline = time.monotonic() + REPLAY_WAIT_S
+    while True:
+        trial = db.optuna.get_trial(lease.trial_id)
+        if trial.system_attrs.get(READY) or trial.state != TrialState.RUNNING:
+            break
+        if time.monotonic() > deadline:
+            raise Conflict(
+                f"the ask {lease.request_id!r} of {record.name!r} is still being answered; repeat it shortly",
+                code="ask_in_progress",
+                retry_after_s=1,
+            )
+        time.sleep(0.05)
     return _assignment(
         record.name, decode_params(definition_of(record).search_space, trial.params), lease, policy
     )
@@ -249,7 +293,14 @@ def _by_request(
 
 
 def report(
-    db: Database, name: str, number: int, step: int, value: float, *, policy: LeasePolicy | None = None
+    db: Database,
+    name: str,
+    number: int,
+    step: int,
+    value: float,
+    *,
+    policy: LeasePolicy | None = None,
+    caller: Caller = ANYONE,
 ) -> bool:
     """Record an intermediate value, renew the lease and ask the study's pruner.
 
@@ -267,6 +318,7 @@ def report(
     check_value(value, "value")
     trial = frozen(db, record, number)
     lease = check_running(db, record, trial)
+    check_owner(record, number, lease, caller)
     if lease is not None and not renew(db, trial._trial_id, policy):
         check_running(db, record, db.optuna.get_trial(trial._trial_id))
     db.optuna.set_trial_intermediate_value(trial._trial_id, step, value)
@@ -291,6 +343,7 @@ def tell(
     values: Sequence[float] | None = None,
     reason: str | None = None,
     user_attrs: Mapping[str, Any] | None = None,
+    caller: Caller = ANYONE,
 ) -> TrialRead:
     """Finish a trial as ``complete`` (with values), ``pruned`` or ``fail``.
 
@@ -322,6 +375,8 @@ def tell(
     elif values is not None:
         raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
     tid = trial_id(db, record, number)
+    if not caller.any_trial:
+        check_owner(record, number, lease_of(db, tid), caller)
     if user_attrs:
         _record_attrs(db, record, tid, user_attrs)
     if final != TrialState.FAIL:

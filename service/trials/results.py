@@ -27,6 +27,9 @@ from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import ParetoTrials, TrialRead
 from caviar.storage import StudyRecord
 
+MAX_BASE = 128 - len("-refined-") - 3
+"""How much of a study's name a refined study's name keeps (room for up to 999 refinements)."""
+
 
 def _completed(db: Database, name: str) -> tuple[StudyRecord, StudyDefinition, list[FrozenTrial]]:
     """A study with its complete trials; NotFound (``no_completed_trials``) when it has none."""
@@ -91,7 +94,7 @@ def refine(
     data["search_space"] = space
     if n_trials is not None:
         data["budget"]["n_trials"] = n_trials
-    base = f"{name}-refined-"
+    base = f"{name[:MAX_BASE]}-refined-"  # a long name is shortened so the new one fits 128
     with db.session() as session:
         existing = session.scalars(select(StudyRecord.name).where(StudyRecord.name.startswith(base))).all()
     taken = {int(n[len(base) :]) for n in existing if n[len(base) :].isdigit()}
@@ -115,11 +118,11 @@ def narrow_space(definition: StudyDefinition, top: list[dict[str, Any]], margin:
             spec["choices"] = [c for c in dist.choices if c in seen]
         elif isinstance(dist, FloatDistribution | IntDistribution):
             lo, hi = _envelope(param, [float(v) for v in seen], margin)
+            step = getattr(param, "step", None)
+            if step is not None:  # stay on the original grid: low + k * step
+                lo, hi = _on_grid(float(param.low), float(param.high), float(step), lo, hi)  # type: ignore[union-attr]
             if isinstance(dist, IntDistribution):
-                lo, hi = math.floor(lo), math.ceil(hi)
-                if lo >= hi:
-                    hi = min(param.high, lo + 1)  # type: ignore[union-attr]
-                    lo = max(param.low, hi - 1)  # type: ignore[union-attr]
+                lo, hi = int(lo), int(hi)
             spec["low"], spec["high"] = lo, hi
         space[key] = spec
     # conditions must still name surviving parent choices
@@ -133,6 +136,14 @@ def narrow_space(definition: StudyDefinition, top: list[dict[str, Any]], margin:
         if any(not allowed for allowed in when.values()):
             del space[key]
     return space
+
+
+def _on_grid(low: float, high: float, step: float, lo: float, hi: float) -> tuple[float, float]:
+    """``[lo, hi]`` widened to points of the grid ``low + k * step`` (at least two of them)."""
+    last = math.floor((high - low) / step + 1e-9)
+    first_k = max(0, min(last - 1, math.floor((lo - low) / step + 1e-9)))
+    last_k = min(last, max(first_k + 1, math.ceil((hi - low) / step - 1e-9)))
+    return low + first_k * step, low + last_k * step
 
 
 def _envelope(param: Any, seen: list[float], margin: float) -> tuple[float, float]:

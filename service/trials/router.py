@@ -12,7 +12,7 @@ from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 
 from caviar.service import trials as service
-from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.deps import AnyTrialDep, DbDep, Offset, SettingsDep, StudyName, TrialNumber
 from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.studies import service as studies
@@ -44,8 +44,8 @@ def _policy(settings: SettingsDep) -> service.LeasePolicy:
 
 
 @router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
-def ask(
-    db: DbDep, settings: SettingsDep, name: str, body: Annotated[AskRequest | None, Body()] = None
+def ask_trial(
+    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
 ) -> TrialAssignment:
     body = body or AskRequest()
     return service.ask(
@@ -59,41 +59,67 @@ def ask(
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
-def report(db: DbDep, settings: SettingsDep, name: str, number: int, body: ReportRequest) -> ReportResponse:
-    should_prune = service.report(db, name, number, body.step, body.value, policy=_policy(settings))
+def report_trial(
+    db: DbDep,
+    settings: SettingsDep,
+    any_trial: AnyTrialDep,
+    name: StudyName,
+    number: TrialNumber,
+    body: ReportRequest,
+) -> ReportResponse:
+    caller = service.Caller(body.worker_id, any_trial)
+    should_prune = service.report(
+        db, name, number, body.step, body.value, policy=_policy(settings), caller=caller
+    )
     return ReportResponse(should_prune=should_prune)
 
 
 @router.post(
     "/trials/{number}/heartbeat", status_code=status.HTTP_204_NO_CONTENT, summary="Keep the trial's lease"
 )
-def heartbeat(
+def heartbeat_trial(
     db: DbDep,
     settings: SettingsDep,
-    name: str,
-    number: int,
+    any_trial: AnyTrialDep,
+    name: StudyName,
+    number: TrialNumber,
     body: Annotated[HeartbeatRequest | None, Body()] = None,
 ) -> Response:
-    service.heartbeat(db, name, number, policy=_policy(settings))
+    caller = service.Caller(body.worker_id if body else None, any_trial)
+    service.heartbeat(db, name, number, policy=_policy(settings), caller=caller)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/trials/{number}/tell", summary="Finish a trial")
-def tell(db: DbDep, name: str, number: int, body: TellRequest) -> TrialRead:
+def tell_trial(
+    db: DbDep, any_trial: AnyTrialDep, name: StudyName, number: TrialNumber, body: TellRequest
+) -> TrialRead:
     if body.value is not None and body.values is not None:
         raise InvalidInput("value: give value or values, not both")
     values = body.values if body.values is not None else ([body.value] if body.value is not None else None)
+    caller = service.Caller(body.worker_id, any_trial)
     return service.tell(
-        db, name, number, body.state, values=values, reason=body.reason, user_attrs=body.user_attrs
+        db,
+        name,
+        number,
+        body.state,
+        values=values,
+        reason=body.reason,
+        user_attrs=body.user_attrs,
+        caller=caller,
     )
 
 
 @router.post("/trials/{number}/release", summary="Hand a running trial back (retried without using a retry)")
-def release(
-    db: DbDep, name: str, number: int, body: Annotated[ReleaseRequest | None, Body()] = None
+def release_trial(
+    db: DbDep,
+    any_trial: AnyTrialDep,
+    name: StudyName,
+    number: TrialNumber,
+    body: Annotated[ReleaseRequest | None, Body()] = None,
 ) -> TrialRead:
     body = body or ReleaseRequest()
-    service.release(db, name, number, reason=body.reason)
+    service.release(db, name, number, reason=body.reason, caller=service.Caller(body.worker_id, any_trial))
     return service.get_trial(db, name, number)
 
 
@@ -107,8 +133,8 @@ async def upload_artifact(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
-    name: str,
-    number: int,
+    name: StudyName,
+    number: TrialNumber,
     filename: Annotated[str, Query(pattern=FILENAME_PATTERN, description="The file's name.")],
 ) -> ArtifactRead:
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,16 +151,16 @@ async def upload_artifact(
 @router.get("/trials", summary="List trials ordered by number")
 def list_trials(
     db: DbDep,
-    name: str,
+    name: StudyName,
     state: TrialStateName | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> TrialList:
     return service.list_trials(db, name, state=state, limit=limit, offset=offset)
 
 
 @router.get("/trials/{number}", summary="One trial with its intermediate values")
-def get_trial(db: DbDep, name: str, number: int) -> TrialRead:
+def get_trial(db: DbDep, name: StudyName, number: TrialNumber) -> TrialRead:
     return service.get_trial(db, name, number)
 
 
@@ -144,13 +170,15 @@ def get_trial(db: DbDep, name: str, number: int) -> TrialRead:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def checkpoint(db: DbDep, settings: SettingsDep, name: str, number: int) -> StreamingResponse:
+def download_checkpoint(
+    db: DbDep, settings: SettingsDep, name: StudyName, number: TrialNumber
+) -> StreamingResponse:
     found, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name, number)
     return _download(reader, f"{name}-trial{found}-{filename}")
 
 
 @router.get("/trials/{number}/artifacts", summary="The files stored with a trial (checkpoints, logs)")
-def list_artifacts(db: DbDep, name: str, number: int) -> list[ArtifactRead]:
+def list_artifacts(db: DbDep, name: StudyName, number: TrialNumber) -> list[ArtifactRead]:
     return artifacts.list_artifacts(db, name, number)
 
 
@@ -163,8 +191,8 @@ def list_artifacts(db: DbDep, name: str, number: int) -> list[ArtifactRead]:
 def download_artifact(
     db: DbDep,
     settings: SettingsDep,
-    name: str,
-    number: int,
+    name: StudyName,
+    number: TrialNumber,
     filename: Annotated[str, FastApiPath(pattern=FILENAME_PATTERN)],
 ) -> StreamingResponse:
     reader = artifacts.open_artifact(db, artifact_store(settings.artifact_dir), name, number, filename)
@@ -177,18 +205,18 @@ def _download(reader: BinaryIO, filename: str) -> StreamingResponse:
 
 
 @router.get("/best", summary="Best trial (Pareto front for multi-objective studies)")
-def best(db: DbDep, name: str) -> TrialRead | ParetoTrials:
+def best_trial(db: DbDep, name: StudyName) -> TrialRead | ParetoTrials:
     return service.best(db, name)
 
 
 @router.get("/importances", summary="Parameter importances (decoded names)")
-def importances(db: DbDep, name: str) -> Importances:
+def get_importances(db: DbDep, name: StudyName) -> Importances:
     return Importances(importances=service.importances(db, name))
 
 
 @router.post("/refine", status_code=status.HTTP_201_CREATED, summary="Coarse to fine: a narrowed new study")
-def refine(
-    db: DbDep, settings: SettingsDep, name: str, body: Annotated[RefineRequest | None, Body()] = None
+def refine_study(
+    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[RefineRequest | None, Body()] = None
 ) -> StudyRead:
     body = body or RefineRequest()
     record = service.refine(

@@ -6,12 +6,15 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from caviar.service.types import INT32_MAX, Identifier, Text, no_nul
 
 TrialStateName = Literal["waiting", "running", "complete", "pruned", "fail"]
 
 
-WorkerId = Annotated[str, Field(min_length=1, max_length=128, description="Who runs the trial.")]
+WorkerId = Annotated[Identifier, Field(description="Who runs the trial (1-128 printable characters).")]
+Scalar = Annotated[str, Field(max_length=1000), AfterValidator(no_nul)] | int | float | bool | None
 AttrKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")]
 
 
@@ -19,10 +22,10 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     worker_id: WorkerId | None = None
-    request_id: str | None = Field(
-        default=None, min_length=1, max_length=128, description="Repeat an ask safely: same id, same trial."
+    request_id: Identifier | None = Field(
+        default=None, description="Repeat an ask safely: same id, same trial."
     )
-    fixed: dict[str, Any] | None = Field(
+    fixed: dict[Annotated[str, Field(max_length=64)], Scalar] | None = Field(
         default=None,
         max_length=256,
         description="Decoded parameter values to keep; the sampler chooses the rest (fused groups).",
@@ -43,7 +46,7 @@ class TrialAssignment(BaseModel):
 class ReportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=0, le=2**31 - 1)
+    step: StrictInt = Field(ge=0, le=INT32_MAX)
     value: float
     worker_id: WorkerId | None = None
 
@@ -63,7 +66,7 @@ class ReleaseRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(default="handed back by worker", max_length=2000)
+    reason: Text = "handed back by worker"
     worker_id: WorkerId | None = None
 
 
@@ -75,7 +78,7 @@ class TellRequest(BaseModel):
     state: Literal["complete", "pruned", "fail"]
     value: float | None = None
     values: list[float] | None = Field(default=None, min_length=1, max_length=16)
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: Text | None = None
     user_attrs: dict[AttrKey, Any] | None = Field(
         default=None, max_length=64, description="Recorded on the trial (epochs, timings, final metrics)."
     )
@@ -89,8 +92,8 @@ class TellRequest(BaseModel):
                 raise ValueError(f"{key!r}: attribute names starting with 'caviar' are reserved")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{key!r}: must be a finite number")
-            if isinstance(value, str) and len(value) > 1000:
-                raise ValueError(f"{key!r}: at most 1000 characters")
+            if isinstance(value, str) and (len(value) > 1000 or "\x00" in value):
+                raise ValueError(f"{key!r}: at most 1000 characters, no NUL")
             if not isinstance(value, str | int | float | bool | None):
                 raise ValueError(f"{key!r}: must be a string, a number, true/false or null")
         return attrs

@@ -43,7 +43,7 @@ def register_worker(db: DbDep, settings: SettingsDep, body: WorkerRegister) -> W
 @router.post(
     "/workers/{worker_id}/heartbeat", summary="Renew the leases of all the worker's trials in one call"
 )
-def worker_heartbeat(
+def heartbeat_worker(
     db: DbDep, settings: SettingsDep, worker_id: WorkerIdPath, body: WorkerHeartbeat
 ) -> HeartbeatResult:
     policy = LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
@@ -52,7 +52,7 @@ def worker_heartbeat(
 
 
 @router.get("/queue", summary="Studies that hand out trials, in the order workers take them")
-def queue(
+def get_queue(
     db: DbDep,
     kind: Annotated[list[ObjectiveKind] | None, Query(max_length=8, description="Only these kinds.")] = None,
     study: Annotated[

@@ -170,12 +170,28 @@ def test_scope_matrix_over_the_real_api(secured: TestClient) -> None:
     assert assignment.status_code == 200, assignment.text
     number = assignment.json()["number"]
     trial = f"{API}/studies/m/trials/{number}"
+    own = {"worker_id": "w"}
+    report = {"step": 0, "value": 0.5}
+    assert secured.post(f"{trial}/report", json=report | own, headers=bearer(worker)).status_code == 200
+    assert secured.post(f"{trial}/heartbeat", json=own, headers=bearer(worker)).status_code == 204
+    # a trial belongs to the worker that asked for it: another worker id (or none) is refused ...
+    for other in ({}, {"worker_id": "intruder"}):
+        for action, body in (
+            ("report", report),
+            ("heartbeat", {}),
+            ("tell", {"state": "fail"}),
+            ("release", {}),
+        ):
+            refused = secured.post(f"{trial}/{action}", json=body | other, headers=bearer(worker))
+            assert_envelope(refused, 409, "not_your_trial")
+    # ... unless the caller holds write scope
     assert (
-        secured.post(f"{trial}/report", json={"step": 0, "value": 0.5}, headers=bearer(worker)).status_code
+        secured.post(f"{trial}/report", json={"step": 1, "value": 0.6}, headers=bearer(write)).status_code
         == 200
     )
-    assert secured.post(f"{trial}/heartbeat", json={}, headers=bearer(worker)).status_code == 204
-    told = secured.post(f"{trial}/tell", json={"state": "complete", "value": 0.9}, headers=bearer(worker))
+    told = secured.post(
+        f"{trial}/tell", json={"state": "complete", "value": 0.9} | own, headers=bearer(worker)
+    )
     assert told.status_code == 200, told.text
     assert_envelope(secured.post(f"{API}/studies/m/pause", headers=bearer(worker)), 403, "forbidden")
     assert_envelope(secured.delete(f"{API}/studies/m", headers=bearer(worker)), 403, "forbidden")
