@@ -179,9 +179,17 @@ def grid_sampler(grid: dict[str, list[Any]], seed: int | None, trial_number: int
     return sampler
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus ``study.stop()`` once the grid is covered: that works only inside
+    ``study.optimize`` (elsewhere it raises), and a caviar study ends by its budget."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 @functools.lru_cache(maxsize=64)
 def _shuffled_grid(grid_json: str, seed: int | None) -> optuna.samplers.GridSampler:
-    return optuna.samplers.GridSampler(json.loads(grid_json), seed=seed)
+    return _GridSampler(json.loads(grid_json), seed=seed)
 
 
 def build_pruner(kind: str, options: dict[str, Any], *, max_resource: int | None = None) -> BasePruner:
