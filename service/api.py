@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     )
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.settings = settings
-    app.state.db = db or Database(settings.database_url)
+    app.state.db = db or Database(settings.database_url, pool_size=settings.db_pool_size)
     install_error_handlers(app)
     app.add_middleware(
         DashboardMount, db=app.state.db, artifact_dir=settings.artifact_dir

@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     worker_token: SecretStr | None = Field(
         default=None, description="A static worker-scope token (deployments hand it to their workers)."
     )
+    db_pool_size: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Connections per server process for caviar's tables (as many again on overflow); "
+        "Optuna's storage keeps at most 4 more. A process opens at most 2 x this + 4.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535, description="0: any free port (printed at start).")
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
