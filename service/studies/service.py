@@ -111,6 +111,7 @@ def create_study(
     except optuna.exceptions.DuplicatedStudyError:
         raise Conflict(f"a study named {name!r} already exists", code="name_taken") from None
     db.optuna.set_study_user_attr(study_id, "caviar:metrics", definition.metrics)
+    db.optuna.set_study_user_attr(study_id, "caviar:sampler", definition.sampler_description())
     record = StudyRecord(
         name=name,
         state="queued",
@@ -204,6 +205,7 @@ def describe(db: Database, record: StudyRecord, trials: Sequence[FrozenTrial] | 
         name=record.name,
         state=record.state,
         definition=record.definition,
+        sampler=definition.sampler_description(),
         trial_counts=trial_counts(trials),
         best=best_of(definition, trials),
         priority=record.priority,
