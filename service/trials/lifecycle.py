@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from caviar.service.db import Database
 from caviar.service.definition import (
+    Param,
     StudyDefinition,
     check_finite,
     decode,
@@ -240,9 +241,22 @@ def _by_request(
     if lease is None:
         return None
     trial = db.optuna.get_trial(lease.trial_id)
-    return _assignment(
-        record.name, decode_params(definition_of(record).search_space, trial.params), lease, policy
-    )
+    space = definition_of(record).search_space
+    params = decode_params(space, trial.params)
+    if trial.state == TrialState.RUNNING and not _fully_sampled(space, params):
+        # The first ask of this request still samples (a slow sampler outlasted the client's
+        # timeout): answering now would hand out a trial without its parameters.
+        raise RateLimited(
+            f"trial {trial.number} of {record.name!r} is still being sampled for this request",
+            code="ask_in_progress",
+            retry_after_s=1,
+        )
+    return _assignment(record.name, params, lease, policy)
+
+
+def _fully_sampled(space: dict[str, Param], decoded: dict[str, Any]) -> bool:
+    """Whether every parameter active under ``decoded`` has its value."""
+    return all(name in decoded for name in sampling_order(space) if is_active(space[name], decoded))
 
 
 # ---- report --------------------------------------------------------------------------------
