@@ -103,9 +103,8 @@ def choose(shape: Shape) -> AutoChoice:
     |---|---|---|
     | multi_objective | several objectives | Sobol, then TPE (multivariate, constant liar) |
     | conditional | a parameter has ``when`` | Sobol, then TPE (multivariate, group, constant liar) |
-    | small_numeric | numeric parameters, at most 16 parameters, budget of at most 200 | Sobol, then GP |
-    |  | (budget above 200: GP up to trial 200) | then TPE (multivariate, constant liar) |
-    | default | anything else (all categorical, large) | Sobol, then TPE (multivariate, constant liar) |
+    | small_numeric | all parameters numeric, at most 16 | Sobol, then GP (to trial 200), then TPE |
+    | default | anything else (categorical or mixed, large) | Sobol, then TPE (multivariate, constant liar) |
     """
     warm = warmup_trials(shape)
     # The model-based stage starts once the warm-up is handed out; with asks in flight fewer
@@ -117,7 +116,7 @@ def choose(shape: Shape) -> AutoChoice:
         return AutoChoice("multi_objective", (Stage(0, WARMUP), Stage(warm, "tpe", tpe)))
     if shape.conditional:
         return AutoChoice("conditional", (Stage(0, WARMUP), Stage(warm, "tpe", {**tpe, "group": True})))
-    if shape.numeric and shape.dims <= GP_MAX_DIMS:
+    if shape.categorical == 0 and shape.numeric <= GP_MAX_DIMS:
         stages = [Stage(0, WARMUP), Stage(warm, "gp", {"n_startup_trials": startup})]
         if shape.n_trials > GP_SWITCH_TRIAL:
             stages.append(Stage(GP_SWITCH_TRIAL, "tpe", tpe))

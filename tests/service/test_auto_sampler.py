@@ -57,7 +57,7 @@ def test_row_conditional_is_grouped_tpe_even_for_a_small_numeric_space() -> None
 
 
 def test_row_small_numeric_is_sobol_then_gp() -> None:
-    choice = choose(shape(numeric=6, categorical=3, n_trials=GP_SWITCH_TRIAL))
+    choice = choose(shape(numeric=16, n_trials=GP_SWITCH_TRIAL))
     assert choice.rule == "small_numeric"
     assert kinds(choice) == [(0, WARMUP), (10, "gp")]
 
@@ -71,8 +71,8 @@ def test_row_small_numeric_hands_over_to_tpe_past_the_switch_point() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    [shape(numeric=0, categorical=6), shape(numeric=17), shape(numeric=10, categorical=7)],
-    ids=["all categorical", "17 numeric", "17 mixed"],
+    [shape(numeric=0, categorical=6), shape(numeric=17), shape(numeric=6, categorical=3)],
+    ids=["all categorical", "17 numeric", "mixed"],
 )
 def test_row_default_is_multivariate_tpe(case: Shape) -> None:
     choice = choose(case)
@@ -122,9 +122,14 @@ def definition(**kw: Any) -> StudyDefinition:
 def test_auto_is_the_default_and_tpe_keeps_optunas_defaults() -> None:
     auto = definition()
     assert auto.sampler.type == "auto"
-    assert auto.sampler_description()["rule"] == "small_numeric"
+    assert auto.sampler_description()["rule"] == "default"  # SPACE has a categorical
     assert isinstance(auto.sampler_for(0), SobolWarmup)
-    assert isinstance(auto.sampler_for(10), optuna.samplers.GPSampler)
+    assert isinstance(auto.sampler_for(10), optuna.samplers.TPESampler)
+    numeric = StudyDefinition.model_validate(
+        {"name": "n", "search_space": {k: v for k, v in SPACE.items() if k != "act"}}
+    )
+    assert numeric.sampler_description()["rule"] == "small_numeric"
+    assert isinstance(numeric.sampler_for(10), optuna.samplers.GPSampler)
     tpe = definition(sampler={"type": "tpe"}).sampler_for(5)
     assert isinstance(tpe, optuna.samplers.TPESampler)
     assert tpe._n_startup_trials == 10 and tpe._constant_liar and tpe._multivariate is None
@@ -203,7 +208,8 @@ def test_conditional_parameters_are_sampled_at_random_during_the_warm_up() -> No
 
 
 def test_the_choice_is_on_the_study_and_in_optuna(client: TestClient, db_url: str) -> None:
-    body = {"name": "auto-api", "search_space": SPACE, "budget": {"n_trials": 300, "max_parallel": 8}}
+    numeric = {k: v for k, v in SPACE.items() if k != "act"}
+    body = {"name": "auto-api", "search_space": numeric, "budget": {"n_trials": 300, "max_parallel": 8}}
     response = client.post("/api/v1/studies", json=body)
     assert response.status_code == 201, response.text
     sampler = response.json()["sampler"]
@@ -217,7 +223,7 @@ def test_the_choice_is_on_the_study_and_in_optuna(client: TestClient, db_url: st
     loaded = optuna.load_study(study_name="auto-api", storage=db_url)
     assert loaded.user_attrs["caviar:sampler"] == sampler
     asked = client.post("/api/v1/studies/auto-api/trials/ask", json={}).json()
-    assert set(asked["params"]) == set(SPACE) and 0.5 <= asked["params"]["beta1"] <= 0.9999
+    assert set(asked["params"]) == set(numeric) and 0.5 <= asked["params"]["beta1"] <= 0.9999
 
 
 @pytest.mark.parametrize("kind", ["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsga2"])
