@@ -1,7 +1,7 @@
 """Benchmark: tuning quality (regret per trial) of caviar's samplers, driven over the REST API.
 
-Every cell is one study on a live ``caviar serve`` (one server process, SQLite in a temporary
-directory), created over REST with ``sampler: {type: S, seed: SEED}`` and ``budget: {n_trials: T,
+Every cell is one study on a live ``caviar serve`` (one server process, OMP_NUM_THREADS=1, SQLite in
+a temporary directory), created over REST with ``sampler: {type: S, seed: SEED}`` and ``budget: {n_trials: T,
 max_parallel: C}`` and run by ``caviar.Client.study(...).optimize(objective, n_jobs=C)``. With
 C > 1 clients each objective holds its trial for ``--trial-s`` seconds (x0.5..1.5, seeded by the trial
 number) so that about C trials are in flight and every ask sees the others running, as with C workers
@@ -489,7 +489,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="caviar-tq-") as tmp:
         url = f"sqlite:///{tmp}/bench.db"
         storage.upgrade(url)
-        server, base = processes.serve(url, log=f"{tmp}/serve.log")
+        # GP fits run in torch; concurrent asks each on one thread (Optuna's advice for GPSampler)
+        # instead of every ask's fit fighting over all cores
+        server, base = processes.serve(url, log=f"{tmp}/serve.log", env={"OMP_NUM_THREADS": "1"})
         rows: list[dict[str, Any]] = []
         out = open(args.out, "a") if args.out else None  # noqa: SIM115
         try:
