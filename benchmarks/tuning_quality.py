@@ -458,7 +458,9 @@ def main() -> None:
     parser.add_argument("--latency", help="history sizes for the ask-latency mode, e.g. 100,1000")
     parser.add_argument("--latency-asks", type=int, default=10)
     parser.add_argument(
-        "--quick", action="store_true", help="one seed, 25 trials, 1 and 4 clients, 3 problems"
+        "--quick",
+        action="store_true",
+        help="auto, tpe, random: one seed, 25 trials, 1 and 4 clients, 3 problems",
     )
     args = parser.parse_args()
     if args.summarize:
@@ -475,6 +477,7 @@ def main() -> None:
             "1,4",
             "25",
         )
+        args.samplers = "auto,tpe,random"
     names = [n for item in args.tables.split(",") for n in GROUPS.get(item, [item])]
     unknown = [n for n in names if n not in GROUP_OF]
     if unknown:

@@ -90,8 +90,8 @@ class AutoChoice:
 
 
 def warmup_trials(shape: Shape) -> int:
-    """Sobol points before the model-based sampler: enough to cover what runs at once, at most a
-    third of the budget."""
+    """Sobol points before the model-based sampler: Optuna's 10 start-up trials, or what runs at once
+    plus 2, at most a third of the budget."""
     wanted = max(WARMUP_TRIALS, (shape.max_parallel or 1) + 2)
     return max(1, min(wanted, shape.n_trials // 3))
 
@@ -103,7 +103,7 @@ def choose(shape: Shape) -> AutoChoice:
     |---|---|---|
     | multi_objective | several objectives | Sobol, then TPE (multivariate, constant liar) |
     | conditional | a parameter has ``when`` | Sobol, then TPE (multivariate, group, constant liar) |
-    | small_numeric | all parameters numeric, at most 16 | Sobol, then GP (to trial 200), then TPE |
+    | small_numeric | one trial at a time (max_parallel 1), all parameters numeric, at most 16 | Sobol, then GP (to trial 200), then TPE |
     | default | anything else (categorical or mixed, large) | Sobol, then TPE (multivariate, constant liar) |
     """
     warm = warmup_trials(shape)
@@ -116,7 +116,7 @@ def choose(shape: Shape) -> AutoChoice:
         return AutoChoice("multi_objective", (Stage(0, WARMUP), Stage(warm, "tpe", tpe)))
     if shape.conditional:
         return AutoChoice("conditional", (Stage(0, WARMUP), Stage(warm, "tpe", {**tpe, "group": True})))
-    if shape.categorical == 0 and shape.numeric <= GP_MAX_DIMS:
+    if shape.max_parallel == 1 and shape.categorical == 0 and shape.numeric <= GP_MAX_DIMS:
         stages = [Stage(0, WARMUP), Stage(warm, "gp", {"n_startup_trials": startup})]
         if shape.n_trials > GP_SWITCH_TRIAL:
             stages.append(Stage(GP_SWITCH_TRIAL, "tpe", tpe))
