@@ -97,14 +97,17 @@ def warmup_trials(shape: Shape) -> int:
 
 
 def choose(shape: Shape) -> AutoChoice:
-    """The rule table: the first row whose condition holds chooses.
+    """The rule table (README "Choosing a sampler"): the first row whose condition holds chooses.
 
-    | rule | when | stages |
+    Every choice starts with W = :func:`warmup_trials` Sobol points; the model-based stage then starts
+    modelling from max(2, W - max_parallel + 1) complete trials.
+
+    | rule | when | after the warm-up |
     |---|---|---|
-    | multi_objective | several objectives | Sobol, then TPE (multivariate, constant liar) |
-    | conditional | a parameter has ``when`` | Sobol, then TPE (multivariate, group, constant liar) |
-    | small_numeric | one trial at a time (max_parallel 1), all parameters numeric, at most 16 | Sobol, then GP (to trial 200), then TPE |
-    | default | anything else (categorical or mixed, large) | Sobol, then TPE (multivariate, constant liar) |
+    | multi_objective | several objectives | TPE (multivariate, constant liar) |
+    | conditional | a parameter has ``when`` | TPE (multivariate, group, constant liar) |
+    | small_numeric | max_parallel 1, at most 16 parameters, all numeric | GP; TPE from trial 200 |
+    | default | anything else | TPE (multivariate, constant liar) |
     """
     warm = warmup_trials(shape)
     # The model-based stage starts once the warm-up is handed out; with asks in flight fewer
