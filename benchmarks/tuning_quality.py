@@ -30,7 +30,8 @@ FILE too, so a grid can run in pieces and be merged with ``--summarize FILE ...`
 first) beside auto's.
 
 ``--latency 100,1000`` instead measures the ask latency of auto and TPE with that many complete trials
-of history (added through Optuna's storage API), on the HPOLib and Hartmann-6 spaces.
+of history (added through Optuna's storage API), on the HPOLib and Hartmann-6 spaces with
+``max_parallel: 1`` (auto: TPE on the mixed HPOLib space; GP on Hartmann-6 below trial 200, TPE after).
 
     python benchmarks/tuning_quality.py --tables dev --samplers auto,tpe,gp --clients 8 --trials 50 \
         --seeds 0,1,2,3,4 --out results.jsonl
@@ -324,6 +325,7 @@ def ask_latency(client: caviar.Client, url: str, history: list[int], asks: int) 
 
     from caviar.service.definition import StudyDefinition, decode_params
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
     for prob in (table_problem("protein_structure"), function_problem("hartmann6")):
         for size in history:
@@ -336,7 +338,8 @@ def ask_latency(client: caviar.Client, url: str, history: list[int], asks: int) 
                     "objective": {"kind": "external"},
                     "sampler": {"type": label, "seed": 0},
                     "pruner": {"type": "none"},
-                    "budget": {"n_trials": size + asks},
+                    # one client asks: max_parallel 1, so auto's GP row applies to all-numeric spaces
+                    "budget": {"n_trials": size + asks, "max_parallel": 1},
                 }
                 study = client.create_study(body)
                 definition = StudyDefinition.model_validate(body)
