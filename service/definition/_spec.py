@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 import string
+import zlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -14,6 +17,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from caviar.service.definition._auto import WARMUP, AutoChoice, Shape, SobolWarmup, choose
 from caviar.service.definition._codec import stored_name
 from caviar.service.definition._factories import (
     PRUNERS,
@@ -22,6 +26,7 @@ from caviar.service.definition._factories import (
     build_sampler,
     check_options,
     grid_values,
+    trial_seed,
 )
 from caviar.service.definition._space import (
     MAX_GRID_POINTS,
@@ -179,9 +184,13 @@ class Objective(_Strict):
 
 
 class SamplerSpec(_Strict):
-    """Which Optuna sampler proposes parameters; ``{type: tpe}`` means Optuna's own defaults."""
+    """Which Optuna sampler proposes parameters.
 
-    type: Literal["tpe", "random", "qmc", "gp", "cmaes", "grid", "nsga2"] = "tpe"
+    ``{type: auto}`` (the default) chooses one from the study's shape (see ``_auto.choose``);
+    ``{type: tpe}`` means Optuna's own defaults.
+    """
+
+    type: Literal["auto", "tpe", "random", "qmc", "gp", "cmaes", "grid", "nsga2"] = "auto"
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -189,7 +198,10 @@ class SamplerSpec(_Strict):
     @classmethod
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         kind = info.data.get("type")
-        if kind is not None:
+        if kind == "auto":
+            if options:
+                raise ValueError("auto takes no options: it chooses them (name a sampler to set them)")
+        elif kind is not None:
             check_options(SAMPLERS[kind], options)
         return options
 
@@ -387,11 +399,54 @@ class StudyTemplate(_Strict):
         return grid
 
     def sampler_for(self, trial_number: int) -> BaseSampler:
-        """The study's sampler, seeded for ``trial_number``."""
+        """The study's sampler, seeded for ``trial_number`` (auto: the stage that samples it)."""
+        if self.sampler.type == "auto":
+            stage = self.auto_choice.stage_for(trial_number)
+            if stage.type == WARMUP:
+                unconditional = {
+                    stored_name(name, p): p.distribution()
+                    for name, p in self.search_space.items()
+                    if not p.when
+                }
+                return SobolWarmup(
+                    unconditional, self._stream_seed, trial_seed(self.sampler.seed, trial_number)
+                )
+            return build_sampler(
+                stage.type, dict(stage.options), self.sampler.seed, trial_number=trial_number
+            )
         grid = self.grid() if self.sampler.type == "grid" else None
         return build_sampler(
             self.sampler.type, self.sampler.options, self.sampler.seed, grid=grid, trial_number=trial_number
         )
+
+    @functools.cached_property
+    def auto_choice(self) -> AutoChoice:
+        """What ``{type: auto}`` chooses for this study's space, objectives and budget."""
+        space = self.search_space.values()
+        return choose(
+            Shape(
+                numeric=sum(1 for p in space if not isinstance(p, CategoricalParam)),
+                categorical=sum(1 for p in space if isinstance(p, CategoricalParam)),
+                conditional=sum(1 for p in space if p.when),
+                objectives=len(self.study_directions),
+                n_trials=self.budget.n_trials,
+                max_parallel=self.budget.max_parallel,
+            )
+        )
+
+    def sampler_description(self) -> dict[str, Any]:
+        """The sampler as the API and the dashboard (study attribute ``caviar:sampler``) show it."""
+        if self.sampler.type == "auto":
+            return {**self.auto_choice.describe(), "seed": self.sampler.seed}
+        return self.sampler.model_dump(mode="json")
+
+    @functools.cached_property
+    def _stream_seed(self) -> int:
+        """The seed of sequences shared by all trials (Sobol's scramble): the study's seed, else a hash
+        of the definition, the same in every server process."""
+        if self.sampler.seed is not None:
+            return self.sampler.seed
+        return zlib.crc32(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
 
     def build_pruner(self) -> BasePruner:
         """The study's pruner (Hyperband's max_resource defaults to the trainer's max_epochs)."""

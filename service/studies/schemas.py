@@ -40,6 +40,10 @@ class StudyRead(BaseModel):
     name: str
     state: StudyState
     definition: dict[str, Any]
+    sampler: dict[str, Any] = Field(
+        description="The sampler the study uses: for ``auto``, the rule that chose and its stages "
+        "(sampler and options from a trial number on); also the Optuna study attribute caviar:sampler."
+    )
     trial_counts: TrialCounts
     best: BestTrial | ParetoFront | None
     priority: int

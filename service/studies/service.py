@@ -114,6 +114,7 @@ def create_study(
     # Optuna study goes too, so the name is never left blocked by a half-created study.
     try:
         db.optuna.set_study_user_attr(study_id, "caviar:metrics", definition.metrics)
+        db.optuna.set_study_user_attr(study_id, "caviar:sampler", definition.sampler_description())
         record = StudyRecord(
             name=name,
             state="queued",
@@ -209,6 +210,7 @@ def describe(db: Database, record: StudyRecord, trials: Sequence[FrozenTrial] | 
         name=record.name,
         state=record.state,
         definition=record.definition,
+        sampler=definition.sampler_description(),
         trial_counts=trial_counts(trials),
         best=best_of(definition, trials),
         priority=record.priority,

@@ -117,7 +117,7 @@ def test_defaults_multi_objective_and_json_round_trip() -> None:
          "search_space": {"x": {"type": "int", "low": 1, "high": 4}}}
     )  # fmt: skip
     assert definition.multi_objective and definition.metrics == ["acc", "ms"]
-    assert definition.sampler.type == "tpe" and definition.sampler.options == {}
+    assert definition.sampler.type == "auto" and definition.sampler.options == {}
 
 
 def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:

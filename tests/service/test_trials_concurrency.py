@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 import multiprocessing
 import threading
+import time
+from typing import Any
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from caviar.service import trials
@@ -129,7 +132,13 @@ def test_concurrent_asks_with_one_request_id_get_one_trial(db: Database, db_url:
     def ask_once() -> None:
         other = Database(db_url, pool_size=1)
         try:
-            numbers.append(trials.ask(other, "req", request_id="same").number)
+            while True:
+                try:
+                    numbers.append(trials.ask(other, "req", request_id="same").number)
+                    return
+                except Conflict as exc:  # the first ask still samples: retry, as clients do
+                    assert exc.code == "ask_in_progress"
+                    time.sleep(0.01)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -142,3 +151,40 @@ def test_concurrent_asks_with_one_request_id_get_one_trial(db: Database, db_url:
         thread.join(60)
     assert not errors and numbers == [0] * 6
     assert trials.list_trials(db, "req").total == 1
+
+
+def test_a_request_retried_while_its_trial_is_sampled_waits_for_the_parameters(
+    db: Database, db_url: str, monkeypatch
+) -> None:
+    """A client whose ask timed out during a slow sampler retries with the same request_id: the
+    replay waits for the parameters, and past REPLAY_WAIT_S is told to retry (409 ask_in_progress,
+    with Retry-After); it is never handed a bare trial."""
+    from caviar.service.trials import lifecycle
+
+    create_study(db, parse_definition(external_study("slow", n_trials=10)))
+    sampling, release = threading.Event(), threading.Event()
+    real_sample = lifecycle._sample
+
+    def slow_sample(trial, definition):  # type: ignore[no-untyped-def]
+        sampling.set()
+        release.wait(30)
+        real_sample(trial, definition)
+
+    monkeypatch.setattr(lifecycle, "_sample", slow_sample)
+    monkeypatch.setattr(lifecycle, "REPLAY_WAIT_S", 0.3)
+    first: list[Any] = []
+    thread = threading.Thread(target=lambda: first.append(trials.ask(db, "slow", request_id="r1")))
+    thread.start()
+    assert sampling.wait(30)
+    other = Database(db_url, pool_size=1)
+    try:
+        with pytest.raises(Conflict) as raised:
+            trials.ask(other, "slow", request_id="r1")
+        assert raised.value.code == "ask_in_progress" and raised.value.retry_after_s == 1
+        release.set()
+        thread.join(30)
+        again = trials.ask(other, "slow", request_id="r1")
+    finally:
+        other.dispose()
+    assert again.number == first[0].number and again.params == first[0].params
+    assert set(again.params) == {"lr", "beta1", "dropout"}
