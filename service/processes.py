@@ -89,10 +89,14 @@ class CaviarProcess:
             try:
                 self.process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
+                self._kill_group()
                 self.process.wait(timeout=10)
+        self._kill_group()  # whatever it started and left behind (its own process session)
         return self.process.returncode
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def output(self, tail: int = 4000) -> str:
         """The end of the log."""

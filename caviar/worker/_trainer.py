@@ -3,7 +3,9 @@
 With ``--fuse K`` (or the study's ``objective.fuse``) the slot claims one trial, then up to K - 1
 more whose non-fusible hyperparameters are pinned to the first one's (the sampler chooses the
 rest), and trains them as one group with :func:`caviar.trainer.train_group`. A member that leaves
-(pruned, early-stopped, done) is told at once, and a newly claimed trial takes its place.
+(pruned, early-stopped, done) is told at once, and a newly claimed trial takes its place when the
+sampler's free choice for it shares the group's non-fusible values; the first that does not
+starts the next group, so architecture, batch size and optimizer stay under search.
 """
 
 from __future__ import annotations
@@ -109,18 +111,24 @@ class TrainerRunner:
         return True
 
     def _fuse_size(self, study: dict[str, Any]) -> int:
+        if study.get("trials_started", 0) < study.get("warmup_trials", 0):
+            # the sampler's start-up points: each trial keeps its own draw of every hyperparameter
+            return 1
         size = self.slot.options.fuse or study["definition"]["objective"].get("fuse") or 1
         return int(max(1, min(size, self.max_fuse or size)))
 
-    def _claim(self, study: dict[str, Any], count: int, fixed: dict[str, Any] | None = None) -> list[Trial]:
-        """Ask up to ``count`` trials sharing non-fusible values (the first one's, unless ``fixed``)."""
+    def _claim(
+        self, study: dict[str, Any], count: int, fixed: dict[str, Any] | None = None, *, pin: bool = True
+    ) -> list[Trial]:
+        """Ask up to ``count`` trials; with ``pin``, all share non-fusible values (the first one's,
+        unless ``fixed``), else each is the sampler's free choice."""
         group: list[Trial] = []
         for _ in range(count):
             trial = self.slot.ask(study["name"], fixed=fixed)
             if trial is None:
                 break
             group.append(trial)
-            if fixed is None:
+            if fixed is None and pin:
                 # the rest of the group shares the first trial's non-fusible hyperparameters
                 fixed = non_fusible(trial.params)
         return group
@@ -163,6 +171,15 @@ class TrainerRunner:
         for members in subgroups.values():
             if self.slot.stop.is_set():
                 return
+            # a group smaller than the fused size (a retry, a trial that did not fit the last group)
+            # is topped up with trials pinned to its non-fusible values
+            for trial in self._claim(
+                study, self._fuse_size(study) - len(members), non_fusible(members[0][0].params)
+            ):
+                try:
+                    members.append((trial, self._config(study, trial.params)))
+                except ValueError as exc:
+                    self.slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
             self._train_members(study, data, [t for t, _ in members], [c for _, c in members])
 
     def _train_members(
@@ -180,23 +197,29 @@ class TrainerRunner:
             self._tell(trials[member], metrics, result)
 
         key = group_key(configs[0])
-        fixed = non_fusible(members[0].params)
         leftovers: list[Trial] = []
 
         def refill(free: int) -> list[TrialConfig]:
-            # new trials take the places of members that left, so the group stays full
+            # New trials take the places of members that left. Each is the sampler's free choice
+            # over the whole space (not pinned to this group), so non-fusible hyperparameters keep
+            # being searched: one that shares this group's values joins it, the first that does not
+            # seeds the next group (and ends this group's refills).
             if slot.stop.is_set() or leftovers:
                 return []
             joining: list[TrialConfig] = []
-            for trial in self._claim(study, free, fixed):
+            for _ in range(free):
+                claimed = self._claim(study, 1, pin=False)
+                if not claimed:
+                    break
+                trial = claimed[0]
                 try:
                     config = self._config(study, trial.params)
                 except ValueError as exc:
                     slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
                     continue
-                if group_key(config) != key:  # a retry with other non-fusible values: train it next
+                if group_key(config) != key:  # other non-fusible values: it seeds the next group
                     leftovers.append(trial)
-                    continue
+                    break
                 trials.append(trial)
                 joining.append(config)
             return joining

@@ -434,6 +434,19 @@ class StudyTemplate(_Strict):
             )
         )
 
+    def warmup_trials(self) -> int:
+        """Trials the sampler draws before it models results (random or Sobol start-up points).
+
+        Workers train these unfused: every start-up trial gets its own draw of the non-fusible
+        hyperparameters (architecture, batch size, optimizer), as in an unfused study.
+        """
+        if self.sampler.type == "auto":
+            later = [stage.start for stage in self.auto_choice.stages if stage.type != WARMUP]
+            return min(later, default=self.budget.n_trials)
+        if self.sampler.type in ("tpe", "gp"):
+            return int(self.sampler.options.get("n_startup_trials", 10))
+        return 0
+
     def sampler_description(self) -> dict[str, Any]:
         """The sampler as the API and the dashboard (study attribute ``caviar:sampler``) show it."""
         if self.sampler.type == "auto":

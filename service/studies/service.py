@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.storages._rdb.models import TrialModel
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select
@@ -158,6 +159,19 @@ def all_trials(
         )
     except KeyError:
         return []  # the Optuna study was deleted behind caviar's back
+
+
+def trial_total(db: Database, record: StudyRecord) -> int:
+    """How many trials a study has (every state), counted by the database (Optuna's table, read only)."""
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(TrialModel)
+                .where(TrialModel.study_id == record.optuna_study_id)
+            )
+            or 0
+        )
 
 
 def trial_counts(trials: Sequence[FrozenTrial]) -> TrialCounts:

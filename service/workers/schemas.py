@@ -77,6 +77,10 @@ class QueueItem(BaseModel):
     priority: int
     objective_kind: str
     metrics: list[str] = Field(description="The optimised metrics, one per direction, in order.")
+    trials_started: int = Field(description="Trials the study has started so far (every state).")
+    warmup_trials: int = Field(
+        description="Start-up trials its sampler draws before modelling (run unfused)."
+    )
     definition: dict[str, Any]
     created_at: datetime
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from caviar.service.db import Database
-from caviar.service.studies.service import definition_of, runnable_studies
+from caviar.service.studies.service import definition_of, runnable_studies, trial_total
 from caviar.service.trials import LeasePolicy
 from caviar.service.workers.schemas import (
     LostTrial,
@@ -115,6 +115,8 @@ def queue(
                 priority=r.priority,
                 objective_kind=r.objective_kind,
                 metrics=definition_of(r).metrics,
+                trials_started=trial_total(db, r),
+                warmup_trials=definition_of(r).warmup_trials(),
                 definition=r.definition,
                 created_at=r.created_at,
             )

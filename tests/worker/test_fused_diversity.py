@@ -40,7 +40,7 @@ def coverage(spec: dict[str, Any], values: list[Any]) -> float:
 def run_study(db: Database, db_url: str, tmp_path: Path, name: str, fuse: int) -> dict[str, float]:
     body = yaml.safe_load(example_path("digits-mlp").read_text())
     body["name"] = name
-    body["objective"].update(max_epochs=8, fuse=fuse)
+    body["objective"].update(max_epochs=5, fuse=fuse)
     body["budget"].update(n_trials=60, max_parallel=16)
     studies.create_study(db, studies.parse_definition(body))
     server, url = processes.serve(db_url, log=tmp_path / f"{name}-serve.log")
