@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from caviar._logging import LogFormat, LogLevel
 
 
 class Settings(BaseSettings):
@@ -47,7 +49,19 @@ class Settings(BaseSettings):
         description="With a token set, /metrics needs a read-scope token too; false opens it to scrapers.",
     )
     migrate_on_start: bool = True
+    wait_for_db_s: float = Field(
+        default=180.0, ge=0, description="How long `caviar serve` waits for the database at start."
+    )
+    log_format: LogFormat = Field(default="text", description="Log lines: text, or json (one object a line).")
+    log_level: LogLevel = Field(
+        default="info", description="Least severe level logged (the access log is info)."
+    )
     background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def lease_s(self) -> float:
