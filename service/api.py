@@ -17,7 +17,7 @@ from caviar.service.config import Settings, get_settings
 from caviar.service.dashboard import DashboardMount
 from caviar.service.db import Database
 from caviar.service.envelope import error_response, error_responses, install_error_handlers
-from caviar.service.metrics import MetricsMiddleware
+from caviar.service.metrics import RequestMiddleware
 from caviar.service.metrics import router as metrics_router
 from caviar.service.schedules.router import router as schedules_router
 from caviar.service.schedules.service import scheduler_task
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         DashboardMount, db=app.state.db, artifact_dir=settings.artifact_dir
     )  # innermost: /dashboard, /static, /api/<not v1>
     install_security(app, settings, app.state.db)  # body cap, then auth (with a token), then CORS
-    app.add_middleware(MetricsMiddleware)  # outermost: times and counts every answer
+    app.add_middleware(RequestMiddleware)  # outermost: times, counts and logs every answer
 
     @app.get("/healthz", tags=["health"], responses=error_responses(503))
     def healthz(request: Request) -> Any:

@@ -23,6 +23,8 @@ from caviar.service.cli_helpers import (
     DOMAIN_ERRORS,
     DatabaseUrl,
     JsonFlag,
+    LogFormatOption,
+    LogLevelOption,
     ServiceToken,
     ServiceUrl,
     backend_for,
@@ -90,15 +92,8 @@ def db_upgrade(database_url: DatabaseUrl = None) -> None:
     try:
         revision = storage.upgrade(url)
     except Exception as exc:  # a friendly line instead of a traceback
-        fail(f"could not migrate {_safe_url(url)}: {exc.__class__.__name__}: {exc}")
+        fail(f"could not migrate {storage.display_url(url)}: {exc.__class__.__name__}: {exc}")
     console.print(f"database at revision {revision}")
-
-
-def _safe_url(url: str) -> str:
-    # lazy: SQLAlchemy
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @app.command()
@@ -111,9 +106,19 @@ def serve(
     no_migrate: Annotated[
         bool, typer.Option("--no-migrate", help="Skip `caviar db upgrade` at start.")
     ] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    wait_for_db: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-for-db",
+            min=0,
+            help="Seconds to wait for the database at start, retrying with backoff (default 180).",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
-    """Run the REST API (migrating the database first)."""
+    """Run the REST API (waiting for the database and migrating it first)."""
     # lazy: uvicorn, FastAPI and the service load only to serve
     from caviar.service.metrics import prepare_multiprocess
     from caviar.service.server import serve as run_server
@@ -125,9 +130,12 @@ def serve(
         processes=processes,
         api_token=SecretStr(token) if token else None,
         migrate_on_start=False if no_migrate else None,
+        wait_for_db_s=wait_for_db,
+        log_format=log_format,
+        log_level=log_level,
     )
     prepare_multiprocess(settings.processes)
-    run_server(settings, log_level=log_level)
+    run_server(settings)
 
 
 @app.command()
@@ -420,6 +428,8 @@ def worker(
             help="Run kind python/command studies: user code from this host, one child per trial.",
         ),
     ] = False,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Draw trials from a caviar service and run them: one process per device slot (REST only)."""
     # lazy: the worker package pulls in the trainer (torch) in its slot processes
@@ -438,6 +448,8 @@ def worker(
         exit_when_idle_s=exit_when_idle,
         data_dir=data_dir,
         allow_code=allow_code,
+        log_format=log_format or "text",
+        log_level=log_level or "info",
     )
     try:
         code = run_workers(options)

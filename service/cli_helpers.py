@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from caviar._errors import CaviarApiError
+from caviar._logging import LogFormat, LogLevel
 from caviar._yaml import load_all
 from caviar.service.backend import Backend
 from caviar.service.config import Settings
@@ -42,6 +43,27 @@ ServiceUrl = Annotated[
 ]
 ServiceToken = Annotated[
     str | None, typer.Option("--token", envvar="CAVIAR_API_TOKEN", help="Bearer token for --url.")
+]
+
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        envvar="CAVIAR_LOG_FORMAT",
+        case_sensitive=False,
+        help="Log lines: text, or json (one JSON object a line). Default: text.",
+        show_default=False,
+    ),
+]
+LogLevelOption = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        envvar="CAVIAR_LOG_LEVEL",
+        case_sensitive=False,
+        help="Least severe level logged (the access log is info). Default: info.",
+        show_default=False,
+    ),
 ]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -8,6 +8,8 @@ from functools import lru_cache
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from caviar._logging import LogFormat, LogLevel
+
 MIN_TOKEN_CHARS = 32
 """Tokens set by environment (admin, worker) are at least this long: they guard a network service."""
 
@@ -57,6 +59,13 @@ class Settings(BaseSettings):
         description="With a token set, /metrics needs a read-scope token too; false opens it to scrapers.",
     )
     migrate_on_start: bool = True
+    wait_for_db_s: float = Field(
+        default=180.0, ge=0, description="How long `caviar serve` waits for the database at start."
+    )
+    log_format: LogFormat = Field(default="text", description="Log lines: text, or json (one object a line).")
+    log_level: LogLevel = Field(
+        default="info", description="Least severe level logged (the access log is info)."
+    )
     background_tasks: bool = Field(default=True, description="Run the reaper and scheduler in the service.")
 
     @field_validator("api_token", "worker_token")
@@ -69,6 +78,11 @@ class Settings(BaseSettings):
                 "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'); unset it for no auth"
             )
         return token
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def lease_s(self) -> float:

@@ -2,7 +2,8 @@
 
 ``GET /metrics`` serves the Prometheus text format. Two kinds of series:
 
-- Request metrics, recorded by :class:`MetricsMiddleware` in each server process:
+- Request metrics, recorded by :class:`RequestMiddleware` in each server process (which also
+  writes the access log, :mod:`caviar.service.access_log`):
   ``caviar_http_request_duration_seconds{method,route}`` (histogram; ``route`` is the route
   template such as ``/api/v1/studies/{name}/trials/ask``, ``dashboard`` for the dashboard,
   ``unmatched`` otherwise) and ``caviar_http_errors_total{route,status}`` (responses >= 400).
@@ -42,6 +43,7 @@ from starlette._utils import get_route_path
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from caviar.service.access_log import log_request
 from caviar.service.dashboard import is_dashboard_path
 from caviar.service.db import Database
 from caviar.service.deps import DbDep, SettingsDep
@@ -104,21 +106,22 @@ class RouteTemplates:
         paths += [path for path in extra if path]
         return [(compile_path(path)[0], path) for path in paths]
 
-    def label(self, scope: Scope) -> str:
-        """The route template of this request."""
+    def match(self, scope: Scope) -> tuple[str, dict[str, str]]:
+        """The route template of this request and the values of its path parameters."""
         path = get_route_path(scope)
         if is_dashboard_path(path):
-            return "dashboard"
+            return "dashboard", {}
         if self._patterns is None:
             self._patterns = self._compile(scope.get("app"))
         for pattern, template in self._patterns:
-            if pattern.match(path):
-                return template
-        return "unmatched"
+            found = pattern.match(path)
+            if found:
+                return template, found.groupdict()
+        return "unmatched", {}
 
 
-class MetricsMiddleware:
-    """Time every HTTP request and count error responses (outermost middleware).
+class RequestMiddleware:
+    """Time every HTTP request, count error responses, log it (outermost middleware).
 
     Args:
         app: the next ASGI application.
@@ -144,10 +147,12 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = self.routes.label(scope)
-            REQUEST_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            route, params = self.routes.match(scope)
+            REQUEST_SECONDS.labels(scope["method"], route).observe(seconds)
             if status >= 400:
                 HTTP_ERRORS.labels(route, str(status)).inc()
+            log_request(scope, route, params, status, seconds)
 
 
 def _gauge(name: str, documentation: str, label: str | None = None) -> GaugeMetricFamily:

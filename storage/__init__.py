@@ -1,7 +1,14 @@
 """caviar's storage: engines, caviar's own tables and migrations, and the Optuna storage factory."""
 
-from caviar.storage._engine import is_sqlite, make_engine, make_sessionmaker
-from caviar.storage._migrate import current_revision, head_revision, is_up_to_date, upgrade
+from caviar.storage._engine import display_url, is_sqlite, make_engine, make_sessionmaker
+from caviar.storage._migrate import (
+    DatabaseNotReady,
+    check_ready,
+    current_revision,
+    head_revision,
+    is_up_to_date,
+    upgrade,
+)
 from caviar.storage._models import (
     ApiToken,
     Base,
@@ -17,12 +24,15 @@ from caviar.storage._optuna import get_optuna_storage, reset_optuna_storages
 __all__ = [
     "ApiToken",
     "Base",
+    "DatabaseNotReady",
     "Schedule",
     "ScheduleRun",
     "StudyRecord",
     "TrialLease",
     "WorkerRecord",
+    "check_ready",
     "current_revision",
+    "display_url",
     "get_optuna_storage",
     "head_revision",
     "is_sqlite",

@@ -16,6 +16,11 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def display_url(url: str) -> str:
+    """``url`` with its password masked (``***``), for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def engine_kwargs(url: str, *, pool_size: int = 4) -> dict[str, Any]:
     """Keyword arguments for ``create_engine`` (shared with Optuna's own engine).
 

@@ -18,8 +18,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from caviar.storage._engine import is_sqlite, make_engine
@@ -73,9 +74,54 @@ def head_revision() -> str:
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at, or None before the first upgrade."""
     with engine.connect() as connection:
-        return MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}
-        ).get_current_revision()
+        return _revision(connection)
+
+
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE}
+    ).get_current_revision()
+
+
+class DatabaseNotReady(Exception):
+    """The database cannot be used yet; the message says why (without credentials)."""
+
+
+def check_ready(url: str, *, migrated: bool, connect_timeout_s: int = 5) -> None:
+    """Connect once (no pool) and check that the database can be served.
+
+    Args:
+        url: the database.
+        migrated: also require caviar's schema (someone else migrates: ``caviar serve
+            --no-migrate``); an SQLite file must then exist already (it is not created).
+        connect_timeout_s: how long one PostgreSQL connection attempt may take.
+
+    Raises:
+        DatabaseNotReady: the server does not answer, the database does not exist (yet), or it
+            has no caviar schema while ``migrated`` is asked for.
+    """
+    kwargs: dict[str, object] = {"poolclass": NullPool}
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            if migrated and not Path(database).is_file():
+                raise DatabaseNotReady(f"no SQLite database file at {database}")
+            if not migrated:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)  # as the upgrade would
+    else:
+        kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
+    engine = create_engine(url, **kwargs)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+            revision = _revision(connection) if migrated else None
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise DatabaseNotReady(detail[0] if detail else type(exc).__name__) from None
+    finally:
+        engine.dispose()
+    if migrated and revision is None:
+        raise DatabaseNotReady("the database has no caviar schema yet (run `caviar db upgrade`)")
 
 
 def is_up_to_date(url: str) -> bool:

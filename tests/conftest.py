@@ -38,12 +38,13 @@ class DatabaseFactory:
         self.template: str | None = None
         self._admin = None
 
-    def _create_pg(self, template: str | None = None) -> str:
-        name = f"caviar_t_{uuid.uuid4().hex[:12]}"
+    def _create_pg(self, template: str | None = None, name: str | None = None) -> str:
+        name = name or f"caviar_t_{uuid.uuid4().hex[:12]}"
         clause = f' TEMPLATE "{make_url(template).database}"' if template else ""
         with self.admin().connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
-        self.created.append(name)
+        if name not in self.created:
+            self.created.append(name)
         return _pg_url(name)
 
     def admin(self):  # type: ignore[no-untyped-def]
@@ -63,15 +64,31 @@ class DatabaseFactory:
 
     def migrated(self) -> str:
         """A URL of a fresh database at head (Optuna's schema and caviar's tables)."""
+        url = self.later()
+        self.create_migrated(url)
+        return url
+
+    def later(self) -> str:
+        """A URL of a database that does not exist yet (an SQLite file in a folder not made yet)."""
+        if IS_POSTGRES:
+            name = f"caviar_t_{uuid.uuid4().hex[:12]}"
+            self.created.append(name)  # dropped at the end of the session, if it was created
+            return _pg_url(name)
+        return f"sqlite:///{self.root / uuid.uuid4().hex[:12] / 'caviar.db'}"
+
+    def create_migrated(self, url: str) -> None:
+        """Create the database of a :meth:`later` URL, at head (appearing whole, never half-copied)."""
         if self.template is None:
             self.template = self.empty()
             storage.upgrade(self.template)
         if IS_POSTGRES:
-            return self._create_pg(template=self.template)
-        source = Path(str(make_url(self.template).database))
-        target = self.root / (uuid.uuid4().hex[:12] + ".db")
-        shutil.copyfile(source, target)
-        return f"sqlite:///{target}"
+            self._create_pg(template=self.template, name=make_url(url).database)
+            return
+        target = Path(str(make_url(url).database))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(str(make_url(self.template).database), partial)
+        partial.rename(target)
 
     def drop_all(self) -> None:
         if not IS_POSTGRES:

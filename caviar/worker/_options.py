@@ -26,6 +26,8 @@ class WorkerOptions:
         allow_code: run ``kind: python`` and ``kind: command`` studies (user code on this host).
         retry_s: how long a call is retried while the service is unreachable.
         worker_prefix: the first part of each slot's worker id (default: the host name).
+        log_format: slot log lines as ``text`` or ``json`` (one object a line).
+        log_level: the least severe level the slots log.
     """
 
     url: str | None = None
@@ -42,3 +44,5 @@ class WorkerOptions:
     allow_code: bool = False
     retry_s: float = 300.0
     worker_prefix: str = field(default_factory=socket.gethostname)
+    log_format: str = "text"
+    log_level: str = "info"

@@ -20,6 +20,7 @@ from typing import Any
 
 from caviar._client import Client, Trial
 from caviar._errors import CaviarApiError, LeaseLost
+from caviar._logging import configure_logging
 from caviar.worker._api import Stopped, WorkerApi
 from caviar.worker._options import WorkerOptions
 from caviar.worker._program import ProgramRunner
@@ -216,9 +217,7 @@ class Slot:
 
 def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> None:
     """Entry point of one slot process."""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s slot{index}[{device}] %(levelname)s %(message)s"
-    )
+    configure_logging(options.log_format, options.log_level, fields={"slot": index, "device": device})
     logging.getLogger("httpx").setLevel(logging.WARNING)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     slot = Slot(options, device, threads)

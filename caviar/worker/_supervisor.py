@@ -7,14 +7,19 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from caviar._backoff import RestartBackoff
+from caviar._logging import announce, configure_logging
 from caviar.worker._options import WorkerOptions
 
 _log = logging.getLogger("caviar.worker")
 
 RESTART_BACKOFF_MAX_S = 30.0
+RESTART_STABLE_S = 60.0
+"""A slot that ran this long before it died is restarted after the shortest delay again."""
 
 
 def visible_gpus() -> int:
@@ -60,7 +65,8 @@ def discover_slots(gpus: str, per_gpu: int, cpu: int | None, *, available: int |
 def run_workers(options: WorkerOptions) -> int:
     """Start one process per slot and supervise them until they finish or SIGTERM arrives.
 
-    A slot that crashes (or is killed) is restarted with exponential backoff; the others go on.
+    A slot that crashes (or is killed) is restarted with exponential backoff (1 s, 2 s, ... up to
+    30 s; back to 1 s after it ran a minute); the others go on.
 
     Returns:
         The exit status (0 after a clean stop).
@@ -68,6 +74,7 @@ def run_workers(options: WorkerOptions) -> int:
     # lazy: the slot module imports the trainer (torch) only in the slot processes
     from caviar.worker._slot import run_slot
 
+    configure_logging(options.log_format, options.log_level)
     slots = discover_slots(options.gpus, options.per_gpu, options.cpu)
     if not slots:
         raise ValueError("no device slots: pass --cpu N or make a GPU visible")
@@ -81,6 +88,7 @@ def run_workers(options: WorkerOptions) -> int:
             target=run_slot, args=(options, slots[index], index, threads), name=f"slot{index}"
         )
         child.start()
+        started[index] = time.monotonic()
         return child
 
     def stop(signum: int, _frame: Any) -> None:
@@ -89,12 +97,15 @@ def run_workers(options: WorkerOptions) -> int:
             if child.pid and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
+    started = [0.0] * len(slots)
+    backoffs = [RestartBackoff(1.0, RESTART_BACKOFF_MAX_S, RESTART_STABLE_S) for _ in slots]
     children = [start(i) for i in range(len(slots))]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"caviar worker: {len(slots)} slot(s): {', '.join(slots)}", flush=True)
+    announce(
+        options.log_format, _log.name, f"caviar worker: {len(slots)} slot(s): {', '.join(slots)}", slots=slots
+    )
     done = [False] * len(children)
-    restarts = [0] * len(children)
     while not all(done):
         stopping.wait(0.2)
         for i, child in enumerate(children):
@@ -103,17 +114,18 @@ def run_workers(options: WorkerOptions) -> int:
             if child.exitcode == 0 or stopping.is_set():
                 done[i] = True
                 continue
-            wait = min(RESTART_BACKOFF_MAX_S, 2.0 ** restarts[i])
+            wait = backoffs[i].next_delay(time.monotonic() - started[i])
             _log.warning(
-                "slot %d (%s) exited with %s; restarting in %.0fs", i, slots[i], child.exitcode, wait
-            )
-            print(
-                f"caviar worker: slot {i} exited with {child.exitcode}; restarting in {wait:.0f}s", flush=True
+                "slot %d (%s) exited with %s; restarting in %.0fs",
+                i,
+                slots[i],
+                child.exitcode,
+                wait,
+                extra={"slot": i, "device": slots[i], "exit_code": child.exitcode, "restart_in_s": wait},
             )
             if stopping.wait(wait):
                 done[i] = True
                 continue
-            restarts[i] += 1
             children[i] = start(i)
     for child in children:
         child.join(timeout=15)

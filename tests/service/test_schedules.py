@@ -101,10 +101,38 @@ def test_berlin_0230_daily_fires_once_on_both_transition_days(db: Database) -> N
         "autumn-20241028T0230",
         "nightly-20240329T0230",
         "nightly-20240330T0230",
-        "nightly-20240331T0330",  # 02:30 does not exist that day: fired once, at 03:30 CEST
+        "nightly-20240331T0300",  # 02:30 does not exist that day: fired once, when the clocks change
         "nightly-20240401T0230",
     ]
     assert all(outcome == "created" for _, _, outcome in all_runs(db))
+
+
+def test_every_20_minutes_keeps_its_beat_through_both_transitions(db: Database) -> None:
+    """A wildcard schedule runs in real time (Vixie cron): the repeated hour fires again, with ``-2`` names."""
+    make(db, utc(2026, 3, 29, 0, 30), name="spring", cron="*/20 * * * *", timezone="Europe/Berlin")
+    make(db, utc(2026, 10, 25, 0, 30), name="fall", cron="*/20 * * * *", timezone="Europe/Berlin")
+    for start in (utc(2026, 3, 29, 0, 30), utc(2026, 10, 25, 0, 30)):
+        now = start
+        while now <= start + timedelta(hours=2):  # a scheduler polling every 5 minutes
+            service.fire_due(db, now)
+            now += timedelta(minutes=5)
+        service.update_schedule(
+            db, "spring" if start.month == 3 else "fall", service.parse_update({"enabled": False})
+        )
+    runs = all_runs(db)
+    assert all(outcome == "created" for _, _, outcome in runs)
+    spring = [tick for tick, name, _ in runs if name and name.startswith("spring-")]
+    fall = [tick for tick, name, _ in runs if name and name.startswith("fall-")]
+    assert spring == [utc(2026, 3, 29, 0, 40) + k * timedelta(minutes=20) for k in range(6)]
+    assert fall == [utc(2026, 10, 25, 0, 40) + k * timedelta(minutes=20) for k in range(6)]
+    assert [name for _, name, _ in runs if name and name.startswith("fall-")] == [
+        "fall-20261025T0240",
+        "fall-20261025T0200-2",  # 02:00 CET, the second 02:00 of the night
+        "fall-20261025T0220-2",
+        "fall-20261025T0240-2",
+        "fall-20261025T0300",
+        "fall-20261025T0320",
+    ]
 
 
 def test_misfire_skip_records_missed_ticks_and_waits_for_the_next(db: Database) -> None:

@@ -8,6 +8,7 @@ domain functions. Heartbeats are shortened so crashed trials are reaped fast.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -184,7 +185,7 @@ def test_sigkill_mid_trial_is_reaped_and_retried(
 ) -> None:
     service = serve(heartbeat=0.3)
     studies.create_study(db, studies.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
-    workers = spawn(service, "--cpu", "2", "--study", "kill", "--exit-when-idle", "3")
+    workers = spawn(service, "--cpu", "2", "--study", "kill", "--exit-when-idle", "3", "--log-format", "json")
     wait_until(lambda: busy_slot(db, "kill") is not None, 60, "no trial started")
     pid, number = busy_slot(db, "kill")  # type: ignore[misc]
     os.kill(pid, signal.SIGKILL)
@@ -197,7 +198,11 @@ def test_sigkill_mid_trial_is_reaped_and_retried(
     retries = [t for t in trials.list_trials(db, "kill", limit=1000).items if t.retry_of == number]
     assert len(retries) == 1 and retries[0].state in ("complete", "pruned")
     assert studies.load_record(db, "kill").state == "completed"
-    assert "restarting" in workers.output()  # the supervisor restarted the killed slot
+    # the supervisor restarted the killed slot; every line, the slots' included, is one JSON object
+    lines = [json.loads(line) for line in workers.log_path.read_text().splitlines() if line.strip()]
+    (restart,) = [e for e in lines if "restarting" in e["message"]]
+    assert (restart["level"], restart["exit_code"], restart["device"]) == ("WARNING", -signal.SIGKILL, "cpu")
+    assert restart["restart_in_s"] == 1.0 and restart["slot"] in (0, 1)
 
 
 def test_four_workers_racing_keep_the_budget_exact(
