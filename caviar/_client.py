@@ -377,6 +377,8 @@ class Trial:
             except CaviarApiError as exc:
                 if exc.code == "trial_finished":
                     return
+                if exc.code == "study_stopped":
+                    continue  # the lease is kept: the next report raises TrialPruned, a tell still counts
                 _log.warning("heartbeat of trial %d failed: %s", self.number, exc)
 
     def __exit__(

@@ -21,7 +21,7 @@ from caviar.service.metrics import RequestMiddleware
 from caviar.service.metrics import router as metrics_router
 from caviar.service.schedules.router import router as schedules_router
 from caviar.service.schedules.service import scheduler_task
-from caviar.service.security import install_security
+from caviar.service.security import install_security, open_paths
 from caviar.service.studies.router import router as studies_router
 from caviar.service.tokens.router import router as tokens_router
 from caviar.service.trials import reap
@@ -48,7 +48,8 @@ def operation_id(route: APIRoute) -> str:
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI schema with the bearer token declared (HTTP Basic with the token as password
-    works too, for browsers); ``/healthz`` needs none."""
+    works too, for browsers) where the service has one; the open paths (``/healthz``, ``/metrics``
+    unless ``metrics_auth``) need none."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
@@ -70,8 +71,11 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
                 "description": "Any user; the token as password.",
             },
         }
-        schema["security"] = [{"bearerToken": []}, {"basicToken": []}]
-        schema["paths"]["/healthz"]["get"]["security"] = []
+        if app.state.settings.api_token is not None:  # without a token the service is open
+            schema["security"] = [{"bearerToken": []}, {"basicToken": []}]
+            for path in open_paths(app.state.settings):
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = []
         _add_links(schema)
         app.openapi_schema = schema
     return app.openapi_schema

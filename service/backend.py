@@ -8,9 +8,7 @@ message, so every command has one body for both.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 PAGE = 1000
@@ -30,7 +28,12 @@ class Backend(Protocol):
         ...
 
     def list_studies(
-        self, *, state: str | None = None, tag: str | None = None, limit: int = 100, queue: bool = False
+        self,
+        *,
+        state: str | None = None,
+        tags: Sequence[str] = (),
+        limit: int = 100,
+        queue: bool = False,
     ) -> dict[str, Any]:
         """A page of studies, newest first (or queued/running ones in queue order): ``{items, total}``."""
         ...
@@ -49,6 +52,34 @@ class Backend(Protocol):
 
     def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Create the coarse-to-fine follow-up study; returns it."""
+        ...
+
+    def update_study(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Edit a study's budget, priority or tags (a JSON merge patch); returns it."""
+        ...
+
+    def pause_study(self, name: str) -> dict[str, Any]: ...
+
+    def resume_study(self, name: str) -> dict[str, Any]: ...
+
+    def stop_study(self, name: str, reason: str | None) -> dict[str, Any]:
+        """Stop a study (stopping while trials run, then stopped); returns it."""
+        ...
+
+    def delete_study(self, name: str) -> None:
+        """Delete a study, its trials and the files stored with them."""
+        ...
+
+    def enqueue(self, name: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+        """Enqueue parameter sets (or import them with known values): ``{items, total}``."""
+        ...
+
+    def importances(self, name: str) -> dict[str, Any]:
+        """``{"importances": {param: x}}``, or ``{metric: {param: x}}`` for several objectives."""
+        ...
+
+    def export(self, name: str, fmt: str) -> str:
+        """Every trial as CSV or JSON text."""
         ...
 
     def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
@@ -96,35 +127,3 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections."""
         ...
-
-
-def trials_csv(trials: list[dict[str, Any]]) -> str:
-    """Trials as CSV: one row per trial, one ``params.<name>`` column per parameter."""
-    params = sorted({name for trial in trials for name in trial["params"]})
-    width = max((len(trial["values"] or []) for trial in trials), default=0)
-    value_columns = ["value"] if width <= 1 else [f"values.{i}" for i in range(width)]
-    columns = ["number", "state", *value_columns, *(f"params.{p}" for p in params)]
-    columns += ["worker_id", "started_at", "finished_at", "retry_of"]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    for trial in trials:
-        values = trial["values"] or ([trial["value"]] if trial["value"] is not None else [])
-        if width <= 1:
-            value_cells = [trial["value"] if trial["value"] is not None else ""]
-        else:
-            value_cells = [*values, *[""] * (width - len(values))]
-        row = [trial["number"], trial["state"], *value_cells]
-        row += [_cell(trial["params"].get(p)) for p in params]
-        row += [
-            trial[key] if trial[key] is not None else "" for key in ("worker_id", "started_at", "finished_at")
-        ]
-        row.append(trial["retry_of"] if trial["retry_of"] is not None else "")
-        writer.writerow(row)
-    return out.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    return json.dumps(value) if isinstance(value, (dict, list)) else value

@@ -7,6 +7,8 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 import time
@@ -18,7 +20,7 @@ from pydantic import SecretStr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from caviar.service.backend import trials_csv
+import caviar
 from caviar.service.cli_helpers import (
     DOMAIN_ERRORS,
     DatabaseUrl,
@@ -77,8 +79,19 @@ def print_studies(studies: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"caviar {caviar.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """caviar: hyperparameter tuning service for PyTorch models."""
 
 
@@ -171,11 +184,27 @@ def dashboard(
         db.dispose()
 
 
+def _warm_start(value: str) -> dict[str, Any]:
+    """``NAME`` or ``NAME:K`` as a definition's ``warm_start``."""
+    source, _, top_k = value.partition(":")
+    if not source or (top_k and not top_k.isdigit()):
+        fail(f"--warm-start: expected NAME or NAME:K (K a number of trials), not {value!r}")
+    return {"from": source, "top_k": int(top_k)} if top_k else {"from": source}
+
+
 @study_app.command("create")
 def study_create(
     file: Annotated[
         Path, typer.Option("-f", "--file", help="YAML/JSON file with one or several definitions.")
     ],
+    warm_start: Annotated[
+        str | None,
+        typer.Option(
+            "--warm-start",
+            metavar="NAME[:K]",
+            help="Start from the K (default 10) best trials of study NAME that fit the space.",
+        ),
+    ] = None,
     database_url: DatabaseUrl = None,
     url: ServiceUrl = None,
     token: ServiceToken = None,
@@ -183,6 +212,8 @@ def study_create(
 ) -> None:
     """Create studies from a definition file."""
     documents = read_documents(file)
+    if warm_start is not None:
+        documents = [{**doc, "warm_start": _warm_start(warm_start)} for doc in documents]
     created: list[dict[str, Any]] = []
     with backend_for(url, token, database_url) as backend:
         try:
@@ -198,12 +229,25 @@ def study_create(
     else:
         for study in created:
             console.print(f"created study [bold]{safe(study['name'])}[/] ({study['state']})")
+            seeded = study.get("warm_start")
+            if seeded:
+                console.print(
+                    f"  warm start from {safe(seeded['from'])}: {seeded['enqueued']} trials enqueued, "
+                    f"{seeded['skipped']} skipped",
+                    highlight=False,
+                )
+                for skipped in seeded["reasons"]:
+                    console.print(
+                        f"    trial {skipped['number']}: {safe(skipped['reason'])}", highlight=False
+                    )
 
 
 @study_app.command("list")
 def study_list(
     state: Annotated[str | None, typer.Option(help="Only studies in this state.")] = None,
-    tag: Annotated[str | None, typer.Option(help="key or key=value")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key or key=value (repeatable: all must match).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     database_url: DatabaseUrl = None,
     url: ServiceUrl = None,
@@ -212,7 +256,7 @@ def study_list(
 ) -> None:
     """List studies, newest first."""
     with backend_for(url, token, database_url) as backend:
-        data = backend.list_studies(state=state, tag=tag, limit=limit)
+        data = backend.list_studies(state=state, tags=tag or (), limit=limit)
     if as_json:
         print_json(data)
     else:
@@ -312,13 +356,14 @@ def study_export(
     if format not in ("csv", "json"):
         fail(f"--format: expected csv or json, not {format!r}")
     with backend_for(url, token, database_url) as backend:
-        trials = backend.trials(name)
-    text = trials_csv(trials) if format == "csv" else json.dumps(trials, indent=2) + "\n"
+        text = backend.export(name, format)
     if output is None:
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        err_console.print(f"wrote {len(trials)} trials to {safe(output)}")
+        rows = json.loads(text) if format == "json" else list(csv.DictReader(io.StringIO(text)))
+        count = len(rows)
+        err_console.print(f"wrote {count} trials to {safe(output)}")
 
 
 @study_app.command("refine")
@@ -346,7 +391,221 @@ def study_refine(
         console.print_json(data=study["definition"]["search_space"])
 
 
-FINAL_STATES = ("completed", "failed")
+def _print_study_line(study: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(study)
+        return
+    budget = study["definition"]["budget"]
+    line = f"study [bold]{safe(study['name'])}[/] {study['state']}: n_trials {budget['n_trials']}"
+    if study.get("stop_reason"):
+        line += f" ({safe(study['stop_reason'])})"
+    console.print(line, highlight=False)
+
+
+@study_app.command("pause")
+def study_pause(
+    name: str,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Stop handing out trials (running ones go on); `resume` restarts."""
+    with backend_for(url, token, database_url) as backend:
+        _print_study_line(backend.pause_study(name), as_json)
+
+
+@study_app.command("resume")
+def study_resume(
+    name: str,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Hand out trials again after a pause."""
+    with backend_for(url, token, database_url) as backend:
+        _print_study_line(backend.resume_study(name), as_json)
+
+
+@study_app.command("stop")
+def study_stop(
+    name: str,
+    reason: Annotated[str | None, typer.Option(help="Recorded as the stop reason.")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """End a study: no new trials, waiting ones cancelled, running ones stopped at their next report."""
+    with backend_for(url, token, database_url) as backend:
+        _print_study_line(backend.stop_study(name, reason), as_json)
+
+
+@study_app.command("delete")
+def study_delete(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+) -> None:
+    """Delete a study, its trials and the files stored with them (checkpoints, logs)."""
+    if not yes and not typer.confirm(f"delete study {safe(name)} with all its trials and files?"):
+        fail("not deleted")
+    with backend_for(url, token, database_url) as backend:
+        backend.delete_study(name)
+    console.print(f"deleted study {safe(name)}", highlight=False)
+
+
+@study_app.command("extend")
+def study_extend(
+    name: str,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="The new total budget.")] = None,
+    by: Annotated[int | None, typer.Option("--by", min=1, help="Add this many trials to the budget.")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Raise a study's trial budget (a completed study is reopened for workers)."""
+    if (n_trials is None) == (by is None):
+        fail("give --n-trials N (the new total) or --by K (more trials)")
+    with backend_for(url, token, database_url) as backend:
+        current = int(backend.study(name)["definition"]["budget"]["n_trials"])
+        target = n_trials if n_trials is not None else current + (by or 0)
+        if target <= current:
+            fail(f"--n-trials: {target} does not raise the budget of {current} (lower it with `study set`)")
+        _print_study_line(backend.update_study(name, {"budget": {"n_trials": target}}), as_json)
+
+
+def _limit(option: str, value: str | None, kind: type[int] | type[float]) -> int | float | None:
+    """A number, or ``none`` to remove the limit."""
+    if value is None or value.lower() == "none":
+        return None
+    try:
+        number = kind(value)
+    except ValueError:
+        fail(f"{option}: expected a number or none, not {value!r}")
+    return number
+
+
+@study_app.command("set")
+def study_set(
+    name: str,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", help="Trial budget (never below used).")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    max_parallel: Annotated[str | None, typer.Option("--max-parallel", help="N, or none.")] = None,
+    max_failed_trials: Annotated[int | None, typer.Option("--max-failed-trials")] = None,
+    trial_timeout: Annotated[str | None, typer.Option("--trial-timeout", help="Seconds, or none.")] = None,
+    max_duration: Annotated[str | None, typer.Option("--max-duration", help="Seconds, or none.")] = None,
+    goal: Annotated[str | None, typer.Option(help="Stop once a trial reaches this value; none.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value (repeatable).")] = None,
+    untag: Annotated[list[str] | None, typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a study's budget, priority or tags (only the options given change)."""
+    budget: dict[str, Any] = {}
+    if n_trials is not None:
+        budget["n_trials"] = n_trials
+    if max_failed_trials is not None:
+        budget["max_failed_trials"] = max_failed_trials
+    for key, option, raw, kind in (
+        ("max_parallel", "--max-parallel", max_parallel, int),
+        ("trial_timeout_s", "--trial-timeout", trial_timeout, float),
+        ("max_duration_s", "--max-duration", max_duration, float),
+    ):
+        if raw is not None:
+            budget[key] = _limit(option, raw, kind)
+    if goal is not None:
+        goal_value = _limit("--goal", goal, float)
+        budget["goal"] = None if goal_value is None else {"value": goal_value}
+    change: dict[str, Any] = {}
+    if budget:
+        change["budget"] = budget
+    if priority is not None:
+        change["priority"] = priority
+    tags: dict[str, str | None] = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--tag: expected key=value, not {item!r}")
+        tags[key] = value
+    for key in untag or []:
+        tags[key] = None
+    if tags:
+        change["tags"] = tags
+    if not change:
+        fail("nothing to change: give --n-trials, --priority, --max-parallel, --tag, ...")
+    with backend_for(url, token, database_url) as backend:
+        _print_study_line(backend.update_study(name, change), as_json)
+
+
+@study_app.command("enqueue")
+def study_enqueue(
+    name: str,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "-f",
+            "--file",
+            help="YAML/JSON: parameter sets (decoded names), or {params, value|values} to import results.",
+        ),
+    ],
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue parameter sets (handed out before new samples), or import them with known values."""
+    items = [doc if isinstance(doc.get("params"), dict) else {"params": doc} for doc in read_documents(file)]
+    with backend_for(url, token, database_url) as backend:
+        added = backend.enqueue(name, items)
+    if as_json:
+        print_json(added)
+        return
+    waiting = sum(1 for t in added["items"] if t["state"] == "waiting")
+    console.print(
+        f"study {safe(name)}: {waiting} enqueued, {added['total'] - waiting} imported", highlight=False
+    )
+    print_trials(added["items"])
+
+
+@study_app.command("importances")
+def study_importances(
+    name: str,
+    database_url: DatabaseUrl = None,
+    url: ServiceUrl = None,
+    token: ServiceToken = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Parameter importances (one column per metric for a multi-objective study)."""
+    with backend_for(url, token, database_url) as backend:
+        data = backend.importances(name)
+    if as_json:
+        print_json(data)
+        return
+    found = data["importances"]
+    sets = found if found and isinstance(next(iter(found.values())), dict) else {"importance": found}
+    params = sorted(
+        {p for values in sets.values() for p in values},
+        key=lambda p: -max(values.get(p, 0.0) for values in sets.values()),
+    )
+    if not params:
+        console.print("no importances yet (they need at least 2 complete trials)")
+        return
+    table = Table("parameter", *sets)
+    for param in params:
+        table.add_row(safe(param), *(f"{values.get(param, 0.0):.3f}" for values in sets.values()))
+    console.print(table)
+
+
+FINAL_STATES = ("completed", "failed", "stopped")
 
 
 @study_app.command("watch")

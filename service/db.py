@@ -23,6 +23,7 @@ _PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
 _registry_guard = threading.Lock()
 _thread_locks: dict[tuple[str, int], threading.Lock] = {}
 _lock_files: dict[str, int] = {}
+_held = threading.local()  # the study locks this thread holds: a nested study_lock is a no-op
 
 
 class Database:
@@ -63,34 +64,50 @@ class Database:
         Threads of this process queue on an in-process lock *before* any connection is taken
         (a lock held on a pooled connection while Optuna opens its own sessions drains pools).
         Across processes: a PostgreSQL advisory lock, or a byte-range lock on a file beside the
-        SQLite database.
+        SQLite database. Re-entrant within a thread: a function that needs the lock may be called by
+        one that holds it already.
         """
+        key = (self.url, study_id)
+        held: set[tuple[str, int]] = _held.__dict__.setdefault("keys", set())
+        if key in held:
+            yield
+            return
         with _registry_guard:
-            thread_lock = _thread_locks.setdefault((self.url, study_id), threading.Lock())
+            thread_lock = _thread_locks.setdefault(key, threading.Lock())
         with thread_lock:
-            if self.is_sqlite:
-                fd = self._sqlite_lock_fd()
-                if fd is None:
+            held.add(key)
+            try:
+                with self._process_lock(study_id):
                     yield
-                    return
-                fcntl.lockf(fd, fcntl.LOCK_EX, 1, study_id)
+            finally:
+                held.discard(key)
+
+    @contextlib.contextmanager
+    def _process_lock(self, study_id: int) -> Iterator[None]:
+        """The cross-process half of :meth:`study_lock` (the caller holds the thread lock)."""
+        if self.is_sqlite:
+            fd = self._sqlite_lock_fd()
+            if fd is None:
+                yield
+                return
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, study_id)
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, study_id)
+        else:
+            with self.engine.connect() as connection:
+                connection.execute(
+                    text("SELECT pg_advisory_lock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
+                )
+                connection.commit()
                 try:
                     yield
                 finally:
-                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, study_id)
-            else:
-                with self.engine.connect() as connection:
                     connection.execute(
-                        text("SELECT pg_advisory_lock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
+                        text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
                     )
                     connection.commit()
-                    try:
-                        yield
-                    finally:
-                        connection.execute(
-                            text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
-                        )
-                        connection.commit()
 
     def _sqlite_lock_fd(self) -> int | None:
         database = make_url(self.url).database

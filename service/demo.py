@@ -93,7 +93,7 @@ def _watch(db: Database, name: str, n_trials: int, worker: processes.CaviarProce
             best_text = f"best {best.value:.4f} (#{best.number})" if isinstance(best, BestTrial) else ""
             detail = f"running {counts.running}, pruned {counts.pruned}, failed {counts.fail}  {best_text}"
             progress.update(task, completed=counts.complete + counts.pruned, detail=detail)
-            if study.state in ("completed", "failed") or not worker.alive():
+            if study.state in ("completed", "failed", "stopped") or not worker.alive():
                 return
             time.sleep(0.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -14,12 +15,17 @@ from caviar.service.errors import parse_model
 from caviar.service.schedules import service as schedules
 from caviar.service.schedules.schemas import ScheduleUpdate
 from caviar.service.studies import service as studies
+from caviar.service.studies import steering
+from caviar.service.studies.schemas import StopRequest, StudyUpdate
 from caviar.service.tokens import service as tokens
 from caviar.service.tokens.schemas import TokenCreate
 from caviar.service.trials import artifacts
 from caviar.service.trials.artifacts import artifact_store, open_checkpoint
-from caviar.service.trials.schemas import RefineRequest
+from caviar.service.trials.enqueue import enqueue
+from caviar.service.trials.export import export_trials
+from caviar.service.trials.schemas import EnqueueRequest, Importances, RefineRequest
 from caviar.service.workers import service as workers
+from caviar.storage import StudyRecord
 
 
 class LocalBackend:
@@ -42,16 +48,21 @@ class LocalBackend:
 
     def create_study(self, document: dict[str, Any]) -> dict[str, Any]:
         record = studies.create_study(self.db, studies.parse_definition(document))
-        return studies.describe(self.db, record, trials=[]).model_dump(mode="json")
+        return studies.describe_new(self.db, record).model_dump(mode="json")
 
     def list_studies(
-        self, *, state: str | None = None, tag: str | None = None, limit: int = 100, queue: bool = False
+        self,
+        *,
+        state: str | None = None,
+        tags: Sequence[str] = (),
+        limit: int = 100,
+        queue: bool = False,
     ) -> dict[str, Any]:
         page = studies.list_studies(
             self.db,
             state=state,
             states=studies.QUEUE_STATES if queue else None,
-            tag=tag,
+            tags=tags,
             limit=limit,
             queue_order=queue,
         )
@@ -74,7 +85,38 @@ class LocalBackend:
     def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         request = parse_model(RefineRequest, options)
         record = trials.refine(self.db, name, **request.model_dump())
-        return studies.describe(self.db, record, trials=[]).model_dump(mode="json")
+        return studies.describe_new(self.db, record).model_dump(mode="json")
+
+    def update_study(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+        record = steering.update_study(self.db, name, parse_model(StudyUpdate, change))
+        return self._study(record)
+
+    def pause_study(self, name: str) -> dict[str, Any]:
+        return self._study(studies.pause_study(self.db, name))
+
+    def resume_study(self, name: str) -> dict[str, Any]:
+        return self._study(steering.resume_study(self.db, name))
+
+    def stop_study(self, name: str, reason: str | None) -> dict[str, Any]:
+        request = parse_model(StopRequest, {"reason": reason})
+        return self._study(steering.stop_study(self.db, name, reason=request.reason))
+
+    def delete_study(self, name: str) -> None:
+        studies.delete_study(self.db, name, artifacts=artifact_store(self.settings.artifact_dir))
+
+    def enqueue(self, name: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+        request = parse_model(EnqueueRequest, {"trials": trials})
+        items = enqueue(self.db, name, request.trials)
+        return {"items": [item.model_dump(mode="json") for item in items], "total": len(items)}
+
+    def importances(self, name: str) -> dict[str, Any]:
+        return Importances(importances=trials.importances(self.db, name)).model_dump(mode="json")
+
+    def export(self, name: str, fmt: str) -> str:
+        return export_trials(self.db, name, "json" if fmt == "json" else "csv")
+
+    def _study(self, record: StudyRecord) -> dict[str, Any]:
+        return studies.describe(self.db, record).model_dump(mode="json")
 
     def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
         store = artifact_store(self.settings.artifact_dir)

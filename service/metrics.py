@@ -53,7 +53,7 @@ _log = logging.getLogger("caviar.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STUDY_STATES = ("queued", "running", "paused", "completed", "failed")
+STUDY_STATES = ("queued", "running", "paused", "completed", "failed", "stopping", "stopped")
 TRIAL_STATES = ("waiting", "running", "complete", "pruned", "fail")
 LEASE_STATUSES = ("active", "finished", "reaped", "released")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -47,13 +48,18 @@ class RemoteBackend:
         return dict(self._post("studies", json=document))
 
     def list_studies(
-        self, *, state: str | None = None, tag: str | None = None, limit: int = 100, queue: bool = False
+        self,
+        *,
+        state: str | None = None,
+        tags: Sequence[str] = (),
+        limit: int = 100,
+        queue: bool = False,
     ) -> dict[str, Any]:
         if queue:
             return dict(
-                self._get("studies", state=["queued", "running"], tag=tag, limit=limit, order="queue")
+                self._get("studies", state=["queued", "running"], tag=list(tags), limit=limit, order="queue")
             )
-        return dict(self._get("studies", state=state, tag=tag, limit=limit))
+        return dict(self._get("studies", state=state, tag=list(tags), limit=limit))
 
     def study(self, name: str) -> dict[str, Any]:
         return dict(self._get("studies", name))
@@ -71,6 +77,31 @@ class RemoteBackend:
 
     def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         return dict(self._post("studies", name, "refine", json=options))
+
+    def update_study(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.http.request("PATCH", _path("studies", name), json=change))
+
+    def pause_study(self, name: str) -> dict[str, Any]:
+        return dict(self._post("studies", name, "pause"))
+
+    def resume_study(self, name: str) -> dict[str, Any]:
+        return dict(self._post("studies", name, "resume"))
+
+    def stop_study(self, name: str, reason: str | None) -> dict[str, Any]:
+        return dict(self._post("studies", name, "stop", json={"reason": reason} if reason else None))
+
+    def delete_study(self, name: str) -> None:
+        self.http.request("DELETE", _path("studies", name))
+
+    def enqueue(self, name: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(self._post("studies", name, "trials", "enqueue", json={"trials": trials}))
+
+    def importances(self, name: str) -> dict[str, Any]:
+        return dict(self._get("studies", name, "importances"))
+
+    def export(self, name: str, fmt: str) -> str:
+        response = self.http.send("GET", _path("studies", name, "trials", "export"), params={"format": fmt})
+        return response.text
 
     def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
         if number is None:

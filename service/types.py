@@ -60,4 +60,7 @@ Identifier = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(
 Text = Annotated[str, Field(max_length=2000), AfterValidator(no_nul)]
 """Free text (a failure reason): at most 2000 characters, no NUL."""
 
+TagText = Annotated[str, Field(max_length=256), AfterValidator(no_nul)]
+"""A study tag's key or value: at most 256 characters, no NUL."""
+
 TrialNumber = Annotated[int, Field(ge=0, le=INT32_MAX)]

@@ -54,7 +54,11 @@ class Base(DeclarativeBase):
 
 
 class StudyRecord(Base):
-    """A caviar study: its definition and state. The Optuna study has the same name."""
+    """A caviar study: its definition and state. The Optuna study has the same name.
+
+    ``state`` is queued, running, paused, completed, failed, stopping (a stop was asked for while
+    trials still run) or stopped.
+    """
 
     __tablename__ = "caviar_studies"
 
@@ -70,6 +74,14 @@ class StudyRecord(Base):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    definition_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Bumped by every edit of ``definition``: each process re-parses a definition when it changes."""
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When the first trial was claimed (``budget.max_duration_s`` counts from here)."""
+    stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why a ``stopping``/``stopped`` study ended: a person, its goal or its deadline."""
+    warm_start: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    """What the definition's warm start enqueued: ``{from, enqueued, skipped, reasons}``."""
 
     __table_args__ = (Index("ix_caviar_studies_queue", "state", "priority", "created_at"),)
 

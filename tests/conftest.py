@@ -24,6 +24,10 @@ from caviar import storage
 BACKEND_URL = os.environ.get("CAVIAR_TEST_DATABASE", "sqlite")
 IS_POSTGRES = BACKEND_URL.startswith("postgresql")
 
+# The CLI prints through rich, which wraps at the terminal's width: CI has none (80 columns),
+# so a long temporary path would split the words a test looks for.
+os.environ["COLUMNS"] = "300"
+
 
 def _pg_url(name: str) -> str:
     return make_url(BACKEND_URL).set(database=name).render_as_string(hide_password=False)

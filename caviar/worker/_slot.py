@@ -2,8 +2,10 @@
 
 The slot keeps every trial it holds in :attr:`Slot.held`; a background thread renews all their
 leases in one call per heartbeat interval and marks the ones the service says are lost, which
-stops their training at the next report. SIGTERM/SIGINT: take no new work, hand the running
-trials back (retried without using up a retry), exit 0.
+stops their training at the next report (their results are dropped: a retry runs elsewhere). A
+trial whose study was stopped is stopped the same way but told pruned, so the study can end.
+SIGTERM/SIGINT: take no new work, hand the running trials back (retried without using up a
+retry), exit 0.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class Slot:
         self.client = Client(options.url, options.token, retry_s=options.retry_s)
         self.api = WorkerApi(self.client, self.worker_id)
         self.stop = threading.Event()
+        self.done = threading.Event()  # set once every held trial is handed back: heartbeats end
         self.held: dict[tuple[str, int], Trial] = {}
         self.lost: set[tuple[str, int]] = set()
+        self.stopping: set[tuple[str, int]] = set()  # their study was stopped: prune them
         self.held_lock = threading.Lock()
         self.finished = 0
         self.heartbeat_interval_s = 30.0  # the service's own, once registered
@@ -80,8 +84,12 @@ class Slot:
                     break
                 self.stop.wait(self.options.poll_interval_s)
         finally:
+            # heartbeats go on until the trials are handed back: the training loop may take an
+            # epoch to notice the stop, and a lease that lapses meanwhile makes the hand-back fail
             self.hand_back_all("handed back by a stopping worker")
             self.stop.set()
+            self.done.set()
+            beat.join(timeout=self.heartbeat_interval_s)
             with contextlib.suppress(CaviarApiError):
                 self.api.beat([], status="stopped")
             self.client.close()
@@ -112,9 +120,9 @@ class Slot:
 
     def _heartbeat_loop(self) -> None:
         # twice per interval: a lease (two intervals) survives one slow or lost beat and more
-        while not self.stop.wait(self.heartbeat_interval_s / 2):
+        while not self.done.wait(self.heartbeat_interval_s / 2):
             with self.held_lock:
-                held = [key for key in self.held if key not in self.lost]
+                held = [key for key in self.held if key not in self.lost]  # stopping ones too: kept
             try:
                 lost = self.api.beat(held, status="busy" if held else "idle")
             except CaviarApiError as exc:
@@ -123,8 +131,13 @@ class Slot:
             if lost:
                 with self.held_lock:
                     for study, number, code in lost:
-                        _log.warning("trial %d of %s: %s; stopping it", number, study, code)
-                        self.lost.add((study, number))
+                        if code == "study_stopped":  # the lease is kept until the trial is told
+                            if (study, number) not in self.stopping:
+                                _log.info("trial %d of %s: its study was stopped; pruning it", number, study)
+                            self.stopping.add((study, number))
+                        else:
+                            _log.warning("trial %d of %s: %s; stopping it", number, study, code)
+                            self.lost.add((study, number))
 
     # ---- what runners call -------------------------------------------------------------
 
@@ -150,11 +163,14 @@ class Slot:
             return (trial.study, trial.number) in self.lost
 
     def should_prune(self, trial: Trial, step: int, value: float) -> bool:
-        """Report an intermediate value; True when the trial must stop (pruned, or its lease lost)."""
+        """Report an intermediate value; True when the trial must stop (pruned, its study stopped, or
+        its lease lost)."""
         if self.stop.is_set():
             raise Stopped
-        if self.is_lost(trial):
-            return True
+        with self.held_lock:
+            key = (trial.study, trial.number)
+            if key in self.lost or key in self.stopping:
+                return True
         try:
             return trial.should_prune(step, value)
         except LeaseLost:
@@ -185,6 +201,7 @@ class Slot:
         with self.held_lock:
             self.held.pop(key, None)
             self.lost.discard(key)
+            self.stopping.discard(key)
             self.finished += 1
 
     def hand_back(self, trial: Trial, reason: str) -> None:
@@ -198,6 +215,7 @@ class Slot:
         with self.held_lock:
             self.held.pop(key, None)
             self.lost.discard(key)
+            self.stopping.discard(key)
 
     def still_held(self, trials: list[Trial]) -> list[Trial]:
         """The trials not told yet (the others left their group and were recorded already)."""

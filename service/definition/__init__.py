@@ -18,6 +18,7 @@ from caviar.service.definition._factories import (
     build_pruner,
     build_sampler,
 )
+from caviar.service.definition._params import CheckedParams, check_params
 from caviar.service.definition._space import (
     CategoricalParam,
     FloatParam,
@@ -27,26 +28,32 @@ from caviar.service.definition._space import (
     sampling_order,
 )
 from caviar.service.definition._spec import (
+    MAX_SECONDS,
     NAME_PATTERN,
     Budget,
+    Goal,
     Objective,
     ObjectiveKind,
     PrunerSpec,
     SamplerSpec,
     StudyDefinition,
     StudyTemplate,
+    WarmStart,
     check_finite,
     is_valid_name,
 )
 
 __all__ = [
+    "MAX_SECONDS",
     "NAME_PATTERN",
     "PRUNERS",
     "REVERSE_PREFIX",
     "SAMPLERS",
     "Budget",
     "CategoricalParam",
+    "CheckedParams",
     "FloatParam",
+    "Goal",
     "IntParam",
     "Objective",
     "ObjectiveKind",
@@ -55,10 +62,12 @@ __all__ = [
     "SamplerSpec",
     "StudyDefinition",
     "StudyTemplate",
+    "WarmStart",
     "allowed_options",
     "build_pruner",
     "build_sampler",
     "check_finite",
+    "check_params",
     "decode",
     "decode_params",
     "decoded_name",

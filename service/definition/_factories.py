@@ -193,18 +193,22 @@ def _shuffled_grid(grid_json: str, seed: int | None) -> optuna.samplers.GridSamp
 
 
 def build_pruner(kind: str, options: dict[str, Any], *, max_resource: int | None = None) -> BasePruner:
-    """A pruner of ``kind``; ``patient`` wraps another pruner given as ``options.wrapped``."""
+    """A pruner of ``kind``; ``patient`` wraps another pruner given as ``options.wrapped`` (or none:
+    then it prunes a trial whose reports stopped improving for ``patience`` steps)."""
     kwargs = dict(options)
     if kind == "patient":
-        wrapped = kwargs.pop("wrapped", None) or {"type": "none"}
-        if (
+        # Without ``wrapped`` it is Optuna's PatientPruner(None, patience): it prunes on stagnation.
+        wrapped = kwargs.pop("wrapped", None)
+        if wrapped is not None and (
             not isinstance(wrapped, dict)
             or wrapped.get("type") not in PRUNERS
             or wrapped["type"] == "patient"
         ):
             raise ValueError("options.wrapped must be {type: <pruner other than patient>, options: {...}}")
-        kwargs["wrapped_pruner"] = build_pruner(
-            wrapped["type"], dict(wrapped.get("options") or {}), max_resource=max_resource
+        kwargs["wrapped_pruner"] = (
+            None
+            if wrapped is None
+            else build_pruner(wrapped["type"], dict(wrapped.get("options") or {}), max_resource=max_resource)
         )
     if kind == "hyperband" and max_resource is not None:
         kwargs.setdefault("max_resource", max_resource)

@@ -39,7 +39,7 @@ from caviar.service.definition._space import (
     grid_size,
     sampling_order,
 )
-from caviar.service.types import nul_path
+from caviar.service.types import TagText, nul_path
 from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE, TrialConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -238,6 +238,19 @@ Scalar = str | int | float | bool | None
 """A JSON scalar: what a hyperparameter value may be."""
 
 
+class Goal(_Strict):
+    """Stop the study once a complete trial reaches this value (single objective, in its direction)."""
+
+    value: float
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
 class Budget(_Strict):
     """Global limits of a study, exact across every worker and client."""
 
@@ -246,6 +259,26 @@ class Budget(_Strict):
     trial_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     max_retries: int = Field(default=2, ge=0, le=100)
     max_failed_trials: int = Field(default=10, ge=0, le=1_000_000)
+    goal: Goal | None = Field(
+        default=None, description="End the study (state stopped) once a complete trial reaches goal.value."
+    )
+    max_duration_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SECONDS,
+        description="End the study (state stopped) this long after its first trial was claimed.",
+    )
+
+
+class WarmStart(_Strict):
+    """Start from another study: enqueue its best complete trials that fit this search space."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    source: str = Field(
+        alias="from", pattern=NAME_PATTERN, max_length=128, description="The study to learn from."
+    )
+    top_k: int = Field(default=10, ge=1, le=1000, description="How many of its best trials to enqueue.")
 
 
 class StudyTemplate(_Strict):
@@ -261,8 +294,9 @@ class StudyTemplate(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     budget: Budget = Field(default_factory=Budget)
+    warm_start: WarmStart | None = None
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
-    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+    tags: dict[TagText, TagText] = Field(default_factory=dict, max_length=64)
 
     @model_validator(mode="before")
     @classmethod
@@ -325,6 +359,8 @@ class StudyTemplate(_Strict):
             raise ValueError(f"metric: {len(metrics)} metric name(s) for {n} direction(s)")
         if len(set(metrics)) != len(metrics):
             raise ValueError("metric: names must be unique")
+        if self.budget.goal is not None and n > 1:
+            raise ValueError("budget.goal: a goal is for single-objective studies")
         if self.objective.kind == "trainer":
             unknown = [m for m in metrics if m not in METRICS]
             if unknown:
@@ -456,10 +492,12 @@ class StudyTemplate(_Strict):
     @functools.cached_property
     def _stream_seed(self) -> int:
         """The seed of sequences shared by all trials (Sobol's scramble): the study's seed, else a hash
-        of the definition, the same in every server process."""
+        of what no edit changes (name, objective, search space), the same in every server process
+        and before and after a PATCH of the budget."""
         if self.sampler.seed is not None:
             return self.sampler.seed
-        return zlib.crc32(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        fixed = self.model_dump(mode="json", include={"name", "objective", "search_space"})
+        return zlib.crc32(json.dumps(fixed, sort_keys=True).encode())
 
     def build_pruner(self) -> BasePruner:
         """The study's pruner (Hyperband's max_resource defaults to the trainer's max_epochs)."""
@@ -471,6 +509,12 @@ class StudyDefinition(StudyTemplate):
     """A full study definition: a template with a unique name."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
+
+    @model_validator(mode="after")
+    def _not_from_itself(self) -> StudyDefinition:
+        if self.warm_start is not None and self.warm_start.source == self.name:
+            raise ValueError("warm_start.from: a study cannot warm-start from itself")
+        return self
 
     @classmethod
     def from_template(cls, name: str, template: dict[str, Any]) -> StudyDefinition:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
+from pydantic import StringConstraints
 
 from caviar.service.definition import StudyDefinition
 from caviar.service.deps import DbDep, Offset, SettingsDep, StudyName
-from caviar.service.studies import service
-from caviar.service.studies.schemas import StudyList, StudyRead, StudyState
+from caviar.service.studies import service, steering
+from caviar.service.studies.schemas import StopRequest, StudyList, StudyRead, StudyState, StudyUpdate
+from caviar.service.trials.artifacts import artifact_store
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -32,20 +34,23 @@ def create_study(
     db: DbDep, settings: SettingsDep, body: Annotated[StudyDefinition, Body(examples=[_EXAMPLE])]
 ) -> StudyRead:
     record = service.create_study(db, body, data_files=settings.data_dir is not None)
-    return service.describe(db, record, trials=[])
+    return service.describe_new(db, record)
 
 
 @router.get("", summary="List studies")
 def list_studies(
     db: DbDep,
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
-    tag: Annotated[str | None, Query(max_length=200, description="key or key=value")] = None,
+    tag: Annotated[
+        list[Annotated[str, StringConstraints(max_length=200)]] | None,
+        Query(max_length=16, description="key or key=value; repeated, a study must carry every one."),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
     return service.list_studies(
-        db, states=state, tag=tag, limit=limit, offset=offset, queue_order=order == "queue"
+        db, states=state, tags=tag or (), limit=limit, offset=offset, queue_order=order == "queue"
     )
 
 
@@ -54,9 +59,19 @@ def get_study(db: DbDep, name: StudyName) -> StudyRead:
     return service.describe(db, service.load_record(db, name))
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a study and its trials")
-def delete_study(db: DbDep, name: StudyName) -> Response:
-    service.delete_study(db, name)
+@router.patch("/{name}", summary="Edit a study's budget, priority or tags (JSON merge patch)")
+def update_study(db: DbDep, name: StudyName, body: StudyUpdate) -> StudyRead:
+    """``budget.n_trials`` goes up or down but never below the trials already used (409
+    budget_below_used); raising it reopens a completed study, raising ``budget.max_failed_trials``
+    resumes a failed one. ``null`` removes an optional limit; a tag set to ``null`` is removed."""
+    return service.describe(db, steering.update_study(db, name, body))
+
+
+@router.delete(
+    "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a study, its trials and their files"
+)
+def delete_study(db: DbDep, settings: SettingsDep, name: StudyName) -> Response:
+    service.delete_study(db, name, artifacts=artifact_store(settings.artifact_dir))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -67,4 +82,12 @@ def pause_study(db: DbDep, name: StudyName) -> StudyRead:
 
 @router.post("/{name}/resume", summary="Hand out trials again")
 def resume_study(db: DbDep, name: StudyName) -> StudyRead:
-    return service.describe(db, service.resume_study(db, name))
+    return service.describe(db, steering.resume_study(db, name))
+
+
+@router.post("/{name}/stop", summary="End a study: no new trials, running ones stop, waiting ones cancelled")
+def stop_study(db: DbDep, name: StudyName, body: Annotated[StopRequest | None, Body()] = None) -> StudyRead:
+    """The study is ``stopping`` while trials still run (their next report answers
+    ``should_prune: true``, their heartbeat 409 ``study_stopped``), then ``stopped``."""
+    reason = body.reason if body is not None else None
+    return service.describe(db, steering.stop_study(db, name, reason=reason))

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-StudyState = Literal["queued", "running", "paused", "completed", "failed"]
+from caviar.service.definition import MAX_SECONDS, Goal
+from caviar.service.types import TagText, no_nul
+
+StudyState = Literal["queued", "running", "paused", "completed", "failed", "stopping", "stopped"]
+"""queued -> running -> completed, paused in between; failed (too many failed trials); stopping
+(a stop was asked for, by a person, the goal or the deadline, while trials still run) -> stopped."""
 
 
 class TrialCounts(BaseModel):
@@ -34,6 +39,24 @@ class ParetoFront(BaseModel):
     trials: list[ParetoTrial]
 
 
+class SkippedTrial(BaseModel):
+    number: int
+    reason: str
+
+
+class WarmStartRead(BaseModel):
+    """What a warm start enqueued: the best complete trials of ``from`` that fit the space."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    source: str = Field(alias="from")
+    enqueued: int
+    skipped: int
+    reasons: list[SkippedTrial] = Field(
+        default_factory=list, description="Why trials were skipped (10 at most)."
+    )
+
+
 class StudyRead(BaseModel):
     """A study as the API shows it."""
 
@@ -49,6 +72,48 @@ class StudyRead(BaseModel):
     priority: int
     created_at: datetime
     updated_at: datetime
+    started_at: datetime | None = Field(default=None, description="When the first trial was claimed.")
+    stop_reason: str | None = Field(default=None, description="Why a stopping/stopped study ended.")
+    definition_version: int = Field(default=1, description="Bumped by every edit of the definition.")
+    warm_start: WarmStartRead | None = None
+
+
+_MAX_PRIORITY = 1_000_000
+
+
+class BudgetUpdate(BaseModel):
+    """Budget fields a running study may change; ``null`` removes an optional limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int | None = Field(default=None, ge=1, le=1_000_000, description="Never below the trials used.")
+    max_parallel: int | None = Field(default=None, ge=1, le=100_000)
+    max_failed_trials: int | None = Field(default=None, ge=0, le=1_000_000)
+    trial_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+    goal: Goal | None = None
+    max_duration_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+
+
+class StudyUpdate(BaseModel):
+    """A change to a study (JSON merge patch: only the fields given change).
+
+    ``tags`` merge into the study's tags; a tag set to ``null`` is removed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: BudgetUpdate | None = None
+    priority: int | None = Field(default=None, ge=-_MAX_PRIORITY, le=_MAX_PRIORITY)
+    tags: dict[TagText, TagText | None] | None = Field(default=None, max_length=64)
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=500), AfterValidator(no_nul)] | None = Field(
+        default=None, description="Recorded as the stop reason."
+    )
 
 
 class StudyList(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import optuna
@@ -23,6 +23,9 @@ RELEASED = "caviar:released"
 WORKER = "caviar:worker_id"
 ASKED = "caviar:asked"
 READY = "caviar:ready"  # system attr: the ask that made this trial finished sampling
+CANCELLED = "caviar:cancelled"  # a waiting trial failed because its study stopped
+ENQUEUED = "caviar:enqueued"  # a parameter set enqueued over the API
+IMPORTED = "caviar:imported"  # a complete trial imported with its known value(s)
 
 STATE_NAMES = {
     TrialState.WAITING: "waiting",
@@ -33,7 +36,7 @@ STATE_NAMES = {
 }
 FINISHED_BY_NAME = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}
 
-_studies: dict[tuple[str, int], optuna.Study] = {}
+_studies: dict[tuple[str, int, str], optuna.Study] = {}
 
 
 def study_handle(
@@ -44,7 +47,8 @@ def study_handle(
     The study handle is loaded once per process and copied per call, so concurrent calls each
     have their own sampler without reading the study row again.
     """
-    key = (db.url, record.optuna_study_id)
+    # the name too: SQLite reuses the id of the newest study once it is deleted
+    key = (db.url, record.optuna_study_id, record.name)
     base = _studies.get(key)
     if base is None:
         if len(_studies) > 1024:
@@ -91,9 +95,20 @@ def state_counts(trials: Sequence[FrozenTrial]) -> dict[TrialState, int]:
     return counts
 
 
+def used_count(counts: Mapping[TrialState, int]) -> int:
+    """Trials that use the budget: complete, pruned, running and waiting ones."""
+    return sum(
+        counts[s] for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    )
+
+
 def fail_count(trials: Sequence[FrozenTrial]) -> int:
-    """Failed trials that count against ``max_failed_trials`` (hand-backs do not)."""
-    return sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(RELEASED))
+    """Failed trials that count against ``max_failed_trials`` (hand-backs and cancelled trials do not)."""
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.FAIL and not t.user_attrs.get(RELEASED) and not t.user_attrs.get(CANCELLED)
+    )
 
 
 def utc(moment: datetime | None) -> datetime | None:

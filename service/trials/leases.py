@@ -16,7 +16,12 @@ from sqlalchemy import select, update
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import Conflict
-from caviar.service.studies.service import all_trials, definition_of, load_record
+from caviar.service.studies.service import (
+    STOPPED_STATES,
+    all_trials,
+    definition_of,
+    load_record,
+)
 from caviar.service.trials._core import (
     ASKED,
     FAIL_REASON,
@@ -25,7 +30,7 @@ from caviar.service.trials._core import (
     lease_of,
     leases_for,
 )
-from caviar.service.trials.outcomes import requeue_retry, settle_study
+from caviar.service.trials.outcomes import deadline_passed, end_study, requeue_retry, settle_study
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
 
@@ -106,7 +111,14 @@ def renew(db: Database, trial_id: int, policy: LeasePolicy) -> bool:
 def heartbeat(
     db: Database, name: str, number: int, *, policy: LeasePolicy | None = None, caller: Caller = ANYONE
 ) -> None:
-    """Keep a trial's lease."""
+    """Keep a trial's lease.
+
+    Raises:
+        Conflict: ``lease_lost``, ``trial_finished`` or ``trial_not_running`` (see
+            :func:`check_running`); ``not_your_trial`` when the caller holds neither the lease nor
+            the write scope; ``study_stopped`` when the study is stopping: the lease is still
+            renewed, so the trial can end at its next report (``should_prune``) or tell its result.
+    """
     policy = policy or LeasePolicy()
     record = load_record(db, name)
     trial = frozen(db, record, number)
@@ -114,6 +126,14 @@ def heartbeat(
         check_owner(record, number, lease_of(db, trial._trial_id), caller)
     if not renew(db, trial._trial_id, policy):
         check_running(db, record, trial)
+    if record.state in STOPPED_STATES:
+        raise study_stopped(record)
+
+
+def study_stopped(record: StudyRecord) -> Conflict:
+    """The refusal of a stopping or stopped study (asks, heartbeats)."""
+    why = f" ({record.stop_reason})" if record.stop_reason else ""
+    return Conflict(f"study {record.name!r} is {record.state}{why}", code="study_stopped")
 
 
 def close_lease(db: Database, trial_id: int, reason: str | None) -> None:
@@ -157,8 +177,31 @@ def reap(db: Database, *, now: datetime | None = None) -> int:
         with db.study_lock(study_id):
             for lease in (item for item in due if item.study_id == study_id):
                 reaped += _reap_one(db, record, definition, lease.trial_id, now)
-            settle_study(db, record, definition)
+            settle_study(db, record)
+    end_overdue(db, now=now)
     return reaped
+
+
+def end_overdue(db: Database, *, now: datetime | None = None) -> list[str]:
+    """End every started study whose ``budget.max_duration_s`` has passed (the reaper calls this).
+
+    Returns:
+        The names of the studies it ended.
+    """
+    with db.session() as session:
+        records = list(
+            session.scalars(
+                select(StudyRecord).where(
+                    StudyRecord.state.in_(("running", "paused")), StudyRecord.started_at.is_not(None)
+                )
+            )
+        )
+    ended = []
+    for record in records:
+        reason = deadline_passed(definition_of(record), record, now)
+        if reason is not None and end_study(db, record, reason):
+            ended.append(record.name)
+    return ended
 
 
 def _reap_orphans(db: Database) -> int:
@@ -169,7 +212,9 @@ def _reap_orphans(db: Database) -> int:
     """
     with db.session() as session:
         records = list(
-            session.scalars(select(StudyRecord).where(StudyRecord.state.in_(("running", "paused"))))
+            session.scalars(
+                select(StudyRecord).where(StudyRecord.state.in_(("running", "paused", "stopping")))
+            )
         )
     reaped = 0
     for record in records:
@@ -192,7 +237,7 @@ def _reap_orphans(db: Database) -> int:
                 db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
                 requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), None)
                 reaped += 1
-            settle_study(db, record, definition)
+            settle_study(db, record)
     return reaped
 
 
@@ -252,4 +297,4 @@ def release(
                 .values(status="released", reason=reason)
             )
         requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), lease, handed_back=True)
-        settle_study(db, record, definition)
+        settle_study(db, record)

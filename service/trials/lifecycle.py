@@ -18,22 +18,31 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from caviar.service.db import Database
 from caviar.service.definition import (
     StudyDefinition,
     check_finite,
+    check_params,
     decode,
     decode_params,
-    encode_params,
     is_active,
     is_reversed,
     sampling_order,
     stored_name,
 )
 from caviar.service.errors import Conflict, InvalidInput, RateLimited
-from caviar.service.studies.service import all_trials, definition_of, get_record, load_record, set_state
+from caviar.service.studies.service import (
+    ACTIVE_STATES,
+    STOPPED_STATES,
+    all_trials,
+    count_states,
+    definition_of,
+    load_record,
+    reload,
+    transition,
+)
 from caviar.service.trials._core import (
     ASKED,
     ATTEMPT,
@@ -45,9 +54,9 @@ from caviar.service.trials._core import (
     WORKER,
     frozen,
     lease_of,
-    state_counts,
     study_handle,
     trial_id,
+    used_count,
 )
 from caviar.service.trials.leases import (
     ANYONE,
@@ -57,8 +66,9 @@ from caviar.service.trials.leases import (
     check_running,
     close_lease,
     renew,
+    study_stopped,
 )
-from caviar.service.trials.outcomes import requeue_retry, settle_study
+from caviar.service.trials.outcomes import end_reason, end_study, requeue_retry, settle_study
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialAssignment, TrialRead
 from caviar.storage import StudyRecord, TrialLease, utcnow
@@ -87,9 +97,11 @@ def ask(
             groups pin their non-fusible hyperparameters this way).
 
     Raises:
-        Conflict: ``study_paused``, ``study_failed`` or ``budget_exhausted``, in that precedence.
+        Conflict: ``study_paused``, ``study_stopped``, ``study_failed`` or ``budget_exhausted``, in
+            that precedence.
         RateLimited: ``max_parallel_reached`` when the study runs ``max_parallel`` trials.
-        InvalidInput: ``fixed`` names a parameter outside the search space.
+        InvalidInput: a ``fixed`` value that does not fit the search space (see
+            :func:`~caviar.service.definition.check_params`).
     """
     policy = policy or LeasePolicy()
     record = load_record(db, name)
@@ -98,14 +110,16 @@ def ask(
         if earlier is not None:
             return _replay(db, record, earlier, policy)
     definition = definition_of(record)
-    encoded_fixed = _encode_fixed(definition, fixed) if fixed else None
+    encoded_fixed = (
+        check_params(definition.search_space, fixed, partial=True, where="fixed").stored if fixed else None
+    )
     # Under the lock only what the budget depends on: the checks, the running trial and its
     # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
     # sampler's constant liar sees the other running trials.
     with db.study_lock(record.id):
         replayed = _lease_by_request(db, record, request_id) if request_id is not None else None
         if replayed is None:
-            record, started, lease = _claim(db, record, definition, worker_id, request_id, policy)
+            record, definition, started, lease = _claim(db, record, worker_id, request_id, policy)
     if replayed is not None:  # the same request retried concurrently: one trial for both
         return _replay(db, record, replayed, policy)
     study = study_handle(db, record, definition, trial_number=started.number)
@@ -115,7 +129,7 @@ def ask(
     _sample(trial, definition)
     decoded = decode_params(definition.search_space, dict(trial.params))
     for key, param in definition.search_space.items():
-        if is_reversed(param) and key in decoded:
+        if is_reversed(param) and key in decoded and started.user_attrs.get(key) != decoded[key]:
             db.optuna.set_trial_user_attr(started.trial_id, key, decoded[key])
     if request_id is not None:  # a replay of this request may now answer with the whole assignment
         db.optuna.set_trial_system_attr(started.trial_id, READY, True)
@@ -125,26 +139,31 @@ def ask(
 def _claim(
     db: Database,
     record: StudyRecord,
-    definition: StudyDefinition,
     worker_id: str | None,
     request_id: str | None,
     policy: LeasePolicy,
-) -> tuple[StudyRecord, _Started, TrialLease]:
-    """Under the study lock: check the study and the budget, start a trial, write its lease."""
+) -> tuple[StudyRecord, StudyDefinition, _Started, TrialLease]:
+    """Under the study lock: check the study and the budget, start a trial, write its lease.
+
+    The study is read again under the lock: an edit of the budget (PATCH) or a stop takes the
+    same lock, so no ask overshoots a budget that was just lowered.
+    """
     name = record.name
-    # The record read just before the lock is fresh enough: a pause racing this ask by a
-    # few milliseconds may let it through, the budget cannot.
+    record = reload(db, record)
+    definition = definition_of(record)
+    if record.state in ACTIVE_STATES:
+        reason = end_reason(db, definition, record)
+        if reason is not None and end_study(db, record, reason):
+            record = reload(db, record)
     if record.state == "paused":
         raise Conflict(f"study {name!r} is paused", code="study_paused")
+    if record.state in STOPPED_STATES:
+        raise study_stopped(record)
     if record.state == "failed":
         raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
-    trials = all_trials(db, record)
-    counts = state_counts(trials)
-    used = sum(
-        counts[s] for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    )
+    counts = count_states(db, record)  # one aggregate: the history is never loaded here
     if counts[TrialState.WAITING] == 0 and (
-        record.state == "completed" or used >= definition.budget.n_trials
+        record.state == "completed" or used_count(counts) >= definition.budget.n_trials
     ):
         raise Conflict(
             f"study {name!r} has used its budget of {definition.budget.n_trials} trials",
@@ -157,7 +176,8 @@ def _claim(
             code="max_parallel_reached",
             retry_after_s=max(1, math.ceil(policy.heartbeat_interval_s / 2)),
         )
-    started = _start_trial(db, record, trials, worker_id)
+    waiting = all_trials(db, record, [TrialState.WAITING]) if counts[TrialState.WAITING] else []
+    started = _start_trial(db, record, waiting, worker_id)
     now = utcnow()
     timeout = definition.budget.trial_timeout_s
     lease = TrialLease(
@@ -175,10 +195,16 @@ def _claim(
     )
     with db.session() as session, session.begin():
         session.add(lease)
-        if record.state == "queued":
-            record = get_record(session, name)
-            set_state(session, record, "running")
-    return record, started, lease
+    if record.state == "queued":
+        transition(db, record, ["queued"], "running", started_at=record.started_at or now)
+    elif record.started_at is None:  # a study that started before started_at was recorded
+        with db.session() as session, session.begin():
+            session.execute(
+                update(StudyRecord)
+                .where(StudyRecord.id == record.id, StudyRecord.started_at.is_(None))
+                .values(started_at=now)
+            )
+    return record, definition, started, lease
 
 
 @dataclass(frozen=True)
@@ -190,7 +216,7 @@ class _Started:
 
 
 def _start_trial(
-    db: Database, record: StudyRecord, trials: Sequence[FrozenTrial], worker_id: str | None
+    db: Database, record: StudyRecord, waiting: Sequence[FrozenTrial], worker_id: str | None
 ) -> _Started:
     """Move the first waiting trial to running, or create a running trial.
 
@@ -201,11 +227,11 @@ def _start_trial(
     attrs: dict[str, Any] = {ASKED: True}
     if worker_id is not None:
         attrs[WORKER] = worker_id
-    for waiting in sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t.number):
+    for trial in sorted((t for t in waiting if t.state == TrialState.WAITING), key=lambda t: t.number):
         for key, value in attrs.items():
-            db.optuna.set_trial_user_attr(waiting._trial_id, key, value)
-        if db.optuna.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-            return _Started(waiting._trial_id, waiting.number, True, dict(waiting.user_attrs))
+            db.optuna.set_trial_user_attr(trial._trial_id, key, value)
+        if db.optuna.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+            return _Started(trial._trial_id, trial.number, True, dict(trial.user_attrs))
     template = FrozenTrial(
         number=-1,
         state=TrialState.RUNNING,
@@ -232,15 +258,6 @@ def _sample(trial: optuna.Trial, definition: StudyDefinition) -> None:
         if not is_active(param, decoded):
             continue
         decoded[name] = decode(param, trial._suggest(stored_name(name, param), param.distribution()))
-
-
-def _encode_fixed(definition: StudyDefinition, fixed: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(fixed) - set(definition.search_space))
-    if unknown:
-        raise InvalidInput(
-            f"fixed: {unknown[0]!r} is not a parameter of the search space", code="unknown_parameter"
-        )
-    return encode_params(definition.search_space, fixed)
 
 
 def _assignment(name: str, params: dict[str, Any], lease: TrialLease, policy: LeasePolicy) -> TrialAssignment:
@@ -305,7 +322,7 @@ def report(
     """Record an intermediate value, renew the lease and ask the study's pruner.
 
     Returns:
-        True when the trial should be pruned.
+        True when the trial should be pruned, or its study is stopping.
     """
     policy = policy or LeasePolicy()
     record = load_record(db, name)
@@ -322,6 +339,8 @@ def report(
     if lease is not None and not renew(db, trial._trial_id, policy):
         check_running(db, record, db.optuna.get_trial(trial._trial_id))
     db.optuna.set_trial_intermediate_value(trial._trial_id, step, value)
+    if record.state in STOPPED_STATES:
+        return True  # the study is stopping: every running trial ends at its next report
     study = study_handle(db, record, definition)
     return bool(study.pruner.prune(study, db.optuna.get_trial(trial._trial_id)))
 
@@ -396,7 +415,7 @@ def tell(
         finished = study_handle(db, record, definition).tell(number, state=final)
         close_lease(db, tid, reason)
         requeue_retry(db, record, definition, finished, lease)
-        settle_study(db, record, definition)
+        settle_study(db, record)
     if lease is not None:
         lease.status = "finished"
     return to_read(definition, finished, lease)
@@ -438,7 +457,7 @@ def _finish(
             ) from None
         raise
     close_lease(db, tid, None)
-    settle_study(db, record, definition)
+    settle_study(db, record)
     return to_read(definition, finished)
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
@@ -51,16 +55,44 @@ def best(db: Database, name: str) -> TrialRead | ParetoTrials:
     return to_read(definition, top, lease_of(db, top._trial_id))
 
 
-def importances(db: Database, name: str) -> dict[str, float]:
-    """Parameter importances by Optuna's default evaluator, with decoded names ({} below 2 trials)."""
+def importances(db: Database, name: str) -> dict[str, float] | dict[str, dict[str, float]]:
+    """Parameter importances by Optuna's default evaluator, with decoded names ({} below 2 trials).
+
+    A multi-objective study has one set per objective, keyed by metric name: the importance of
+    each parameter for doing well on that metric (in its direction).
+    """
     record = load_record(db, name)
     definition = definition_of(record)
     complete = all_trials(db, record, [TrialState.COMPLETE])
-    if len(complete) < 2 or definition.multi_objective:
-        return {}
-    study = optuna.Study(study_name=record.name, storage=db.optuna)
+    study = optuna.Study(study_name=record.name, storage=db.optuna) if len(complete) >= 2 else None
+    if not definition.multi_objective:
+        return _importances(definition, study, None)
+    sets: dict[str, dict[str, float]] = {}
+    for index, (metric, direction) in enumerate(
+        zip(definition.metrics, definition.study_directions, strict=True)
+    ):
+        # Optuna's evaluator ranks low target values best: negate a maximised metric.
+        sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+        target = functools.partial(_objective, index=index, sign=sign)
+        sets[metric] = _importances(definition, study, target)
+    return sets
+
+
+def _objective(trial: FrozenTrial, *, index: int, sign: float) -> float:
+    return sign * trial.values[index]
+
+
+def _importances(
+    definition: StudyDefinition, study: optuna.Study | None, target: Callable[[FrozenTrial], float] | None
+) -> dict[str, float]:
+    if study is None:
+        return {}  # fewer than two complete trials
     try:
-        raw = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # "computes the importances of params to achieve low target values"
+            raw = optuna.importance.get_param_importances(study, target=target)
     except (ValueError, RuntimeError):
         return {}  # e.g. no parameter shared by every complete trial
     return {decoded_name(definition.search_space, key): float(value) for key, value in raw.items()}
@@ -81,6 +113,8 @@ def refine(
 ) -> StudyRecord:
     """Create ``<name>-refined-N``: the space narrowed around the best trials, in each parameter's scale.
 
+    The new study warm-starts from ``name`` (``warm_start: {from: name, top_k: <the top trials>}``):
+    the top trials that fit the narrowed space are its first waiting trials.
     ``data_files``: whether the caller may create a study that reads a ``file:`` dataset.
     """
     _, definition, complete = _completed(db, name)
@@ -92,6 +126,8 @@ def refine(
     space = narrow_space(definition, decoded, margin)
     data = definition.model_dump(mode="json")
     data["search_space"] = space
+    # the refined study starts from the top trials (those that fit the narrowed space)
+    data["warm_start"] = {"from": name, "top_k": len(top)}
     if n_trials is not None:
         data["budget"]["n_trials"] = n_trials
     base = f"{name[:MAX_BASE]}-refined-"  # a long name is shortened so the new one fits 128

@@ -17,11 +17,13 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.studies import service as studies
 from caviar.service.studies.schemas import StudyRead
-from caviar.service.trials import artifacts
+from caviar.service.trials import artifacts, enqueue, export
 from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
+from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
     ArtifactRead,
     AskRequest,
+    EnqueueRequest,
     HeartbeatRequest,
     Importances,
     ParetoTrials,
@@ -148,6 +150,34 @@ async def upload_artifact(
     return ArtifactRead(artifact_id=artifact_id, filename=filename)
 
 
+@router.post(
+    "/trials/enqueue",
+    status_code=status.HTTP_201_CREATED,
+    summary="Enqueue parameter sets (handed out first) or import known results",
+)
+def enqueue_trials(db: DbDep, name: StudyName, body: EnqueueRequest) -> TrialList:
+    """Parameters in decoded names (``beta1: 0.95``), checked against the search space (422 naming the
+    field). With ``value``/``values`` a set is imported as a complete trial the sampler learns from.
+    The sets count against ``budget.n_trials`` (409 budget_exhausted when they would overshoot it)."""
+    items = enqueue.enqueue(db, name, body.trials)
+    return TrialList(items=items, total=len(items))
+
+
+@router.get(
+    "/trials/export",
+    summary="Every trial as CSV or JSON",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}, "application/json": {}}}},
+)
+def export_trials(db: DbDep, name: StudyName, format: ExportFormat = "csv") -> Response:
+    """CSV: one row per trial, ``params.<name>`` columns, one column per metric for a multi-objective
+    study. JSON: an array of Trial objects."""
+    text = export.export_trials(db, name, format)
+    media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
+    headers = {"Content-Disposition": f'attachment; filename="{name}-trials.{format}"'}
+    return Response(content=text, media_type=media, headers=headers)
+
+
 @router.get("/trials", summary="List trials ordered by number")
 def list_trials(
     db: DbDep,
@@ -228,4 +258,4 @@ def refine_study(
         n_trials=body.n_trials,
         data_files=settings.data_dir is not None,
     )
-    return studies.describe(db, record, trials=[])
+    return studies.describe_new(db, record)

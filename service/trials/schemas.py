@@ -6,7 +6,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from caviar.service.types import INT32_MAX, Identifier, Text, no_nul
 
@@ -70,6 +70,26 @@ class ReleaseRequest(BaseModel):
     worker_id: WorkerId | None = None
 
 
+def _check_attrs(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+    for key, value in (attrs or {}).items():
+        if key.startswith("caviar"):
+            raise ValueError(f"{key!r}: attribute names starting with 'caviar' are reserved")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key!r}: must be a finite number")
+        if isinstance(value, str) and (len(value) > 1000 or "\x00" in value):
+            raise ValueError(f"{key!r}: at most 1000 characters, no NUL")
+        if not isinstance(value, str | int | float | bool | None):
+            raise ValueError(f"{key!r}: must be a string, a number, true/false or null")
+    return attrs
+
+
+UserAttrs = Annotated[
+    dict[AttrKey, Any] | None,
+    Field(max_length=64, description="Recorded on the trial (epochs, timings, final metrics)."),
+    AfterValidator(_check_attrs),
+]
+
+
 class TellRequest(BaseModel):
     """Finish a trial: ``complete`` with ``value`` (or ``values``), ``pruned``, or ``fail`` with a reason."""
 
@@ -79,24 +99,29 @@ class TellRequest(BaseModel):
     value: float | None = None
     values: list[float] | None = Field(default=None, min_length=1, max_length=16)
     reason: Text | None = None
-    user_attrs: dict[AttrKey, Any] | None = Field(
-        default=None, max_length=64, description="Recorded on the trial (epochs, timings, final metrics)."
-    )
+    user_attrs: UserAttrs = None
     worker_id: WorkerId | None = None
 
-    @field_validator("user_attrs")
-    @classmethod
-    def _not_reserved(cls, attrs: dict[str, Any] | None) -> dict[str, Any] | None:
-        for key, value in (attrs or {}).items():
-            if key.startswith("caviar"):
-                raise ValueError(f"{key!r}: attribute names starting with 'caviar' are reserved")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{key!r}: must be a finite number")
-            if isinstance(value, str) and (len(value) > 1000 or "\x00" in value):
-                raise ValueError(f"{key!r}: at most 1000 characters, no NUL")
-            if not isinstance(value, str | int | float | bool | None):
-                raise ValueError(f"{key!r}: must be a string, a number, true/false or null")
-        return attrs
+
+class EnqueueItem(BaseModel):
+    """A parameter set to run (a waiting trial), or with its known result to import (a complete trial)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[Annotated[str, Field(max_length=64)], Scalar] = Field(
+        max_length=256, description="Decoded values, as users see them (beta1: 0.95, not one_minus_beta1)."
+    )
+    value: float | None = Field(default=None, description="A known result: imported as a complete trial.")
+    values: list[float] | None = Field(default=None, min_length=1, max_length=16)
+    user_attrs: UserAttrs = None
+
+
+class EnqueueRequest(BaseModel):
+    """Parameter sets to enqueue (handed out before newly sampled ones) or import."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: list[EnqueueItem] = Field(min_length=1, max_length=1000)
 
 
 class TrialRead(BaseModel):
@@ -133,7 +158,11 @@ class ArtifactRead(BaseModel):
 
 
 class Importances(BaseModel):
-    importances: dict[str, float]
+    """Parameter importances (decoded names); one set per metric for a multi-objective study."""
+
+    importances: dict[str, float] | dict[str, dict[str, float]] = Field(
+        description="{param: importance}; multi-objective: {metric: {param: importance}}."
+    )
 
 
 class RefineRequest(BaseModel):

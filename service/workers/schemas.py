@@ -60,7 +60,9 @@ class WorkerHeartbeat(BaseModel):
 
 
 class LostTrial(TrialRef):
-    code: str = Field(description="lease_lost, trial_finished, not_your_trial or trial_not_found")
+    code: str = Field(
+        description="lease_lost, trial_finished, not_your_trial, trial_not_found or study_stopped (prune it)"
+    )
 
 
 class HeartbeatResult(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from caviar.service.db import Database
-from caviar.service.studies.service import definition_of, runnable_studies, trial_total
+from caviar.service.studies.service import STOPPED_STATES, definition_of, runnable_studies, trial_total
 from caviar.service.trials import LeasePolicy
 from caviar.service.workers.schemas import (
     LostTrial,
@@ -52,15 +52,24 @@ def beat(
     """Renew the leases of ``trials`` (all of one worker's) in one statement; mark the worker seen.
 
     Returns:
-        The trials whose lease was not renewed, with why: ``lease_lost`` (reaped or handed back:
-        its retry runs elsewhere), ``trial_finished``, ``not_your_trial`` (another worker asked
-        for it) or ``trial_not_found``. The worker stops training those.
+        The trials the worker must stop, with why: ``lease_lost`` (reaped or handed back: its
+        retry runs elsewhere), ``trial_finished``, ``not_your_trial`` (another worker asked for
+        it), ``trial_not_found`` (none of these leases is renewed), or ``study_stopped`` (its study
+        is stopping: the lease is still renewed so the worker can prune the trial at its next
+        report and tell it).
     """
     policy = policy or LeasePolicy()
     names = sorted({ref.study for ref in trials})
     with db.session() as session, session.begin():
-        rows = session.execute(select(StudyRecord.name, StudyRecord.id).where(StudyRecord.name.in_(names)))
-        ids: dict[str, int] = {name: study_id for name, study_id in rows}
+        rows = session.execute(
+            select(StudyRecord.name, StudyRecord.id, StudyRecord.state).where(StudyRecord.name.in_(names))
+        )
+        ids: dict[str, int] = {}
+        stopped: set[int] = set()
+        for name, study_id, state in rows:
+            ids[name] = study_id
+            if state in STOPPED_STATES:
+                stopped.add(study_id)
         wanted = {(ids[ref.study], ref.number): ref for ref in trials if ref.study in ids}
         leases = {
             (lease.study_id, lease.number): lease
@@ -96,6 +105,8 @@ def beat(
             code = "lease_lost"
         elif lease.status != "active":
             code = "trial_finished"
+        elif lease.study_id in stopped:
+            code = "study_stopped"
         else:
             continue
         lost.append(LostTrial(study=ref.study, number=ref.number, code=code))

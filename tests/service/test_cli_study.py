@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+import caviar
 from caviar.service.api import create_app
 from caviar.service.cli import app as cli_app
 from tests.service.helpers import external_study
@@ -130,3 +132,139 @@ def test_create_over_rest_and_errors_are_one_line(remote: str, db_url: str, tmp_
         cli_app, ["study", "create", "-f", str(definition), "--url", remote, "--token", TOKEN]
     )
     assert duplicate.exit_code == 1 and "already exists" in duplicate.output
+
+
+def _create(db_url: str, tmp_path: Path, name: str, **budget: Any) -> None:
+    definition = tmp_path / f"{name}.yaml"
+    definition.write_text(yaml.safe_dump(external_study(name, **budget)))
+    run("study", "create", "-f", str(definition), "--database-url", db_url)
+
+
+def test_version() -> None:
+    output = run("--version")
+    assert output.strip() == f"caviar {caviar.__version__}"
+
+
+def test_pause_resume_stop_and_delete_on_either_backend(remote: str, db_url: str, tmp_path: Path) -> None:
+    for index, flags in enumerate(both(db_url, remote)):
+        name = f"steer{index}"
+        _create(db_url, tmp_path, name, n_trials=5)
+        assert "paused" in run("study", "pause", name, *flags)
+        assert json.loads(run("study", "resume", name, "--json", *flags))["state"] == "queued"
+        stopped = json.loads(run("study", "stop", name, "--reason", "enough", "--json", *flags))
+        assert stopped["state"] == "stopped" and stopped["stop_reason"] == "stopped by request: enough"
+        again = runner.invoke(cli_app, ["study", "stop", name, *flags])
+        assert again.exit_code == 1 and "cannot be stopped" in again.output
+        refused = runner.invoke(cli_app, ["study", "delete", name, *flags], input="n\n")
+        assert refused.exit_code == 1
+        assert "deleted" in run("study", "delete", name, "--yes", *flags)
+        missing = runner.invoke(cli_app, ["study", "show", name, *flags])
+        assert missing.exit_code == 1 and name in missing.output
+
+
+def test_extend_and_set_on_either_backend(remote: str, db_url: str) -> None:
+    for flags in both(db_url, remote):
+        state = json.loads(run("study", "show", "cli", "--json", *flags))
+        n_trials = state["definition"]["budget"]["n_trials"]
+        extended = json.loads(run("study", "extend", "cli", "--by", "2", "--json", *flags))
+        assert extended["state"] == "running"  # the completed study is reopened
+        assert extended["definition"]["budget"]["n_trials"] == n_trials + 2
+        assert "n_trials 3" in run("study", "set", "cli", "--n-trials", "3", *flags)  # done again
+        assert json.loads(run("study", "show", "cli", "--json", *flags))["state"] == "completed"
+        lower = runner.invoke(cli_app, ["study", "extend", "cli", "--n-trials", "2", *flags])
+        assert lower.exit_code == 1 and "does not raise" in lower.output
+        below = runner.invoke(cli_app, ["study", "set", "cli", "--n-trials", "2", *flags])
+        assert below.exit_code == 1 and "already used" in below.output
+        changed = json.loads(
+            run(
+                "study",
+                "set",
+                "cli",
+                "--priority",
+                "5",
+                "--max-parallel",
+                "4",
+                "--tag",
+                "team=vision",
+                "--goal",
+                "0.99",
+                "--trial-timeout",
+                "600",
+                "--json",
+                *flags,
+            )
+        )
+        definition = changed["definition"]
+        assert changed["priority"] == 5 and definition["tags"] == {"team": "vision"}
+        assert definition["budget"]["max_parallel"] == 4 and definition["budget"]["goal"] == {"value": 0.99}
+        cleared = json.loads(
+            run(
+                "study",
+                "set",
+                "cli",
+                "--max-parallel",
+                "none",
+                "--goal",
+                "none",
+                "--untag",
+                "team",
+                "--json",
+                *flags,
+            )
+        )
+        assert cleared["definition"]["budget"]["max_parallel"] is None
+        assert cleared["definition"]["budget"]["goal"] is None and cleared["definition"]["tags"] == {}
+        nothing = runner.invoke(cli_app, ["study", "set", "cli", *flags])
+        assert nothing.exit_code == 1 and "nothing to change" in nothing.output
+        bad = runner.invoke(cli_app, ["study", "set", "cli", "--max-parallel", "many", *flags])
+        assert bad.exit_code == 1 and "--max-parallel" in bad.output
+
+
+def test_enqueue_from_a_file_and_importances(remote: str, db_url: str, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump_all(
+            [
+                {"lr": 0.01, "beta1": 0.95, "dropout": 0.1},
+                {"params": {"lr": 0.02, "beta1": 0.9, "dropout": 0.2}, "value": 0.5},
+            ]
+        )
+    )
+    for index, flags in enumerate(both(db_url, remote)):
+        name = f"enq{index}"
+        _create(db_url, tmp_path, name, n_trials=5)
+        output = run("study", "enqueue", name, "-f", str(params), *flags)
+        assert "1 enqueued, 1 imported" in output
+        listed = json.loads(run("study", "trials", name, "--json", *flags))
+        assert [t["state"] for t in listed] == ["waiting", "complete"]
+        assert listed[0]["params"] == {"lr": 0.01, "beta1": 0.95, "dropout": 0.1}
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"lr": 0.5, "beta1": 0.95, "dropout": 0.1}))
+        refused = runner.invoke(cli_app, ["study", "enqueue", name, "-f", str(bad), *flags])
+        assert refused.exit_code == 1 and "trials.0.params.lr" in refused.output
+    for flags in both(db_url, remote):
+        data = json.loads(run("study", "importances", "cli", "--json", *flags))
+        assert set(data["importances"]) == {"lr", "beta1", "dropout"}
+        assert "parameter" in run("study", "importances", "cli", *flags)
+    assert "no importances yet" in run("study", "importances", "enq0", "--database-url", db_url)
+
+
+def test_create_with_warm_start(remote: str, db_url: str, tmp_path: Path) -> None:
+    for index, flags in enumerate(both(db_url, remote)):
+        definition = tmp_path / f"warm{index}.yaml"
+        definition.write_text(yaml.safe_dump(external_study(f"warm{index}", n_trials=5)))
+        output = run("study", "create", "-f", str(definition), "--warm-start", "cli:2", *flags)
+        assert "warm start from cli: 2 trials enqueued, 0 skipped" in output
+        study = json.loads(run("study", "show", f"warm{index}", "--json", *flags))
+        assert study["trial_counts"]["waiting"] == 2
+    bad = runner.invoke(
+        cli_app, ["study", "create", "-f", str(definition), "--warm-start", "cli:x", "--database-url", db_url]
+    )
+    assert bad.exit_code == 1 and "--warm-start" in bad.output
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump(external_study("unknown-source")))
+    missing = runner.invoke(
+        cli_app,
+        ["study", "create", "-f", str(unknown), "--warm-start", "nope", "--url", remote, "--token", TOKEN],
+    )
+    assert missing.exit_code == 1 and "warm_start.from" in missing.output

@@ -85,6 +85,26 @@ def test_dashboard_shows_caviar_studies_beside_the_api(client: TestClient) -> No
     assert client.get("/api/v1/studies/dash").json()["trial_counts"]["complete"] == 3
 
 
+def test_dashboard_sees_enqueued_and_imported_trials_with_metric_names(client: TestClient) -> None:
+    """The dashboard reads Optuna's storage: encoded parameters, decoded user attributes, metric names."""
+    body = {**external_study("seen"), "metric": "val_accuracy"}
+    assert client.post("/api/v1/studies", json=body).status_code == 201
+    params = {"lr": 0.01, "beta1": 0.95, "dropout": 0.25}
+    items = [{"params": params, "value": 0.91}, {"params": {**params, "lr": 0.02}}]
+    assert client.post("/api/v1/studies/seen/trials/enqueue", json={"trials": items}).status_code == 201
+    (summary,) = client.get("/api/studies").json()["study_summaries"]
+    detail = client.get(f"/api/studies/{summary['study_id']}").json()
+    assert detail["objective_names"] == ["val_accuracy"]  # the charts say val_accuracy
+    imported, waiting = sorted(detail["trials"], key=lambda t: t["number"])
+    assert imported["state"] == "Complete" and imported["values"] == [0.91]
+    shown = {p["name"]: float(p["param_external_value"]) for p in imported["params"]}
+    assert set(shown) == {"lr", "one_minus_beta1", "dropout"} and abs(shown["one_minus_beta1"] - 0.05) < 1e-12
+    attrs = {a["key"]: a["value"] for a in imported["user_attrs"]}
+    assert float(attrs["beta1"]) == 0.95
+    assert waiting["state"] == "Waiting"
+    assert float({a["key"]: a["value"] for a in waiting["user_attrs"]}["beta1"]) == 0.95
+
+
 def test_dashboard_cannot_delete_or_rename_caviar_studies(client: TestClient) -> None:
     make_study(client, "guarded", trials=0)
     (summary,) = client.get("/api/studies").json()["study_summaries"]

@@ -12,7 +12,8 @@ import yaml
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from caviar.service.definition import StudyDefinition, decode_params, encode
+from caviar.service.definition import StudyDefinition, build_pruner, check_params, decode_params, encode
+from caviar.service.errors import InvalidInput
 from caviar.service.examples import example_path
 
 BASE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
@@ -67,6 +68,12 @@ INVALID = [
     ("nan bound", variant("search_space.dropout.high", float("nan")), "search_space.dropout", "finite"),
     ("grid needs a step", variant("sampler", {"type": "grid"}), "", "grid"),
     ("trainer metric unknown", variant("metric", "f1"), "", "metric"),
+    ("goal not finite", variant("budget.goal", {"value": float("inf")}), "budget.goal.value", "finite"),
+    ("goal of several objectives", {**variant("directions", ["maximize", "minimize"]), "direction": None, "metric": ["val_accuracy", "val_loss"], "budget": {"goal": {"value": 1}}}, "", "budget.goal"),
+    ("max_duration_s 0", variant("budget.max_duration_s", 0), "budget.max_duration_s", ""),
+    ("warm start from itself", variant("warm_start", {"from": "digits-mlp"}), "", "itself"),
+    ("warm start top_k 0", variant("warm_start", {"from": "other", "top_k": 0}), "warm_start.top_k", ""),
+    ("warm start bad name", variant("warm_start", {"from": "-x"}), "warm_start.from", ""),
 ]  # fmt: skip
 
 
@@ -140,3 +147,74 @@ def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:
     assert result.exit_code == 1 and "search_space" in result.output
     result = runner.invoke(app, ["study", "show", "nope", "--database-url", db_url])
     assert result.exit_code == 1 and "no study named" in result.output
+
+
+def test_check_params_snaps_encodes_and_names_every_problem() -> None:
+    space = StudyDefinition.model_validate(BASE).search_space
+    good = {
+        "lr": 0.01,
+        "beta1": 0.95,
+        "dropout": 0.6,
+        "batch_size": 64,
+        "hidden_units": 128,
+        "optimizer": "adam",
+    }
+    checked = check_params(space, good)
+    assert checked.decoded == good
+    assert checked.stored["one_minus_beta1"] == encode(space["beta1"], 0.95)
+    assert "beta1" not in checked.stored and checked.stored["batch_size"] == 64
+    assert checked.decoded_attrs(space) == {"beta1": 0.95}
+    assert set(checked.distributions) == set(checked.stored)
+    # a bound an ulp away (a decode/encode round trip) is the bound, stored inside Optuna's range
+    edge = check_params(space, {**good, "beta1": math.nextafter(0.999, 1.0), "dropout": 0.6 + 1e-15})
+    assert edge.decoded["beta1"] == 0.999 and edge.decoded["dropout"] == 0.6
+    low = StudyDefinition.model_validate(BASE).distributions()["one_minus_beta1"]
+    assert low.low <= edge.stored["one_minus_beta1"] <= low.high  # type: ignore[attr-defined]
+    # a categorical choice keeps its kind: 64.0 is 64, True is not 1
+    assert check_params(space, {**good, "batch_size": 64.0}).stored["batch_size"] == 64
+    with pytest.raises(InvalidInput) as caught:
+        check_params(space, {**good, "batch_size": True, "lr": 2.0, "colour": "red"}, where="x")
+    fields = [(d["field"], d["type"]) for d in caught.value.details]
+    assert fields == [
+        ("x.colour", "unknown_parameter"),
+        ("x.lr", "out_of_range"),
+        ("x.batch_size", "invalid_choice"),
+    ]
+    assert caught.value.code == "unknown_parameter" and caught.value.message.startswith("x.colour: ")
+
+
+def test_check_params_conditions_full_and_partial() -> None:
+    space = StudyDefinition.model_validate(BASE).search_space
+    base = {"lr": 0.01, "beta1": 0.95, "dropout": 0.1, "batch_size": 64, "hidden_units": 128}
+    assert "momentum" in check_params(space, {**base, "optimizer": "momentum", "momentum": 0.9}).decoded
+    with pytest.raises(InvalidInput) as missing:
+        check_params(space, {**base, "optimizer": "momentum"})
+    assert missing.value.code == "missing_parameter" and "optimizer in ['momentum']" in missing.value.message
+    with pytest.raises(InvalidInput) as inactive:
+        check_params(space, {**base, "optimizer": "adam", "momentum": 0.9})
+    assert inactive.value.code == "inactive_parameter" and "optimizer='adam'" in inactive.value.message
+    # a wrong parent is the one problem named, not its child
+    with pytest.raises(InvalidInput) as parent:
+        check_params(space, {**base, "optimizer": "lion", "momentum": 0.9})
+    assert [d["field"] for d in parent.value.details] == ["params.optimizer"]
+    # partial (an ask's fixed values): missing parameters are fine, conditions only when decidable
+    assert check_params(space, {"momentum": 0.9}, partial=True).decoded == {"momentum": 0.9}
+    with pytest.raises(InvalidInput):
+        check_params(space, {"optimizer": "adam", "momentum": 0.9}, partial=True)
+
+
+def test_patient_pruner_without_wrapped_prunes_on_stagnation() -> None:
+    import optuna
+
+    pruner = build_pruner("patient", {"patience": 2})
+    assert isinstance(pruner, optuna.pruners.PatientPruner) and pruner._wrapped_pruner is None
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    improving, flat = study.ask(), study.ask()
+    for step, value in enumerate([0.1, 0.2, 0.3, 0.4]):
+        improving.report(value, step)
+    for step, value in enumerate([0.9, 0.5, 0.5, 0.5]):  # no better than 3 steps ago
+        flat.report(value, step)
+    assert not improving.should_prune()
+    assert flat.should_prune()
+    wrapped = build_pruner("patient", {"patience": 1, "wrapped": {"type": "median"}})
+    assert isinstance(wrapped._wrapped_pruner, optuna.pruners.MedianPruner)  # type: ignore[attr-defined]

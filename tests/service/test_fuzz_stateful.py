@@ -31,6 +31,7 @@ from tests.service.test_dashboard import free_port, live_server
 
 pytestmark = pytest.mark.slow
 MIN_CALLS = 1000
+MAX_ROUNDS = 40
 TOKEN = "stateful-fuzzing-admin-token-0123456789"
 
 
@@ -59,6 +60,10 @@ VALID_DEFINITIONS = st.builds(
 
 VALID_BODIES = {
     "POST /api/v1/studies": VALID_DEFINITIONS,
+    # random `fixed` values name unknown parameters and random worker ids are not registered
+    "POST /api/v1/studies/{name}/trials/ask": st.one_of(
+        st.just({}), st.fixed_dictionaries({"request_id": st.from_regex(r"\A[a-z0-9]{12}\Z")})
+    ),
     "POST /api/v1/studies/{name}/trials/{number}/report": st.fixed_dictionaries(
         {"step": st.integers(0, 50), "value": st.floats(-10, 10)}
     ),
@@ -133,8 +138,8 @@ def test_call_sequences_following_the_links_never_fail_the_server(live: str) -> 
 
     previous = hypothesis.core.global_force_seed  # what pytest's --hypothesis-seed sets
     settings = hypothesis.settings(
-        max_examples=200,
-        stateful_step_count=12,
+        max_examples=100,
+        stateful_step_count=30,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
@@ -143,7 +148,9 @@ def test_call_sequences_following_the_links_never_fail_the_server(live: str) -> 
         phases=[Phase.explicit, Phase.generate],
     )
     try:
-        for round_seed in range(seed, seed + 10):  # a new seed per round: the server's state moved on
+        # Rounds go on until sequences reached report or tell (an ask succeeds only on
+        # a study created earlier in the same sequence), at most MAX_ROUNDS: a new seed per round, as the server's state moved on.
+        for round_seed in range(seed, seed + MAX_ROUNDS):
             hypothesis.core.global_force_seed = round_seed
             # A live server keeps the state of earlier scenarios, so Hypothesis cannot always replay
             # one exactly (Flaky); schemathesis's own runner carries on the same way, and every
@@ -163,7 +170,13 @@ def test_call_sequences_following_the_links_never_fail_the_server(live: str) -> 
     assert not [key for key in answered if key[1] >= 500], answered
     # the links were followed: trials were claimed and then told about, not only 404s
     reached = {label for (label, status), n in answered.items() if status < 300}
-    print(f"calls: {calls['n']}; operations answered 2xx: {len(reached)}")
+    print(f"calls: {calls['n']} in {round_seed - seed + 1} rounds; operations answered 2xx: {len(reached)}")
+    trial_calls = {
+        f"{label.rsplit('/', 1)[-1]} {status}": n
+        for (label, status), n in sorted(answered.items())
+        if label.endswith(("/ask", "/tell", "/report"))
+    }
+    print(f"ask/report/tell answers: {trial_calls}")
     assert {"POST /api/v1/studies", "POST /api/v1/studies/{name}/trials/ask"} <= reached
     assert reached & {
         "POST /api/v1/studies/{name}/trials/{number}/tell",

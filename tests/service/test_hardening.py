@@ -406,3 +406,26 @@ def test_the_openapi_document_declares_auth_stable_ids_and_503(client: TestClien
     for op_id, (path, op) in operations.items():
         if path.startswith(API):
             assert "503" in op["responses"], op_id
+
+
+@pytest.mark.parametrize(
+    ("token", "metrics_auth", "open_paths"),
+    [(None, True, None), ("t" * 32, True, {"/healthz"}), ("t" * 32, False, {"/healthz", "/metrics"})],
+)
+def test_the_openapi_security_matches_what_the_service_enforces(
+    token: str | None, metrics_auth: bool, open_paths: set[str] | None
+) -> None:
+    """A schema client (Schemathesis, a generated SDK) must not be told a token is needed where the
+    service takes none, nor the reverse."""
+    settings = Settings(
+        database_url="sqlite://", background_tasks=False, api_token=token, metrics_auth=metrics_auth
+    )
+    schema = create_app(settings).openapi()
+    if open_paths is None:
+        assert "security" not in schema
+        return
+    assert schema["security"] == [{"bearerToken": []}, {"basicToken": []}]
+    unguarded = {
+        path for path, item in schema["paths"].items() for op in item.values() if op.get("security") == []
+    }
+    assert unguarded == open_paths

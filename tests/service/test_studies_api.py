@@ -59,7 +59,7 @@ def test_duplicate_name_is_409(client: TestClient, db_url: str) -> None:
 
 def test_get_list_filter_paginate(client: TestClient) -> None:
     for i in range(5):
-        body = definition(f"s{i}", tags={"team": "vision" if i % 2 else "nlp"})
+        body = definition(f"s{i}", tags={"team": "vision" if i % 2 else "nlp", "size": str(i % 3)})
         assert client.post("/api/v1/studies", json=body).status_code == 201
     assert client.get("/api/v1/studies/s3").json()["name"] == "s3"
     page = client.get("/api/v1/studies", params={"limit": 2, "offset": 1}).json()
@@ -68,6 +68,8 @@ def test_get_list_filter_paginate(client: TestClient) -> None:
     vision = client.get("/api/v1/studies", params={"tag": "team=vision"}).json()
     assert sorted(s["name"] for s in vision["items"]) == ["s1", "s3"]
     assert client.get("/api/v1/studies", params={"tag": "team"}).json()["total"] == 5
+    both = client.get("/api/v1/studies", params={"tag": ["team=vision", "size=1"]}).json()
+    assert [s["name"] for s in both["items"]] == ["s1"]  # repeated tags: every one must match
     assert client.get("/api/v1/studies", params={"state": "paused"}).json()["total"] == 0
     assert client.get("/api/v1/studies", params={"state": "bogus"}).status_code == 422
 

@@ -15,7 +15,11 @@ from scipy import stats
 from caviar.service import trials
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
-from caviar.service.studies.service import create_study, load_record, parse_definition
+from caviar.service.studies.schemas import BudgetUpdate, StudyUpdate
+from caviar.service.studies.service import create_study, definition_of, load_record, parse_definition
+from caviar.service.studies.steering import stop_study, update_study
+from caviar.service.trials.enqueue import enqueue
+from caviar.service.trials.schemas import EnqueueItem
 from tests.service.helpers import external_study
 
 
@@ -188,3 +192,117 @@ def test_a_request_retried_while_its_trial_is_sampled_waits_for_the_parameters(
         other.dispose()
     assert again.number == first[0].number and again.params == first[0].params
     assert set(again.params) == {"lr", "beta1", "dropout"}
+
+
+def test_lowering_the_budget_while_16_threads_ask_never_overshoots(db: Database, db_url: str) -> None:
+    """PATCH takes the ask's study lock: the budget lowered mid-race is exact, never overshot."""
+    create_study(db, parse_definition(external_study("lower", n_trials=2000)))
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_ask_until_exhausted, args=(db_url, "lower", numbers, errors), name=f"t{i}")
+        for i in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    while len(numbers) < 10 and not errors:
+        time.sleep(0.01)
+    lowered = None
+    while lowered is None:  # the asks go on meanwhile: aim a few trials above what is used now
+        target = len(numbers) + 8
+        try:
+            lowered = update_study(db, "lower", StudyUpdate(budget=BudgetUpdate(n_trials=target)))
+        except Conflict as exc:
+            assert exc.code == "budget_below_used"
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    budget = definition_of(lowered).budget.n_trials
+    assert budget < 2000
+    assert sorted(numbers) == list(range(budget))
+    assert trials.list_trials(db, "lower", limit=1000).total == budget
+
+
+def test_enqueue_and_ask_concurrently_hand_out_each_set_once(db: Database, db_url: str) -> None:
+    create_study(db, parse_definition(external_study("enq", n_trials=60)))
+    handed: list[dict[str, float]] = []
+    accepted: list[float] = []
+    errors: list[BaseException] = []
+    enqueuers_done = threading.Event()
+
+    def enqueuer(index: int) -> None:
+        other = Database(db_url, pool_size=1)
+        try:
+            for k in range(8):
+                dropout = 0.1 + index * 0.01 + k * 0.001  # a marker no sampler draws
+                item = EnqueueItem(params={"lr": 0.01, "beta1": 0.9, "dropout": dropout})
+                try:
+                    enqueue(other, "enq", [item])
+                    accepted.append(dropout)
+                except Conflict as exc:
+                    assert exc.code == "budget_exhausted"
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.dispose()
+
+    def asker() -> None:
+        other = Database(db_url, pool_size=1)
+        try:
+            while True:
+                try:
+                    handed.append(trials.ask(other, "enq").params)
+                except Conflict as exc:
+                    assert exc.code == "budget_exhausted"
+                    if enqueuers_done.is_set():
+                        return
+                    time.sleep(0.02)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.dispose()
+
+    enqueuers = [threading.Thread(target=enqueuer, args=(i,)) for i in range(4)]
+    askers = [threading.Thread(target=asker) for _ in range(8)]
+    for thread in [*enqueuers, *askers]:
+        thread.start()
+    for thread in enqueuers:
+        thread.join(120)
+    enqueuers_done.set()
+    for thread in askers:
+        thread.join(120)
+    assert not errors, errors
+    assert accepted, "no set was enqueued before the budget filled"
+    dropouts = [p["dropout"] for p in handed]
+    for dropout in accepted:
+        assert dropouts.count(dropout) == 1, dropout
+    assert len(handed) == 60
+    assert trials.list_trials(db, "enq", state="waiting").total == 0
+
+
+def test_a_stop_racing_the_last_tells_ends_stopped(db: Database, db_url: str) -> None:
+    create_study(db, parse_definition(external_study("race-stop", n_trials=40)))
+    numbers = [trials.ask(db, "race-stop").number for _ in range(12)]
+    errors: list[BaseException] = []
+
+    def finish(number: int) -> None:
+        other = Database(db_url, pool_size=1)
+        try:
+            trials.tell(other, "race-stop", number, "complete", values=[float(number)])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.dispose()
+
+    threads = [threading.Thread(target=finish, args=(n,)) for n in numbers]
+    for thread in threads[:6]:
+        thread.start()
+    stop_study(db, "race-stop")
+    for thread in threads[6:]:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    record = load_record(db, "race-stop")
+    assert record.state == "stopped"
+    assert trials.list_trials(db, "race-stop", state="running").total == 0

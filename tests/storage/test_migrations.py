@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+from datetime import UTC, datetime, timedelta
 
 import optuna
+import sqlalchemy as sa
 from sqlalchemy import inspect, text
 
 from caviar import storage
+from caviar.storage import StudyRecord
 from tests.conftest import DatabaseFactory
 
 CAVIAR_TABLES = {
@@ -78,3 +81,93 @@ def test_concurrent_upgrades_on_a_fresh_database_do_not_race(databases: Database
     for process in processes:
         process.join(30)
     assert results == [storage.head_revision()] * 4
+
+
+def test_0002_keeps_existing_studies_and_backfills_their_start(databases: DatabaseFactory) -> None:
+    """A database at 0001 with a started study: after the upgrade its definition is revision 1 and
+    its start time is its first lease's."""
+    from alembic import command
+    from sqlalchemy import insert
+
+    from caviar.storage._migrate import _alembic_config
+
+    url = databases.empty()
+    optuna.storages.RDBStorage(url).engine.dispose()  # Optuna's own schema
+    engine = storage.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            command.upgrade(_alembic_config(connection), "0001")
+            connection.commit()
+        assert storage.current_revision(engine) == "0001"
+        metadata = sa.MetaData()
+        studies = sa.Table("caviar_studies", metadata, autoload_with=engine)
+        leases = sa.Table("caviar_trial_leases", metadata, autoload_with=engine)
+        first = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+        row = {"state": "running", "definition": {}, "priority": 0, "objective_kind": "external"}
+        with engine.begin() as connection:
+            for study_id, name in ((1, "started"), (2, "queued")):
+                connection.execute(
+                    insert(studies).values(
+                        id=study_id,
+                        name=name,
+                        optuna_study_id=study_id,
+                        created_at=first,
+                        updated_at=first,
+                        **row,
+                    )
+                )
+            for number, offset in ((0, 5), (1, 0), (2, 9)):
+                connection.execute(
+                    insert(leases).values(
+                        trial_id=number + 1, study_id=1, number=number, status="finished", attempt=0,
+                        started_at=first + timedelta(minutes=offset), expires_at=first + timedelta(hours=1),
+                    )
+                )  # fmt: skip
+    finally:
+        engine.dispose()
+    assert storage.upgrade(url) == storage.head_revision()
+    from caviar.service.db import Database
+
+    db = Database(url)
+    try:
+        with db.session() as session:
+            started = session.get(StudyRecord, 1)
+            queued = session.get(StudyRecord, 2)
+            assert started is not None and queued is not None
+            assert started.definition_version == 1 and started.started_at == first
+            assert queued.started_at is None and queued.stop_reason is None and queued.warm_start is None
+    finally:
+        db.dispose()
+
+
+def test_the_migrations_build_the_tables_the_models_describe(databases: DatabaseFactory) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from caviar.storage import Base
+
+    url = databases.migrated()
+    engine = storage.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection,
+                opts={
+                    "include_object": lambda obj, name, kind, *_: (
+                        kind != "table" or name.startswith("caviar_")
+                    )
+                },
+            )
+            differences = [d for d in compare_metadata(context, Base.metadata) if not _is_version_table(d)]
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def _is_version_table(difference: object) -> bool:
+    """Alembic's own version table is in the database, not in the models."""
+    return (
+        isinstance(difference, tuple)
+        and difference[0] == "remove_table"
+        and difference[1].name == "caviar_alembic_version"
+    )

@@ -222,6 +222,43 @@ def test_four_workers_racing_keep_the_budget_exact(
     assert studies.load_record(db, "race4").state == "completed"
 
 
+def test_stop_while_a_fused_group_trains_ends_every_member(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    """POST /stop while 4 fused members train (and 2 enqueued trials wait): the worker prunes every
+    member at its next report, the waiting ones are cancelled, the study ends stopped."""
+    service = serve(heartbeat=1.0)
+    body = digits_study("stopfuse", n_trials=20, max_epochs=5000, fuse=4)
+    body["pruner"] = {"type": "none"}
+    body["sampler"] = {"type": "random", "seed": 0}  # no warm-up trials: the first group is fused
+    api = f"{service.url}/api/v1/studies/stopfuse"
+    assert httpx.post(f"{service.url}/api/v1/studies", json=body, timeout=30).status_code == 201
+    workers = spawn(service, "--cpu", "1", "--study", "stopfuse", "--exit-when-idle", "3")
+
+    def training() -> list[int]:
+        running = trials.list_trials(db, "stopfuse", state="running").items
+        return [t.number for t in running if t.intermediate_values]
+
+    wait_until(lambda: len(training()) == 4, 120, "the fused group did not start training")
+    members = training()
+    params = {k: v for k, v in trials.get_trial(db, "stopfuse", members[0]).params.items()}
+    enqueued = httpx.post(f"{api}/trials/enqueue", json={"trials": [{"params": params}] * 2}, timeout=30)
+    assert enqueued.status_code == 201, enqueued.text
+    asked = time.monotonic()
+    stopped = httpx.post(f"{api}/stop", timeout=30)
+    assert stopped.status_code == 200 and stopped.json()["state"] == "stopping", stopped.text
+    wait_until(lambda: studies.load_record(db, "stopfuse").state == "stopped", 60, "the study did not stop")
+    assert time.monotonic() - asked < 20
+    counts = finished_counts(db, "stopfuse")
+    assert counts["running"] == 0 and counts["waiting"] == 0, counts
+    for number in members:  # told pruned by the worker, not reaped
+        member = trials.get_trial(db, "stopfuse", number)
+        assert member.state == "pruned", (number, member.state, member.fail_reason)
+    cancelled = [t for t in trials.list_trials(db, "stopfuse", state="fail").items]
+    assert len(cancelled) == 2 and all("cancelled" in (t.fail_reason or "") for t in cancelled)
+    assert workers.wait(60) == 0, workers.output()
+
+
 def _pg_restart_command() -> list[str] | None:
     if (
         not IS_POSTGRES

@@ -1,0 +1,93 @@
+"""Enqueue parameter sets over the API: waiting trials handed out before new samples, or complete
+trials imported with their known result (Optuna's ``enqueue_trial`` and ``add_trial``).
+
+Parameters come in decoded names (``beta1: 0.95``) and are checked against the search space by
+:func:`~caviar.service.definition.check_params`, which also encodes them for Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from caviar.service.db import Database
+from caviar.service.definition import CheckedParams, check_finite, check_params
+from caviar.service.errors import Conflict, InvalidInput
+from caviar.service.studies.service import (
+    STOPPED_STATES,
+    add_trial,
+    all_trials,
+    definition_of,
+    load_record,
+    reload,
+)
+from caviar.service.trials._core import ENQUEUED, IMPORTED, state_counts, used_count
+from caviar.service.trials.leases import study_stopped
+from caviar.service.trials.outcomes import settle_study
+from caviar.service.trials.reads import to_read
+from caviar.service.trials.schemas import EnqueueItem, TrialRead
+
+
+def enqueue(db: Database, name: str, items: Sequence[EnqueueItem]) -> list[TrialRead]:
+    """Add parameter sets to a study: waiting trials, or complete ones when a value is given.
+
+    Every set is checked before any is added. They count against ``budget.n_trials`` like any
+    trial; waiting ones are handed out by the next asks, before newly sampled trials. Imported
+    results settle the study (its goal may be reached, its budget used).
+
+    Raises:
+        InvalidInput: a set that does not fit the search space (the message names
+            ``trials.<i>.params.<name>``), or values of the wrong number or not finite.
+        Conflict: ``budget_exhausted`` when the sets would overshoot ``n_trials``;
+            ``study_stopped``; ``study_failed``.
+    """
+    record = load_record(db, name)
+    definition = definition_of(record)
+    n_objectives = len(definition.study_directions)
+    checked: list[tuple[CheckedParams, list[float] | None, dict[str, object]]] = []
+    for index, item in enumerate(items):
+        where = f"trials.{index}"
+        params = check_params(definition.search_space, item.params, where=f"{where}.params")
+        values = _values(item, where, n_objectives)
+        attrs: dict[str, object] = {**(item.user_attrs or {}), (IMPORTED if values else ENQUEUED): True}
+        checked.append((params, values, attrs))
+    with db.study_lock(record.id):
+        record = reload(db, record)
+        definition = definition_of(record)
+        if record.state in STOPPED_STATES:
+            raise study_stopped(record)
+        if record.state == "failed":
+            raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
+        used = used_count(state_counts(all_trials(db, record)))
+        n_trials = definition.budget.n_trials
+        if used + len(checked) > n_trials:
+            raise Conflict(
+                f"study {name!r} has used {used} of its {n_trials} trials; {len(checked)} more would "
+                f"overshoot budget.n_trials (raise it with PATCH /api/v1/studies/{name})",
+                code="budget_exhausted",
+            )
+        ids = [
+            add_trial(db, record.optuna_study_id, definition.search_space, params, values=values, attrs=attrs)
+            for params, values, attrs in checked
+        ]
+        if any(values for _, values, _ in checked):
+            settle_study(db, record)
+    return [to_read(definition, db.optuna.get_trial(trial_id)) for trial_id in ids]
+
+
+def _values(item: EnqueueItem, where: str, n_objectives: int) -> list[float] | None:
+    """The known result of an item to import, checked (None: a waiting trial)."""
+    if item.value is not None and item.values is not None:
+        raise InvalidInput(f"{where}.value: give value or values, not both")
+    values = item.values if item.values is not None else ([item.value] if item.value is not None else None)
+    if values is None:
+        return None
+    if len(values) != n_objectives:
+        raise InvalidInput(
+            f"{where}.values: the study has {n_objectives} objective(s), got {len(values)} value(s)",
+            code="wrong_number_of_values",
+        )
+    try:
+        check_finite(values)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}.values: {exc}", code="non_finite_value") from None
+    return values
