@@ -42,15 +42,15 @@ def list_studies(
     db: DbDep,
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
     tag: Annotated[
-        list[Annotated[str, StringConstraints(max_length=200)]] | None,
+        list[Annotated[str, StringConstraints(max_length=200)]],
         Query(max_length=16, description="key or key=value; repeated, a study must carry every one."),
-    ] = None,
+    ] = [],  # noqa: B006 (FastAPI copies defaults; no `null` keeps the schema a plain array)
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
     return service.list_studies(
-        db, states=state, tags=tag or (), limit=limit, offset=offset, queue_order=order == "queue"
+        db, states=state, tags=tag, limit=limit, offset=offset, queue_order=order == "queue"
     )
 
 
