@@ -8,6 +8,7 @@ processes and machines.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -342,7 +343,12 @@ def report(
     if record.state in STOPPED_STATES:
         return True  # the study is stopping: every running trial ends at its next report
     study = study_handle(db, record, definition)
-    return bool(study.pruner.prune(study, db.optuna.get_trial(trial._trial_id)))
+    if isinstance(study.pruner, optuna.pruners.NopPruner):
+        return False
+    # the trial as the pruner must see it, without reading it back: what was read plus this value
+    reported = copy.copy(trial)
+    reported.intermediate_values = {**trial.intermediate_values, step: value}
+    return bool(study.pruner.prune(study, reported))
 
 
 def check_value(value: float, field: str) -> None:
