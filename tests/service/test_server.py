@@ -71,7 +71,12 @@ def test_serve_gives_up_on_an_unreachable_database_with_one_line(tmp_path: Path)
 def test_serve_waits_for_a_database_that_appears_later(databases: DatabaseFactory, tmp_path: Path) -> None:
     url = databases.later()  # an SQLite file in a folder not made yet, or a PostgreSQL database not created
     log = tmp_path / "serve.log"
-    appear = threading.Timer(4.0, databases.create_migrated, args=(url,))
+
+    def appear_once_waited_for() -> None:  # not on a timer: a loaded machine starts serve late
+        wait_until(lambda: log.exists() and "not ready" in log.read_text(), 120, "serve never waited")
+        databases.create_migrated(url)
+
+    appear = threading.Thread(target=appear_once_waited_for)
     appear.start()
     try:
         server, base = processes.serve(
