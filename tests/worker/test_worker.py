@@ -119,8 +119,25 @@ def test_discover_slots() -> None:
         discover_slots("x,y", 1, None, available=2)
     with pytest.raises(ValueError, match="not visible"):
         discover_slots("7", 1, 0, available=2)
-    visible = discover_slots("all", 1, 0)  # asks torch: this machine's GPUs, one slot each
-    assert visible == [f"cuda:{i}" for i in range(len(visible))]
+
+
+@pytest.mark.parametrize(("cuda", "count", "expected"), [(True, 3, 3), (False, 3, 0), (True, 0, 0)])
+def test_discover_slots_all_asks_torch_for_the_visible_gpus(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, count: int, expected: int
+) -> None:
+    """With no ``available`` given, ``all`` means the GPUs torch sees (none when CUDA is off)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    cuda_slots = [f"cuda:{i}" for i in range(expected)]
+    assert discover_slots("all", 1, 0) == cuda_slots
+    assert discover_slots("all", 2, 1) == [s for s in cuda_slots for _ in range(2)] + ["cpu"]
+    assert discover_slots("all", 1, None) == (cuda_slots or ["cpu"])
+    if expected:
+        assert discover_slots("2", 1, 0) == ["cuda:2"]
+    with pytest.raises(ValueError, match="not visible"):
+        discover_slots(str(expected), 1, 0)
 
 
 def test_service_and_two_workers_finish_a_digits_study(
