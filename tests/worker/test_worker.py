@@ -533,3 +533,73 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
         t for t in trials.list_trials(db, "lease", limit=100).items if t.number not in (0, retry["number"])
     ]
     assert [t.state for t in others] == ["complete"]  # the slot went on with the study's other trial
+
+
+def test_max_trials_stops_the_worker_after_n(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    """`caviar worker --max-trials 2` (no --exit-when-idle) exits 0 after finishing 2 trials of a
+    6-trial study, leaving the other 4 to other workers."""
+    service = serve()
+    body = digits_study("maxn", n_trials=6, max_epochs=2)
+    body["sampler"] = {"type": "random", "seed": 0}
+    body["pruner"] = {"type": "none"}
+    studies.create_study(db, studies.parse_definition(body))
+    workers = spawn(service, "--cpu", "1", "--study", "maxn", "--max-trials", "2")
+    assert workers.wait(90) == 0, workers.output()
+    counts = finished_counts(db, "maxn")
+    assert counts["complete"] == 2 and counts["running"] == 0 and counts["waiting"] == 0, counts
+    assert studies.load_record(db, "maxn").state == "running"  # the rest is left for others
+
+
+def test_a_crashed_slot_is_restarted_and_finishes_the_study(
+    db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
+) -> None:
+    """The only slot of `caviar worker --cpu 1` is killed mid-trial: the supervisor starts a new slot
+    process (a new pid registers), which runs the reaped trial's retry and the rest of the study."""
+    service = serve(heartbeat=0.3)
+    body = digits_study("crash", n_trials=3, max_epochs=3)
+    body["pruner"] = {"type": "none"}
+    studies.create_study(db, studies.parse_definition(body))
+    workers = spawn(service, "--cpu", "1", "--study", "crash", "--exit-when-idle", "3")
+    wait_until(lambda: busy_slot(db, "crash") is not None, 60, "no trial started")
+    pid, number = busy_slot(db, "crash")  # type: ignore[misc]
+    os.kill(pid, signal.SIGKILL)
+    assert workers.wait(120) == 0, workers.output()
+    with db.session() as session:
+        pids = {record.pid for record in session.scalars(select(WorkerRecord))}
+    assert pid in pids and len(pids) == 2, pids  # the killed slot and its replacement
+    assert "restarting" in workers.output()
+    retries = [t for t in trials.list_trials(db, "crash", limit=100).items if t.retry_of == number]
+    assert [t.state for t in retries] == ["complete"]
+    assert finished_counts(db, "crash")["complete"] == 3
+    assert studies.load_record(db, "crash").state == "completed"
+
+
+def test_demo_runs_end_to_end(db_url: str, tmp_path: Path) -> None:
+    """`caviar demo` with a small budget: serves, trains on CPU workers, completes the study and
+    prints the best trial and where to look next; exit 0."""
+    from caviar.service.processes import free_port
+
+    demo = CaviarProcess(
+        ["demo", "--n-trials", "2", "--workers", "1", "--fuse", "1", "--port", str(free_port(23000))],
+        env={"CAVIAR_DATABASE_URL": db_url, "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts")},
+        unset=("CAVIAR_API_TOKEN",),
+        log=tmp_path / "demo-output.log",
+        cwd=tmp_path,
+    )
+    try:
+        assert demo.wait(150) == 0, demo.output()
+    finally:
+        demo.stop()
+    output = " ".join(demo.output(20000).split())
+    assert "study digits-mlp completed" in output, output
+    assert "best trial #" in output and "val_accuracy" in output and "/dashboard" in output
+    db = Database(db_url)
+    try:
+        study = studies.describe(db, studies.load_record(db, "digits-mlp"))
+    finally:
+        db.dispose()
+    counts = study.trial_counts
+    assert study.state == "completed" and counts.complete + counts.pruned == 2, counts
+    assert (tmp_path / "caviar-demo.log").exists()  # the API's and workers' log, next to the user
