@@ -10,6 +10,8 @@ from pydantic import BaseModel, ValidationError
 
 _PARAM_TAGS = {"float", "int", "categorical"}
 _TYPE_TAG = re.compile(r"^(function-\w+\[.*\]|constrained-\w+|str|int|float|bool|none|\[key\])$")
+_NAMED_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): (.+)$", re.DOTALL)
+"""A model-level validator's message that starts by naming its field (``"metric: ..."``)."""
 
 
 class CaviarError(Exception):
@@ -94,9 +96,11 @@ def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     details = []
     for error in errors:
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        details.append(
-            {"field": field_path(error.get("loc", ())), "message": message, "type": error.get("type")}
-        )
+        field = field_path(error.get("loc", ()))
+        named = _NAMED_FIELD.match(message) if not field else None
+        if named:  # a check across fields names the one it refuses: that is the detail's field
+            field, message = named.group(1), named.group(2)
+        details.append({"field": field, "message": message, "type": error.get("type")})
     return details
 
 

@@ -352,7 +352,7 @@ class StudyTemplate(_Strict):
     @model_validator(mode="after")
     def _check_objectives(self) -> StudyTemplate:
         if self.direction is not None and self.directions is not None:
-            raise ValueError("give either direction or directions, not both")
+            raise ValueError("directions: give either direction or directions, not both")
         n = len(self.directions) if self.directions else 1
         metrics = self.metrics
         if len(metrics) != n:

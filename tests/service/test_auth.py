@@ -339,3 +339,33 @@ def test_a_root_path_prefix_does_not_dodge_the_policy(settings, db) -> None:  # 
         assert client.get("/caviar/api/v1/studies", headers=bearer(write)).status_code == 200
         assert_envelope(client.get("/caviar/api/v1/tokens", headers=bearer(write)), 403, "forbidden")
         assert_envelope(client.get("/caviar/healthz/../api/v1/tokens"), 401, "unauthorized")
+
+
+def test_a_revocation_reaches_another_server_process_within_the_documented_delay(settings, db) -> None:  # type: ignore[no-untyped-def]
+    """Two servers on one database (each with its own token cache, as two `caviar serve` processes
+    have): a token revoked through one is refused by the other within CACHE_TTL_S (README: 5 s)."""
+    import time
+
+    from caviar.service.auth import CACHE_TTL_S
+
+    assert CACHE_TTL_S <= 5.0  # the documented bound
+    secured_settings = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
+    with (
+        TestClient(create_app(secured_settings, db=db)) as first,
+        TestClient(create_app(secured_settings, db=db)) as other,
+    ):
+        token = make_token(first, "write")
+        assert other.get(f"{API}/studies", headers=bearer(token)).status_code == 200  # cached there now
+        (item,) = first.get(f"{API}/tokens", headers=bearer(ADMIN)).json()["items"]
+        assert first.delete(f"{API}/tokens/{item['id']}", headers=bearer(ADMIN)).status_code == 204
+        revoked = time.monotonic()
+        assert_envelope(first.get(f"{API}/studies", headers=bearer(token)), 401, "unauthorized")  # at once
+        while other.get(f"{API}/studies", headers=bearer(token)).status_code == 200:
+            assert time.monotonic() - revoked < CACHE_TTL_S + 1.0, "the other process still accepts the token"
+            time.sleep(0.1)
+        assert_envelope(other.get(f"{API}/studies", headers=bearer(token)), 401, "unauthorized")
+        # and it stays refused (a refusal is not cached as a pass later)
+        assert (
+            other.post(f"{API}/studies", json=external_study("late"), headers=bearer(token)).status_code
+            == 401
+        )

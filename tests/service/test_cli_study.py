@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,68 @@ def test_watch_ends_when_the_study_completes(remote: str, db_url: str) -> None:
     for flags in both(db_url, remote):
         output = run("study", "watch", "cli", "--interval", "0.1", *flags)
         assert "completed" in output and "0.9" in output
+
+
+def test_watch_follows_a_running_study_until_it_completes(
+    remote: str, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`study watch` on a study that is still running keeps polling while trials finish and ends
+    (with the final best) only once the last trial is told."""
+    import httpx
+
+    from caviar.service.local import LocalBackend
+    from caviar.service.remote import RemoteBackend
+
+    seen: list[tuple[str, int]] = []
+    for backend in (LocalBackend, RemoteBackend):
+        original = backend.study
+
+        def recording(self, name: str, _original=original) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+            study: dict[str, Any] = _original(self, name)
+            seen.append((study["state"], study["trial_counts"]["complete"]))
+            return study
+
+        monkeypatch.setattr(backend, "study", recording)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for index, flags in enumerate(both(db_url, remote)):
+        name = f"watch{index}"
+        api = f"{remote}/api/v1/studies/{name}"
+        with httpx.Client(headers=headers, timeout=30) as http:
+            assert (
+                http.post(f"{remote}/api/v1/studies", json=external_study(name, n_trials=3)).status_code
+                == 201
+            )
+            first = http.post(f"{api}/trials/ask", json={}).json()["number"]  # running now
+        seen.clear()
+        errors: list[BaseException] = []
+
+        def finish_trials(api: str = api, first: int = first, errors: list[BaseException] = errors) -> None:
+            try:
+                with httpx.Client(headers=headers, timeout=30) as http:
+                    time.sleep(0.6)
+                    for number, value in ((first, 0.4), (None, 0.8), (None, 0.7)):
+                        if number is None:
+                            number = http.post(f"{api}/trials/ask", json={}).json()["number"]
+                        told = http.post(
+                            f"{api}/trials/{number}/tell", json={"state": "complete", "value": value}
+                        )
+                        assert told.status_code == 200, told.text
+                        time.sleep(0.3)
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        teller = threading.Thread(target=finish_trials)
+        teller.start()
+        started = time.monotonic()
+        output = run("study", "watch", name, "--interval", "0.1", *flags)
+        teller.join(30)
+        assert not errors, errors
+        assert time.monotonic() - started >= 1.0  # it waited for the trials, it did not return at once
+        assert seen[0] == ("running", 0), seen
+        assert seen[-1] == ("completed", 3), seen
+        assert [state for state, _ in seen].count("completed") == 1  # stopped polling at the end
+        assert {done for _, done in seen} >= {0, 1, 2, 3}  # progress was seen trial by trial
+        assert f"study {name} completed: best 0.8" in " ".join(output.split())
 
 
 def test_create_over_rest_and_errors_are_one_line(remote: str, db_url: str, tmp_path: Path) -> None:
@@ -268,3 +332,44 @@ def test_create_with_warm_start(remote: str, db_url: str, tmp_path: Path) -> Non
         ["study", "create", "-f", str(unknown), "--warm-start", "nope", "--url", remote, "--token", TOKEN],
     )
     assert missing.exit_code == 1 and "warm_start.from" in missing.output
+
+
+def test_checkpoint_upload_and_download_round_trip(
+    remote: str,
+    db_url: str,
+    settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A checkpoint uploaded with a trial comes back byte for byte: over REST (GET .../checkpoint)
+    and through `caviar study checkpoint` on either backend (the best trial's by default)."""
+    import httpx
+
+    monkeypatch.setenv("CAVIAR_ARTIFACT_DIR", settings.artifact_dir)  # the local backend's store
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    api = f"{remote}/api/v1/studies/ckpt"
+    weights = bytes(range(256)) * 64 + b"\x00end"
+    with httpx.Client(headers=headers, timeout=30) as http:
+        assert (
+            http.post(f"{remote}/api/v1/studies", json=external_study("ckpt", n_trials=2)).status_code == 201
+        )
+        for value, content in ((0.9, weights), (0.2, None)):
+            number = http.post(f"{api}/trials/ask", json={}).json()["number"]
+            if content is not None:
+                uploaded = http.post(
+                    f"{api}/trials/{number}/artifacts", params={"filename": "checkpoint.pt"}, content=content
+                )
+                assert uploaded.status_code == 201, uploaded.text
+            told = http.post(f"{api}/trials/{number}/tell", json={"state": "complete", "value": value})
+            assert told.status_code == 200, told.text
+        downloaded = http.get(f"{api}/trials/0/checkpoint")
+        assert downloaded.status_code == 200, downloaded.text
+        assert downloaded.content == weights
+        assert http.get(f"{api}/trials/1/checkpoint").status_code == 404  # trial 1 stored none
+    for index, flags in enumerate(both(db_url, remote)):
+        target = tmp_path / f"best{index}.pt"
+        output = run("study", "checkpoint", "ckpt", "-o", str(target), *flags)
+        assert "trial 0" in output
+        assert target.read_bytes() == weights
+        missing = runner.invoke(cli_app, ["study", "checkpoint", "ckpt", "--trial", "1", *flags])
+        assert missing.exit_code == 1 and "no checkpoint" in missing.output

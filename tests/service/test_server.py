@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,75 @@ def test_a_killed_server_process_is_restarted_with_growing_delays(db_url: str, t
         )
     finally:
         assert server.stop() == 0
+
+
+def test_two_server_processes_both_answer_and_stop_cleanly(db_url: str, tmp_path: Path) -> None:
+    """`caviar serve --processes 2`: two processes share the port, each answers requests (seen by
+    the pid on its access-log lines), and SIGTERM stops both with exit 0."""
+    log = tmp_path / "serve.log"
+    server, url = processes.serve(
+        db_url, processes=2, log=log, extra=["--log-format", "json", "--log-level", "info"]
+    )
+    try:
+        started = [
+            e for e in log_entries(log) if e["logger"] == "caviar.server" and "started" in e["message"]
+        ]
+        children = {e["child_pid"] for e in started}
+        assert len(children) == 2, started
+        answered: set[int] = set()
+
+        def both_answered() -> bool:
+            for _ in range(10):  # a fresh connection each time: the kernel spreads them out
+                assert httpx.get(f"{url}/api/v1/studies", timeout=30).status_code == 200
+            answered.update(
+                e["pid"]
+                for e in log_entries(log)
+                if e.get("logger") == "caviar.access" and e.get("route") == "/api/v1/studies"
+            )
+            return answered >= children
+
+        wait_until(both_answered, 30, "only one server process answered")
+        assert answered == children
+    finally:
+        asked = time.monotonic()
+        assert server.stop() == 0
+    assert time.monotonic() - asked < 10  # SIGTERM reached both children; nothing waited to be killed
+    for pid in children:  # both children are gone, not left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("command", "host"), [("serve", "0.0.0.0"), ("serve", "::"), ("dashboard", "192.0.2.7")]
+)
+def test_a_non_loopback_host_without_a_token_is_refused(
+    db_url: str, tmp_path: Path, command: str, host: str
+) -> None:
+    log = tmp_path / "refused.log"
+    refused = CaviarProcess(
+        [command, "--host", host, "--port", str(free_port(21000))],
+        env={"CAVIAR_DATABASE_URL": db_url},
+        unset=("CAVIAR_API_TOKEN",),
+        log=log,
+    )
+    try:
+        assert refused.wait(timeout=30) == 1, refused.output()
+    finally:
+        refused.stop()  # a regression must not leave an open server on the network
+    output = log.read_text()
+    assert f"refusing to listen on {host}" in output and "CAVIAR_API_TOKEN" in output
+    assert "Traceback" not in output
+
+
+def test_the_bind_check_allows_loopback_or_a_token() -> None:
+    from pydantic import SecretStr
+
+    from caviar.service.config import Settings
+    from caviar.service.server import check_bind_allowed
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.5"):
+        check_bind_allowed(Settings(host=host, api_token=None))
+    check_bind_allowed(Settings(host="0.0.0.0", api_token=SecretStr("a-long-enough-admin-token-0123456789")))
+    with pytest.raises(SystemExit, match=r"refusing to listen on 10\.0\.0\.1"):
+        check_bind_allowed(Settings(host="10.0.0.1", api_token=None))
