@@ -23,7 +23,11 @@ the median over repeats with min and max; speedups are plain's median over the a
 the spread of the per-repeat ratios. All arms are deterministic for fixed seeds: accuracies are
 the same in every repeat.
 
-Usage: ``python benchmarks/fused_training.py [--quick] [--ks 1,4,16,64] [--repeat 5] [--procs 2]``
+``--datasets ttq`` runs the task of ``time_to_quality.py`` (batch 256): how much faster fusing
+trains that search's epochs, which bounds its time-to-quality gain.
+
+Usage: ``python benchmarks/fused_training.py [--quick] [--ks 1,4,16,64] [--repeat 5] [--procs 2]
+[--datasets digits,synthetic,ttq]``
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,11 +52,11 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
 
 from caviar.trainer import TrialConfig  # noqa: E402
 
-LAYERS, HIDDEN, BATCH = 2, 128, 64
+LAYERS, HIDDEN = 2, 128
 METHODS = ("fused", "plain", "plain_dataloader", "sequential")
 
 
-def sample_configs(k: int, epochs: int, seed: int) -> list[TrialConfig]:
+def sample_configs(k: int, epochs: int, seed: int, batch: int = 64) -> list[TrialConfig]:
     """K random Adam configs: lr, weight_decay, 1 - beta1 log-uniform; dropout uniform."""
     rng = random.Random(seed)
 
@@ -61,7 +67,7 @@ def sample_configs(k: int, epochs: int, seed: int) -> list[TrialConfig]:
         TrialConfig(
             layers=LAYERS,
             hidden_units=HIDDEN,
-            batch_size=BATCH,
+            batch_size=batch,
             max_epochs=epochs,
             optimizer="adam",
             lr=log_uniform(5e-4, 5e-3),
@@ -93,7 +99,7 @@ def _train(method: str, configs: list[TrialConfig], data: Any) -> list[float]:
     return [train_plain(c, data, feed=feed).metrics["val_accuracy"] for c in configs]
 
 
-def _serve(dataset: str, options: dict[str, Any], threads: int, tasks: Any, results: Any) -> None:
+def _serve(dataset: str, options: dict[str, Any], threads: int, batch: int, tasks: Any, results: Any) -> None:
     """One process: load the data, warm up every method, then train what it is handed."""
     import torch
 
@@ -102,7 +108,7 @@ def _serve(dataset: str, options: dict[str, Any], threads: int, tasks: Any, resu
     torch.set_num_threads(threads)
     data = load_dataset(dataset, validation_split=0.2, seed=0, **options)
     for method in METHODS:  # allocator, kernels, lazy imports
-        _train(method, sample_configs(2, 1, seed=99), data)
+        _train(method, sample_configs(2, 1, seed=99, batch=batch), data)
     results.put(("ready", len(data.X_train)))
     while (task := tasks.get()) is not None:
         method, configs = task
@@ -112,12 +118,12 @@ def _serve(dataset: str, options: dict[str, Any], threads: int, tasks: Any, resu
 class Pool:
     """``procs`` long-lived processes on one dataset; ``run`` deals configs round-robin."""
 
-    def __init__(self, procs: int, dataset: str, options: dict[str, Any], threads: int) -> None:
+    def __init__(self, procs: int, dataset: str, options: dict[str, Any], threads: int, batch: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(procs)]
         self.processes = [
-            ctx.Process(target=_serve, args=(dataset, options, threads, q, self.results), daemon=True)
+            ctx.Process(target=_serve, args=(dataset, options, threads, batch, q, self.results), daemon=True)
             for q in self.tasks
         ]
         for process in self.processes:
@@ -162,7 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--ks", default=None, help="comma-separated K (default 1,4,16,64; quick 1,4,16)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10; quick 3)")
-    parser.add_argument("--datasets", default="digits,synthetic", help="comma-separated datasets")
+    parser.add_argument(
+        "--datasets",
+        default="digits,synthetic",
+        help="comma-separated: digits, synthetic, ttq (time_to_quality.py's task, batch 256)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64; ttq 256)")
     parser.add_argument("--repeat", type=int, default=None, help="runs of every arm (default 3; quick 1)")
     parser.add_argument(
         "--methods",
@@ -177,12 +188,18 @@ def main(argv: list[str] | None = None) -> None:
     methods = ["plain", *(m for m in args.methods.split(",") if m and m != "plain")]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    folder = Path(tempfile.mkdtemp(prefix="caviar-fused-"))
     for name in args.datasets.split(","):
         options: dict[str, Any] = {"n_samples": 4000} if name == "synthetic" and args.quick else {}
-        pool = Pool(procs, name, options, args.threads)
+        source, batch = name, args.batch or 64
+        if name == "ttq":  # the time-to-quality task: how much faster fusing makes that search's epochs
+            from benchmarks.time_to_quality import make_task
+
+            source, batch = str(make_task(folder, args.quick)), args.batch or 256
+        pool = Pool(procs, source, options, args.threads, batch)
         try:
             for k in ks:
-                configs = sample_configs(k, epochs, seed=k)
+                configs = sample_configs(k, epochs, seed=k, batch=batch)
                 seconds: dict[str, list[float]] = {m: [] for m in methods}
                 accuracies: dict[str, list[float]] = {}
                 for r in range(repeat):
@@ -207,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                             "plain_dataloader": "secondary baseline (DataLoader, Optuna-example style)",
                         }.get(method, "caviar"),
                         "epochs": epochs,
+                        "batch_size": batch,
                         "procs": min(procs, k),
                         "threads_per_proc": args.threads,
                         "repeat": repeat,
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(line), flush=True)
         finally:
             pool.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
