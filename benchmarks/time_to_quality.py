@@ -99,7 +99,7 @@ def make_task(folder: Path, quick: bool) -> Path:
     import numpy as np
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(**(QUICK_TASK if quick else TASK))  # type: ignore[arg-type]
+    x, y = make_classification(**(QUICK_TASK if quick else TASK))
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / DATA_FILE, X=x.astype(np.float32), y=y)
     return folder / DATA_FILE
@@ -593,8 +593,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run both arms for every seed and print JSON lines."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--plain-worker":
-        url, name, n_trials, seed, index = argv[1:6]
-        plain_worker(url, name, int(n_trials), int(seed), int(index))
+        url, name, n_trials, worker_seed, index = argv[1:6]
+        plain_worker(url, name, int(n_trials), int(worker_seed), int(index))
         return
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
