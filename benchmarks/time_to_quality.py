@@ -519,22 +519,32 @@ def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace
     return lines
 
 
-def spread(values: Sequence[float | None]) -> dict[str, Any] | None:
-    """Median, min and max of the values present, with how many were missing (never reached)."""
-    present = [v for v in values if v is not None]
+def spread(values: Sequence[float | None], missing_as: float | None = None) -> dict[str, Any] | None:
+    """Median, min and max over seeds, with how many seeds never reached the value (``None``).
+
+    ``missing_as`` stands in for a missing value (``inf`` for a time never reached, 0 for its
+    speedup), so that a seed that missed counts against the median instead of dropping out; a
+    median that lands on ``inf`` is ``None``. Without it missing values are left out.
+    """
+    present = [v for v in (missing_as if v is None else v for v in values) if v is not None]
     if not present:
         return None
+
+    def finite(value: float) -> float | None:
+        return round(value, 4) if math.isfinite(value) else None
+
     return {
-        "median": round(statistics.median(present), 4),
-        "min": round(min(present), 4),
-        "max": round(max(present), 4),
-        "missing": len(values) - len(present),
+        "median": finite(statistics.median(present)),
+        "min": finite(min(present)),
+        "max": finite(max(present)),
+        "missing": sum(v is None for v in values),
     }
 
 
 def summary(lines: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     def of(arm: str, key: str) -> dict[str, Any] | None:
-        return spread([line[key] for line in lines if line["arm"] == arm])
+        missing_as = math.inf if key.startswith("time_to") else 0.0 if key.startswith("speedup_to") else None
+        return spread([line[key] for line in lines if line["arm"] == arm], missing_as)
 
     task = QUICK_TASK if args.quick else TASK
     out: dict[str, Any] = {
@@ -553,7 +563,10 @@ def summary(lines: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
         "torch_threads_per_process": 1,
         "fuse": args.fuse,
         "plain_feed": "tensor (randperm + slicing, no DataLoader)",
-        "note": "medians over seeds with min/max; 'missing' counts seeds where a time was never reached",
+        "note": (
+            "medians over seeds with min/max; 'missing' counts seeds where a value was never reached: "
+            "such a seed counts as an infinite time and a speedup of 0 (null where the median is infinite)"
+        ),
     }
     for arm in ("caviar", "plain"):
         for key in (

@@ -68,3 +68,10 @@ def test_time_to_quality_measures_against_the_plain_final_best() -> None:
     arms["caviar"] = arm([2.0], [0.5], wall=3.0)
     caviar, _, comparison = time_to_quality.compare(0, arms, args)
     assert caviar["time_to_plain_final_best_s"] is None and comparison["speedup_to_plain_final_best"] is None
+
+
+def test_a_seed_that_never_reaches_the_bar_counts_against_the_median() -> None:
+    speedups = time_to_quality.spread([3.6, None, 1.0], missing_as=0.0)
+    assert speedups == {"median": 1.0, "min": 0.0, "max": 3.6, "missing": 1}
+    times = time_to_quality.spread([70.0, None, None], missing_as=float("inf"))
+    assert times == {"median": None, "min": 70.0, "max": None, "missing": 2}
