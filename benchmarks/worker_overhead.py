@@ -271,13 +271,13 @@ def main() -> None:
     for arm, results in runs.items():
         values = [r["ms_per_trial"] for r in results]
         summary[f"{arm}_ms_per_trial"] = {
-            "median": statistics.median(values),
+            "median": round(statistics.median(values), 1),
             "min": min(values),
             "max": max(values),
         }
     if "plain_optuna" in runs:
         training = [r["training_ms_per_trial"] for r in runs["plain_optuna"]]
-        summary["plain_optuna_training_ms_per_trial"] = statistics.median(training)
+        summary["plain_optuna_training_ms_per_trial"] = round(statistics.median(training), 1)
         summary["plain_optuna_overhead_ms_per_trial"] = round(
             summary["plain_optuna_ms_per_trial"]["median"] - statistics.median(training), 1
         )
