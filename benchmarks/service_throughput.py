@@ -2,11 +2,15 @@
 
 C client processes loop ask + tell for a fixed time, (a) over REST against a running
 ``caviar serve --processes N``, (b) with raw Optuna (``optuna.load_study`` on RDBStorage, the same
-TPE defaults and search space) on the same database server. Then single-client ask latency is
-measured at 100, 1,000 and 5,000 trials of history for both. Prints one JSON object per result
-and a final summary with the ratios.
+TPE defaults and search space, the same number of client processes) on the same database server.
+Each of ``--repeat`` rounds runs both arms on fresh studies, in alternating order (REST first in
+even rounds, raw Optuna first in odd ones), so drift on a shared machine hits both; the summary
+gives medians over rounds with min and max, and the ratio of each round. Then single-client ask
+latency is measured at 100, 1,000 and 5,000 trials of history for both (arms alternating per ask).
+Prints one JSON object per result and a final summary.
 
-    python benchmarks/service_throughput.py [--clients 8] [--seconds 20] [--processes 2] [--quick]
+    python benchmarks/service_throughput.py [--clients 8] [--seconds 20] [--processes 2] [--repeat 3]
+    python benchmarks/service_throughput.py --quick     # smoke test: 4 clients, 5 s, 1 round
 """
 
 from __future__ import annotations
@@ -161,22 +165,24 @@ def history_latency(base: str, url: str, sizes: list[int], asks: int) -> list[di
             raw_name = f"raw-{name}"
             optuna.create_study(study_name=raw_name, storage=url, direction="maximize")
             add_history(url, raw_name, size)
-            rest, raw = [], []
-            for _ in range(asks):
-                t0 = time.perf_counter()
-                assignment = client.post(f"/api/v1/studies/{name}/trials/ask", json={}).json()
-                rest.append(time.perf_counter() - t0)
-                client.post(
-                    f"/api/v1/studies/{name}/trials/{assignment['number']}/tell",
-                    json={"state": "complete", "value": objective_value(assignment["params"])},
-                )
+            rest: list[float] = []
+            raw: list[float] = []
             study = optuna.load_study(study_name=raw_name, storage=url, sampler=optuna.samplers.TPESampler())
-            for _ in range(asks):
-                t0 = time.perf_counter()
-                trial = study.ask()
-                params = raw_suggest(trial)
-                raw.append(time.perf_counter() - t0)
-                study.tell(trial, objective_value(params))
+            for i in range(2 * asks):  # the arms alternate ask by ask, starting with each in turn
+                if (i % 2 == 0) == (i // 2 % 2 == 0):
+                    t0 = time.perf_counter()
+                    assignment = client.post(f"/api/v1/studies/{name}/trials/ask", json={}).json()
+                    rest.append(time.perf_counter() - t0)
+                    client.post(
+                        f"/api/v1/studies/{name}/trials/{assignment['number']}/tell",
+                        json={"state": "complete", "value": objective_value(assignment["params"])},
+                    )
+                else:
+                    t0 = time.perf_counter()
+                    trial = study.ask()
+                    params = raw_suggest(trial)
+                    raw.append(time.perf_counter() - t0)
+                    study.tell(trial, objective_value(params))
             rows.append(
                 {
                     "result": "ask_latency_vs_history",
@@ -194,6 +200,15 @@ def history_latency(base: str, url: str, sizes: list[int], asks: int) -> list[di
 # ---- orchestration -------------------------------------------------------------------------
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max (rounded)."""
+    return {
+        "median": round(float(np.median(values)), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,10 +220,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18555)
     parser.add_argument("--history", default="100,1000,5000")
     parser.add_argument("--history-asks", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="4 clients, 5 s, history 100,1000")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of both arms (alternating order)")
+    parser.add_argument("--quick", action="store_true", help="4 clients, 5 s, 1 round, history 100,1000")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.seconds, args.history, args.history_asks = 4, 5.0, "100,1000", 10
+        args.repeat = 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     from caviar import storage
@@ -223,32 +240,48 @@ def main() -> None:
         url, port=args.port, processes=args.processes, log="caviar-bench-serve.log"
     )
     try:
-        httpx.post(
-            f"{base}/api/v1/studies", json=definition("bench", 1_000_000), timeout=30
-        ).raise_for_status()
-        optuna.create_study(study_name="bench-raw", storage=url, direction="maximize")
         config = {"clients": args.clients, "seconds": args.seconds, "server_processes": args.processes,
                   "cpus": os.cpu_count(), "database": "postgresql", "optuna": optuna.__version__}  # fmt: skip
-        service = {"result": "throughput", "arm": "caviar_rest", **config}
-        service.update(run_clients(rest_client, (base, "bench"), args.clients, args.seconds))
-        print(json.dumps(service), flush=True)
-        raw = {"result": "throughput", "arm": "raw_optuna", **config}
-        raw.update(run_clients(raw_client, (url, "bench-raw"), args.clients, args.seconds))
-        print(json.dumps(raw), flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {"caviar_rest": [], "raw_optuna": []}
+        for repeat in range(args.repeat):
+            order = ("caviar_rest", "raw_optuna") if repeat % 2 == 0 else ("raw_optuna", "caviar_rest")
+            for arm in order:
+                name = f"bench-{arm}-{repeat}"
+                if arm == "caviar_rest":
+                    httpx.post(
+                        f"{base}/api/v1/studies", json=definition(name, 1_000_000), timeout=30
+                    ).raise_for_status()
+                    result = run_clients(rest_client, (base, name), args.clients, args.seconds)
+                else:
+                    optuna.create_study(study_name=name, storage=url, direction="maximize")
+                    result = run_clients(raw_client, (url, name), args.clients, args.seconds)
+                line = {"result": "throughput", "arm": arm, "repeat": repeat, "position": order.index(arm)}
+                line.update(config, **result)
+                print(json.dumps(line), flush=True)
+                rounds[arm].append(result)
         sizes = [int(s) for s in args.history.split(",") if s]
         history = history_latency(base, url, sizes, args.history_asks)
+        service, raw = rounds["caviar_rest"], rounds["raw_optuna"]
         summary = {
             "result": "summary",
             **config,
-            "service_trials_per_s": service["trials_per_s"],
-            "raw_optuna_trials_per_s": raw["trials_per_s"],
-            "throughput_ratio": service["trials_per_s"] / raw["trials_per_s"],
-            "service_ask_p99_ms": service["ask_p99_ms"],
-            "raw_ask_p99_ms": raw["ask_p99_ms"],
-            "ask_p50_ms_by_history": {
+            "repeat": args.repeat,
+            "order": "alternating per round (REST first in even rounds)",
+            "service_trials_per_s": spread([r["trials_per_s"] for r in service]),
+            "raw_optuna_trials_per_s": spread([r["trials_per_s"] for r in raw]),
+            "throughput_ratio": spread(
+                [a["trials_per_s"] / b["trials_per_s"] for a, b in zip(service, raw, strict=True)]
+            ),
+            "service_ask_p50_ms": spread([r["ask_p50_ms"] for r in service]),
+            "raw_ask_p50_ms": spread([r["ask_p50_ms"] for r in raw]),
+            "service_ask_p99_ms": spread([r["ask_p99_ms"] for r in service]),
+            "raw_ask_p99_ms": spread([r["ask_p99_ms"] for r in raw]),
+            "ask_ms_by_history": {
                 str(row["history"]): {
-                    "service": row["service_ask_p50_ms"],
-                    "raw": row["raw_optuna_ask_p50_ms"],
+                    "service_p50": row["service_ask_p50_ms"],
+                    "raw_p50": row["raw_optuna_ask_p50_ms"],
+                    "service_p99": row["service_ask_p99_ms"],
+                    "raw_p99": row["raw_optuna_ask_p99_ms"],
                 }
                 for row in history
             },

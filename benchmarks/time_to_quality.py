@@ -1,37 +1,49 @@
-"""Benchmark: time to quality, caviar workers vs the plain Optuna + PyTorch loop.
+"""Benchmark: time to quality, caviar workers vs plain Optuna + a tight PyTorch loop.
 
-The same tuning task (issue 5) runs in two arms, one after the other, per seed:
+The same tuning task runs in two arms, one after the other, per seed (the order alternates):
 
 * ``caviar``: the study is created through the domain code (``create_study``) on a freshly
-  migrated database, then ``caviar worker --gpus none --cpu SLOTS --fuse K`` trains it: one process
-  per CPU slot, fused groups of up to K trials, TPE, Hyperband pruning on every epoch.
-* ``plain``: what people write today: ``optuna.create_study`` on a shared storage, then
-  SLOTS processes each running ``study.optimize`` with an objective in the style of Optuna's
-  PyTorch example (``nn.Sequential`` MLP, ``torch.optim.Adam``, ``DataLoader`` over a
-  ``TensorDataset``, ``trial.report`` + ``trial.should_prune`` every epoch), TPE + MedianPruner,
-  ``MaxTrialsCallback`` capping the total number of trials.
+  migrated database, then ``caviar worker --gpus none --cpu SLOTS --fuse K`` trains it over REST
+  against ``caviar serve``: one process per core (one torch thread each), fused groups of up to K
+  trials (the sampler's start-up trials run unfused, so early results come back one by one; a
+  pruned member's place in a group is taken by a new trial), TPE, the chosen pruner every epoch.
+* ``plain`` (the baseline a rival would accept): ``optuna.create_study`` on the same kind of
+  database, then SLOTS processes (one per core, ``torch.set_num_threads(1)``) each running
+  ``study.optimize(n_trials=its share)`` (the shares add up to exactly ``n_trials``) over
+  ``benchmarks.baseline.train_plain(feed="tensor")``: ``nn.Sequential`` + ``torch.optim.Adam`` on
+  pre-loaded tensors, one ``randperm`` per epoch, slicing, one validation forward per epoch,
+  ``trial.report`` + ``trial.should_prune`` every epoch; TPE (Optuna's defaults, as caviar's
+  ``{type: tpe}``) and the same pruner, built directly with Optuna.
 
-Task: an MLP (2 hidden layers x 128 ReLU, dropout, batch size 256, Adam) on the trainer's
-synthetic classification set (20000 x 40, 10 classes, 80/20 stratified split, data seed 0), the
-same ``n_trials`` and ``max_epochs`` in both arms. Search space, identical in both arms: lr
-log-uniform 1e-4..1e-1, beta1 with 1-beta1 log-uniform over 1-0.999..1-0.8 (caviar's
-``reverse_log``), dropout uniform 0..0.5, weight_decay log-uniform 1e-6..1e-3. Non-fusible
-hyperparameters (architecture, batch size, optimizer) are fixed in both arms. Each plain process
-and each caviar slot runs torch with 1 intra-op thread per core (``--slots`` processes on as many
-cores).
+Task, chosen so that hyperparameters matter (the first trials of a search land far from its final
+best): ``make_classification`` with 20,000 rows x 60 features (20 informative, 10 redundant), 8
+classes of 4 clusters each, ``class_sep`` 0.8, 2% flipped labels (``TASK``), written once as an
+``.npz`` both arms load (80/20 stratified split). An MLP 2 x 128 ReLU, batch 256, Adam, 15
+epochs. Search space, identical in both arms: lr log-uniform 1e-5..1, beta1 with 1 - beta1
+log-uniform (caviar's ``reverse_log``) over 0.5..0.999, dropout uniform 0..0.6, weight decay
+log-uniform 1e-6..1e-1. Pruner (``--pruner``, the same in both arms): ``asha`` (Optuna's
+SuccessiveHalvingPruner, min_resource 1, reduction factor 3; the default), ``hyperband``,
+``median`` or ``none``.
 
 Clocks: ``t0`` is taken right before the arm's processes are spawned, so both arms' times include
-process start-up (interpreter + torch import + dataset); database creation and the study's
-creation come before ``t0`` in both arms. A trial counts when Optuna records its completion
-(``datetime_complete``); the best-so-far curve uses complete trials only (as Optuna's best does).
+process start-up (interpreter + torch import + data); database and study creation come before
+``t0`` in both arms. A trial counts when Optuna records its completion (``datetime_complete``);
+the best-so-far curve uses complete trials only (as Optuna's best does).
 
-Per seed it prints one JSON line per arm and one ``comparison`` line; the last line is a
-``summary`` with medians over seeds. The target of a seed is the lower of the two arms' final
-bests minus ``--epsilon`` (0.005), so both arms reach it by construction; a fixed ``--target``
-can be given instead (an arm that never reaches it reports ``null``).
+What it reports, per seed (one JSON line per arm and a ``comparison`` line) and as medians over
+seeds with min and max (the last, ``summary``, line):
 
-Usage: ``python benchmarks/time_to_quality.py [--seeds 3] [--n-trials 40] [--quick]
-[--fuse 10] [--storage postgres|sqlite]``
+* the bar: the plain loop's final best, and how far its early trials were from it (the value of
+  its first complete trial, and the median of the first ``GAP_TRIALS`` finished trials, pruned
+  ones at their last reported value);
+* time to the plain loop's final best in both arms (``null``: never reached) and the speedup;
+  the same for that value minus ``--epsilon``;
+* best value at equal wall time: each arm's best at the moment the plain loop reached its final
+  best, and at 25%, 50% and 100% of the plain loop's wall time;
+* wall time, start-up, epochs trained, pruned trials.
+
+Usage: ``python benchmarks/time_to_quality.py [--seeds 3] [--n-trials 60] [--fuse 8]
+[--pruner asha|hyperband|median|none] [--quick] [--storage postgres|sqlite]``
 """
 
 from __future__ import annotations
@@ -60,13 +72,67 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
 from caviar.service import processes  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-DATASET = "synthetic"  # 20000 x 40, 10 classes: the defaults of trainer.load_dataset("synthetic")
+DATA_FILE = "ttq.npz"  # written by make_task() into the run's data root (CAVIAR_DATA_DIR)
 VALIDATION_SPLIT = 0.2
 LAYERS, HIDDEN, BATCH = 2, 128, 256
-LR = (1e-4, 1e-1)
-BETA1 = (0.8, 0.999)
-DROPOUT = (0.0, 0.5)
-WEIGHT_DECAY = (1e-6, 1e-3)
+LR = (1e-5, 1.0)
+BETA1 = (0.5, 0.999)
+DROPOUT = (0.0, 0.6)
+WEIGHT_DECAY = (1e-6, 1e-1)
+# make_classification: overlapping classes made of several clusters each, many noise features
+TASK = {
+    "n_samples": 20_000,
+    "n_features": 60,
+    "n_informative": 20,
+    "n_redundant": 10,
+    "n_classes": 8,
+    "n_clusters_per_class": 4,
+    "class_sep": 0.8,
+    "flip_y": 0.02,
+    "random_state": 0,
+}
+QUICK_TASK = {**TASK, "n_samples": 6_000}
+
+
+def make_task(folder: Path, quick: bool) -> Path:
+    """Write the task's data set (X, y) as ``folder / DATA_FILE``; both arms load this file."""
+    import numpy as np
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(**(QUICK_TASK if quick else TASK))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / DATA_FILE, X=x.astype(np.float32), y=y)
+    return folder / DATA_FILE
+
+
+def pruner_spec(kind: str, max_epochs: int) -> dict[str, Any]:
+    """The pruner both arms use, as a caviar definition (the plain arm builds the same object)."""
+    if kind == "asha":
+        return {"type": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}}
+    if kind == "hyperband":
+        return {
+            "type": "hyperband",
+            "options": {"min_resource": 1, "max_resource": max_epochs, "reduction_factor": 3},
+        }
+    if kind == "median":
+        return {"type": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 1}}
+    return {"type": "none"}
+
+
+def plain_pruner(kind: str, max_epochs: int) -> Any:
+    """The same pruner, built directly with Optuna, for the plain arm."""
+    import optuna
+
+    if kind == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+GAP_TRIALS = 10  # the plain loop's first trials (TPE's start-up: random draws) against its final best
 
 
 # ---- storage -------------------------------------------------------------------------------
@@ -108,7 +174,9 @@ def postgres_available() -> bool:
 # ---- the caviar arm ------------------------------------------------------------------------
 
 
-def caviar_definition(name: str, seed: int, n_trials: int, max_epochs: int, fuse: int) -> dict[str, Any]:
+def caviar_definition(
+    name: str, seed: int, n_trials: int, max_epochs: int, fuse: int, pruner: str
+) -> dict[str, Any]:
     return {
         "name": name,
         "direction": "maximize",
@@ -126,7 +194,7 @@ def caviar_definition(name: str, seed: int, n_trials: int, max_epochs: int, fuse
         },
         "objective": {
             "kind": "trainer",
-            "dataset": DATASET,
+            "dataset": f"file:{DATA_FILE}",
             "validation_split": VALIDATION_SPLIT,
             "model": "mlp",
             "max_epochs": max_epochs,
@@ -141,7 +209,7 @@ def caviar_definition(name: str, seed: int, n_trials: int, max_epochs: int, fuse
             "fuse": fuse,
         },
         "sampler": {"type": "tpe", "seed": seed},
-        "pruner": {"type": "hyperband", "options": {"min_resource": 1, "reduction_factor": 3}},
+        "pruner": pruner_spec(pruner, max_epochs),
         "budget": {
             "n_trials": n_trials,
             "max_parallel": n_trials,
@@ -160,16 +228,19 @@ def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict
     db = Database(url)
     name = f"ttq-caviar-{seed}"
     create_study(
-        db, parse_definition(caviar_definition(name, seed, args.n_trials, args.max_epochs, args.fuse))
+        db,
+        parse_definition(
+            caviar_definition(name, seed, args.n_trials, args.max_epochs, args.fuse, args.pruner)
+        ),
     )
     db.dispose()
-    env = {"CAVIAR_ARTIFACT_DIR": str(tmp / f"artifacts-{seed}")}
+    env = {"CAVIAR_ARTIFACT_DIR": str(tmp / f"artifacts-{seed}"), "CAVIAR_DATA_DIR": str(tmp / "data")}
     server, base = processes.serve(url, env=env, log=tmp / f"serve-{seed}.log")
     command = ["worker", "--url", base, "--gpus", "none", "--cpu", str(args.slots), "--study", name]
     command += ["--fuse", str(args.fuse), "--exit-when-idle", "0.5", "--poll-interval", "0.2"]
     with server:
         t0 = time.time()
-        worker = processes.CaviarProcess(command, log=tmp / f"caviar-{seed}.log", cwd=tmp)
+        worker = processes.CaviarProcess(command, env=env, log=tmp / f"caviar-{seed}.log", cwd=tmp)
         code = worker.wait(timeout=args.timeout)
         exited = time.time() - t0
     if code != 0:
@@ -183,7 +254,7 @@ def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict
 
 
 def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> None:
-    """One process of the plain arm: Optuna's PyTorch example, adapted to this task."""
+    """One process of the plain arm: ``study.optimize`` over a tight PyTorch loop on tensors."""
     import optuna
     import torch
 
@@ -192,7 +263,7 @@ def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> N
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    data = load_dataset(DATASET, VALIDATION_SPLIT, seed=0)
+    data = load_dataset(os.environ["TTQ_DATA"], VALIDATION_SPLIT, seed=0)
     max_epochs = int(os.environ["TTQ_MAX_EPOCHS"])
 
     def objective(trial: optuna.Trial) -> float:
@@ -214,7 +285,7 @@ def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> N
             trial.report(value, epoch)
             return trial.should_prune()
 
-        result = train_plain(config, data, report, feed="dataloader")
+        result = train_plain(config, data, report, feed="tensor")
         if result.pruned:
             raise optuna.TrialPruned()
         return result.metrics["val_accuracy"]
@@ -223,9 +294,11 @@ def plain_worker(url: str, name: str, n_trials: int, seed: int, index: int) -> N
         study_name=name,
         storage=url,
         sampler=optuna.samplers.TPESampler(seed=seed * 1000 + index),
-        pruner=optuna.pruners.MedianPruner(),
+        pruner=plain_pruner(os.environ["TTQ_PRUNER"], max_epochs),
     )
-    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=None)])
+    # exact budget: process i runs its share of n_trials (what one writes with n_trials per process)
+    slots = int(os.environ["TTQ_SLOTS"])
+    study.optimize(objective, n_trials=n_trials // slots + (index < n_trials % slots))
 
 
 def run_plain(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +307,14 @@ def run_plain(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"ttq-plain-{seed}"
     optuna.create_study(study_name=name, storage=url, direction="maximize")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TTQ_MAX_EPOCHS": str(args.max_epochs)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TTQ_MAX_EPOCHS": str(args.max_epochs),
+        "TTQ_DATA": str(tmp / "data" / DATA_FILE),
+        "TTQ_PRUNER": args.pruner,
+        "TTQ_SLOTS": str(args.slots),
+    }
     logs = [open(tmp / f"plain-{seed}-{i}.log", "wb") for i in range(args.slots)]  # noqa: SIM115
     try:
         t0 = time.time()
@@ -278,6 +358,7 @@ class Curve:
 
     times: list[float]  # completion times of the complete trials, ascending
     bests: list[float]  # running best at each of those times
+    values: list[float]  # each complete trial's own value, in completion order
 
     def time_to(self, target: float) -> float | None:
         for t, best in zip(self.times, self.bests, strict=True):
@@ -304,12 +385,15 @@ def analyse(url: str, name: str, t0: float) -> dict[str, Any]:
         (t for t in finished if t.state == TrialState.COMPLETE),
         key=lambda t: t.datetime_complete,  # type: ignore[arg-type,return-value]
     )
-    times, bests, best = [], [], -math.inf
+    times, bests, values, best = [], [], [], -math.inf
     for trial in complete:
         assert trial.datetime_complete is not None and trial.value is not None
         best = max(best, trial.value)
         times.append(trial.datetime_complete.timestamp() - t0)
         bests.append(best)
+        values.append(trial.value)
+    by_finish = sorted(finished, key=lambda t: t.datetime_complete)  # type: ignore[arg-type,return-value]
+    early = [t.value for t in by_finish[:GAP_TRIALS] if t.value is not None]
     starts = [t.datetime_start.timestamp() - t0 for t in trials if t.datetime_start is not None]
     ends = [t.datetime_complete.timestamp() - t0 for t in finished]  # type: ignore[union-attr]
     timeline = [
@@ -324,7 +408,7 @@ def analyse(url: str, name: str, t0: float) -> dict[str, Any]:
         for t in trials
     ]
     return {
-        "_curve": Curve(times, bests),
+        "_curve": Curve(times, bests, values),
         "_timeline": timeline,
         "n_trials": len(trials),
         "complete": len(complete),
@@ -334,6 +418,7 @@ def analyse(url: str, name: str, t0: float) -> dict[str, Any]:
         "startup_s": min(starts) if starts else None,  # spawn + imports + data until the first trial
         "wall_s": max(ends) if ends else None,  # until the last trial finished
         "final_best": bests[-1] if bests else None,
+        "first_trials_median_value": statistics.median(early) if early else None,
     }
 
 
@@ -347,35 +432,36 @@ def ratio(plain: float | None, caviar: float | None) -> float | None:
     return round(plain / caviar, 2)
 
 
+FRACTIONS = (0.25, 0.5, 1.0)  # equal wall-time budgets, as fractions of the plain arm's wall time
+
+
 def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One line per arm plus a comparison line for one seed."""
-    finals = [a["final_best"] for a in arms.values()]
-    if None in finals:
+    if None in (arms["caviar"]["final_best"], arms["plain"]["final_best"]):
         raise RuntimeError(f"seed {seed}: an arm completed no trial (all pruned or failed); raise --n-trials")
-    target = args.target if args.target is not None else min(finals) - args.epsilon
-    strict = min(finals)  # the weaker arm's final best itself: reaching it needs search, not one good trial
-    budget = min(a["wall_s"] for a in arms.values())
+    plain_curve: Curve = arms["plain"]["_curve"]
+    plain_final = arms["plain"]["final_best"]
+    target = plain_final  # the plain loop's final best: the bar
+    loose = plain_final - args.epsilon
+    plain_wall = arms["plain"]["wall_s"]
     lines: list[dict[str, Any]] = []
     derived: dict[str, dict[str, Any]] = {}
     for arm_name, arm in arms.items():
         curve: Curve = arm["_curve"]
-        ttt = curve.time_to(target)
         derived[arm_name] = {
-            "time_to_target_s": ttt,
-            "time_to_target_after_startup_s": None if ttt is None else ttt - arm["startup_s"],
-            "best_at_equal_budget": curve.best_at(budget),
-            "time_to_strict_target_s": curve.time_to(strict),
+            "time_to_plain_final_best_s": curve.time_to(target),
+            "time_to_plain_final_best_minus_eps_s": curve.time_to(loose),
+            "best_at_plain_time_to_final_best": curve.best_at(plain_curve.time_to(target) or 0.0),
+            **{f"best_at_{f:g}_plain_wall": curve.best_at(f * plain_wall) for f in FRACTIONS},
         }
         line = {
             "seed": seed,
             "arm": arm_name,
-            "target": round(target, 4),
-            "time_to_target_s": rounded(ttt),
-            "time_to_target_after_startup_s": rounded(derived[arm_name]["time_to_target_after_startup_s"]),
-            "strict_target": round(strict, 4),
-            "time_to_strict_target_s": rounded(derived[arm_name]["time_to_strict_target_s"]),
-            "equal_budget_s": rounded(budget),
-            "best_at_equal_budget": rounded(derived[arm_name]["best_at_equal_budget"], 4),
+            "plain_final_best": round(target, 4),
+            **{k: rounded(v, 3 if k.startswith("time") else 4) for k, v in derived[arm_name].items()},
+            "first_complete_value": rounded(curve.values[0] if curve.values else None, 4),
+            "best_of_first_slots_complete": rounded(max(curve.values[: args.slots], default=None), 4),
+            "first_trials_median_value": rounded(arm["first_trials_median_value"], 4),
             "final_best": rounded(arm["final_best"], 4),
             "wall_s": rounded(arm["wall_s"]),
             "startup_s": rounded(arm["startup_s"]),
@@ -390,81 +476,126 @@ def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace
             line["timeline"] = arm["_timeline"]
         lines.append(line)
     c, p = derived["caviar"], derived["plain"]
+    plain_line = lines[[a for a in arms].index("plain")]
     lines.append(
         {
             "seed": seed,
             "arm": "comparison",
-            "target": round(target, 4),
-            "speedup_time_to_target": ratio(p["time_to_target_s"], c["time_to_target_s"]),
-            "speedup_time_to_target_after_startup": ratio(
-                p["time_to_target_after_startup_s"], c["time_to_target_after_startup_s"]
+            "plain_final_best": round(target, 4),
+            # how far the plain loop's first results were from its final best: the task needs search
+            "plain_gap_first_to_final": rounded(target - plain_line["first_complete_value"], 4),
+            "plain_gap_first_slots_to_final": rounded(target - plain_line["best_of_first_slots_complete"], 4),
+            "plain_gap_first_trials_median_to_final": (
+                None
+                if plain_line["first_trials_median_value"] is None
+                else round(target - plain_line["first_trials_median_value"], 4)
             ),
-            "speedup_time_to_strict_target": ratio(
-                p["time_to_strict_target_s"], c["time_to_strict_target_s"]
+            "speedup_to_plain_final_best": ratio(
+                p["time_to_plain_final_best_s"], c["time_to_plain_final_best_s"]
             ),
+            "speedup_to_plain_final_best_minus_eps": ratio(
+                p["time_to_plain_final_best_minus_eps_s"], c["time_to_plain_final_best_minus_eps_s"]
+            ),
+            "caviar_minus_plain_best_at_plain_time_to_final_best": (
+                None
+                if c["best_at_plain_time_to_final_best"] is None
+                else round(c["best_at_plain_time_to_final_best"] - target, 4)
+            ),
+            **{
+                f"caviar_minus_plain_best_at_{f:g}_plain_wall": (
+                    None
+                    if c[f"best_at_{f:g}_plain_wall"] is None or p[f"best_at_{f:g}_plain_wall"] is None
+                    else round(c[f"best_at_{f:g}_plain_wall"] - p[f"best_at_{f:g}_plain_wall"], 4)
+                )
+                for f in FRACTIONS
+            },
             "speedup_wall": ratio(arms["plain"]["wall_s"], arms["caviar"]["wall_s"]),
             "epochs_ratio_caviar_over_plain": ratio(arms["caviar"]["epochs"], arms["plain"]["epochs"]),
             "final_best_delta_caviar_minus_plain": round(
                 arms["caviar"]["final_best"] - arms["plain"]["final_best"], 4
-            ),
-            "best_at_equal_budget_delta_caviar_minus_plain": (
-                None
-                if c["best_at_equal_budget"] is None or p["best_at_equal_budget"] is None
-                else round(c["best_at_equal_budget"] - p["best_at_equal_budget"], 4)
             ),
         }
     )
     return lines
 
 
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present), 4) if present else None
+def spread(values: Sequence[float | None], missing_as: float | None = None) -> dict[str, Any] | None:
+    """Median, min and max over seeds, with how many seeds never reached the value (``None``).
+
+    ``missing_as`` stands in for a missing value (``inf`` for a time never reached, 0 for its
+    speedup), so that a seed that missed counts against the median instead of dropping out; a
+    median that lands on ``inf`` is ``None``. Without it missing values are left out.
+    """
+    present = [v for v in (missing_as if v is None else v for v in values) if v is not None]
+    if not present:
+        return None
+
+    def finite(value: float) -> float | None:
+        return round(value, 4) if math.isfinite(value) else None
+
+    return {
+        "median": finite(statistics.median(present)),
+        "min": finite(min(present)),
+        "max": finite(max(present)),
+        "missing": sum(v is None for v in values),
+    }
 
 
 def summary(lines: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    def of(arm: str, key: str) -> float | None:
-        return median([line[key] for line in lines if line["arm"] == arm])
+    def of(arm: str, key: str) -> dict[str, Any] | None:
+        missing_as = math.inf if key.startswith("time_to") else 0.0 if key.startswith("speedup_to") else None
+        return spread([line[key] for line in lines if line["arm"] == arm], missing_as)
 
+    task = QUICK_TASK if args.quick else TASK
     out: dict[str, Any] = {
         "arm": "summary",
         "seeds": args.seeds,
         "storage": args.storage,
         "task": (
-            f"{DATASET} 20000x40 10 classes, MLP {LAYERS}x{HIDDEN}, batch {BATCH}, adam, "
-            f"{args.n_trials} trials, {args.max_epochs} epochs"
+            f"make_classification {task['n_samples']}x{task['n_features']}, {task['n_classes']} classes x "
+            f"{task['n_clusters_per_class']} clusters, class_sep {task['class_sep']}; MLP {LAYERS}x{HIDDEN}, "
+            f"batch {BATCH}, adam; lr {LR[0]:g}..{LR[1]:g} log; {args.n_trials} trials, "
+            f"{args.max_epochs} epochs"
         ),
+        "sampler": "TPE (Optuna defaults) in both arms",
+        "pruner": f"{args.pruner} in both arms: {pruner_spec(args.pruner, args.max_epochs)}",
         "slots": args.slots,
         "torch_threads_per_process": 1,
         "fuse": args.fuse,
-        "target_rule": (
-            f"fixed {args.target}"
-            if args.target is not None
-            else f"per seed: min(final bests) - {args.epsilon}"
+        "plain_feed": "tensor (randperm + slicing, no DataLoader)",
+        "note": (
+            "medians over seeds with min/max; 'missing' counts seeds where a value was never reached: "
+            "such a seed counts as an infinite time and a speedup of 0 (null where the median is infinite)"
         ),
     }
     for arm in ("caviar", "plain"):
         for key in (
-            "time_to_target_s",
-            "time_to_target_after_startup_s",
-            "time_to_strict_target_s",
-            "best_at_equal_budget",
+            "time_to_plain_final_best_s",
+            "time_to_plain_final_best_minus_eps_s",
+            "best_at_plain_time_to_final_best",
+            *(f"best_at_{f:g}_plain_wall" for f in FRACTIONS),
+            "first_complete_value",
+            "first_trials_median_value",
             "final_best",
             "wall_s",
             "startup_s",
             "epochs_trained",
+            "pruned",
         ):
-            out[f"median_{arm}_{key}"] = of(arm, key)
+            out[f"{arm}_{key}"] = of(arm, key)
     for key in (
-        "speedup_time_to_target",
-        "speedup_time_to_target_after_startup",
-        "speedup_time_to_strict_target",
+        "plain_gap_first_to_final",
+        "plain_gap_first_slots_to_final",
+        "plain_gap_first_trials_median_to_final",
+        "speedup_to_plain_final_best",
+        "speedup_to_plain_final_best_minus_eps",
+        "caviar_minus_plain_best_at_plain_time_to_final_best",
+        *(f"caviar_minus_plain_best_at_{f:g}_plain_wall" for f in FRACTIONS),
         "speedup_wall",
         "epochs_ratio_caviar_over_plain",
         "final_best_delta_caviar_minus_plain",
-        "best_at_equal_budget_delta_caviar_minus_plain",
     ):
-        out[f"median_{key}"] = of("comparison", key)
+        out[key] = of("comparison", key)
     return out
 
 
@@ -475,33 +606,34 @@ def main(argv: list[str] | None = None) -> None:
     """Run both arms for every seed and print JSON lines."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--plain-worker":
-        url, name, n_trials, seed, index = argv[1:6]
-        plain_worker(url, name, int(n_trials), int(seed), int(index))
+        url, name, n_trials, worker_seed, index = argv[1:6]
+        plain_worker(url, name, int(n_trials), int(worker_seed), int(index))
         return
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds, each one caviar + one plain run (3)")
-    parser.add_argument("--n-trials", type=int, default=None, help="trials per run (40; quick 12)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (15; quick 6)")
-    parser.add_argument("--fuse", type=int, default=None, help="fused group size (n_trials / (2 slots))")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials per run (60; quick 12)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (15; quick 4)")
+    parser.add_argument("--fuse", type=int, default=None, help="fused group size (default 8; quick 4)")
+    parser.add_argument("--pruner", choices=("asha", "hyperband", "median", "none"), default="asha")
     parser.add_argument("--slots", type=int, default=2, help="processes per arm, one per core (2)")
     parser.add_argument("--storage", choices=("postgres", "sqlite", "auto"), default="auto")
-    parser.add_argument("--target", type=float, default=None, help="fixed val_accuracy target")
-    parser.add_argument("--epsilon", type=float, default=0.005, help="target = min(final bests) - this")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per arm before giving up")
+    parser.add_argument("--epsilon", type=float, default=0.005, help="loose target = plain final best - this")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per arm before giving up")
     parser.add_argument("--timeline", action="store_true", help="add every trial's start/end to arm lines")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 12 trials, 6 epochs (< 90 s)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 12 trials, 4 epochs, 6,000 rows")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = 1
-    args.n_trials = args.n_trials or (12 if args.quick else 40)
-    args.max_epochs = args.max_epochs or (6 if args.quick else 15)
-    args.fuse = args.fuse or max(1, math.ceil(args.n_trials / (2 * args.slots)))
+    args.n_trials = args.n_trials or (12 if args.quick else 60)
+    args.max_epochs = args.max_epochs or (4 if args.quick else 15)
+    args.fuse = args.fuse or (4 if args.quick else 8)
     if args.storage == "auto":
         args.storage = "postgres" if postgres_available() else "sqlite"
     tmp = Path(tempfile.mkdtemp(prefix="caviar-ttq-"))
     lines: list[dict[str, Any]] = []
     try:
+        make_task(tmp / "data", args.quick)
         for seed in range(args.seeds):
             arms: dict[str, dict[str, Any]] = {}
             order = ("caviar", "plain") if seed % 2 == 0 else ("plain", "caviar")  # alternate for drift

@@ -1,21 +1,29 @@
-"""Benchmark: a worker's per-trial overhead over REST vs the old direct-database worker.
+"""Benchmark: a caviar worker's per-trial overhead vs plain Optuna and the old direct-DB worker.
 
-Both arms run the demo study (digits MLP, the example's search space) with trials made so small
-that training is a minor part of each (1 epoch, fuse 1, no pruning), on one CPU slot, on the
-same kind of freshly migrated database:
+Every arm runs the same small study on the digits MLP: trials made so small that training is a
+minor part of each (1 epoch, fuse 1, no pruning), the architecture, batch size and optimizer fixed
+(``FIXED``) so that every trial costs the same training whatever the sampler draws (lr, beta1,
+dropout: TPE, seed 0), one process, on the same kind of freshly migrated database:
 
-* ``rest`` (today): ``caviar serve`` + ``caviar worker --url ...``; every ask, report, heartbeat,
-  checkpoint upload and tell is an HTTP call to the API.
-* ``direct_db`` (the baseline): the worker of commit ``--baseline-ref`` (the last one whose
-  worker opened the database itself), materialised from git into a temporary folder and run with
-  ``--database-url``.
+* ``rest`` (today): ``caviar serve`` + ``caviar worker --cpu 1 --url ...``; every ask, report,
+  heartbeat, checkpoint upload and tell is an HTTP call to the API.
+* ``plain_optuna`` (the baseline a rival would accept): one process running ``study.optimize`` on
+  the same database (RDBStorage, TPE seed 0, the same three parameters), whose objective calls
+  the same ``caviar.trainer.train`` on pre-loaded data with ``trial.report`` every epoch: the
+  plumbing differs, the training is the same, so the difference of time per trial is the
+  difference of per-trial overhead. It uses as many torch threads as the worker's one slot does
+  (all cores). Its line also gives the seconds spent inside training, and so Optuna's own
+  per-trial overhead.
+* ``direct_db`` (history): the worker of commit ``--baseline-ref`` (the last one whose worker
+  opened the database itself), materialised from git into a temporary folder.
 
-Both arms train exactly the same trials, so the difference of their time per trial (wall time
-from the first trial's start to the last trial's end, divided by the trials) is the difference
-of their per-trial overhead. Arms alternate; medians over ``--repeat`` runs with min and max.
+Time per trial: wall time from the first trial's start to the last trial's end (Optuna's
+timestamps), divided by the trials; start-up is excluded in every arm. The arms' order rotates
+from one repeat to the next; the summary gives medians over ``--repeat`` runs with min and max.
 Prints one JSON line per run and a summary.
 
     python benchmarks/worker_overhead.py [--trials 40] [--repeat 3] [--storage postgres|sqlite]
+        [--arms rest,plain_optuna,direct_db]
 """
 
 from __future__ import annotations
@@ -50,10 +58,16 @@ PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BASELINE_REF = "a460f04"  # the last commit whose worker opened the database directly
 
 
+FIXED = {"layers": 2, "hidden_units": 128, "batch_size": 64, "optimizer": "adam"}
+ARMS = ("rest", "plain_optuna", "direct_db")
+
+
 def definition(name: str, n_trials: int) -> dict[str, Any]:
     body = yaml.safe_load(example_path("digits-mlp").read_text())
     body["name"] = name
-    body["objective"].update(max_epochs=1, fuse=1)
+    body["search_space"] = {k: v for k, v in body["search_space"].items() if k in ("lr", "beta1", "dropout")}
+    body["objective"].update(max_epochs=1, fuse=1, fixed=FIXED)
+    body["sampler"] = {"type": "tpe", "seed": 0}
     body["pruner"] = {"type": "none"}
     body["budget"] = {"n_trials": n_trials, "max_parallel": 4}
     return body
@@ -123,6 +137,42 @@ def run_direct(url: str, tmp: Path, name: str, timeout: float, baseline: Path) -
         raise RuntimeError((tmp / "direct.log").read_text()[-3000:])
 
 
+PLAIN_OPTUNA = """
+import json, os, sys, time
+import optuna, torch
+from caviar.trainer import TrialConfig, load_dataset, train
+url, name, n_trials, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(os.cpu_count() or 1)  # what the worker's one CPU slot uses
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+data = load_dataset("digits", 0.2, seed=0)
+fixed = json.loads(sys.argv[5])
+training = []
+
+def objective(trial):
+    params = {
+        "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "beta1": 1 - trial.suggest_float("one_minus_beta1", 1 - 0.999, 1 - 0.8, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.6),
+    }
+    config = TrialConfig.from_params({**fixed, **params, "model": "mlp", "max_epochs": 1, "device": "cpu"})
+    start = time.perf_counter()
+
+    def report(step, value):
+        trial.report(value, step)
+        return trial.should_prune()
+
+    result = train(config, data, report)
+    training.append(time.perf_counter() - start)
+    return result.metrics["val_accuracy"]
+
+study = optuna.create_study(
+    study_name=name, storage=url, direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
+)
+study.optimize(objective, n_trials=n_trials)
+json.dump({"training_s": training}, open(out, "w"))
+"""
+
+
 CREATE_WITH_BASELINE = """
 import json, sys
 import storage
@@ -138,10 +188,27 @@ def measure(arm: str, args: argparse.Namespace, baseline: Path) -> dict[str, Any
         tmp = Path(folder)
         name = f"overhead-{arm}"
         body = definition(name, args.trials)
+        extra: dict[str, Any] = {}
         if arm == "rest":
             storage.upgrade(url)
             studies.create_study(Database(url), studies.parse_definition(body))
             run_rest(url, tmp, name, args.timeout)
+        elif arm == "plain_optuna":
+            storage.upgrade(url)  # the same migrated schema the other arms see
+            out = tmp / "plain.json"
+            command = [
+                sys.executable,
+                "-c",
+                PLAIN_OPTUNA,
+                url,
+                name,
+                str(args.trials),
+                str(out),
+                json.dumps(FIXED),
+            ]
+            subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp, check=True)
+            training = json.loads(out.read_text())["training_s"]
+            extra["training_ms_per_trial"] = round(1000 * sum(training) / len(training), 1)
         else:  # the baseline's own code creates what its worker reads
             command = [sys.executable, "-c", CREATE_WITH_BASELINE, url, json.dumps(body)]
             subprocess.run(command, env={**os.environ, "PYTHONPATH": str(baseline)}, cwd=baseline, check=True)
@@ -164,6 +231,7 @@ def measure(arm: str, args: argparse.Namespace, baseline: Path) -> dict[str, Any
         "wall_s": round(wall, 3),
         "ms_per_trial": round(1000 * wall / len(done), 1),
         "trials_per_s": round(len(done) / wall, 2),
+        **extra,
     }
 
 
@@ -176,15 +244,20 @@ def main() -> None:
     parser.add_argument("--storage", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default all)")
     parser.add_argument("--quick", action="store_true", help="10 trials, 1 repeat, SQLite")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.repeat, args.storage = 10, 1, "sqlite"
-    runs: dict[str, list[dict[str, Any]]] = {"rest": [], "direct_db": []}
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"unknown arms: {', '.join(sorted(unknown))}")
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as folder:
         baseline = materialise(args.baseline_ref, Path(folder))
         for repeat in range(args.repeat):
-            order = ("rest", "direct_db") if repeat % 2 == 0 else ("direct_db", "rest")
+            shift = repeat % len(arms)
+            order = arms[shift:] + arms[:shift]  # each arm takes every position in turn
             for arm in order:
                 result = measure(arm, args, baseline)
                 runs[arm].append(result)
@@ -198,12 +271,20 @@ def main() -> None:
     for arm, results in runs.items():
         values = [r["ms_per_trial"] for r in results]
         summary[f"{arm}_ms_per_trial"] = {
-            "median": statistics.median(values),
+            "median": round(statistics.median(values), 1),
             "min": min(values),
             "max": max(values),
         }
-    rest, direct = (summary[f"{a}_ms_per_trial"]["median"] for a in ("rest", "direct_db"))
-    summary["rest_overhead_minus_direct_db_ms_per_trial"] = round(rest - direct, 1)
+    if "plain_optuna" in runs:
+        training = [r["training_ms_per_trial"] for r in runs["plain_optuna"]]
+        summary["plain_optuna_training_ms_per_trial"] = round(statistics.median(training), 1)
+        summary["plain_optuna_overhead_ms_per_trial"] = round(
+            summary["plain_optuna_ms_per_trial"]["median"] - statistics.median(training), 1
+        )
+    for other in ("plain_optuna", "direct_db"):
+        if "rest" in runs and other in runs:
+            rest, base = (summary[f"{a}_ms_per_trial"]["median"] for a in ("rest", other))
+            summary[f"rest_minus_{other}_ms_per_trial"] = round(rest - base, 1)
     summary["baseline_ref"] = args.baseline_ref
     print(json.dumps(summary), flush=True)
 
