@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
+import os
+import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -16,10 +22,19 @@ from caviar.service import trials
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
 from caviar.service.studies.schemas import BudgetUpdate, StudyUpdate
-from caviar.service.studies.service import create_study, definition_of, load_record, parse_definition
+from caviar.service.studies.service import (
+    create_study,
+    definition_of,
+    describe,
+    load_record,
+    parse_definition,
+)
 from caviar.service.studies.steering import stop_study, update_study
+from caviar.service.trials import reap
+from caviar.service.trials._core import FAIL_REASON
 from caviar.service.trials.enqueue import enqueue
 from caviar.service.trials.schemas import EnqueueItem
+from caviar.storage import utcnow
 from tests.service.helpers import external_study
 
 
@@ -79,25 +94,84 @@ def test_4_processes_never_overshoot_the_budget(db: Database, db_url: str) -> No
     assert numbers == list(range(20))
 
 
-def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database) -> None:
-    create_study(db, parse_definition(external_study("tells", n_trials=12, max_retries=0)))
+def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database, db_url: str) -> None:
+    """Tells of every kind and reapers run at once on trials whose leases all lapsed: each trial
+    ends exactly one way (the tell or the reaper), each failure is retried exactly once, and the
+    study then completes at exactly its budget."""
+    create_study(
+        db, parse_definition(external_study("tells", n_trials=12, max_retries=1, max_failed_trials=100))
+    )
     numbers = [trials.ask(db, "tells").number for _ in range(12)]
+    kinds = ["complete", "pruned", "fail"]
+    told: dict[int, str] = {}
     errors: list[BaseException] = []
+    later = utcnow() + timedelta(hours=1)  # every lease has lapsed by then
+    start = threading.Barrier(12 + 3)
 
     def finish(number: int) -> None:
+        other = Database(db_url, pool_size=1)
         try:
-            trials.tell(db, "tells", number, "complete", values=[float(number)])
+            start.wait(60)
+            kind = kinds[number % 3]
+            try:
+                trials.tell(
+                    other, "tells", number, kind, values=[float(number)] if kind == "complete" else None
+                )
+                told[number] = kind
+            except Conflict as exc:
+                assert exc.code in ("lease_lost", "trial_finished"), exc.code  # the reaper won
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            other.dispose()
+
+    def reaper() -> None:
+        other = Database(db_url, pool_size=1)
+        try:
+            start.wait(60)
+            for _ in range(3):
+                reap(other, now=later)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.dispose()
 
     threads = [threading.Thread(target=finish, args=(n,)) for n in numbers]
+    threads += [threading.Thread(target=reaper) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
-    assert not errors
-    record_state = load_record(db, "tells").state
-    assert record_state == "completed"
+        thread.join(120)
+    assert not errors, errors
+    listed = {t.number: t for t in trials.list_trials(db, "tells", limit=1000).items}
+    for number in numbers:
+        trial = listed[number]
+        if told.get(number) in ("complete", "pruned"):
+            assert trial.state == told[number]  # a tell that answered 200 stands
+        else:
+            assert trial.state == "fail"  # told fail, or reaped
+    retries = [t for t in listed.values() if t.retry_of is not None]
+    assert sorted(t.retry_of for t in retries) == sorted(n for n in numbers if listed[n].state == "fail")
+    assert all(t.state == "waiting" and t.params == listed[t.retry_of].params for t in retries)
+    counts = trials_counts(db, "tells")
+    assert counts["complete"] + counts["pruned"] + counts["waiting"] == 12  # the budget, exactly
+    for _ in retries:  # the retries finish the study at exactly its budget
+        assignment = trials.ask(db, "tells")
+        assert assignment.retry_of is not None
+        trials.tell(db, "tells", assignment.number, "complete", values=[0.0])
+    with pytest.raises(Conflict):
+        trials.ask(db, "tells")
+    assert load_record(db, "tells").state == "completed"
+    counts = trials_counts(db, "tells")
+    assert counts["complete"] + counts["pruned"] == 12 and counts["running"] == counts["waiting"] == 0
+
+
+def trials_counts(db: Database, name: str) -> dict[str, int]:
+    """The study's trial counts as GET /studies/{name} shows them, checked against its trials."""
+    shown = describe(db, load_record(db, name)).trial_counts.model_dump()
+    listed = Counter(t.state for t in trials.list_trials(db, name, limit=1000).items)
+    assert shown == {state: listed[state] for state in shown}, (shown, listed)
+    return shown
 
 
 def test_sampling_scales_are_right(db: Database) -> None:
@@ -306,3 +380,281 @@ def test_a_stop_racing_the_last_tells_ends_stopped(db: Database, db_url: str) ->
     record = load_record(db, "race-stop")
     assert record.state == "stopped"
     assert trials.list_trials(db, "race-stop", state="running").total == 0
+
+
+# ---- forced interleavings ----------------------------------------------------------------------
+#
+# Each test below holds a first operation inside its locked section (a function it calls under
+# ``Database.study_lock`` waits there) and starts a second one that would break the budget if it
+# ran in that window. The first operation lets go once the second has either reached the same
+# point (the lock failed: the dangerous interleaving happened, every run) or waits on the study
+# lock (seen on its stack). So with the lock the tests pass, and without it they fail every time,
+# not sometimes; no sleep decides anything.
+
+
+def waits_on_study_lock(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside :meth:`Database.study_lock` (taking it: the holder is elsewhere)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name in ("study_lock", "_process_lock") and frame.f_code.co_filename.endswith(
+            f"{os.sep}db.py"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Interleaving:
+    """Runs ``first`` until it is inside the locked section, then ``second`` against it.
+
+    Wrap the functions where each operation must meet the other with :meth:`point`: the thread
+    running ``first`` waits at its point (once), the one running ``second`` marks its own.
+    """
+
+    HOLD_POLLS = 5  # the second thread must be seen waiting on the lock this many polls in a row
+
+    def __init__(self) -> None:
+        self.first_inside = threading.Event()
+        self.second_reached = threading.Event()
+        self.second_thread: threading.Thread | None = None
+        self.results: dict[str, Any] = {}
+        self.held_until: str | None = None
+
+    def point(
+        self, fn: Callable[..., Any], *, role: str | None = None, after: bool = False
+    ) -> Callable[..., Any]:
+        """``fn`` wrapped: the first operation waits in it (before ``fn`` runs, or ``after``), the
+        second marks that it got there (before ``fn`` runs). ``role`` limits the wrapper to one."""
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            name = threading.current_thread().name
+            if name == "first" and role in (None, "first") and not self.first_inside.is_set():
+                result = fn(*args, **kwargs) if after else None
+                self.first_inside.set()
+                self._hold()
+                return result if after else fn(*args, **kwargs)
+            if name == "second" and role in (None, "second"):
+                self.second_reached.set()
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def _hold(self) -> None:
+        deadline = time.monotonic() + 60
+        seen_waiting = 0
+        while not self.second_reached.wait(0.02):
+            assert self.second_thread is not None
+            seen_waiting = seen_waiting + 1 if waits_on_study_lock(self.second_thread) else 0
+            if seen_waiting >= self.HOLD_POLLS:
+                self.held_until = "second waits on the study lock"
+                return
+            if not self.second_thread.is_alive() or time.monotonic() > deadline:
+                self.held_until = "second ended without reaching its point"
+                return
+        self.held_until = "second reached its point inside the window"
+
+    def run(self, first: Callable[[], Any], second: Callable[[], Any]) -> dict[str, Any]:
+        """Run both; answers {"first": result or exception, "second": ...}."""
+
+        def call(key: str, fn: Callable[[], Any]) -> None:
+            try:
+                self.results[key] = fn()
+            except BaseException as exc:  # the test looks at it
+                self.results[key] = exc
+
+        one = threading.Thread(target=call, args=("first", first), name="first")
+        one.start()
+        assert self.first_inside.wait(60), f"the first operation never reached its point: {self.results}"
+        self.second_thread = threading.Thread(target=call, args=("second", second), name="second")
+        self.second_thread.start()
+        one.join(120)
+        self.second_thread.join(120)
+        assert not one.is_alive() and not self.second_thread.is_alive()
+        return self.results
+
+
+def _other(db_url: str) -> Database:
+    """A second handle on the database, as another server process would have."""
+    return Database(db_url, pool_size=2)
+
+
+def test_two_asks_for_the_last_trial_hand_out_one(db: Database, db_url: str, monkeypatch) -> None:
+    """The first ask has counted the budget (one trial left) and holds the lock; the second counts it
+    too: without the lock both would start a trial."""
+    from caviar.service.trials import lifecycle
+
+    create_study(db, parse_definition(external_study("last", n_trials=1)))
+    race = Interleaving()
+    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, after=True))
+    other = _other(db_url)
+    try:
+        results = race.run(lambda: trials.ask(db, "last"), lambda: trials.ask(other, "last"))
+    finally:
+        other.dispose()
+    assert not isinstance(results["first"], BaseException), results
+    assert isinstance(results["second"], Conflict) and results["second"].code == "budget_exhausted", (
+        race.held_until,
+        results,
+    )
+    assert trials.list_trials(db, "last").total == 1
+
+
+@pytest.mark.parametrize("ending", ["fail_tell", "reap", "release"])
+def test_a_retry_being_queued_is_not_outrun_by_an_ask(
+    db: Database, db_url: str, monkeypatch, ending: str
+) -> None:
+    """A trial that failed (told, reaped, handed back) is out of the budget count until its retry is
+    queued: an ask in that window would start a new trial and the retry would overshoot n_trials.
+    The ask must wait for the retry and get it."""
+    from caviar.service.trials import leases, lifecycle
+
+    create_study(db, parse_definition(external_study("retry", n_trials=1, max_retries=1)))
+    trial = trials.ask(db, "retry")
+    race = Interleaving()
+    module = lifecycle if ending == "fail_tell" else leases
+    monkeypatch.setattr(module, "requeue_retry", race.point(module.requeue_retry, role="first"))
+    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, role="second"))
+    first: Callable[[], Any] = {
+        "fail_tell": lambda: trials.tell(db, "retry", trial.number, "fail", reason="boom"),
+        "reap": lambda: reap(db, now=utcnow() + timedelta(hours=1)),
+        "release": lambda: trials.release(db, "retry", trial.number),
+    }[ending]
+    other = _other(db_url)
+    try:
+        results = race.run(first, lambda: trials.ask(other, "retry"))
+    finally:
+        other.dispose()
+    assert not isinstance(results["first"], BaseException), results
+    second = results["second"]
+    assert not isinstance(second, BaseException), (race.held_until, results)
+    assert second.retry_of == trial.number and second.params == trial.params, (race.held_until, second)
+    counts = trials_counts(db, "retry")
+    assert counts == {"waiting": 0, "running": 1, "complete": 0, "pruned": 0, "fail": 1}, race.held_until
+
+
+def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, monkeypatch) -> None:
+    """PATCH counts the used trials and then writes the lower budget: an ask between the two would
+    start a trial the new budget has no room for."""
+    from caviar.service.studies import steering
+    from caviar.service.trials import lifecycle
+
+    create_study(db, parse_definition(external_study("lower-one", n_trials=3)))
+    trials.ask(db, "lower-one")
+    race = Interleaving()
+    monkeypatch.setattr(steering, "all_trials", race.point(steering.all_trials, role="first", after=True))
+    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, role="second"))
+    other = _other(db_url)
+    try:
+        results = race.run(
+            lambda: update_study(db, "lower-one", StudyUpdate(budget=BudgetUpdate(n_trials=1))),
+            lambda: trials.ask(other, "lower-one"),
+        )
+    finally:
+        other.dispose()
+    assert not isinstance(results["first"], BaseException), results
+    second = results["second"]
+    assert isinstance(second, Conflict) and second.code == "budget_exhausted", (race.held_until, results)
+    assert trials.list_trials(db, "lower-one").total == 1
+    assert definition_of(load_record(db, "lower-one")).budget.n_trials == 1
+
+
+@pytest.mark.parametrize("kind", ["complete", "pruned"])
+def test_a_tell_that_lands_while_the_reaper_works_wins(
+    db: Database, db_url: str, monkeypatch, kind: str
+) -> None:
+    """The reaper has picked a lapsed trial and holds the study lock; the worker's complete/pruned
+    tell lands before the reaper fails the trial. The tell stands: no failure, no retry."""
+    create_study(db, parse_definition(external_study("tell-first", n_trials=1, max_retries=2)))
+    trial = trials.ask(db, "tell-first")
+    storage = db.optuna
+    real_set_attr = storage.set_trial_user_attr
+    told = threading.Event()
+    results: dict[str, Any] = {}
+
+    def reaper_set_attr(trial_id: int, key: str, value: Any) -> None:
+        if threading.current_thread().name == "reaper" and key == FAIL_REASON and not told.is_set():
+            worker = threading.Thread(target=tell_now, name="worker")
+            worker.start()  # the tell takes no study lock: it finishes while the reaper holds it
+            worker.join(60)
+            assert told.is_set(), results
+        real_set_attr(trial_id, key, value)
+
+    def tell_now() -> None:
+        other = _other(db_url)
+        try:
+            results["tell"] = trials.tell(
+                other, "tell-first", trial.number, kind, values=[1.0] if kind == "complete" else None
+            )
+        except BaseException as exc:
+            results["tell"] = exc
+        finally:
+            told.set()
+            other.dispose()
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", reaper_set_attr)
+    reaper = threading.Thread(
+        target=lambda: results.setdefault("reaped", reap(db, now=utcnow() + timedelta(hours=1))),
+        name="reaper",
+    )
+    reaper.start()
+    reaper.join(120)
+    assert not isinstance(results["tell"], BaseException), results
+    assert results["tell"].state == kind and results["reaped"] == 0
+    counts = trials_counts(db, "tell-first")
+    assert counts == {
+        "waiting": 0,
+        "running": 0,
+        "complete": int(kind == "complete"),
+        "pruned": int(kind == "pruned"),
+        "fail": 0,
+    }
+    assert load_record(db, "tell-first").state == "completed"
+
+
+@pytest.mark.parametrize("kind", ["complete", "pruned"])
+def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
+    db: Database, db_url: str, monkeypatch, kind: str
+) -> None:
+    """The worker's complete/pruned tell has passed Optuna's running check when the reaper fails the
+    trial and queues its retry: the tell answers lease_lost, and the retry is the only way on."""
+    create_study(db, parse_definition(external_study("reap-first", n_trials=1, max_retries=2)))
+    trial = trials.ask(db, "reap-first")
+    storage = db.optuna
+    real_set_state = storage.set_trial_state_values
+    results: dict[str, Any] = {}
+
+    other = _other(db_url)
+
+    def reap_now() -> None:
+        results["reaped"] = reap(other, now=utcnow() + timedelta(hours=1))
+
+    def worker_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
+        if threading.current_thread().name == "worker" and "reaper" not in results:
+            results["reaper"] = reaper = threading.Thread(target=reap_now, name="reaper")
+            reaper.start()  # another server's reaper: it takes the study lock, which the tell does not hold
+            reaper.join(60)
+        return real_set_state(trial_id, state, values)
+
+    monkeypatch.setattr(storage, "set_trial_state_values", worker_set_state)
+
+    def tell_now() -> None:
+        try:
+            results["tell"] = trials.tell(
+                db, "reap-first", trial.number, kind, values=[1.0] if kind == "complete" else None
+            )
+        except BaseException as exc:
+            results["tell"] = exc
+
+    worker = threading.Thread(target=tell_now, name="worker")
+    worker.start()
+    worker.join(120)
+    other.dispose()
+    assert results["reaped"] == 1, results
+    assert isinstance(results["tell"], Conflict) and results["tell"].code == "lease_lost", results
+    counts = trials_counts(db, "reap-first")
+    assert counts == {"waiting": 1, "running": 0, "complete": 0, "pruned": 0, "fail": 1}
+    retry = trials.ask(db, "reap-first")
+    assert retry.retry_of == trial.number and retry.params == trial.params
+    trials.tell(db, "reap-first", retry.number, kind, values=[1.0] if kind == "complete" else None)
+    assert load_record(db, "reap-first").state == "completed"
