@@ -56,6 +56,7 @@ STEPS = int(os.environ.get("CAVIAR_STATEFUL_STEPS", "40"))
 SHRINK = os.environ.get("CAVIAR_STATEFUL_SHRINK", "") not in ("", "0")
 # Clock steps whose sums never land exactly on a lease's length (60 s): no ties at expiry.
 CLOCK_STEPS_S = (17, 29, 61)
+DEATH_STEP_S = 32  # twice this outlasts a lease; once this after a heartbeat does not
 VALUES = (0.0, 0.5, 1.0)  # few values, so repeated tells sometimes repeat the value
 
 
@@ -200,11 +201,14 @@ class TrialLifecycle(RuleBasedStateMachine):
 
     @initialize(
         n_trials=st.integers(1, 6),
-        max_retries=st.integers(0, 2),
-        max_failed=st.integers(0, 3),
+        max_retries=st.sampled_from([0, 1, 1, 2]),
+        max_failed=st.sampled_from([0, 1, 3, 6]),
         max_parallel=st.one_of(st.none(), st.integers(1, 3)),
+        first_asks=st.integers(0, 3),
     )
-    def create(self, n_trials: int, max_retries: int, max_failed: int, max_parallel: int | None) -> None:
+    def create(
+        self, n_trials: int, max_retries: int, max_failed: int, max_parallel: int | None, first_asks: int
+    ) -> None:
         self.n_trials, self.max_retries, self.max_failed = n_trials, max_retries, max_failed
         self.max_parallel = max_parallel
         body = external_study(
@@ -216,6 +220,8 @@ class TrialLifecycle(RuleBasedStateMachine):
         )
         response = self.client.post(API, json=body)
         assert response.status_code == 201, response.text
+        for _ in range(first_asks):  # most examples start with trials running
+            self._ask("w1", None, 0)
 
     @rule(worker=st.sampled_from([None, "w1", "w2"]), request=st.sampled_from([None, "new"]))
     def ask(self, worker: str | None, request: str | None) -> None:
@@ -310,7 +316,9 @@ class TrialLifecycle(RuleBasedStateMachine):
     @rule(which=st.integers(0, 50), running_only=st.booleans())
     @precondition(lambda self: bool(self.trials))
     def heartbeat(self, which: int, running_only: bool) -> None:
-        trial = self.pick(which, running_only)
+        self._heartbeat(self.pick(which, running_only))
+
+    def _heartbeat(self, trial: Trial) -> None:
         response = self.post(f"/trials/{trial.number}/heartbeat", {})
         if trial.lease == "active":  # renewed (even when it lapsed, until the reaper comes)
             trial.expires = self.clock.now + timedelta(seconds=LEASE_S)
@@ -376,7 +384,21 @@ class TrialLifecycle(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from(CLOCK_STEPS_S))
     def reap(self, seconds: int) -> None:
         """Time passes; the reaper fails and retries every trial whose lease lapsed."""
-        now = self.clock.advance(seconds)
+        self._reap(self.clock.advance(seconds))
+
+    @rule(which=st.integers(0, 50))
+    @precondition(lambda self: any(t.state == "running" for t in self.trials))
+    def worker_dies(self, which: int) -> None:
+        """One running trial's worker dies: the others heartbeat, and its lease alone lapses."""
+        self.clock.advance(DEATH_STEP_S)
+        dead = self.pick(which, running_only=True)
+        for trial in self.trials:
+            if trial.state == "running" and trial is not dead:
+                self._heartbeat(trial)
+        self._reap(self.clock.advance(DEATH_STEP_S))
+        assert dead.lease == "reaped"
+
+    def _reap(self, now: datetime) -> None:
         leases.reap(self.db, now=now)
         due = [t for t in self.trials if t.lease == "active" and t.expires is not None and t.expires < now]
         for trial in due:
@@ -407,8 +429,11 @@ class TrialLifecycle(RuleBasedStateMachine):
         self.settle()
 
     @precondition(lambda self: len(self.trials) >= 2)
-    @rule()
-    def stop(self) -> None:
+    @rule(now=st.integers(0, 2))
+    def stop(self, now: int) -> None:
+        """Stop the study (one draw in three: a stop ends everything else an example could do)."""
+        if now:
+            return
         response = self.client.post(f"{API}/{self.name}/stop", json={})
         if self.state in ("completed", "failed", "stopped"):
             return self.expect_error(response, 409, "invalid_state")
