@@ -592,3 +592,64 @@ def test_the_trial_lifecycle_follows_the_model(
     )
     if os.environ.get("CAVIAR_STATEFUL_VERBOSE"):
         print(sorted(SEEN.items()))  # what the run reached (run with -s)
+
+
+# ---- the model's anchors: the same rules, as fixed sequences that run every time ----------------
+
+
+def _study(client: TestClient, name: str, **budget: Any) -> None:
+    response = client.post(API, json=external_study(name, **budget))
+    assert response.status_code == 201, response.text
+
+
+def _counts(client: TestClient, name: str) -> tuple[str, dict[str, int]]:
+    study = client.get(f"{API}/{name}").json()
+    return study["state"], study["trial_counts"]
+
+
+def test_a_hand_back_keeps_its_retry_and_is_no_failure(lifecycle_client: TestClient) -> None:
+    """No retries and no failures allowed: a trial handed back twice still runs, then completes."""
+    client = lifecycle_client
+    _study(client, "hand-back", n_trials=1, max_retries=0, max_failed_trials=0)
+    first = client.post(f"{API}/hand-back/trials/ask", json={"worker_id": "w1"}).json()
+    number, params = first["number"], first["params"]
+    for _ in range(2):
+        released = client.post(f"{API}/hand-back/trials/{number}/release", json={})
+        assert released.status_code == 200 and released.json()["state"] == "fail"
+        state, counts = _counts(client, "hand-back")
+        assert state == "running", "a hand-back counted as a failure"
+        assert counts["waiting"] == 1, "a hand-back used up a retry"
+        again = client.post(f"{API}/hand-back/trials/ask", json={"worker_id": "w2"})
+        assert again.status_code == 200, again.text
+        assert again.json()["retry_of"] == number and again.json()["params"] == params
+        number = again.json()["number"]
+    told = client.post(f"{API}/hand-back/trials/{number}/tell", json={"state": "complete", "value": 1.0})
+    assert told.status_code == 200, told.text
+    assert _counts(client, "hand-back") == (
+        "completed",
+        {"waiting": 0, "running": 0, "complete": 1, "pruned": 0, "fail": 2},
+    )
+
+
+def test_reaped_trials_use_their_retries_and_count_as_failures(
+    lifecycle_client: TestClient, monkeypatch: pytest.MonkeyPatch, db: Database
+) -> None:
+    """One retry, one failure allowed: the first lapse is retried, the second fails the study."""
+    client = lifecycle_client
+    clock = Clock()
+    monkeypatch.setattr(lifecycle, "utcnow", clock)
+    monkeypatch.setattr(leases, "utcnow", clock)
+    _study(client, "lapses", n_trials=1, max_retries=1, max_failed_trials=1)
+    first = client.post(f"{API}/lapses/trials/ask", json={}).json()
+    assert leases.reap(db, now=clock.advance(LEASE_S + 1)) == 1
+    assert _counts(client, "lapses") == (
+        "running",
+        {"waiting": 1, "running": 0, "complete": 0, "pruned": 0, "fail": 1},
+    )
+    retry = client.post(f"{API}/lapses/trials/ask", json={}).json()
+    assert retry["retry_of"] == first["number"] and retry["params"] == first["params"]
+    assert leases.reap(db, now=clock.advance(LEASE_S + 1)) == 1
+    assert _counts(client, "lapses") == (
+        "failed",
+        {"waiting": 0, "running": 0, "complete": 0, "pruned": 0, "fail": 2},
+    )
