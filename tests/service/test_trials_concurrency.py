@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from scipy import stats
+from sqlalchemy import text
 
 from caviar.service import trials
 from caviar.service.db import Database
@@ -404,6 +405,9 @@ def waits_on_study_lock(thread: threading.Thread) -> bool:
     return False
 
 
+WAITED = "second waits on the study lock"
+
+
 class Interleaving:
     """Runs ``first`` until it is inside the locked section, then ``second`` against it.
 
@@ -415,8 +419,10 @@ class Interleaving:
 
     def __init__(self) -> None:
         self.first_inside = threading.Event()
-        self.second_reached = threading.Event()
+        self.second_reached: Any = threading.Event()  # or a multiprocessing Event
         self.second_thread: threading.Thread | None = None
+        self.second_waits: Callable[[], bool] = lambda: False  # is it waiting on the study lock?
+        self.second_alive: Callable[[], bool] = lambda: True
         self.results: dict[str, Any] = {}
         self.held_until: str | None = None
 
@@ -444,12 +450,11 @@ class Interleaving:
         deadline = time.monotonic() + 60
         seen_waiting = 0
         while not self.second_reached.wait(0.02):
-            assert self.second_thread is not None
-            seen_waiting = seen_waiting + 1 if waits_on_study_lock(self.second_thread) else 0
+            seen_waiting = seen_waiting + 1 if self.second_waits() else 0
             if seen_waiting >= self.HOLD_POLLS:
-                self.held_until = "second waits on the study lock"
+                self.held_until = WAITED
                 return
-            if not self.second_thread.is_alive() or time.monotonic() > deadline:
+            if not self.second_alive() or time.monotonic() > deadline:
                 self.held_until = "second ended without reaching its point"
                 return
         self.held_until = "second reached its point inside the window"
@@ -466,12 +471,36 @@ class Interleaving:
         one = threading.Thread(target=call, args=("first", first), name="first")
         one.start()
         assert self.first_inside.wait(60), f"the first operation never reached its point: {self.results}"
-        self.second_thread = threading.Thread(target=call, args=("second", second), name="second")
-        self.second_thread.start()
+        self.second_thread = second_thread = threading.Thread(
+            target=call, args=("second", second), name="second"
+        )
+        self.second_waits = lambda: waits_on_study_lock(second_thread)
+        self.second_alive = second_thread.is_alive
+        second_thread.start()
         one.join(120)
-        self.second_thread.join(120)
-        assert not one.is_alive() and not self.second_thread.is_alive()
+        second_thread.join(120)
+        assert not one.is_alive() and not second_thread.is_alive()
         return self.results
+
+    def run_against_process(self, first: Callable[[], Any], start_second: Callable[[Any], Any]) -> Any:
+        """Run ``first`` in a thread and, once it is inside, ``start_second(reached_event)``: a
+        started process with ``is_alive`` whose own code sets ``reached_event`` at its point.
+        Answers the process; ``self.results["first"]`` holds the first operation's outcome."""
+
+        def call() -> None:
+            try:
+                self.results["first"] = first()
+            except BaseException as exc:  # the test looks at it
+                self.results["first"] = exc
+
+        one = threading.Thread(target=call, name="first")
+        one.start()
+        assert self.first_inside.wait(60), f"the first operation never reached its point: {self.results}"
+        process = start_second(self.second_reached)
+        self.second_alive = process.is_alive
+        one.join(180)
+        assert not one.is_alive()
+        return process
 
 
 def _other(db_url: str) -> Database:
@@ -493,6 +522,7 @@ def test_two_asks_for_the_last_trial_hand_out_one(db: Database, db_url: str, mon
     finally:
         other.dispose()
     assert not isinstance(results["first"], BaseException), results
+    assert race.held_until == WAITED, race.held_until
     assert isinstance(results["second"], Conflict) and results["second"].code == "budget_exhausted", (
         race.held_until,
         results,
@@ -526,6 +556,7 @@ def test_a_retry_being_queued_is_not_outrun_by_an_ask(
     finally:
         other.dispose()
     assert not isinstance(results["first"], BaseException), results
+    assert race.held_until == WAITED, race.held_until
     second = results["second"]
     assert not isinstance(second, BaseException), (race.held_until, results)
     assert second.retry_of == trial.number and second.params == trial.params, (race.held_until, second)
@@ -553,6 +584,7 @@ def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, 
     finally:
         other.dispose()
     assert not isinstance(results["first"], BaseException), results
+    assert race.held_until == WAITED, race.held_until
     second = results["second"]
     assert isinstance(second, Conflict) and second.code == "budget_exhausted", (race.held_until, results)
     assert trials.list_trials(db, "lower-one").total == 1
@@ -658,3 +690,74 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     assert retry.retry_of == trial.number and retry.params == trial.params
     trials.tell(db, "reap-first", retry.number, kind, values=[1.0] if kind == "complete" else None)
     assert load_record(db, "reap-first").state == "completed"
+
+
+def _ask_in_another_process(url: str, name: str, reached: Any, out: Any) -> None:
+    """A second server process's ask: marks ``reached`` where it counts the budget."""
+    from caviar.service.trials import lifecycle
+
+    real_count = lifecycle.count_states
+
+    def count_states(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        return real_count(*args, **kwargs)
+
+    lifecycle.count_states = count_states  # type: ignore[assignment]
+    db = Database(url, pool_size=1)
+    try:
+        out.put(("ok", trials.ask(db, name).number))
+    except Conflict as exc:
+        out.put(("conflict", exc.code))
+    except BaseException as exc:
+        out.put(("error", repr(exc)))
+    finally:
+        db.dispose()
+
+
+def process_waits_on_study_lock(db: Database, study_id: int, pid: int) -> bool:
+    """Whether process ``pid`` waits on the cross-process half of ``study_lock`` for ``study_id``:
+    a blocked advisory lock in ``pg_locks``, or a blocked POSIX lock in ``/proc/locks`` (SQLite)."""
+    if not db.is_sqlite:
+        from caviar.service.db import _PG_LOCK_CLASS
+
+        with db.engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                    "AND classid = :c AND objid = :o"
+                ),
+                {"c": _PG_LOCK_CLASS, "o": study_id},
+            ).scalar()
+        return bool(waiting)
+    with open("/proc/locks") as locks:
+        return any("->" in line and f" {pid} " in line for line in locks)
+
+
+def test_an_ask_in_another_process_waits_for_the_lock(db: Database, db_url: str, monkeypatch) -> None:
+    """The cross-process half of the study lock: this process's ask has counted the last free
+    trial and holds the lock; another server process's ask must wait, then find the budget used."""
+    from caviar.service.trials import lifecycle
+
+    if db.is_sqlite and not os.path.exists("/proc/locks"):
+        pytest.skip("needs /proc/locks to see a process waiting on the SQLite lock file")
+    create_study(db, parse_definition(external_study("procs-last", n_trials=1)))
+    study_id = load_record(db, "procs-last").id
+    race = Interleaving()
+    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, after=True))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+
+    def start_second(reached: Any) -> Any:
+        process = ctx.Process(target=_ask_in_another_process, args=(db_url, "procs-last", reached, out))
+        process.start()
+        race.second_waits = lambda: process_waits_on_study_lock(db, study_id, process.pid or -1)
+        return process
+
+    race.second_reached = ctx.Event()
+    process = race.run_against_process(lambda: trials.ask(db, "procs-last"), start_second)
+    second = out.get(timeout=120)
+    process.join(60)
+    assert not isinstance(race.results["first"], BaseException), race.results
+    assert race.held_until == WAITED, race.held_until
+    assert second == ("conflict", "budget_exhausted"), (race.held_until, second)
+    assert trials.list_trials(db, "procs-last").total == 1
