@@ -151,9 +151,10 @@ def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database, db_url: str)
             assert trial.state == told[number]  # a tell that answered 200 stands
         else:
             assert trial.state == "fail"  # told fail, or reaped
-    retries = [t for t in listed.values() if t.retry_of is not None]
-    assert sorted(t.retry_of for t in retries) == sorted(n for n in numbers if listed[n].state == "fail")
-    assert all(t.state == "waiting" and t.params == listed[t.retry_of].params for t in retries)
+    retries = {t.retry_of: t for t in listed.values() if t.retry_of is not None}
+    assert len(retries) == sum(1 for t in listed.values() if t.retry_of is not None)  # one retry each
+    assert sorted(retries) == sorted(n for n in numbers if listed[n].state == "fail")
+    assert all(t.state == "waiting" and t.params == listed[n].params for n, t in retries.items())
     counts = trials_counts(db, "tells")
     assert counts["complete"] + counts["pruned"] + counts["waiting"] == 12  # the budget, exactly
     for _ in retries:  # the retries finish the study at exactly its budget
@@ -170,7 +171,7 @@ def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database, db_url: str)
 def trials_counts(db: Database, name: str) -> dict[str, int]:
     """The study's trial counts as GET /studies/{name} shows them, checked against its trials."""
     shown = describe(db, load_record(db, name)).trial_counts.model_dump()
-    listed = Counter(t.state for t in trials.list_trials(db, name, limit=1000).items)
+    listed = Counter[str](t.state for t in trials.list_trials(db, name, limit=1000).items)
     assert shown == {state: listed[state] for state in shown}, (shown, listed)
     return shown
 
@@ -702,7 +703,7 @@ def _ask_in_another_process(url: str, name: str, reached: Any, out: Any) -> None
         reached.set()
         return real_count(*args, **kwargs)
 
-    lifecycle.count_states = count_states  # type: ignore[assignment]
+    lifecycle.count_states = count_states
     db = Database(url, pool_size=1)
     try:
         out.put(("ok", trials.ask(db, name).number))
