@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 # Tests run on SQLite and then on this PostgreSQL server (each run creates and drops its own databases).
 PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
+# `make test-long`: the model-based and race tests with many more examples, plus the fuzzers.
+LONG_EXAMPLES ?= 500
+LONG_STEPS ?= 80
+LONG_TESTS ?= tests/service/test_trials_stateful.py tests/service/test_trials_concurrency.py \
+	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py
+LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS)
 
-.PHONY: install demo test test-sqlite test-postgres lint format bench clean
+.PHONY: install demo test test-sqlite test-postgres test-long lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +35,10 @@ test-sqlite: install
 
 test-postgres: install
 	CAVIAR_TEST_DATABASE=$(PG_TEST_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-long: install
+	$(LONG_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS) $(LONG_TESTS)
+	$(LONG_ENV) CAVIAR_TEST_DATABASE=$(PG_TEST_URL) $(BIN)/python -m pytest $(PYTEST_ARGS) $(LONG_TESTS)
 
 lint: install
 	$(BIN)/ruff check .
