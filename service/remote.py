@@ -104,12 +104,12 @@ class RemoteBackend:
         return response.text
 
     def checkpoint(self, name: str, number: int | None) -> tuple[int, str, bytes]:
-        if number is None:
-            number = int(self.best(name)["number"])
-        response = self.http.send("GET", _path("studies", name, "trials", number, "checkpoint"))
-        disposition = response.headers.get("content-disposition", "")
-        filename = disposition.rpartition("filename=")[2].strip('"').rpartition("-")[2] or "checkpoint.pt"
-        return number, filename, response.content
+        where = ("checkpoint",) if number is None else ("trials", number, "checkpoint")
+        response = self.http.send("GET", _path("studies", name, *where))
+        # attachment; filename="<study>-trial<n>-<file>": the trial it came from, then the file
+        stored = response.headers.get("content-disposition", "").rpartition("filename=")[2].strip('"')
+        trial, _, filename = stored.rpartition("-trial")[2].partition("-")
+        return int(trial), filename or "checkpoint.pt", response.content
 
     def artifacts(self, name: str, number: int) -> list[dict[str, Any]]:
         return list(self._get("studies", name, "trials", number, "artifacts"))

@@ -207,6 +207,17 @@ def download_checkpoint(
     return _download(reader, f"{name}-trial{found}-{filename}")
 
 
+@router.get(
+    "/checkpoint",
+    summary="Download the trained weights of the best complete trial that has a checkpoint",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_best_checkpoint(db: DbDep, settings: SettingsDep, name: StudyName) -> StreamingResponse:
+    found, filename, reader = open_checkpoint(db, artifact_store(settings.artifact_dir), name)
+    return _download(reader, f"{name}-trial{found}-{filename}")
+
+
 @router.get("/trials/{number}/artifacts", summary="The files stored with a trial (checkpoints, logs)")
 def list_artifacts(db: DbDep, name: StudyName, number: TrialNumber) -> list[ArtifactRead]:
     return artifacts.list_artifacts(db, name, number)

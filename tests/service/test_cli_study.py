@@ -342,7 +342,8 @@ def test_checkpoint_upload_and_download_round_trip(
     monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
     """A checkpoint uploaded with a trial comes back byte for byte: over REST (GET .../checkpoint)
-    and through `caviar study checkpoint` on either backend (the best trial's by default)."""
+    and through `caviar study checkpoint` on either backend (by default the best complete trial
+    that has one: here not the best trial, which stored none)."""
     import httpx
 
     monkeypatch.setenv("CAVIAR_ARTIFACT_DIR", settings.artifact_dir)  # the local backend's store
@@ -353,7 +354,7 @@ def test_checkpoint_upload_and_download_round_trip(
         assert (
             http.post(f"{remote}/api/v1/studies", json=external_study("ckpt", n_trials=2)).status_code == 201
         )
-        for value, content in ((0.9, weights), (0.2, None)):
+        for value, content in ((0.2, weights), (0.9, None)):
             number = http.post(f"{api}/trials/ask", json={}).json()["number"]
             if content is not None:
                 uploaded = http.post(
@@ -366,6 +367,9 @@ def test_checkpoint_upload_and_download_round_trip(
         assert downloaded.status_code == 200, downloaded.text
         assert downloaded.content == weights
         assert http.get(f"{api}/trials/1/checkpoint").status_code == 404  # trial 1 stored none
+        best_with_one = http.get(f"{api}/checkpoint")
+        assert best_with_one.status_code == 200 and best_with_one.content == weights
+        assert "ckpt-trial0-checkpoint.pt" in best_with_one.headers["content-disposition"]
     for index, flags in enumerate(both(db_url, remote)):
         target = tmp_path / f"best{index}.pt"
         output = run("study", "checkpoint", "ckpt", "-o", str(target), *flags)
