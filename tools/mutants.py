@@ -26,6 +26,7 @@ import fnmatch
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,15 +137,37 @@ def prepare(run: str) -> Path:
     return folder
 
 
-def run_mutmut(run: str, max_children: int) -> float:
+def run_mutmut(run: str, max_children: int, minutes: float | None) -> float:
+    """Run mutmut over one run's modules; stop it after ``minutes`` (what it checked by then
+    is kept: mutmut saves each result as it comes)."""
     folder = prepare(run)
     globs = [g for m in MODULES if m.run == run for g in mutant_globs(m)]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     print(f"== mutmut run ({run}): {', '.join(RUNS[run])}", flush=True)
     start = time.monotonic()
-    subprocess.run(
-        [str(MUTMUT), "run", "--max-children", str(max_children), *globs], cwd=folder, env=env, check=True
+    log = (SCRATCH / f"{run}.log").open("w")
+    process = subprocess.Popen(
+        [str(MUTMUT), "run", "--max-children", str(max_children), *globs],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+    try:
+        code = process.wait(timeout=minutes * 60 if minutes else None)
+        if code != 0:
+            print(f"== mutmut failed ({code}); see {log.name}", flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"== {run}: time budget of {minutes:g} min used up; stopping mutmut", flush=True)
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    finally:
+        log.close()
     return time.monotonic() - start
 
 
@@ -152,16 +175,28 @@ def run_mutmut(run: str, max_children: int) -> float:
 class Score:
     killed: int = 0
     survived: int = 0
-    other: int = 0  # no tests, not checked, suspicious, segfault
+    other: int = 0  # no tests, suspicious, segfault
+    unchecked: int = 0  # not run (the time budget ran out first)
 
     @property
     def total(self) -> int:
+        """The mutants checked: killed, survived or otherwise not killed."""
         return self.killed + self.survived + self.other
+
+    def add(self, other: Score) -> None:
+        self.killed += other.killed
+        self.survived += other.survived
+        self.other += other.other
+        self.unchecked += other.unchecked
 
     def line(self, label: str) -> str:
         pct = 100.0 * self.killed / self.total if self.total else 0.0
         extra = f", {self.other} not killed otherwise" if self.other else ""
-        return f"{label:<42} {self.killed:>4}/{self.total:<4} {pct:5.1f}%  ({self.survived} survived{extra})"
+        unchecked = f"; {self.unchecked} not checked" if self.unchecked else ""
+        return (
+            f"{label:<40} {self.killed:>4}/{self.total:<4} {pct:5.1f}%  "
+            f"({self.survived} survived{extra}{unchecked})"
+        )
 
 
 def report(show: bool) -> int:
@@ -170,14 +205,16 @@ def report(show: bool) -> int:
     for module in MODULES:
         meta = SCRATCH / module.run / "mutants" / (module.path + ".meta")
         if not meta.exists():
-            print(f"{module.path:<42} not run")
+            print(f"{module.path:<40} not run")
             continue
         exit_codes = json.loads(meta.read_text("utf-8"))["exit_code_by_key"]
         score = Score()
         for key, code in sorted(exit_codes.items()):
             if not selected(module, key):
                 continue
-            if code in KILLED:
+            if code is None:
+                score.unchecked += 1
+            elif code in KILLED:
                 score.killed += 1
             elif code in SURVIVED:
                 score.survived += 1
@@ -185,9 +222,7 @@ def report(show: bool) -> int:
             else:
                 score.other += 1
                 survivors.append((module.run, key, "no tests" if code in NO_TESTS else f"exit {code}"))
-        overall.killed += score.killed
-        overall.survived += score.survived
-        overall.other += score.other
+        overall.add(score)
         print(score.line(module.path))
     print(overall.line("overall"))
     if survivors:
@@ -208,11 +243,17 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the scores of the last runs")
     parser.add_argument("--survivors", action="store_true", help="print the diff of every survivor")
     parser.add_argument("--max-children", type=int, default=int(os.environ.get("MUTANTS_JOBS", "2")))
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=float(os.environ.get("MUTANTS_MINUTES", "0")) or None,
+        help="time budget per run (default: none); unchecked mutants are reported as such",
+    )
     args = parser.parse_args()
     if not args.report:
         total = 0.0
         for run in args.run or list(RUNS):
-            elapsed = run_mutmut(run, args.max_children)
+            elapsed = run_mutmut(run, args.max_children, args.minutes)
             total += elapsed
             print(f"== {run}: {elapsed / 60:.1f} min", flush=True)
         print(f"== wall time: {total / 60:.1f} min\n")
