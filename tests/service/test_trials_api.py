@@ -466,3 +466,30 @@ def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db
     assert _core.lease_of(db, lapsed_id).status == "reaped"  # type: ignore[union-attr]
     counts = client.get(f"{API}/{name}").json()["trial_counts"]
     assert counts["waiting"] == 1  # one retry, of the reaped trial only
+
+
+def test_only_the_asking_worker_acts_on_its_trial_without_write_scope(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service.errors import Conflict
+    from caviar.service.trials import leases, lifecycle
+
+    name = create(client, n_trials=5)
+    ask(client, name, worker_id="w1")
+    ask(client, name)  # asked without a worker id: anyone may act on it
+    own, other = leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)
+    for act in (
+        lambda caller: leases.heartbeat(db, name, 0, caller=caller),
+        lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller),
+        lambda caller: leases.release(db, name, 0, caller=caller),
+        lambda caller: lifecycle.tell(db, name, 0, "pruned", caller=caller),
+    ):
+        with pytest.raises(Conflict) as raised:
+            act(other)
+        assert raised.value.code == "not_your_trial"
+        assert str(raised.value) == (
+            f"trial 0 of {name!r} belongs to another worker "
+            "(only its own worker, or a token with write scope, may act on it)"
+        )
+    leases.heartbeat(db, name, 0, caller=own)
+    leases.heartbeat(db, name, 0, caller=leases.Caller("w2"))  # write scope: any trial
+    leases.heartbeat(db, name, 1, caller=other)
+    assert lifecycle.tell(db, name, 0, "pruned", caller=own).state == "pruned"
