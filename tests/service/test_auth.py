@@ -7,17 +7,19 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from caviar.service.api import create_app
-from caviar.service.auth import allows, credentials, required_scope
+from caviar.service.auth import TokenVerifier, allows, credentials, required_scope
 from caviar.service.cli import app as cli_app
 from caviar.service.security import OPEN_PATHS
+from caviar.service.tokens import service as tokens
 from caviar.storage import ApiToken
 from tests.service.helpers import external_study
 
@@ -369,3 +371,58 @@ def test_a_revocation_reaches_another_server_process_within_the_documented_delay
             other.post(f"{API}/studies", json=external_study("late"), headers=bearer(token)).status_code
             == 401
         )
+
+
+# ---- found by mutation testing (docs/mutation-testing.md) ---------------------------------
+
+
+def test_the_worker_token_has_worker_scope(db) -> None:  # type: ignore[no-untyped-def]
+    verifier = TokenVerifier(SecretStr(ADMIN), db, worker_token=SecretStr("worker-" + "w" * 20))
+    assert verifier.verify("worker-" + "w" * 20) == "worker"
+    assert verifier.verify("worker-" + "w" * 21) is None
+    assert verifier.verify(ADMIN) == "admin"
+    assert TokenVerifier(SecretStr(ADMIN), db).verify("worker-" + "w" * 20) is None
+
+
+def test_verified_tokens_are_cached_for_the_ttl(db) -> None:  # type: ignore[no-untyped-def]
+    verifier = TokenVerifier(SecretStr(ADMIN), db, ttl_s=3600)
+    created = tokens.create_token(db, "write")
+    assert verifier.cached(created.token) is None  # not verified yet
+    assert verifier.verify(created.token) == "write"
+    assert verifier.cached(created.token) == "write"
+    tokens.revoke_token(db, created.id)  # in another process: this verifier is not told
+    assert verifier.verify(created.token) == "write"  # within the TTL, from the cache
+    verifier.forget()
+    assert verifier.cached(created.token) is None
+    assert verifier.verify(created.token) is None
+
+
+def test_last_used_is_written_at_most_once_per_resolution(db) -> None:  # type: ignore[no-untyped-def]
+    verifier = TokenVerifier(SecretStr(ADMIN), db, ttl_s=0)  # every verify asks the database
+    created = tokens.create_token(db, "read")
+    assert verifier.verify(created.token) == "read"
+    first = tokens.lookup_scope(db, created.token)
+    assert first is not None and first[2] is not None
+    with db.session() as session:  # a recognisable old value: a touch would overwrite it
+        session.execute(update(ApiToken).values(last_used_at=first[2] - timedelta(hours=1)))
+        session.commit()
+    assert verifier.verify(created.token) == "read"
+    again = tokens.lookup_scope(db, created.token)
+    assert again is not None and again[2] == first[2] - timedelta(hours=1)
+
+
+def test_list_tokens_leaves_revoked_ones_out_by_default(db) -> None:  # type: ignore[no-untyped-def]
+    kept = tokens.create_token(db, "read", name="kept")
+    gone = tokens.create_token(db, "read", name="gone")
+    tokens.revoke_token(db, gone.id)
+    assert [t.name for t in tokens.list_tokens(db).items] == ["kept"]
+    assert [t.id for t in tokens.list_tokens(db, include_revoked=True).items] == [kept.id, gone.id]
+
+
+def test_401_messages_and_challenge_of_the_api_root(secured: TestClient) -> None:
+    missing = secured.get(API)
+    assert_envelope(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"] == 'Bearer realm="caviar"'
+    assert missing.json()["error"]["message"] == "authentication required: send Authorization: Bearer <token>"
+    invalid = secured.get(f"{API}/studies", headers=bearer("nope"))
+    assert invalid.json()["error"]["message"] == "invalid or revoked token"

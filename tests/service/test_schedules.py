@@ -484,3 +484,61 @@ def test_invalid_changes_are_422_and_change_nothing(
 def test_malformed_json_is_the_error_envelope(api: TestClient) -> None:
     response = api.post("/api/v1/schedules", content=b"{nope", headers={"content-type": "application/json"})
     _error(response, 422, "validation_error")
+
+
+# --- found by mutation testing (docs/mutation-testing.md) ----------------------------------
+
+
+def _leave_pending(db: Database, schedule_id: int) -> None:
+    """What a replica that died after its claim leaves: a pending run of the 01:00 tick."""
+    with db.session() as session, session.begin():
+        session.execute(update(Schedule).values(next_run_at=utc(2024, 5, 1, 2), run_count=1))
+        session.add(
+            ScheduleRun(
+                schedule_id=schedule_id,
+                tick_at=utc(2024, 5, 1, 1),
+                fired_at=utc(2024, 5, 1, 1),
+                study_name="nightly-20240501T0100",
+                outcome="pending",
+            )
+        )
+
+
+def test_a_pending_run_whose_study_was_created_before_the_crash_is_created(db: Database) -> None:
+    from caviar.service.definition import StudyDefinition
+    from caviar.service.studies.service import create_study
+
+    schedule = make(db, utc(2024, 5, 1, 0, 30))
+    make(db, utc(2024, 5, 1, 0, 30), name="other", enabled=False)
+    _leave_pending(db, schedule.id)
+    definition = StudyDefinition.from_template("nightly-20240501T0100", template())
+    create_study(db, definition, schedule_id=schedule.id)  # the crash came after this
+    service.fire_due(db, utc(2024, 5, 1, 1, 10))
+    assert all_runs(db) == [(utc(2024, 5, 1, 1), "nightly-20240501T0100", "created")]
+
+
+def test_a_template_invalid_at_fire_time_records_an_error(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30))
+    broken = template()
+    broken["search_space"] = {"lr": {"type": "float", "low": 1.0, "high": 0.1}}
+    with db.session() as session, session.begin():  # e.g. a template stored by an older version
+        session.execute(update(Schedule).values(template=broken))
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    assert run.outcome == "error" and run.message is not None
+    assert run.message.startswith("template.search_space.lr")
+    assert study_names(db) == []
+
+
+def test_an_unexpected_error_while_creating_the_study_is_recorded(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(service, "create_study", boom)
+    make(db, utc(2024, 5, 1, 0, 30))
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    assert (run.outcome, run.message) == (
+        "error",
+        "could not create the study (RuntimeError; see the server log)",
+    )

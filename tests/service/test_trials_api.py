@@ -372,3 +372,124 @@ def test_a_study_created_after_a_deletion_gets_its_own_handle(client: TestClient
         assert client.post(API, json=body).status_code == 201
         assert ask(client, name)["study"] == name
         assert client.delete(f"{API}/{name}").status_code == 204
+
+
+# ---- found by mutation testing (docs/mutation-testing.md) ---------------------------------
+
+
+def test_a_hand_back_is_retried_without_using_a_retry_and_is_no_failure(client: TestClient) -> None:
+    name = create(client, n_trials=3, max_retries=0, max_failed_trials=0)
+    first = ask(client, name, worker_id="w1")
+    other = client.post(f"{API}/{name}/trials/0/release", json={"worker_id": "w2", "reason": "x"})
+    assert other.status_code == 200  # no tokens: any caller may act on any trial
+    assert other.json()["state"] == "fail" and other.json()["fail_reason"] == "x"
+    assert client.get(f"{API}/{name}").json()["state"] == "running"  # a hand-back is no failure
+    again = client.post(f"{API}/{name}/trials/0/release")  # not running any more: nothing happens
+    assert again.status_code == 200 and again.json()["fail_reason"] == "x"
+    tell = client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 1.0})
+    assert tell.status_code == 409 and error_code(tell) == "lease_lost"
+    beat = client.post(f"{API}/{name}/trials/0/heartbeat")
+    assert beat.status_code == 409 and error_code(beat) == "lease_lost"
+    retry = ask(client, name)  # max_retries=0, and still re-queued: the attempt was not used up
+    assert retry["retry_of"] == 0 and retry["params"] == first["params"] and retry["number"] == 1
+    assert client.post(f"{API}/{name}/trials/1/release").json()["state"] == "fail"
+    assert ask(client, name)["retry_of"] == 1
+
+
+def test_failures_up_to_max_failed_trials_keep_the_study_running(client: TestClient) -> None:
+    name = create(client, n_trials=5, max_retries=0, max_failed_trials=1)
+    ask(client, name)
+    assert client.post(f"{API}/{name}/trials/0/release").status_code == 200  # a hand-back: no failure
+    assert ask(client, name)["retry_of"] == 0
+    assert client.post(f"{API}/{name}/trials/1/tell", json={"state": "fail"}).status_code == 200
+    assert client.get(f"{API}/{name}").json()["state"] == "running"  # one failure of one allowed
+    ask(client, name)
+    assert client.post(f"{API}/{name}/trials/2/tell", json={"state": "fail"}).status_code == 200
+    assert client.get(f"{API}/{name}").json()["state"] == "failed"
+
+
+def test_request_ids_are_per_study(client: TestClient) -> None:
+    first, second = create(client, name="a"), create(client, name="b")
+    ask(client, first)
+    assert ask(client, first, request_id="r")["number"] == 1
+    answer = ask(client, second, request_id="r")
+    assert answer["study"] == second and answer["number"] == 0
+
+
+def test_a_repeated_ask_waits_for_the_first_then_answers_409(client: TestClient, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service.errors import Conflict
+    from caviar.service.studies.service import load_record
+    from caviar.service.trials import _core, lifecycle
+
+    monkeypatch.setattr(lifecycle, "REPLAY_WAIT_S", 0.3)
+    name = create(client)
+    ask(client, name, request_id="r")
+    tid = _core.trial_id(db, load_record(db, name), 0)
+    db.optuna.set_trial_system_attr(tid, _core.READY, False)  # as if the first ask still samples
+    start = time.monotonic()
+    with pytest.raises(Conflict) as raised:
+        lifecycle.ask(db, name, request_id="r")
+    assert 0.3 <= time.monotonic() - start < 1.0
+    assert raised.value.code == "ask_in_progress" and raised.value.retry_after_s == 1
+    assert client.post(f"{API}/{name}/trials/0/tell", json={"state": "pruned"}).status_code == 200
+    start = time.monotonic()
+    assert lifecycle.ask(db, name, request_id="r").number == 0  # finished: answered at once
+    assert time.monotonic() - start < 0.3
+
+
+def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from caviar.service.studies.service import definition_of, load_record
+    from caviar.service.trials import _core, leases
+    from caviar.storage import utcnow
+
+    name = create(client, n_trials=5)
+    ask(client, name)
+    ask(client, name)
+    record = load_record(db, name)
+    told_id = _core.trial_id(db, record, 1)
+    db.optuna.set_trial_state_values(told_id, optuna.trial.TrialState.COMPLETE, [1.0])  # a tell won the race
+    lapsed_id = _core.trial_id(db, record, 0)
+    now = utcnow()
+    assert leases._reap_one(db, record, definition_of(record), lapsed_id, now) == 0  # not due
+    later = now + timedelta(hours=1)
+    assert leases.reap(db, now=later) == 1
+    reaped = _core.lease_of(db, lapsed_id)
+    assert reaped is not None and (reaped.status, reaped.reason) == ("reaped", "lease expired (no heartbeat)")
+    assert client.get(f"{API}/{name}/trials/0").json()["fail_reason"] == "lease expired (no heartbeat)"
+    finished = _core.lease_of(db, told_id)
+    assert finished is not None and finished.status == "finished"
+    assert client.get(f"{API}/{name}/trials/1").json()["state"] == "complete"
+    assert leases.reap(db, now=later) == 0
+    assert leases._reap_one(db, record, definition_of(record), lapsed_id, later) == 0  # reaped already
+    assert _core.lease_of(db, lapsed_id).status == "reaped"  # type: ignore[union-attr]
+    counts = client.get(f"{API}/{name}").json()["trial_counts"]
+    assert counts["waiting"] == 1  # one retry, of the reaped trial only
+
+
+def test_only_the_asking_worker_acts_on_its_trial_without_write_scope(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service.errors import Conflict
+    from caviar.service.trials import leases, lifecycle
+
+    name = create(client, n_trials=5)
+    ask(client, name, worker_id="w1")
+    ask(client, name)  # asked without a worker id: anyone may act on it
+    own, other = leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)
+    for act in (
+        lambda caller: leases.heartbeat(db, name, 0, caller=caller),
+        lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller),
+        lambda caller: leases.release(db, name, 0, caller=caller),
+        lambda caller: lifecycle.tell(db, name, 0, "pruned", caller=caller),
+    ):
+        with pytest.raises(Conflict) as raised:
+            act(other)
+        assert raised.value.code == "not_your_trial"
+        assert str(raised.value) == (
+            f"trial 0 of {name!r} belongs to another worker "
+            "(only its own worker, or a token with write scope, may act on it)"
+        )
+    leases.heartbeat(db, name, 0, caller=own)
+    leases.heartbeat(db, name, 0, caller=leases.Caller("w2"))  # write scope: any trial
+    leases.heartbeat(db, name, 1, caller=other)
+    assert lifecycle.tell(db, name, 0, "pruned", caller=own).state == "pruned"
