@@ -33,17 +33,13 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from benchmarks.service_throughput import definition as study_definition  # noqa: E402
 from caviar import storage  # noqa: E402
 from caviar.service.api import create_app  # noqa: E402
 from caviar.service.config import Settings  # noqa: E402
 from caviar.service.db import Database  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-SPACE: dict[str, Any] = {
-    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "scale": "log"},
-    "beta1": {"type": "float", "low": 0.8, "high": 0.999, "scale": "reverse_log"},
-    "dropout": {"type": "float", "low": 0.0, "high": 0.6},
-}
 
 
 class StatementCounter:
@@ -111,15 +107,8 @@ def caviar_arm(url: str, n_history: int) -> Callable[[], None]:
     settings = Settings(database_url=url, background_tasks=False)
     client = TestClient(create_app(settings, db=db))
     name = f"sql-{uuid.uuid4().hex[:8]}"
-    definition = {
-        "name": name,
-        "direction": "maximize",
-        "search_space": SPACE,
-        "objective": {"kind": "external"},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "median"},
-        "budget": {"n_trials": 1_000_000},
-    }
+    definition = study_definition(name, 1_000_000)
+    definition |= {"sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "median"}}
     client.post("/api/v1/studies", json=definition).raise_for_status()
     items = history(n_history)
     for start in range(0, len(items), 1000):
