@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from caviar.service.api import create_app
-from caviar.service.auth import TokenVerifier, allows, credentials, required_scope
+from caviar.service.auth import MAX_TOKEN_CHARS, TokenVerifier, allows, credentials, required_scope
 from caviar.service.cli import app as cli_app
 from caviar.service.security import OPEN_PATHS
 from caviar.service.tokens import service as tokens
@@ -158,6 +159,19 @@ def test_credentials_parsing() -> None:
     assert credentials("Basic dXNlcjpwdw==") == "pw"  # user:pw
     assert credentials("Basic dG9rZW4=") == "token"  # a token typed as the user name
     assert credentials(None) is None and credentials("") is None and credentials("Digest x") is None
+    # only the first colon separates the user: a password (a static token) may hold colons
+    assert credentials("Basic " + base64.b64encode(b"user:to:ken").decode()) == "to:ken"
+    # strict base64: characters outside the alphabet refuse the header rather than being dropped
+    assert credentials("Basic dXNlcjpwdw==") == "pw"
+    assert credentials("Basic dXNlcjp*wdw==") is None and credentials("Basic dXNl cjpwdw==") is None
+
+
+def test_a_token_of_the_maximum_length_is_accepted_longer_ones_are_not(settings, db) -> None:  # type: ignore[no-untyped-def]
+    for length, status in ((MAX_TOKEN_CHARS, 200), (MAX_TOKEN_CHARS + 1, 401)):
+        token = "t" * length
+        secured_settings = settings.model_copy(update={"api_token": SecretStr(token)})
+        with TestClient(create_app(secured_settings, db=db)) as client:
+            assert client.get(f"{API}/studies", headers=bearer(token)).status_code == status
 
 
 def test_scope_matrix_over_the_real_api(secured: TestClient) -> None:

@@ -542,3 +542,171 @@ def test_an_unexpected_error_while_creating_the_study_is_recorded(
         "error",
         "could not create the study (RuntimeError; see the server log)",
     )
+
+
+# --- found by mutation testing (docs/mutation-testing.md) ----------------------------------
+
+
+def _fired_at(db: Database) -> list[tuple[str, datetime]]:
+    with db.session() as session:
+        rows = session.scalars(select(ScheduleRun).order_by(ScheduleRun.tick_at, ScheduleRun.id))
+        return [(r.outcome, r.fired_at.replace(tzinfo=UTC)) for r in rows]
+
+
+def test_missed_ticks_are_named_from_first_to_last_and_every_run_records_when_it_fired(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="run_once", overlap="skip_if_running")
+    now = utc(2024, 5, 1, 3, 20)
+    (missed, created) = service.fire_due(db, now)
+    assert missed.message == (
+        "2 tick(s) missed from 2024-05-01T01:00:00+00:00 to 2024-05-01T02:00:00+00:00 (misfire policy run_once)"
+    )
+    assert created.outcome == "created"
+    later = utc(2024, 5, 1, 4, 0, 7)
+    assert [r.outcome for r in service.fire_due(db, later)] == ["skipped_overlap"]
+    assert _fired_at(db) == [("skipped_misfire", now), ("created", now), ("skipped_overlap", later)]
+
+
+def test_misfire_skip_fires_a_tick_exactly_the_grace_period_late(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), misfire="skip")
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 1) + service.DEFAULT_GRACE)
+    assert (run.outcome, run.study_name) == ("created", "nightly-20240501T0100")
+
+
+def test_missed_ticks_beyond_the_count_cap_say_at_least(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "MISSED_COUNT_CAP", 5)  # ticks are counted one by one: cap the walk
+    make(db, utc(2024, 5, 1, 0, 30), misfire="skip")
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 8, 30))  # 8 ticks missed
+    assert run.outcome == "skipped_misfire" and run.message is not None
+    assert run.message.startswith("at least 5 tick(s) missed from 2024-05-01T01:00:00+00:00 to ")
+    make(db, utc(2024, 5, 1, 0, 30), name="few", misfire="skip")
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 4, 30))  # 4 missed: below the cap, counted exactly
+    assert run.message is not None and run.message.startswith("4 tick(s) missed")
+
+
+def test_only_the_schedules_own_studies_count_as_overlapping(db: Database) -> None:
+    from caviar.service.definition import StudyDefinition
+    from caviar.service.studies.service import create_study
+
+    make(db, utc(2024, 5, 1, 0, 30), overlap="skip_if_running")
+    create_study(db, StudyDefinition.from_template("someone-elses", template()))  # queued, no schedule
+    make(db, utc(2024, 5, 1, 0, 30), name="neighbour")  # its queued studies are not ours either
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    assert [o for _, _, o in all_runs(db)] == ["created", "created"]
+
+
+def test_an_overlap_names_the_newest_running_study(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30))
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    service.fire_due(db, utc(2024, 5, 1, 2, 0, 1))
+    service.update_schedule(db, "nightly", service.parse_update({"overlap": "skip_if_running"}))
+    (run,) = service.fire_due(db, utc(2024, 5, 1, 3, 0, 1))
+    assert run.message == "study nightly-20240501T0200 of an earlier run is still queued or running"
+
+
+def test_a_manual_run_is_linked_to_its_schedule_and_recorded_when_it_ran(db: Database) -> None:
+    schedule = make(db, utc(2024, 5, 1, 0, 30))
+    now = utc(2024, 5, 1, 0, 40, 5)
+    run = service.run_now(db, "nightly", now=now)
+    assert (run.fired_at, run.study_state) == (now, "queued")
+    assert _fired_at(db) == [("created", now)]
+    with db.session() as session:
+        study = session.scalar(select(StudyRecord).where(StudyRecord.name == run.study_name))
+        assert study is not None and study.schedule_id == schedule.id
+
+
+def test_a_manual_run_of_a_template_invalid_now_names_the_template_field(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30))
+    broken = template()
+    broken["search_space"] = {"lr": {"type": "float", "low": 1.0, "high": 0.1}}
+    with db.session() as session, session.begin():
+        session.execute(update(Schedule).values(template=broken))
+    with pytest.raises(service.InvalidInput) as raised:
+        service.run_now(db, "nightly", now=utc(2024, 5, 1, 0, 40, 5))
+    assert raised.value.details and raised.value.details[0]["field"].startswith("template.search_space.lr")
+    assert study_names(db) == [] and service.list_runs(db, "nightly").total == 0
+
+
+def test_finishing_a_run_touches_that_run_alone_and_only_while_pending(db: Database) -> None:
+    from caviar.service.definition import StudyDefinition
+    from caviar.service.studies.service import create_study
+
+    first = make(db, utc(2024, 5, 1, 0, 30))
+    second = make(db, utc(2024, 5, 1, 0, 30), name="other")
+    _leave_pending(db, first.id)
+    with db.session() as session, session.begin():
+        session.add(
+            ScheduleRun(
+                schedule_id=second.id,
+                tick_at=utc(2024, 5, 1, 1),
+                fired_at=utc(2024, 5, 1, 1),
+                study_name="other-20240501T0100",
+                outcome="pending",
+            )
+        )
+    with db.session() as session:
+        ids = {r.study_name: r.id for r in session.scalars(select(ScheduleRun))}
+    service._finish(db, ids["nightly-20240501T0100"], first.id, template(), "nightly-20240501T0100")
+    assert [(n, o) for _, n, o in all_runs(db)] == [
+        ("nightly-20240501T0100", "created"),
+        ("other-20240501T0100", "pending"),
+    ]
+    # a second finisher (a replica recovering the run it saw pending) must not rewrite the outcome
+    create_study(db, StudyDefinition.from_template("taken", template()))
+    service._finish(db, ids["nightly-20240501T0100"], first.id, template(), "taken")
+    assert all_runs(db)[0][2] == "created"
+
+
+def _stale(db: Database, name: str) -> Schedule:
+    """The schedule as a replica read it before someone changed it."""
+    with db.session() as session:
+        schedule = session.scalar(select(Schedule).where(Schedule.name == name))
+        assert schedule is not None
+        session.expunge(schedule)
+        return schedule
+
+
+def test_a_tick_is_not_fired_from_a_stale_read_of_a_schedule_changed_meanwhile(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30))
+    make(db, utc(2024, 5, 1, 0, 30), name="moved")
+    disabled, moved = _stale(db, "nightly"), _stale(db, "moved")
+    service.update_schedule(
+        db, "nightly", service.parse_update({"enabled": False}), now=utc(2024, 5, 1, 0, 50)
+    )
+    service.update_schedule(
+        db, "moved", service.parse_update({"cron": "30 * * * *"}), now=utc(2024, 5, 1, 0, 50)
+    )
+    now = utc(2024, 5, 1, 1, 0, 1)
+    assert service._fire_one(db, disabled, now, service.DEFAULT_GRACE) == []
+    assert service._fire_one(db, moved, now, service.DEFAULT_GRACE) == []
+    assert all_runs(db) == [] and study_names(db) == []
+    assert service.show_schedule(db, "moved").next_run_at == utc(2024, 5, 1, 1, 30)
+
+
+def test_a_tick_exactly_at_end_at_still_fires(db: Database) -> None:
+    make(db, utc(2024, 5, 1, 0, 30), end_at="2024-05-01T02:00:00Z")
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    assert service.show_schedule(db, "nightly").next_run_at == utc(2024, 5, 1, 2)
+    service.fire_due(db, utc(2024, 5, 1, 2, 0, 1))
+    assert study_names(db) == ["nightly-20240501T0100", "nightly-20240501T0200"]
+    assert service.show_schedule(db, "nightly").next_run_at is None
+
+
+def test_a_pending_run_is_recovered_only_after_the_full_timeout(db: Database) -> None:
+    schedule = make(db, utc(2024, 5, 1, 0, 30))
+    _leave_pending(db, schedule.id)  # fired at 01:00
+    service.fire_due(db, utc(2024, 5, 1, 1) + service.PENDING_TIMEOUT)
+    assert all_runs(db)[0][2] == "pending"
+    service.fire_due(db, utc(2024, 5, 1, 1) + service.PENDING_TIMEOUT + timedelta(seconds=1))
+    assert all_runs(db)[0][2] == "created"
+
+
+def test_recovery_leaves_finished_runs_alone(db: Database) -> None:
+    from caviar.service.studies.service import delete_study
+
+    make(db, utc(2024, 5, 1, 0, 30))
+    service.fire_due(db, utc(2024, 5, 1, 1, 0, 1))
+    delete_study(db, "nightly-20240501T0100")  # its owner deleted the study of a finished run
+    service.fire_due(db, utc(2024, 5, 1, 1, 30))  # long after the pending timeout of that run
+    assert study_names(db) == [] and all_runs(db)[0][2] == "created"

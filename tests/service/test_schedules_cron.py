@@ -6,6 +6,7 @@ main loop (:func:`vixie_fires`), across both transitions in four zones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo
@@ -13,8 +14,23 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-from caviar.service.schedules._cron import CronError, CronSchedule, check_cron, is_wildcard, parse_timezone
+from caviar.service.schedules._cron import (
+    CronError,
+    CronSchedule,
+    _changes_in_year,
+    check_cron,
+    is_wildcard,
+    parse_timezone,
+)
 from tests.service.test_schedules import utc
+
+
+@pytest.fixture(autouse=True)
+def _cold_offset_cache() -> Iterator[None]:
+    """Each test finds the zones' offset changes itself: with the cache warm from an earlier test,
+    a broken probe or bisection would go unnoticed by all later ones."""
+    _changes_in_year.cache_clear()
+    yield
 
 
 def test_next_after_is_strictly_after_and_in_utc() -> None:
@@ -275,3 +291,19 @@ def test_cron_is_normalised() -> None:
 def test_unknown_timezone(name: str) -> None:
     with pytest.raises(CronError, match="unknown timezone"):
         parse_timezone(name)
+
+
+def test_the_last_tick_of_a_yearly_job_keeps_the_summer_offset_it_fired_under() -> None:
+    """Searching back from winter across the previous year's clock changes (July 1st, 03:00 CEST)."""
+    cron = CronSchedule("0 3 1 7 *", "Europe/Berlin")
+    assert cron.last_at_or_before(utc(2024, 1, 15), not_before=utc(2023, 1, 1)) == utc(2023, 7, 1, 1)
+    assert cron.next_after(utc(2023, 12, 1)) == utc(2024, 7, 1, 1)
+
+
+def test_a_made_up_tick_before_the_window_is_not_the_last_one_in_it() -> None:
+    """02:30 on 2024-03-31 in Berlin is made up at the change (01:00 UTC): outside (01:05, 01:10]."""
+    cron = CronSchedule("30 2 * * *", "Europe/Berlin")
+    assert cron.last_at_or_before(utc(2024, 3, 31, 1, 10), not_before=utc(2024, 3, 31, 0, 55)) == utc(
+        2024, 3, 31, 1
+    )
+    assert cron.last_at_or_before(utc(2024, 3, 31, 1, 10), not_before=utc(2024, 3, 31, 1, 5)) is None
