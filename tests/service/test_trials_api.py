@@ -296,7 +296,10 @@ def test_report_on_multi_objective_study_is_422(client: TestClient) -> None:
     client.post(API, json=body)
     ask(client, "mo")
     response = client.post(f"{API}/mo/trials/0/report", json={"step": 1, "value": 1.0})
-    assert response.status_code == 422
+    assert response.status_code == 422 and error_code(response) == "multi_objective_report"
+    assert response.json()["error"]["message"] == (
+        "report: intermediate values are for single-objective studies only (as in Optuna)"
+    )
     assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "value": 1.0}).status_code == 422
     assert (
         client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "values": [0.9, 3.0]}).status_code
@@ -466,6 +469,13 @@ def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db
     assert finished is not None and finished.status == "finished"
     assert client.get(f"{API}/{name}/trials/1").json()["state"] == "complete"
     assert leases.reap(db, now=later) == 0
+    beat = client.post(f"{API}/{name}/trials/0/heartbeat").json()["error"]
+    assert (beat["code"], beat["message"]) == (
+        "lease_lost",
+        f"trial 0 of {name!r} lost its lease (lease expired (no heartbeat)); its retry runs instead",
+    )
+    beat = client.post(f"{API}/{name}/trials/1/heartbeat").json()["error"]
+    assert (beat["code"], beat["message"]) == ("trial_finished", f"trial 1 of {name!r} is already finished")
     assert leases._reap_one(db, record, definition_of(record), lapsed_id, later) == 0  # reaped already
     assert _core.lease_of(db, lapsed_id).status == "reaped"  # type: ignore[union-attr]
     counts = client.get(f"{API}/{name}").json()["trial_counts"]
@@ -556,15 +566,17 @@ def test_the_reaper_ends_a_study_past_its_deadline_by_the_clock_it_is_given(clie
     from caviar.service.trials import reap
     from caviar.storage import utcnow
 
-    name = create(client, n_trials=5, max_duration_s=600)
-    ask(client, name)
+    for name in ("running", "paused"):
+        create(client, name=name, n_trials=5, max_duration_s=600)
+        ask(client, name)
+    assert client.post(f"{API}/paused/pause").status_code == 200
     reap(db, now=utcnow() + timedelta(seconds=30))
-    assert client.get(f"{API}/{name}").json()["state"] == "running"
+    assert [client.get(f"{API}/{n}").json()["state"] for n in ("running", "paused")] == ["running", "paused"]
     reap(db, now=utcnow() + timedelta(hours=1))
-    study = client.get(f"{API}/{name}").json()
-    assert study["state"] == "stopped" and study["stop_reason"].startswith(
-        "deadline: budget.max_duration_s=600"
-    )
+    for name in ("running", "paused"):
+        study = client.get(f"{API}/{name}").json()
+        assert study["state"] == "stopped"
+        assert study["stop_reason"].startswith("deadline: budget.max_duration_s=600")
 
 
 def test_a_stopping_study_says_why_to_the_heartbeats_of_its_trials(client: TestClient) -> None:
@@ -574,3 +586,77 @@ def test_a_stopping_study_says_why_to_the_heartbeats_of_its_trials(client: TestC
     beat = client.post(f"{API}/{name}/trials/0/heartbeat")
     assert beat.status_code == 409 and error_code(beat) == "study_stopped"
     assert beat.json()["error"]["message"] == f"study {name!r} is stopping (stopped by request: enough)"
+
+
+def test_a_report_and_a_heartbeat_renew_their_own_lease_only(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service.studies.service import load_record
+    from caviar.service.trials import _core
+
+    name = create(client)
+    ask(client, name)
+    ask(client, name)
+    record = load_record(db, name)
+    ids = [_core.trial_id(db, record, n) for n in (0, 1)]
+
+    def expiries() -> list:  # type: ignore[type-arg]
+        return [_core.lease_of(db, i).expires_at for i in ids]  # type: ignore[union-attr]
+
+    before = expiries()
+    time.sleep(0.01)
+    assert client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5}).status_code == 200
+    after = expiries()
+    assert after[0] > before[0] and after[1] == before[1]
+    time.sleep(0.01)
+    assert client.post(f"{API}/{name}/trials/1/heartbeat").status_code == 204
+    again = expiries()
+    assert again[1] > after[1] and again[0] == after[0]
+
+
+def test_a_report_whose_lease_is_reaped_before_it_renews_is_lease_lost(
+    client: TestClient, db, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from caviar.service.trials import leases, lifecycle
+    from caviar.storage import utcnow
+
+    name = create(client)
+    ask(client, name)
+    renew = lifecycle.renew
+
+    def reaped_first(db_, trial_id, policy):  # type: ignore[no-untyped-def]
+        leases.reap(db_, now=utcnow() + timedelta(hours=1))  # the reaper runs between check and renewal
+        return renew(db_, trial_id, policy)
+
+    monkeypatch.setattr(lifecycle, "renew", reaped_first)
+    response = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5})
+    assert response.status_code == 409 and error_code(response) == "lease_lost"
+    assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
+
+
+def test_a_waiting_trial_is_not_running(client: TestClient) -> None:
+    name = create(client)
+    params = {"lr": 0.01, "beta1": 0.9, "dropout": 0.1}
+    assert (
+        client.post(f"{API}/{name}/trials/enqueue", json={"trials": [{"params": params}]}).status_code == 201
+    )
+    not_running = ("trial_not_running", f"trial 0 of {name!r} is not running")
+    beat = client.post(f"{API}/{name}/trials/0/heartbeat")
+    assert beat.status_code == 409
+    assert (beat.json()["error"]["code"], beat.json()["error"]["message"]) == not_running
+    tell = client.post(f"{API}/{name}/trials/0/tell", json={"state": "complete", "value": 1.0})
+    assert tell.status_code == 409
+    assert (tell.json()["error"]["code"], tell.json()["error"]["message"]) == not_running
+    assert client.get(f"{API}/{name}/trials/0").json()["state"] == "waiting"
+
+
+def test_a_report_of_an_infinite_value_names_the_field(client: TestClient) -> None:
+    name = create(client)
+    ask(client, name)
+    response = client.post(
+        f"{API}/{name}/trials/0/report",
+        content=b'{"step": 1, "value": 1e999}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422 and error_code(response) == "non_finite_value"
+    assert response.json()["error"]["message"] == "value: must be a finite number (got inf)"
