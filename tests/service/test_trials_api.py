@@ -240,22 +240,31 @@ def test_pruning_reaches_rest_clients(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "code"),
+    ("body", "code", "message"),
     [
-        ({"state": "complete", "value": "NaN"}, "non_finite_value"),
-        ({"state": "complete", "value": "Infinity"}, "non_finite_value"),
-        ({"state": "complete", "values": [1.0, 2.0]}, "wrong_number_of_values"),
-        ({"state": "complete"}, "validation_error"),
-        ({"state": "exploded"}, "validation_error"),
-        ({"state": "pruned", "value": 1.0}, "validation_error"),
+        ({"state": "complete", "value": "NaN"}, "non_finite_value", "values: values must be finite numbers"),
+        (
+            {"state": "complete", "value": "Infinity"},
+            "non_finite_value",
+            "values: values must be finite numbers",
+        ),
+        (
+            {"state": "complete", "values": [1.0, 2.0]},
+            "wrong_number_of_values",
+            "values: the study has 1 objective(s), got 2 value(s)",
+        ),
+        ({"state": "complete"}, "validation_error", "value: a complete trial needs value (or values)"),
+        ({"state": "exploded"}, "validation_error", "state: "),
+        ({"state": "pruned", "value": 1.0}, "validation_error", "values: a pruned trial takes no values"),
     ],
 )
-def test_bad_tells_are_422_and_write_nothing(client: TestClient, body: dict, code: str) -> None:
+def test_bad_tells_are_422_and_write_nothing(client: TestClient, body: dict, code: str, message: str) -> None:
     name = create(client)
     ask(client, name)
     response = client.post(f"{API}/{name}/trials/0/tell", json=body)
     assert response.status_code == 422, response.text
     assert error_code(response) == code
+    assert response.json()["error"]["message"].startswith(message)  # names the field
     assert client.get(f"{API}/{name}/trials/0").json()["state"] == "running"
 
 
