@@ -162,7 +162,6 @@ def test_credentials_parsing() -> None:
     # only the first colon separates the user: a password (a static token) may hold colons
     assert credentials("Basic " + base64.b64encode(b"user:to:ken").decode()) == "to:ken"
     # strict base64: characters outside the alphabet refuse the header rather than being dropped
-    assert credentials("Basic dXNlcjpwdw==") == "pw"
     assert credentials("Basic dXNlcjp*wdw==") is None and credentials("Basic dXNl cjpwdw==") is None
 
 
