@@ -669,3 +669,22 @@ def test_a_report_of_an_infinite_value_names_the_field(client: TestClient) -> No
     )
     assert response.status_code == 422 and error_code(response) == "non_finite_value"
     assert response.json()["error"]["message"] == "value: must be a finite number (got inf)"
+
+
+def test_an_orphaned_retry_has_used_its_attempt(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+    from optuna.trial import TrialState
+
+    from caviar.service.studies.service import load_record
+    from caviar.service.trials import reap
+    from caviar.service.trials.lifecycle import _start_trial
+
+    name = create(client, n_trials=5, max_retries=1, max_failed_trials=5)
+    ask(client, name)
+    client.post(f"{API}/{name}/trials/0/tell", json={"state": "fail", "reason": "boom"})  # retry: attempt 1
+    record = load_record(db, name)
+    waiting = db.optuna.get_all_trials(record.optuna_study_id, deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1
+    _start_trial(db, record, waiting, "crashed-worker")  # the retry's ask died half-way
+    assert reap(db) == 1
+    assert client.get(f"{API}/{name}/trials/1").json()["fail_reason"] == "lost while being handed out"
+    assert client.get(f"{API}/{name}").json()["trial_counts"]["waiting"] == 0  # no third attempt
