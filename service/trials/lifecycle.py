@@ -294,6 +294,10 @@ def _replay(db: Database, record: StudyRecord, lease: TrialLease, policy: LeaseP
     while True:
         trial = db.optuna.get_trial(lease.trial_id)
         if trial.system_attrs.get(READY) or trial.state != TrialState.RUNNING:
+            # One read of a trial is several statements, each with its own snapshot: the
+            # parameters may have been read before the last of them and READY after it. Every
+            # parameter was committed before READY, so a read that starts now sees them all.
+            trial = db.optuna.get_trial(lease.trial_id)
             break
         if time.monotonic() > deadline:
             raise Conflict(

@@ -688,3 +688,28 @@ def test_an_orphaned_retry_has_used_its_attempt(client: TestClient, db) -> None:
     assert reap(db) == 1
     assert client.get(f"{API}/{name}/trials/1").json()["fail_reason"] == "lost while being handed out"
     assert client.get(f"{API}/{name}").json()["trial_counts"]["waiting"] == 0  # no third attempt
+
+
+def test_a_replay_that_reads_ready_after_the_parameters_reads_them_again(
+    client: TestClient, db, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """One read of a trial is several statements: the parameters can come from before the last
+    one was written and READY from after it (seen in CI under load: 29 of 30 parameters)."""
+    import copy
+
+    name = create(client)
+    first = ask(client, name, request_id="r")
+    get_trial = db.optuna.get_trial
+    reads = []
+
+    def split_read(trial_id: int):  # type: ignore[no-untyped-def]
+        trial = copy.deepcopy(get_trial(trial_id))
+        if not reads:  # the first read: READY seen, the last parameter not yet
+            trial._params.pop("dropout")
+            trial._distributions.pop("dropout")
+        reads.append(trial_id)
+        return trial
+
+    monkeypatch.setattr(db.optuna, "get_trial", split_read)
+    again = ask(client, name, request_id="r")
+    assert again["params"] == first["params"] and len(reads) == 2
