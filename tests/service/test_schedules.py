@@ -255,17 +255,7 @@ def test_a_study_name_taken_by_someone_else_records_an_error(db: Database) -> No
 
 def test_a_run_left_pending_by_a_crash_is_finished(db: Database) -> None:
     schedule = make(db, utc(2024, 5, 1, 0, 30))
-    with db.session() as session, session.begin():  # what a replica that died after its claim leaves
-        session.execute(update(Schedule).values(next_run_at=utc(2024, 5, 1, 2), run_count=1))
-        session.add(
-            ScheduleRun(
-                schedule_id=schedule.id,
-                tick_at=utc(2024, 5, 1, 1),
-                fired_at=utc(2024, 5, 1, 1),
-                study_name="nightly-20240501T0100",
-                outcome="pending",
-            )
-        )
+    _leave_pending(db, schedule.id)
     service.fire_due(db, utc(2024, 5, 1, 1, 2))
     assert all_runs(db)[0][2] == "pending"  # not yet: the claiming replica may still be working
     service.fire_due(db, utc(2024, 5, 1, 1, 10))
