@@ -23,9 +23,6 @@ RUN pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY caviar ./caviar
-COPY storage ./storage
-COPY service ./service
-COPY trainer ./trainer
 RUN pip install . && caviar --help >/dev/null
 
 RUN useradd --create-home --uid 10001 caviar \

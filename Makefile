@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make test-long`: the model-based and race tests with many more examples, plus the fuzzers.
 LONG_EXAMPLES ?= 500
 LONG_STEPS ?= 80
-LONG_TESTS ?= tests/service/test_trials_stateful.py tests/service/test_trials_concurrency.py \
+LONG_TESTS ?= tests/service/trials/test_trials_stateful.py tests/service/trials/test_trials_concurrency.py \
 	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py
 LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS)
 

@@ -94,7 +94,7 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
 
 
 def materialise(ref: str, target: Path) -> Path:
-    """The tree of commit ``ref`` (its service/, storage/, trainer/ packages) in ``target``."""
+    """The tree of commit ``ref`` (its caviar package) in ``target``."""
     archive = target / "baseline.tar"
     subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), ref], check=True)
     with tarfile.open(archive) as tar:

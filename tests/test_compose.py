@@ -149,9 +149,11 @@ def test_worker_reserves_gpus_and_can_scale() -> None:
 def test_dockerignore_keeps_the_package_in_the_build_context() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "tests"} <= ignored
-    assert not {"caviar", "service", "storage", "trainer", "pyproject.toml"} & ignored
+    assert not {"caviar", "pyproject.toml"} & ignored
     copied = re.findall(r"^COPY\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
-    assert {"caviar", "storage", "service", "trainer"} <= set(copied)
+    # the whole package is one folder; the top-level service/ storage/ trainer/ are signposts
+    assert "caviar" in copied
+    assert not {"storage", "service", "trainer"} & set(copied)
 
 
 @pytest.mark.parametrize("args", [["serve", "--hots", "x"], ["worker", "--gpu", "all"], ["nope"], ["db"]])

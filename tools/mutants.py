@@ -53,8 +53,11 @@ class Module:
 # stats pass instead of several).
 RUNS: dict[str, tuple[str, ...]] = {
     # test_steering_api.py: stops (end_study, cancel_waiting), which test_trials_api.py never calls
-    "trials": ("tests/service/test_trials_api.py", "tests/service/test_steering_api.py"),
-    "schedules": ("tests/service/test_schedules.py", "tests/service/test_schedules_cron.py"),
+    "trials": ("tests/service/trials/test_trials_api.py", "tests/service/studies/test_steering_api.py"),
+    "schedules": (
+        "tests/service/schedules/test_schedules.py",
+        "tests/service/schedules/test_schedules_cron.py",
+    ),
     "auth": ("tests/service/test_auth.py",),
 }
 

@@ -22,7 +22,7 @@ from caviar.service.schedules._cron import (
     is_wildcard,
     parse_timezone,
 )
-from tests.service.test_schedules import utc
+from tests.service.schedules.test_schedules import utc
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from caviar.service.cli import app
 from caviar.service.db import Database
 from caviar.service.schedules import service
 from caviar.storage import StudyRecord
-from tests.service.test_schedules import template
+from tests.service.schedules.test_schedules import template
 
 runner = CliRunner()
 

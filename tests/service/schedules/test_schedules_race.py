@@ -25,7 +25,7 @@ from caviar.service.db import Database
 from caviar.service.schedules import service
 from caviar.storage import Schedule, ScheduleRun, StudyRecord
 from tests.conftest import IS_POSTGRES
-from tests.service.test_schedules import make, utc
+from tests.service.schedules.test_schedules import make, utc
 
 START = utc(2024, 5, 1, 11, 59, 30)
 TICKS = [utc(2024, 5, 1, 12, minute, 1) for minute in range(6)]  # a clock read just after each tick
