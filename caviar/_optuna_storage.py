@@ -41,6 +41,10 @@ from caviar._errors import CaviarApiError
 from caviar._http import HttpClient, api_path
 
 _log = logging.getLogger("caviar.optuna_storage")
+STUDY_PAGE = 1000
+"""Studies per request of ``get_all_studies``."""
+MAX_INCLUDED_CHARS = 8_000
+"""The longest list of unfinished trial ids one read sends (the service's bound)."""
 
 
 class BudgetExhausted(CaviarApiError, optuna.exceptions.OptunaError):
@@ -78,6 +82,8 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
         self._client_id = client_id
         self.on_budget: Callable[[int, int | None], None] = lambda study_id, left: None
         self.on_running: Callable[[int, bool], None] = lambda trial_id, running: None
+        self.heartbeat_interval_s = 30.0
+        """The service's heartbeat interval, as its last answer about a running trial said."""
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -124,7 +130,13 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
         return self._study(study_id).system_attrs
 
     def get_all_studies(self) -> list[FrozenStudy]:
-        return [wire.study_in(s) for s in self._call("GET", api_path("optuna", "studies"))]
+        studies: list[FrozenStudy] = []
+        while True:
+            params = {"limit": STUDY_PAGE, "offset": len(studies)}
+            page = self._call("GET", api_path("optuna", "studies"), params=params)
+            studies.extend(wire.study_in(s) for s in page)
+            if len(page) < STUDY_PAGE:
+                return studies
 
     # ---- trials ------------------------------------------------------------------------
 
@@ -139,6 +151,7 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
             self.on_budget(study_id, 0)
             raise
         trial = wire.trial_in(answer["trial"])
+        self.heartbeat_interval_s = float(answer["heartbeat_interval_s"])
         if trial.state == TrialState.RUNNING:
             self.on_running(trial._trial_id, True)
         self.on_budget(study_id, answer.get("budget_left"))
@@ -186,6 +199,7 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
         except UpdateFinishedTrialError:
             self.on_running(trial_id, False)
             raise
+        self.heartbeat_interval_s = float(answer["heartbeat_interval_s"])
         if state == TrialState.RUNNING and answer["updated"]:
             self.on_running(trial_id, True)
         elif state.is_finished():
@@ -213,10 +227,13 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
         included_trial_ids: set[int],
         trial_id_greater_than: int,
     ) -> list[FrozenTrial]:
-        params: dict[str, Any] = {
-            "included": ",".join(str(i) for i in sorted(included_trial_ids)),
-            "greater_than": trial_id_greater_than,
-        }
+        included = ",".join(str(i) for i in sorted(included_trial_ids))
+        if len(included) > MAX_INCLUDED_CHARS:
+            # too many unfinished trials for one URL: read everything after the oldest of them
+            # instead (a superset: the cache takes the finished ones it already has again)
+            trial_id_greater_than = min(trial_id_greater_than, min(included_trial_ids) - 1)
+            included = ""
+        params: dict[str, Any] = {"included": included, "greater_than": trial_id_greater_than}
         if states is not None:
             params["states"] = ",".join(s.name for s in TrialState if s in states)
         answer = self._call("GET", api_path("optuna", "studies", study_id, "trials"), params=params)
@@ -265,11 +282,6 @@ class OptunaStorage(_CachedStorage):
         backend = _RestBackend(http, client_id)
         super().__init__(backend)  # type: ignore[arg-type]  # the RDB calls _CachedStorage makes
         self._rest = backend
-        try:
-            info = http.get(api_path("optuna", "info"))
-        except CaviarApiError as exc:
-            raise _translate(exc) from None
-        self.heartbeat_interval_s = float(info["heartbeat_interval_s"])
         self._running: set[int] = set()
         self._running_lock = threading.Lock()
         self._wake = threading.Event()
@@ -300,7 +312,7 @@ class OptunaStorage(_CachedStorage):
 
     def _beat(self) -> None:
         while True:
-            self._wake.wait(self.heartbeat_interval_s)
+            self._wake.wait(self._rest.heartbeat_interval_s)
             with self._running_lock:
                 trial_ids = sorted(self._running)
                 if not trial_ids:

@@ -155,7 +155,7 @@ def test_scopes_apply(databases, tmp_path) -> None:  # type: ignore[no-untyped-d
         read_token = tokens.create_token(db, "read").token
         with _live(create_app(settings, db=db)) as base:
             with pytest.raises(caviar.CaviarApiError) as refused:
-                caviar.optuna_storage(base, "wrong")
+                caviar.optuna_storage(base, "wrong").get_all_studies()
             assert refused.value.status == 401
             admin = caviar.optuna_storage(base, ADMIN)
             study_id = admin.create_new_study([StudyDirection.MINIMIZE], "scoped")
@@ -222,7 +222,9 @@ def test_a_killed_client_has_its_trial_failed_and_retried_with_the_same_paramete
         client.kill()
         client.wait(timeout=10)
     killed_at = time.monotonic()
-    deadline = killed_at + 2 * HEARTBEAT_S + 5  # two heartbeat intervals, plus the reaper's period and load
+    # its lease lapses at most two heartbeat intervals after its last heartbeat (before the kill);
+    # the reaper runs every half interval; one more second for a loaded machine
+    deadline = killed_at + 2 * HEARTBEAT_S + HEARTBEAT_S / 2 + 1
     while storage.get_trial(running._trial_id).state == TrialState.RUNNING:
         assert time.monotonic() < deadline, "the killed client's trial is still running"
         time.sleep(0.1)
@@ -233,3 +235,27 @@ def test_a_killed_client_has_its_trial_failed_and_retried_with_the_same_paramete
     assert rerun.state == TrialState.COMPLETE
     assert rerun.params == running.params
     assert rerun.user_attrs["caviar:retry_of"] == running.number
+
+
+def test_all_studies_are_read_page_by_page(storage: BaseStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from caviar import _optuna_storage
+
+    monkeypatch.setattr(_optuna_storage, "STUDY_PAGE", 2)
+    made = {storage.create_new_study([StudyDirection.MINIMIZE], f"paged-{i}") for i in range(5)}
+    assert {s._study_id for s in storage.get_all_studies()} == made
+
+
+def test_a_cache_with_many_unfinished_trials_reads_a_wider_range(
+    storage: BaseStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caviar import _optuna_storage
+
+    study_id = storage.create_new_study([StudyDirection.MINIMIZE], "many-unfinished")
+    ids = [storage.create_new_trial(study_id) for _ in range(6)]
+    storage.set_trial_state_values(ids[-1], TrialState.COMPLETE, [0.0])
+    assert len(storage.get_all_trials(study_id)) == 6  # cached: five unfinished, the last finished
+    monkeypatch.setattr(_optuna_storage, "MAX_INCLUDED_CHARS", 3)  # the five ids no longer fit
+    storage.set_trial_state_values(ids[2], TrialState.COMPLETE, [1.0])
+    trials = storage.get_all_trials(study_id)
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 4
+    assert trials[2].state == TrialState.COMPLETE and trials[2].value == 1.0

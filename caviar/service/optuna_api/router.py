@@ -6,14 +6,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.study import StudyDirection
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from caviar import _optuna_wire as wire
 from caviar.service.deps import DbDep, SettingsDep
 from caviar.service.envelope import error_responses
 from caviar.service.optuna_api import service
 from caviar.service.optuna_api.schemas import (
+    MAX_INCLUDED_CHARS,
     AttrWrite,
     FrozenStudyWire,
     FrozenTrialWire,
@@ -23,7 +25,6 @@ from caviar.service.optuna_api.schemas import (
     ParamWrite,
     StateWrite,
     StateWritten,
-    StorageInfo,
     StudyCreate,
     StudyCreated,
     StudyIdRead,
@@ -45,6 +46,29 @@ def _policy(settings: SettingsDep) -> LeasePolicy:
     return LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
 
 
+def _template(body: TrialCreate) -> FrozenTrial | None:
+    """The template trial of a request, or OptunaValueError naming what does not parse."""
+    if body.template is None:
+        return None
+    try:
+        return wire.trial_in(body.template.model_dump())
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise service.OptunaValueError(
+            f"template: not a trial Optuna can store ({type(exc).__name__})"
+        ) from None
+
+
+def _distribution(text: str | None, field: str) -> BaseDistribution | None:
+    if text is None:
+        return None
+    try:
+        return json_to_distribution(text)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise service.OptunaValueError(
+            f"{field}: not an Optuna distribution ({type(exc).__name__})"
+        ) from None
+
+
 def _parse_attr(value_json: str) -> object:
     import json  # lazy: only attribute writes decode JSON text
 
@@ -54,20 +78,19 @@ def _parse_attr(value_json: str) -> object:
         raise service.OptunaValueError("value_json: not JSON text") from None
 
 
-@router.get("/info", summary="The storage's settings")
-def storage_info(settings: SettingsDep) -> StorageInfo:
-    return StorageInfo(heartbeat_interval_s=settings.heartbeat_interval_s)
-
-
 @router.post("/studies", status_code=status.HTTP_201_CREATED, summary="create_new_study")
 def create_optuna_study(db: DbDep, body: StudyCreate) -> StudyCreated:
     study_id, name = service.create_study(db, [StudyDirection[d] for d in body.directions], body.study_name)
     return StudyCreated(study_id=study_id, study_name=name)
 
 
-@router.get("/studies", summary="get_all_studies")
-def list_optuna_studies(db: DbDep) -> list[FrozenStudyWire]:
-    return [FrozenStudyWire(**wire.study_out(s)) for s in service.all_studies(db)]
+@router.get("/studies", summary="get_all_studies (a page of them, by study id)")
+def list_optuna_studies(
+    db: DbDep,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Studies per page.")] = 1000,
+    offset: Annotated[int, Query(ge=0, le=INT32_MAX, description="Studies to skip.")] = 0,
+) -> list[FrozenStudyWire]:
+    return [FrozenStudyWire(**wire.study_out(s)) for s in service.all_studies(db, limit=limit, offset=offset)]
 
 
 @router.get("/study-ids", summary="get_study_id_from_name")
@@ -101,18 +124,22 @@ def set_optuna_study_attr(db: DbDep, study_id: StudyId, body: AttrWrite) -> Resp
 def create_optuna_trial(
     db: DbDep, settings: SettingsDep, study_id: StudyId, body: TrialCreate
 ) -> TrialCreated:
-    template = wire.trial_in(body.template.model_dump()) if body.template is not None else None
+    template = _template(body)
     trial, left = service.create_trial(
         db, study_id, template, client_id=body.client_id, policy=_policy(settings)
     )
-    return TrialCreated(trial=FrozenTrialWire(**wire.trial_out(trial, study_id)), budget_left=left)
+    return TrialCreated(
+        trial=FrozenTrialWire(**wire.trial_out(trial, study_id)),
+        budget_left=left,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
 
 
 @router.get("/studies/{study_id}/trials", summary="get_all_trials (incrementally, as Optuna's cache reads)")
 def list_optuna_trials(
     db: DbDep,
     study_id: StudyId,
-    included: Annotated[str, Query(max_length=200_000, pattern=r"^[0-9,]*$")] = "",
+    included: Annotated[str, Query(max_length=MAX_INCLUDED_CHARS, pattern=r"^[0-9,]*$")] = "",
     greater_than: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     states: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Z,]*$")] = None,
 ) -> TrialList:
@@ -146,8 +173,10 @@ def get_optuna_trial(db: DbDep, trial_id: TrialId) -> FrozenTrialWire:
 
 @router.post("/trials/{trial_id}/params", status_code=status.HTTP_204_NO_CONTENT, summary="set_trial_param")
 def set_optuna_param(db: DbDep, trial_id: TrialId, body: ParamWrite) -> Response:
-    internal = wire.num_in(body.internal)
-    service.set_param(db, trial_id, body.name, internal, body.distribution, body.previous_distribution)
+    distribution = _distribution(body.distribution, "distribution")
+    assert distribution is not None
+    previous = _distribution(body.previous_distribution, "previous_distribution")
+    service.set_param(db, trial_id, body.name, wire.num_in(body.internal), distribution, previous)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -161,7 +190,12 @@ def set_optuna_state(db: DbDep, settings: SettingsDep, trial_id: TrialId, body: 
         client_id=body.client_id,
         policy=_policy(settings),
     )
-    return StateWritten(updated=updated, study_id=study_id, budget_left=left)
+    return StateWritten(
+        updated=updated,
+        study_id=study_id,
+        budget_left=left,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
 
 
 @router.post(

@@ -10,19 +10,36 @@ Optuna's naive local time (the service's clock, as with Optuna's RDB storage).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from caviar.service.types import INT32_MAX
 
-Number = float | Literal["inf", "-inf", "nan"]
-"""A float that may be non-finite."""
+Number = Annotated[float, Field(strict=True)] | Literal["inf", "-inf", "nan"]
+"""A float that may be non-finite (never a boolean)."""
 StateName = Literal["RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING"]
 Direction = Literal["MINIMIZE", "MAXIMIZE"]
 AttrKind = Literal["user", "system"]
-Id = int
+Id = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+"""Optuna's study and trial ids (never a boolean, never past 32 bits)."""
+Step = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
 _Strict = ConfigDict(extra="forbid")
+
+# Bounds that keep every request under the service's 1 MiB body cap even with every string at its
+# longest and JSON-escaped (6 bytes a character): a bigger request would be 413, not a 422 naming it.
+MAX_NAME = 128
+"""An attribute key or a parameter name."""
+MAX_ATTR_JSON = 100_000
+"""One attribute value as JSON text."""
+MAX_DISTRIBUTION = 1024
+"""A distribution as Optuna's JSON text."""
+MAX_TEMPLATE_PARAMS = 64
+MAX_TEMPLATE_ATTRS_JSON = 20_000
+MAX_TEMPLATE_STEPS = 2_000
+MAX_INCLUDED_CHARS = 8_000
+"""The ``included`` trial ids of an incremental read (a URL stays short; the client widens the read
+instead of sending more)."""
 
 
 class StudyCreate(BaseModel):
@@ -51,14 +68,14 @@ class FrozenStudyWire(BaseModel):
 class AttrWrite(BaseModel):
     model_config = _Strict
     kind: AttrKind
-    key: str = Field(min_length=0, max_length=2048)
-    value_json: str = Field(max_length=1_000_000)
+    key: str = Field(max_length=MAX_NAME)
+    value_json: str = Field(max_length=MAX_ATTR_JSON)
 
 
 class ParamWire(BaseModel):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     internal: Number
-    distribution: str
+    distribution: str = Field(max_length=MAX_DISTRIBUTION)
 
 
 class FrozenTrialWire(BaseModel):
@@ -81,10 +98,12 @@ class TemplateWire(BaseModel):
     values: list[Number] | None = None
     datetime_start: str | None = None
     datetime_complete: str | None = None
-    params: list[ParamWire] = Field(default_factory=list, max_length=1024)
-    user_attrs_json: str = "{}"
-    system_attrs_json: str = "{}"
-    intermediate_values: list[tuple[int, Number]] = Field(default_factory=list, max_length=100_000)
+    params: list[ParamWire] = Field(default_factory=list, max_length=MAX_TEMPLATE_PARAMS)
+    user_attrs_json: str = Field(default="{}", max_length=MAX_TEMPLATE_ATTRS_JSON)
+    system_attrs_json: str = Field(default="{}", max_length=MAX_TEMPLATE_ATTRS_JSON)
+    intermediate_values: list[tuple[Step, Number]] = Field(
+        default_factory=list, max_length=MAX_TEMPLATE_STEPS
+    )
 
 
 class TrialCreate(BaseModel):
@@ -99,6 +118,9 @@ class TrialCreated(BaseModel):
         description="Trials clients may still start: new ones within the budget plus waiting ones "
         "(None: a study outside caviar)."
     )
+    heartbeat_interval_s: float = Field(
+        description="How often the client must renew a running trial's lease."
+    )
 
 
 class TrialList(BaseModel):
@@ -111,10 +133,10 @@ class TrialIdRead(BaseModel):
 
 class ParamWrite(BaseModel):
     model_config = _Strict
-    name: str = Field(max_length=2048)
+    name: str = Field(max_length=MAX_NAME)
     internal: Number
-    distribution: str = Field(max_length=100_000)
-    previous_distribution: str | None = Field(default=None, max_length=100_000)
+    distribution: str = Field(max_length=MAX_DISTRIBUTION)
+    previous_distribution: str | None = Field(default=None, max_length=MAX_DISTRIBUTION)
 
 
 class StateWrite(BaseModel):
@@ -128,11 +150,12 @@ class StateWritten(BaseModel):
     updated: bool
     study_id: Id
     budget_left: int | None
+    heartbeat_interval_s: float
 
 
 class IntermediateWrite(BaseModel):
     model_config = _Strict
-    step: int = Field(ge=0, le=INT32_MAX)
+    step: Step
     value: Number
 
 
@@ -143,7 +166,3 @@ class HeartbeatBatch(BaseModel):
 
 class HeartbeatAnswer(BaseModel):
     lost: list[Id] = Field(description="Trials whose lease is gone (reaped, finished or never leased).")
-
-
-class StorageInfo(BaseModel):
-    heartbeat_interval_s: float

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-from optuna.distributions import json_to_distribution
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._base import DEFAULT_STUDY_NAME_PREFIX
@@ -208,9 +208,11 @@ def get_study(db: Database, study_id: int) -> FrozenStudy:
         )
 
 
-def all_studies(db: Database) -> list[FrozenStudy]:
+def all_studies(db: Database, *, limit: int, offset: int) -> list[FrozenStudy]:
+    """A page of Optuna's ``get_all_studies``, ordered by study id."""
     with optuna_errors():
-        return rdb(db).get_all_studies()
+        studies_ = sorted(rdb(db).get_all_studies(), key=lambda s: s._study_id)
+    return studies_[offset : offset + limit]
 
 
 # ---- trials --------------------------------------------------------------------------------
@@ -338,16 +340,17 @@ def best_trial_id(db: Database, study_id: int) -> int:
 
 
 def set_param(
-    db: Database, trial_id: int, name: str, internal: float, distribution: str, previous: str | None
+    db: Database,
+    trial_id: int,
+    name: str,
+    internal: float,
+    distribution: BaseDistribution,
+    previous: BaseDistribution | None,
 ) -> None:
+    """Optuna's ``set_trial_param`` (``previous``: the distribution the client's cache holds for
+    the name, which Optuna checks the new one against without reading the study)."""
     with optuna_errors():
-        rdb(db)._set_trial_param(
-            trial_id,
-            name,
-            internal,
-            json_to_distribution(distribution),
-            json_to_distribution(previous) if previous is not None else None,
-        )
+        rdb(db)._set_trial_param(trial_id, name, internal, distribution, previous)
 
 
 def set_state(
