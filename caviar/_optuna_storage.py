@@ -324,9 +324,11 @@ class OptunaStorage(_CachedStorage):
                 _log.warning("heartbeat failed: %s", exc)
                 continue
             if lost:
-                with self._running_lock:
+                with self._running_lock:  # a trial told meanwhile has left the set: not a loss
+                    lost = [trial_id for trial_id in lost if trial_id in self._running]
                     self._running.difference_update(lost)
-                _log.warning("trials %s lost their lease (reaped: their retries run instead)", lost)
+                if lost:
+                    _log.warning("trials %s lost their lease (reaped: their retries run instead)", lost)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """Renew the lease of a running trial (the background thread does it for every trial this

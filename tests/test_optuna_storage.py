@@ -229,6 +229,9 @@ def test_a_killed_client_has_its_trial_failed_and_retried_with_the_same_paramete
         assert time.monotonic() < deadline, "the killed client's trial is still running"
         time.sleep(0.1)
     assert storage.get_trial(running._trial_id).state == TrialState.FAIL
+    while not study.get_trials(states=(TrialState.WAITING,)):  # the reaper re-queues it right after
+        assert time.monotonic() < deadline + 5, "the failed trial was not re-queued"
+        time.sleep(0.1)
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     rerun = study.trials[retry.number]
