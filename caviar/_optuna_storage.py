@@ -15,13 +15,16 @@ still unfinished.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import socket
 import sys
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Callable, Container, Sequence
 from types import FrameType
 from typing import Any
@@ -30,7 +33,7 @@ import optuna
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
-from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
@@ -82,6 +85,8 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
         self._client_id = client_id
         self.on_budget: Callable[[int, int | None], None] = lambda study_id, left: None
         self.on_running: Callable[[int, bool], None] = lambda trial_id, running: None
+        self.on_prefetched: Callable[[int, FrozenTrial], None] = lambda study_id, trial: None
+        self.wants_prefetch: Callable[[], bool] = lambda: False
         self.heartbeat_interval_s = 30.0
         """The service's heartbeat interval, as its last answer about a running trial said."""
 
@@ -193,7 +198,12 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        body = {"state": state.name, "values": wire.values_out(values), "client_id": self._client_id}
+        body = {
+            "state": state.name,
+            "values": wire.values_out(values),
+            "client_id": self._client_id,
+            "prefetch": state in (TrialState.COMPLETE, TrialState.PRUNED) and self.wants_prefetch(),
+        }
         try:
             answer = self._call("POST", api_path("optuna", "trials", trial_id, "state"), json=body)
         except UpdateFinishedTrialError:
@@ -204,8 +214,16 @@ class _RestBackend(BaseStorage, BaseHeartbeat):
             self.on_running(trial_id, True)
         elif state.is_finished():
             self.on_running(trial_id, False)
-            self.on_budget(int(answer["study_id"]), answer.get("budget_left"))
+            study_id = int(answer["study_id"])
+            if answer.get("next_trial") is not None:
+                self.on_prefetched(study_id, wire.trial_in(answer["next_trial"]))
+            else:
+                self.on_budget(study_id, answer.get("budget_left"))
         return bool(answer["updated"])
+
+    def release(self, trial_id: int) -> None:
+        """Hand back a running trial this client will not run (it is re-queued as waiting)."""
+        self._call("POST", api_path("optuna", "trials", trial_id, "release"))
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         body = {"step": step, "value": wire.num_out(intermediate_value)}
@@ -286,8 +304,12 @@ class OptunaStorage(_CachedStorage):
         self._running_lock = threading.Lock()
         self._wake = threading.Event()
         self._beater: threading.Thread | None = None
+        self._prefetched: dict[int, list[tuple[FrozenTrial, float]]] = {}
         backend.on_running = self._track
         backend.on_budget = self._budget
+        backend.on_prefetched = self._keep_prefetched
+        backend.wants_prefetch = optimize_goes_on
+        atexit.register(_close, weakref.ref(self))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"args": self._args}
@@ -295,6 +317,46 @@ class OptunaStorage(_CachedStorage):
     def __setstate__(self, state: dict[str, Any]) -> None:
         url, token, retry_s = state["args"]
         self.__init__(url, token, retry_s=retry_s)  # type: ignore[misc]
+
+    # ---- prefetched trials: the next trial of an optimize loop, started as the last one ends --
+
+    def _keep_prefetched(self, study_id: int, trial: FrozenTrial) -> None:
+        with self._running_lock:
+            self._prefetched.setdefault(study_id, []).append((trial, time.monotonic()))
+        self._track(trial._trial_id, True)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """Optuna's ``create_new_trial``; an optimize loop's next trial is the one the service
+        started for it when its last trial ended (see :func:`optimize_goes_on`), if any."""
+        if template_trial is None:
+            with self._running_lock:
+                waiting = self._prefetched.get(study_id)
+                trial = waiting.pop(0)[0] if waiting else None
+            if trial is not None:
+                with self._lock:
+                    if study_id not in self._studies:
+                        self._studies[study_id] = _StudyInfo()
+                    self._add_trials_to_cache(study_id, [trial])
+                return trial._trial_id
+        return super().create_new_trial(study_id, template_trial)
+
+    def _release_unclaimed(self, older_than_s: float) -> None:
+        """Hand back prefetched trials no loop took (it stopped: a callback, a timeout)."""
+        now = time.monotonic()
+        with self._running_lock:
+            stale = [t for kept in self._prefetched.values() for t, at in kept if now - at >= older_than_s]
+            for study_id, kept in self._prefetched.items():
+                self._prefetched[study_id] = [(t, at) for t, at in kept if now - at < older_than_s]
+        for trial in stale:
+            self._track(trial._trial_id, False)
+            try:
+                self._rest.release(trial._trial_id)
+            except Exception as exc:  # its lease lapses instead, and the reaper re-queues it
+                _log.warning("could not hand back trial %s: %s", trial.number, exc)
+
+    def close(self) -> None:
+        """Hand back every prefetched trial no loop took (also run at interpreter exit)."""
+        self._release_unclaimed(0.0)
 
     # ---- leases: one background thread heartbeats every trial this storage runs -----------
 
@@ -313,6 +375,7 @@ class OptunaStorage(_CachedStorage):
     def _beat(self) -> None:
         while True:
             self._wake.wait(self._rest.heartbeat_interval_s)
+            self._release_unclaimed(self._rest.heartbeat_interval_s)
             with self._running_lock:
                 trial_ids = sorted(self._running)
                 if not trial_ids:
@@ -357,8 +420,42 @@ class OptunaStorage(_CachedStorage):
     # ---- budget: optimize ends when the service says the budget is used -------------------
 
     def _budget(self, study_id: int, left: int | None) -> None:
-        if left is not None and left <= 0:
+        with self._running_lock:
+            holding = bool(self._prefetched.get(study_id))
+        if left is not None and left <= 0 and not holding:  # a trial it holds still runs here
             stop_optimize(study_id)
+
+
+def _close(ref: weakref.ref[OptunaStorage]) -> None:
+    storage = ref()
+    if storage is not None:
+        storage.close()
+
+
+def optimize_goes_on() -> bool:
+    """Whether the ``study.optimize`` loop making this call will start another trial.
+
+    True inside a sequential loop (``n_jobs=1``) that is not stopped and has trials left of its own
+    ``n_trials``. False with ``n_jobs > 1``: there each trial runs as a loop of its own that the
+    thread pool submits, and the pool may start more of them than trials were started for it.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_optimize_sequential" and frame.f_globals.get("__name__") == (
+            "optuna.study._optimize"
+        ):
+            local = frame.f_locals
+            study = local.get("study")
+            if not isinstance(study, optuna.Study) or study._stop_flag:
+                return False
+            if local.get("reseed_sampler_rng"):  # n_jobs > 1
+                return False
+            n_trials, done = local.get("n_trials"), local.get("i_trial", 0)
+            return n_trials is None or done < n_trials
+        frame = frame.f_back
+    return False
 
 
 def stop_optimize(study_id: int) -> bool:

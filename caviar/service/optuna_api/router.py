@@ -182,20 +182,32 @@ def set_optuna_param(db: DbDep, trial_id: TrialId, body: ParamWrite) -> Response
 
 @router.post("/trials/{trial_id}/state", summary="set_trial_state_values")
 def set_optuna_state(db: DbDep, settings: SettingsDep, trial_id: TrialId, body: StateWrite) -> StateWritten:
-    study_id, updated, left = service.set_state(
+    study_id, updated, left, following = service.set_state(
         db,
         trial_id,
         TrialState[body.state],
         wire.values_in(body.values),
         client_id=body.client_id,
         policy=_policy(settings),
+        prefetch=body.prefetch,
     )
     return StateWritten(
         updated=updated,
         study_id=study_id,
         budget_left=left,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        next_trial=FrozenTrialWire(**wire.trial_out(following, study_id)) if following is not None else None,
     )
+
+
+@router.post(
+    "/trials/{trial_id}/release",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Hand back a prefetched trial the client will not run",
+)
+def release_optuna_trial(db: DbDep, trial_id: TrialId) -> Response:
+    service.release_trial(db, trial_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

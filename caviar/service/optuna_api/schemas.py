@@ -144,6 +144,11 @@ class StateWrite(BaseModel):
     state: StateName
     values: list[Number] | None = Field(default=None, max_length=16)
     client_id: str | None = Field(default=None, max_length=128)
+    prefetch: bool = Field(
+        default=False,
+        description="The client goes on to its next trial (an optimize loop): with a complete or pruned "
+        "state, start that trial now, in the same step as this one ends, if the budget allows.",
+    )
 
 
 class StateWritten(BaseModel):
@@ -151,6 +156,9 @@ class StateWritten(BaseModel):
     study_id: Id
     budget_left: int | None
     heartbeat_interval_s: float
+    next_trial: FrozenTrialWire | None = Field(
+        default=None, description="The running trial started for the client (``prefetch``), leased to it."
+    )
 
 
 class IntermediateWrite(BaseModel):

@@ -42,7 +42,7 @@ from caviar.service.errors import CaviarError, Conflict, InvalidInput, NotFound,
 from caviar.service.studies import service as studies
 from caviar.service.studies.service import STOPPED_STATES, count_states, definition_of, reload, transition
 from caviar.service.trials._core import ATTEMPT, RETRY_OF, used_count
-from caviar.service.trials.leases import LeasePolicy, close_lease, renew
+from caviar.service.trials.leases import LeasePolicy, close_lease, release, renew
 from caviar.service.trials.outcomes import settle_study
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
@@ -361,28 +361,73 @@ def set_state(
     *,
     client_id: str | None,
     policy: LeasePolicy,
-) -> tuple[int, bool, int | None]:
+    prefetch: bool = False,
+) -> tuple[int, bool, int | None, FrozenTrial | None]:
     """Optuna's ``set_trial_state_values``; a trial that starts running gets a lease, a trial
     that finishes closes it and settles its study.
 
     A failure told by the client is final, as in Optuna (only trials whose lease lapses are retried).
 
+    With ``prefetch`` (the client's optimize loop goes on), a complete or pruned trial's end also
+    starts the client's next trial under the study lock, while the budget allows one: the budget is
+    then split between the clients as their trials end, so none of them is refused a trial it was
+    told it could have (see :func:`prefetch_trial`).
+
     Returns:
-        The trial's study id, whether the state changed, and the budget left.
+        The trial's study id, whether the state changed, the budget left, and the prefetched trial.
     """
     study_id = study_of_trial(db, trial_id)
     record = record_of(db, study_id)
     with optuna_errors():
         updated = rdb(db).set_trial_state_values(trial_id, state, values)
     if record is None:
-        return study_id, updated, None
+        return study_id, updated, None, None
+    following = None
     if updated and state == TrialState.RUNNING:
         trial = rdb(db).get_trial(trial_id)
         _lease(db, record, definition_of(record), trial, client_id, policy)
     elif state.is_finished():
         close_lease(db, trial_id, None)
         settle_study(db, record)
-    return study_id, updated, budget_left(db, record)
+        if prefetch and updated and state in (TrialState.COMPLETE, TrialState.PRUNED):
+            following = prefetch_trial(db, record, client_id=client_id, policy=policy)
+    return study_id, updated, budget_left(db, record), following
+
+
+def prefetch_trial(
+    db: Database, record: StudyRecord, *, client_id: str | None, policy: LeasePolicy
+) -> FrozenTrial | None:
+    """Start a client's next running trial (no parameters yet), if the study hands one out now.
+
+    None when the study is not open, has waiting trials (the client takes one of those), has used
+    its budget or runs ``max_parallel`` trials.
+    """
+    with db.study_lock(record.id):
+        record = reload(db, record)
+        definition = definition_of(record)
+        if record.state not in ("queued", "running"):
+            return None
+        counts = count_states(db, record)
+        if counts[TrialState.WAITING] or used_count(counts) >= definition.budget.n_trials:
+            return None
+        max_parallel = definition.budget.max_parallel
+        if max_parallel is not None and counts[TrialState.RUNNING] >= max_parallel:
+            return None
+        with optuna_errors():
+            trial = rdb(db)._create_new_trial(record.optuna_study_id, None)
+        _lease(db, record, definition, trial, client_id, policy)
+    return trial
+
+
+def release_trial(db: Database, trial_id: int) -> None:
+    """Hand back a running trial the client will not run (a prefetched one, when its optimize loop
+    ended): it is failed and re-queued as waiting without using a retry (caviar's hand-back)."""
+    record = record_of(db, study_of_trial(db, trial_id))
+    if record is None:
+        raise OptunaKeyError(f"trial {trial_id} belongs to no caviar study")
+    with optuna_errors():
+        number = rdb(db).get_trial_number_from_id(trial_id)
+    release(db, record.name, number, reason="handed back: its client's optimize loop ended")
 
 
 def set_intermediate(db: Database, trial_id: int, step: int, value: float) -> None:
