@@ -53,8 +53,10 @@ MAX_INCLUDED_CHARS = 8_000
 class BudgetExhausted(CaviarApiError, optuna.exceptions.OptunaError):
     """A new trial was refused: the study has used its budget (``n_trials``) across all clients.
 
-    ``study.optimize`` normally ends before this (the storage stops it once the service says the
-    budget is used); a client that loses the race for the last trial gets this from ``study.ask()``.
+    A sequential ``study.optimize`` loop ends before this (each of its trials is started as the last
+    one ends, and the storage stops the loop once the service says nothing is left); a thread of
+    ``optimize(n_jobs>1)`` that loses the race for the last trial, or a client that starts after
+    the budget is used, gets this from ``study.ask()``.
     """
 
 
