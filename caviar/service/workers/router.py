@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from caviar.service.definition import NAME_PATTERN, ObjectiveKind
-from caviar.service.deps import DbDep, LeasePolicyDep, SettingsDep
+from caviar.service.deps import DbDep, LeasePolicyDep
 from caviar.service.workers import service
 from caviar.service.workers.schemas import (
     WORKER_ID_PATTERN,
@@ -32,9 +32,9 @@ def list_workers(db: DbDep, policy: LeasePolicyDep, live_only: bool = False) -> 
 
 
 @router.post("/workers", status_code=status.HTTP_201_CREATED, summary="Register a worker slot")
-def register_worker(db: DbDep, settings: SettingsDep, body: WorkerRegister) -> WorkerRegistered:
+def register_worker(db: DbDep, policy: LeasePolicyDep, body: WorkerRegister) -> WorkerRegistered:
     worker = service.register_worker(db, body.id, host=body.host, pid=body.pid, device=body.device)
-    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=settings.heartbeat_interval_s)
+    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=policy.heartbeat_interval_s)
 
 
 @router.post(
