@@ -158,6 +158,13 @@ def test_the_yaml_check_refuses_a_broken_definition() -> None:
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
+def test_the_readme_stays_a_front_page() -> None:
+    """What caviar is, the two commands, a first study, where to go next; the rest lives in docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "make demo" in text and "make test" in text
+
+
 def test_readme_relative_links_exist() -> None:
     text = (ROOT / "README.md").read_text()
     targets = [m["target"] for m in LINK.finditer(text)]
