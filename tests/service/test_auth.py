@@ -439,3 +439,25 @@ def test_401_messages_and_challenge_of_the_api_root(secured: TestClient) -> None
     assert missing.json()["error"]["message"] == "authentication required: send Authorization: Bearer <token>"
     invalid = secured.get(f"{API}/studies", headers=bearer("nope"))
     assert invalid.json()["error"]["message"] == "invalid or revoked token"
+
+
+@pytest.mark.parametrize(
+    ("scope", "satisfied"),
+    [
+        ("read", ["read"]),
+        ("worker", ["read", "worker"]),
+        ("write", ["read", "worker", "write"]),
+        ("admin", ["read", "worker", "write", "admin"]),
+    ],
+)
+def test_whoami_says_what_a_token_may_do(secured: TestClient, scope: str, satisfied: list[str]) -> None:
+    token = make_token(secured, scope)
+    answer = secured.get("/api/v1/whoami", headers=bearer(token))
+    assert answer.status_code == 200
+    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied}
+    assert secured.get("/api/v1/whoami", headers=bearer("wrong")).status_code == 401
+
+
+def test_whoami_without_auth_grants_everything(client: TestClient) -> None:
+    answer = client.get("/api/v1/whoami").json()
+    assert answer == {"auth": False, "scope": None, "scopes": ["read", "worker", "write", "admin"]}
