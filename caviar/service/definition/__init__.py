@@ -41,6 +41,7 @@ from caviar.service.definition._spec import (
     WarmStart,
     check_finite,
     is_valid_name,
+    redact_env,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "is_active",
     "is_reversed",
     "is_valid_name",
+    "redact_env",
     "sampling_order",
     "search_scale",
     "stored_name",

@@ -17,6 +17,7 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.studies import service as studies
 from caviar.service.studies.schemas import StudyRead
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.trials import artifacts, enqueue, export
 from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
@@ -50,7 +51,7 @@ def ask_trial(
     db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
 ) -> TrialAssignment:
     body = body or AskRequest()
-    return service.ask(
+    assignment = service.ask(
         db,
         name,
         worker_id=body.worker_id,
@@ -58,6 +59,10 @@ def ask_trial(
         policy=_policy(settings),
         fixed=body.fixed,
     )
+    if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
+        key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+        assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
+    return assignment
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
