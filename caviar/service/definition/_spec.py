@@ -72,7 +72,7 @@ def check_data_file(path: str) -> None:
 
 ObjectiveKind = Literal["trainer", "external", "python", "command"]
 """What runs a trial: caviar's built-in trainer, an external client that asks and tells, or user code
-that a worker started with ``--allow-code`` runs (a Python function, or any command)."""
+that a worker runs when its ``--allow-code`` list names it (a Python function, or a command)."""
 
 CODE_KINDS = ("python", "command")
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -131,8 +131,9 @@ class Objective(_Strict):
     ``trainer``: caviar's built-in PyTorch trainer (``dataset``, ``model``, ``max_epochs``, ``fixed``,
     ``fuse``). ``external``: a client asks and tells. ``python``: a worker calls ``entrypoint``
     (``"package.module:function"``) with a :class:`caviar.Trial`. ``command``: a worker runs
-    ``command`` with ``{param}`` placeholders filled in (and ``env``). User code runs only on
-    workers started with ``--allow-code``, one child process per trial, at most ``timeout_s``.
+    ``command`` with plain ``{param}`` placeholders filled in (and ``env``, which may not set loader,
+    interpreter or caviar variables). User code runs only on workers whose ``--allow-code`` list
+    names it, one child process per trial, at most ``timeout_s`` (see docs/security-code.md).
     """
 
     kind: ObjectiveKind = "external"
