@@ -258,16 +258,13 @@ class AuthMiddleware:
             await self._refuse(scope, receive, send, False, path)
             return
         match = trial_tokens.TRIAL_ROUTE.match(path)
-        own = match is not None and int(match["number"]) == grant.number
-        if not own or not (
-            (method == "POST" and match and match["action"])
-            or (method in SAFE_METHODS and match and not match["action"])
-        ):
+        action = match["action"] if match is not None else None
+        allowed = (method == "POST" and action is not None) or (method in SAFE_METHODS and action is None)
+        if match is None or int(match["number"]) != grant.number or not allowed:
             message = "a trial credential can only report, heartbeat, upload and tell its own trial"
             response = error_response(403, "forbidden", message, [{"scope": "trial", "required": "worker"}])
             await response(scope, receive, send)
             return
-        assert match is not None
         if not await anyio.to_thread.run_sync(self.verifier.trial_running, grant, match["study"]):
             message = "this trial credential is not valid for this study's trial, or its trial has ended"
             response = error_response(409, "lease_lost", message)
