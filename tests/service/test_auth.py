@@ -358,7 +358,7 @@ def test_a_root_path_prefix_does_not_dodge_the_policy(settings, db) -> None:  # 
 
 def test_a_revocation_reaches_another_server_process_within_the_documented_delay(settings, db) -> None:  # type: ignore[no-untyped-def]
     """Two servers on one database (each with its own token cache, as two `caviar serve` processes
-    have): a token revoked through one is refused by the other within CACHE_TTL_S (README: 5 s)."""
+    have): a token revoked through one is refused by the other within CACHE_TTL_S (docs/security.md: 5 s)."""
     import time
 
     from caviar.service.auth import CACHE_TTL_S
