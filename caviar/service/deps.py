@@ -34,7 +34,13 @@ def may_act_on_any_trial(request: Request) -> bool:
     return scope is None or scope in ("write", "admin")
 
 
+def may_see_env_values(request: Request) -> bool:
+    """Whether the caller sees ``objective.env`` values (a read-scope caller sees only the names)."""
+    return getattr(request.state, "token_scope", None) != "read"
+
+
 DbDep = Annotated[Database, Depends(get_db)]
+EnvValuesDep = Annotated[bool, Depends(may_see_env_values)]
 AnyTrialDep = Annotated[bool, Depends(may_act_on_any_trial)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 LeasePolicyDep = Annotated[LeasePolicy, Depends(get_lease_policy)]

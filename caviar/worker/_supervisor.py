@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ from caviar._backoff import RestartBackoff
 from caviar._client import Client
 from caviar._errors import CaviarApiError
 from caviar._logging import announce, configure_logging
+from caviar.worker._allow import AllowList, check_pass_env, describe, pin_of
 from caviar.worker._api import EXIT_PERMANENT, WorkerApi, is_permanent, one_line
 from caviar.worker._options import WorkerOptions
 
@@ -65,6 +67,48 @@ def discover_slots(gpus: str, per_gpu: int, cpu: int | None, *, available: int |
     return slots
 
 
+def _checked_code_options(options: WorkerOptions) -> WorkerOptions:
+    """Check ``--allow-code`` and ``--pass-env``, say what code runs, and pin ``--study`` studies.
+
+    Raises:
+        ValueError: a malformed ``--allow-code`` or ``--pass-env`` value.
+    """
+    allow = AllowList.parse(options.allow_code)
+    pass_env = check_pass_env(options.pass_env)
+    if not options.allow_code:
+        return options
+    if allow.any_code:
+        _log.warning(
+            "--allow-code all: this worker runs ANY program or Python function that a write token puts "
+            "in a study, as this user, on this host; name what may run instead "
+            "(--allow-code python:MODULE_PREFIX, --allow-code command:PROGRAM)"
+        )
+    else:
+        _log.info("caviar worker runs only this code: %s", describe(allow))
+    pins = dict(options.pins)
+    if options.studies:
+        # lazy: the client (httpx) is needed only to pin the studies named at start
+        from caviar._client import Client
+        from caviar._errors import CaviarApiError
+
+        with Client(options.url, options.token, retry_s=options.retry_s) as client:
+            for name in options.studies:
+                try:
+                    study = client.study(name).info()
+                except CaviarApiError as exc:
+                    _log.info("study %s: not pinned at start (%s); pinned when first seen", name, exc.code)
+                    continue
+                pins[name] = pin_of(study)
+                _log.info(
+                    "study %s pinned (created %s, objective %s): a recreated study or a changed objective "
+                    "is refused until this worker is restarted",
+                    name,
+                    pins[name]["created_at"],
+                    pins[name]["objective"],
+                )
+    return dataclasses.replace(options, pass_env=pass_env, pins=pins)
+
+
 def run_workers(options: WorkerOptions) -> int:
     """Start one process per slot and supervise them until they finish or SIGTERM arrives.
 
@@ -81,6 +125,7 @@ def run_workers(options: WorkerOptions) -> int:
 
     configure_logging(options.log_format, options.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    options = _checked_code_options(options)
     slots = discover_slots(options.gpus, options.per_gpu, options.cpu)
     if not slots:
         raise ValueError("no device slots: pass --cpu N or make a GPU visible")

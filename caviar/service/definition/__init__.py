@@ -43,6 +43,7 @@ from caviar.service.definition._spec import (
     StudyTemplate,
     check_finite,
     is_valid_name,
+    redact_env,
 )
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "is_active",
     "is_reversed",
     "is_valid_name",
+    "redact_env",
     "sampling_order",
     "search_scale",
     "stored_name",

@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import re
-import string
 import zlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
@@ -17,6 +16,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from caviar import _code_rules as code_rules
 from caviar.service.definition._auto import WARMUP, AutoChoice, Shape, SobolWarmup, choose
 from caviar.service.definition._codec import stored_name
 from caviar.service.definition._factories import (
@@ -74,33 +74,57 @@ def check_data_file(path: str) -> None:
 
 ObjectiveKind = Literal["trainer", "external", "python", "command"]
 """What runs a trial: caviar's built-in trainer, an external client that asks and tells, or user code
-that a worker started with ``--allow-code`` runs (a Python function, or any command)."""
+that a worker runs when its ``--allow-code`` list names it (a Python function, or a command)."""
 
 CODE_KINDS = ("python", "command")
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 COMMAND_PLACEHOLDERS = ("study", "number")
 """Placeholders every command may use besides its parameters: the study's name, the trial's number."""
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_RESERVED_ENV = ("CAVIAR_TRIAL", "CAVIAR_URL", "CAVIAR_API_TOKEN", "CUDA_VISIBLE_DEVICES")
 
 
 def command_placeholders(command: list[str]) -> set[str]:
     """The ``{name}`` placeholders of a command's arguments (``{{`` and ``}}`` are literal braces).
 
     Raises:
-        ValueError: a malformed argument, or a placeholder that is not a plain name.
+        ValueError: ``objective.command.<i>: ...`` for an argument with a placeholder that is not a
+            plain ``{name}`` (a conversion like ``{lr!r}``, a format spec like ``{lr:d}``, ...).
     """
     names: set[str] = set()
     for index, argument in enumerate(command):
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(argument) if field is not None]
+            names.update(code_rules.placeholders(argument))
         except ValueError as exc:
-            raise ValueError(f"command[{index}]: {exc} (write {{{{ and }}}} for literal braces)") from None
-        for field in fields:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field):
-                raise ValueError(f"command[{index}]: placeholder {{{field}}} must be a parameter name")
-            names.add(field)
+            raise ValueError(f"objective.command.{index}: {exc}") from None
     return names
+
+
+def check_env_names(env: dict[str, str]) -> None:
+    """Refuse loader, interpreter, shell and caviar variables in an objective's ``env``.
+
+    Raises:
+        ValueError: ``objective.env.<NAME>: ...`` for the first refused name.
+    """
+    for name in env:
+        why = code_rules.env_refusal(name)
+        if why is not None:
+            shown = name if re.fullmatch(r"[A-Za-z0-9_]{1,128}", name) else "name"
+            raise ValueError(f"objective.env.{shown}: {name!r} {why}")
+
+
+REDACTED = "<redacted>"
+
+
+def redact_env(definition: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a definition (or schedule template) whose ``objective.env`` keeps its names only.
+
+    What read scope sees: a study's environment may carry credentials for the program it runs.
+    """
+    objective = definition.get("objective")
+    if not isinstance(objective, dict) or not objective.get("env"):
+        return definition
+    env = objective["env"]
+    hidden = {name: REDACTED for name in env} if isinstance(env, dict) else REDACTED
+    return {**definition, "objective": {**objective, "env": hidden}}
 
 
 class Objective(_Strict):
@@ -109,8 +133,9 @@ class Objective(_Strict):
     ``trainer``: caviar's built-in PyTorch trainer (``dataset``, ``model``, ``max_epochs``, ``fixed``,
     ``fuse``). ``external``: a client asks and tells. ``python``: a worker calls ``entrypoint``
     (``"package.module:function"``) with a :class:`caviar.Trial`. ``command``: a worker runs
-    ``command`` with ``{param}`` placeholders filled in (and ``env``). User code runs only on
-    workers started with ``--allow-code``, one child process per trial, at most ``timeout_s``.
+    ``command`` with plain ``{param}`` placeholders filled in (and ``env``, which may not set loader,
+    interpreter or caviar variables). User code runs only on workers whose ``--allow-code`` list
+    names it, one child process per trial, at most ``timeout_s`` (see docs/security-code.md).
     """
 
     kind: ObjectiveKind = "external"
@@ -172,14 +197,11 @@ class Objective(_Strict):
                 raise ValueError("command: kind command needs a command (a list of arguments)")
             if any("\x00" in part for part in self.command):
                 raise ValueError("command: arguments may not contain NUL characters")
-            command_placeholders(self.command)
         elif self.command is not None:
             raise ValueError("command: only for kind command")
         if self.kind not in CODE_KINDS and (self.env or self.timeout_s is not None):
             raise ValueError("env and timeout_s: only for kind python or command")
         for name, value in self.env.items():
-            if not _ENV_NAME.match(name) or name in _RESERVED_ENV:
-                raise ValueError(f"env: {name!r} is not a valid (or is a reserved) variable name")
             if "\x00" in value:
                 raise ValueError(f"env.{name}: may not contain NUL characters")
         return self
@@ -269,6 +291,7 @@ class StudyTemplate(_Strict):
             unknown = [m for m in metrics if m not in METRICS]
             if unknown:
                 raise ValueError(f"metric: the trainer reports {', '.join(METRICS)}, not {unknown[0]!r}")
+        check_env_names(self.objective.env)
         if self.objective.kind == "command" and self.objective.command:
             unknown = sorted(
                 command_placeholders(self.objective.command)

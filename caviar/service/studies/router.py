@@ -8,8 +8,8 @@ from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import StringConstraints
 
 from caviar.service import store
-from caviar.service.definition import StudyDefinition
-from caviar.service.deps import DbDep, Offset, SettingsDep, StudyName
+from caviar.service.definition import StudyDefinition, redact_env
+from caviar.service.deps import DbDep, EnvValuesDep, Offset, SettingsDep, StudyName
 from caviar.service.studies import refine, service, steering
 from caviar.service.studies.schemas import (
     RefineRequest,
@@ -47,6 +47,7 @@ def create_study(
 @router.get("", summary="List studies")
 def list_studies(
     db: DbDep,
+    env_values: EnvValuesDep,
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
     tag: Annotated[
         list[Annotated[str, StringConstraints(max_length=200)]],
@@ -56,14 +57,21 @@ def list_studies(
     offset: Offset = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
-    return service.list_studies(
+    found = service.list_studies(
         db, states=state, tags=tag, limit=limit, offset=offset, queue_order=order == "queue"
     )
+    if not env_values:
+        for item in found.items:
+            item.definition = redact_env(item.definition)
+    return found
 
 
 @router.get("/{name}", summary="One study")
-def get_study(db: DbDep, name: StudyName) -> StudyRead:
-    return service.describe(db, service.load_record(db, name))
+def get_study(db: DbDep, name: StudyName, env_values: EnvValuesDep) -> StudyRead:
+    study = service.describe(db, store.load_record(db, name))
+    if not env_values:  # read scope sees the names of objective.env, not the values
+        study.definition = redact_env(study.definition)
+    return study
 
 
 @router.patch("/{name}", summary="Edit a study's budget, priority or tags (JSON merge patch)")

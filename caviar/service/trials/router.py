@@ -24,6 +24,7 @@ from caviar.service.deps import (
 from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.store import artifact_store
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.trials import artifacts, enqueue, export
 from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
@@ -49,10 +50,14 @@ router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
 @router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
 def ask_trial(
-    db: DbDep, policy: LeasePolicyDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
+    db: DbDep,
+    policy: LeasePolicyDep,
+    settings: SettingsDep,
+    name: StudyName,
+    body: Annotated[AskRequest | None, Body()] = None,
 ) -> TrialAssignment:
     body = body or AskRequest()
-    return service.ask(
+    assignment = service.ask(
         db,
         name,
         worker_id=body.worker_id,
@@ -60,6 +65,10 @@ def ask_trial(
         policy=policy,
         fixed=body.fixed,
     )
+    if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
+        key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+        assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
+    return assignment
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")

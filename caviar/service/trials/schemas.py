@@ -41,6 +41,11 @@ class TrialAssignment(BaseModel):
     heartbeat_interval_s: float
     lease_expires_at: datetime
     retry_of: int | None = None
+    credential: str | None = Field(
+        default=None,
+        description="With tokens on: a token for this trial only (report, heartbeat, upload, tell) "
+        "while it runs; a worker hands it to the program it runs instead of its own token.",
+    )
 
 
 class ReportRequest(BaseModel):

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from caviar.service.definition import NAME_PATTERN, ObjectiveKind
-from caviar.service.deps import DbDep, LeasePolicyDep
+from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
+from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep
 from caviar.service.workers import service
 from caviar.service.workers.schemas import (
     WORKER_ID_PATTERN,
@@ -50,10 +50,15 @@ def heartbeat_worker(
 @router.get("/queue", summary="Studies that hand out trials, in the order workers take them")
 def get_queue(
     db: DbDep,
+    env_values: EnvValuesDep,
     kind: Annotated[list[ObjectiveKind] | None, Query(max_length=8, description="Only these kinds.")] = None,
     study: Annotated[
         str | None, Query(pattern=STUDY_LIST, description="Only these studies (comma-separated names).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> QueueList:
-    return service.queue(db, kinds=kind or (), names=study.split(",") if study else (), limit=limit)
+    found = service.queue(db, kinds=kind or (), names=study.split(",") if study else (), limit=limit)
+    if not env_values:  # read scope sees the names of objective.env, not the values
+        for item in found.items:
+            item.definition = redact_env(item.definition)
+    return found
