@@ -254,6 +254,8 @@ def test_bearer_clients_and_same_origin_pages_still_write(secured: TestClient) -
     referred = {**basic(ADMIN), "Referer": f"{SELF}/dashboard/studies/1"}
     assert secured.post(f"{API}/studies/ok/pause", headers=referred).status_code == 200
     assert secured.get(f"{API}/studies/ok", headers=admin).json()["state"] == "paused"
+    edited = secured.patch(f"{API}/studies/ok", json={"priority": 5}, headers=page)  # same-origin JSON
+    assert edited.status_code == 200 and edited.json()["definition"]["priority"] == 5, edited.text
     study_id, _ = dashboard_ids(secured, "ok")
     note = secured.put(f"/api/studies/{study_id}/note", json={"version": 1, "body": "hi"}, headers=page)
     assert note.status_code == 204, note.text  # the dashboard's own JSON writes keep working
