@@ -8,12 +8,17 @@ against any version of the service.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import http.server
 import io
+import os
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import optuna
 import optuna_dashboard
 import pytest
@@ -22,6 +27,7 @@ from pydantic import SecretStr
 
 from caviar.service.api import create_app
 from tests.service.helpers import external_study
+from tests.service.test_dashboard import CHROMIUM, dump_dom, free_port, live_server
 
 ADMIN = "web-security-admin-token-0123456789"
 API = "/api/v1"
@@ -367,3 +373,57 @@ def test_csv_exports_escape_formula_cells(client: TestClient) -> None:
         assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for cell in cells)
         assert "-0.5" in cells and "-1.5" in cells  # numbers stay numbers
     assert "'@worker" in csv_cells(api.text)
+
+
+# -- a real browser ---------------------------------------------------------------------------------
+
+EVIL_PAGE = """<!DOCTYPE html><html><body><p id="done">no</p>
+<script>
+const send = (path, init) => fetch("{base}/api/v1/studies/victim/" + path,
+  {{method: "POST", mode: "no-cors", credentials: "include", ...init}}).catch(() => null);
+send("pause", {{}})
+  .then(() => send("stop", {{body: "a=b", headers: {{"Content-Type": "application/x-www-form-urlencoded"}}}}))
+  .then(() => send("trials/ask", {{body: '{{"worker_id": "evil"}}'}}))
+  .then(() => {{ document.getElementById("done").textContent = "sent"; }});
+</script></body></html>"""
+
+
+@contextlib.contextmanager
+def page_server(html: str) -> Iterator[str]:
+    """Another origin (another port) serving one page: the attacker's site."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install -y chromium)"
+)
+def test_a_page_on_another_site_cannot_steer_a_study_in_a_real_browser(settings, db) -> None:  # type: ignore[no-untyped-def]
+    """Headless Chromium opens an attacker's page that posts a form and no-cors fetches to the service."""
+    with live_server(create_app(settings, db=db), free_port()) as base:
+        assert httpx.post(f"{base}{API}/studies", json=external_study("victim")).status_code == 201
+        with page_server(EVIL_PAGE.format(base=base)) as evil:
+            assert '<p id="done">sent</p>' in dump_dom(evil)  # the browser sent all three
+        study = httpx.get(f"{base}{API}/studies/victim").json()
+        assert study["state"] == "queued", study["state"]  # not paused, not stopped, no trial claimed
+        assert study["trial_counts"]["running"] == 0
