@@ -44,6 +44,7 @@ from caviar.service.trials.schemas import (
     TrialRead,
     TrialStateName,
 )
+from caviar.service.web_security import file_headers
 
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
@@ -250,8 +251,8 @@ def download_artifact(
 
 
 def _download(reader: BinaryIO, filename: str) -> StreamingResponse:
-    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    return StreamingResponse(reader, media_type="application/octet-stream", headers=headers)
+    """A stored file as a download that no browser renders (see :func:`file_headers`)."""
+    return StreamingResponse(reader, media_type="application/octet-stream", headers=file_headers(filename))
 
 
 @router.get("/best", summary="Best trial (Pareto front for multi-objective studies)")
