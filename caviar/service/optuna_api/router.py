@@ -11,7 +11,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from caviar import _optuna_wire as wire
-from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.deps import DbDep, LeasePolicyDep
 from caviar.service.envelope import error_responses
 from caviar.service.optuna_api import service
 from caviar.service.optuna_api.schemas import (
@@ -33,17 +33,12 @@ from caviar.service.optuna_api.schemas import (
     TrialIdRead,
     TrialList,
 )
-from caviar.service.trials.leases import LeasePolicy
 from caviar.service.types import INT32_MAX
 
 router = APIRouter(prefix="/optuna", tags=["optuna storage"], responses=error_responses(404, 409, 422))
 
 StudyId = Annotated[int, Path(ge=0, le=INT32_MAX, description="Optuna's study id.")]
 TrialId = Annotated[int, Path(ge=0, le=INT32_MAX, description="Optuna's trial id.")]
-
-
-def _policy(settings: SettingsDep) -> LeasePolicy:
-    return LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
 
 
 def _template(body: TrialCreate) -> FrozenTrial | None:
@@ -122,16 +117,14 @@ def set_optuna_study_attr(db: DbDep, study_id: StudyId, body: AttrWrite) -> Resp
     responses=error_responses(429),
 )
 def create_optuna_trial(
-    db: DbDep, settings: SettingsDep, study_id: StudyId, body: TrialCreate
+    db: DbDep, policy: LeasePolicyDep, study_id: StudyId, body: TrialCreate
 ) -> TrialCreated:
     template = _template(body)
-    trial, left = service.create_trial(
-        db, study_id, template, client_id=body.client_id, policy=_policy(settings)
-    )
+    trial, left = service.create_trial(db, study_id, template, client_id=body.client_id, policy=policy)
     return TrialCreated(
         trial=FrozenTrialWire(**wire.trial_out(trial, study_id)),
         budget_left=left,
-        heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_interval_s=policy.heartbeat_interval_s,
     )
 
 
@@ -181,21 +174,21 @@ def set_optuna_param(db: DbDep, trial_id: TrialId, body: ParamWrite) -> Response
 
 
 @router.post("/trials/{trial_id}/state", summary="set_trial_state_values")
-def set_optuna_state(db: DbDep, settings: SettingsDep, trial_id: TrialId, body: StateWrite) -> StateWritten:
+def set_optuna_state(db: DbDep, policy: LeasePolicyDep, trial_id: TrialId, body: StateWrite) -> StateWritten:
     study_id, updated, left, following = service.set_state(
         db,
         trial_id,
         TrialState[body.state],
         wire.values_in(body.values),
         client_id=body.client_id,
-        policy=_policy(settings),
+        policy=policy,
         prefetch=body.prefetch,
     )
     return StateWritten(
         updated=updated,
         study_id=study_id,
         budget_left=left,
-        heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_interval_s=policy.heartbeat_interval_s,
         next_trial=FrozenTrialWire(**wire.trial_out(following, study_id)) if following is not None else None,
     )
 
@@ -227,5 +220,5 @@ def set_optuna_trial_attr(db: DbDep, trial_id: TrialId, body: AttrWrite) -> Resp
 
 
 @router.post("/heartbeats", summary="record_heartbeat, for every running trial of one client")
-def optuna_heartbeats(db: DbDep, settings: SettingsDep, body: HeartbeatBatch) -> HeartbeatAnswer:
-    return HeartbeatAnswer(lost=service.heartbeat(db, body.trial_ids, _policy(settings)))
+def optuna_heartbeats(db: DbDep, policy: LeasePolicyDep, body: HeartbeatBatch) -> HeartbeatAnswer:
+    return HeartbeatAnswer(lost=service.heartbeat(db, body.trial_ids, policy))

@@ -29,7 +29,6 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._base import DEFAULT_STUDY_NAME_PREFIX
-from optuna.storages._rdb.models import TrialModel
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
@@ -39,11 +38,23 @@ from sqlalchemy.exc import IntegrityError
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import CaviarError, Conflict, InvalidInput, NotFound, RateLimited, parse_model
+from caviar.service.store import (
+    ATTEMPT,
+    RETRY_OF,
+    STOPPED_STATES,
+    LeasePolicy,
+    close_lease,
+    count_states,
+    definition_of,
+    reload,
+    renew,
+    settle_study,
+    transition,
+    used_count,
+)
+from caviar.service.store import study_of_trial as _study_of_trial
 from caviar.service.studies import service as studies
-from caviar.service.studies.service import STOPPED_STATES, count_states, definition_of, reload, transition
-from caviar.service.trials._core import ATTEMPT, RETRY_OF, used_count
-from caviar.service.trials.leases import LeasePolicy, close_lease, release, renew
-from caviar.service.trials.outcomes import settle_study
+from caviar.service.trials.leases import release
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
 NO_BUDGET = 1_000_000
@@ -106,7 +117,7 @@ def record_of(db: Database, study_id: int) -> StudyRecord | None:
 def study_of_trial(db: Database, trial_id: int) -> int:
     """The Optuna study id of a trial (one read of Optuna's trial table), or OptunaKeyError."""
     with db.session() as session:
-        study_id = session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+        study_id = _study_of_trial(session, trial_id)
     if study_id is None:
         raise OptunaKeyError(f"no trial with id {trial_id}")
     return int(study_id)
