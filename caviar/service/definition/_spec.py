@@ -235,7 +235,9 @@ class StudyTemplate(_Strict):
     @field_validator("search_space")
     @classmethod
     def _check_space(cls, space: dict[str, Param], info: ValidationInfo) -> dict[str, Param]:
-        if not space:
+        objective = info.data.get("objective")
+        if not space and not (isinstance(objective, Objective) and objective.kind == "external"):
+            # an external study may declare none: clients (an Optuna storage, say) sample themselves
             raise ValueError("search_space must define at least one parameter")
         if len(space) > 256:
             raise ValueError("search_space may define at most 256 parameters")
@@ -256,7 +258,6 @@ class StudyTemplate(_Strict):
                         f"{name}.when.{parent}: values must be among its choices (got {allowed!r})"
                     )
         sampling_order(space)  # raises on cycles
-        objective = info.data.get("objective")
         if isinstance(objective, Objective) and objective.kind == "trainer":
             for name in space:
                 if name not in TUNABLE:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import ValidationError
 
 from caviar.service.definition import StudyDefinition, build_pruner, check_params, decode_params, encode
 from caviar.service.errors import InvalidInput
@@ -142,7 +143,7 @@ def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:
     listed = runner.invoke(app, ["study", "list", "--database-url", db_url, "--json"])
     assert {s["name"] for s in json.loads(listed.stdout)["items"]} == {"digits-mlp", "digits-mlp-2"}
     bad = tmp_path / "bad.json"
-    bad.write_text('{"name": "x", "search_space": {}}')
+    bad.write_text('{"name": "x", "search_space": {"lr": {"type": "float", "low": 1, "high": 0}}}')
     result = runner.invoke(app, ["study", "create", "-f", str(bad), "--database-url", db_url])
     assert result.exit_code == 1 and "search_space" in result.output
     result = runner.invoke(app, ["study", "show", "nope", "--database-url", db_url])
@@ -218,3 +219,13 @@ def test_patient_pruner_without_wrapped_prunes_on_stagnation() -> None:
     assert flat.should_prune()
     wrapped = build_pruner("patient", {"patience": 1, "wrapped": {"type": "median"}})
     assert isinstance(wrapped._wrapped_pruner, optuna.pruners.MedianPruner)  # type: ignore[attr-defined]
+
+
+def test_only_an_external_study_may_declare_no_search_space() -> None:
+    """Its clients sample (``caviar.optuna_storage``); every other kind needs parameters to run."""
+    external = StudyDefinition.model_validate(
+        {"name": "ext", "objective": {"kind": "external"}, "search_space": {}}
+    )
+    assert external.search_space == {}
+    with pytest.raises(ValidationError, match="at least one parameter"):
+        StudyDefinition.model_validate(variant("search_space", {}))
