@@ -116,8 +116,10 @@ class HttpClient:
                 )
             except httpx.TransportError as exc:
                 failure = CaviarApiError(0, "unreachable", f"cannot reach {self.url}: {type(exc).__name__}")
-                if not self._answered and isinstance(exc, httpx.ConnectError):
-                    raise failure from exc  # nothing listens there (refused, or no such host)
+                if isinstance(exc, httpx.UnsupportedProtocol) or (
+                    not self._answered and isinstance(exc, httpx.ConnectError)
+                ):
+                    raise failure from exc  # not a URL, or nothing listens there (refused, no such host)
                 wait = None
             else:
                 self._answered = True

@@ -129,12 +129,17 @@ def service(url: str | None, token: str | None) -> Iterator[Client]:
         yield client
     except CaviarApiError as exc:
         if exc.code == "unreachable":
+            why = exc.message.rpartition(": ")[2]
+            if why == "UnsupportedProtocol":
+                why += ": a URL starts with http:// or https://"
             fail(
-                f"no caviar service at {_where(url)}; {exc.message.rpartition(': ')[2]}). Start one with "
-                "`caviar serve`, or point to one with --url URL or CAVIAR_URL.",
+                f"no caviar service at {_where(url)}; {why}). Start one with `caviar serve`, "
+                "or point to one with --url URL or CAVIAR_URL.",
                 UNREACHABLE_EXIT,
             )
         fail(exc.message)
+    except json.JSONDecodeError:
+        fail(f"{client.url} answered, but not as a caviar service does (no JSON): is the URL right?")
     finally:
         client.close()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -75,6 +78,10 @@ def test_the_line_names_where_the_url_came_from(empty_folder: Path) -> None:
     assert flagged.exit_code == 2 and f"at {nowhere} (the URL from --url" in flagged.stderr
     from_env = CliRunner().invoke(app, ["study", "list"], env={"CAVIAR_URL": nowhere})
     assert from_env.exit_code == 2 and f"at {nowhere} (the URL from CAVIAR_URL" in from_env.stderr
+    started = time.monotonic()
+    no_scheme = CliRunner().invoke(app, ["study", "list", "--url", "localhost:8000"])
+    assert no_scheme.exit_code == 2 and "a URL starts with http:// or https://" in no_scheme.stderr
+    assert time.monotonic() - started < 8  # said at once, not after the CLI's 10 s of retries
 
 
 def test_the_installed_command_in_a_new_folder(empty_folder: Path) -> None:
@@ -118,3 +125,31 @@ def test_a_service_that_answered_once_is_retried_through_a_drop_out() -> None:
     assert client.get("/healthz") == {"ok": True}
     assert client.get("/healthz") == {"ok": True}  # retried through two refusals
     assert calls == ["refuse", "answer", "refuse", "refuse", "answer"]
+
+
+def test_a_url_that_is_not_a_caviar_service_is_one_line(empty_folder: Path) -> None:
+    """Something else answers at the URL (a web page): one line, not a JSON traceback."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>not caviar</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(app, ["study", "list", "--url", url])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "not as a caviar service does" in line and "Traceback" not in result.output
