@@ -399,8 +399,8 @@ def study_enqueue(
     if as_json:
         print_json(added)
         return
-    waiting = sum(1 for t in added["items"] if t["state"] == "waiting")
-    say(f"study {safe(name)}: {waiting} enqueued, {added['total'] - waiting} imported")
+    imported = sum(1 for t in added["items"] if t.get("value") is not None or t.get("values"))
+    say(f"study {safe(name)}: {added['total'] - imported} enqueued, {imported} imported")
     print_trials(added["items"])
 
 

@@ -24,6 +24,7 @@ from caviar.service.schedules.service import scheduler_task
 from caviar.service.security import install_security, open_paths
 from caviar.service.studies.router import router as studies_router
 from caviar.service.tokens.router import router as tokens_router
+from caviar.service.tokens.router import whoami_router
 from caviar.service.trials import reap
 from caviar.service.trials.router import router as trials_router
 from caviar.service.workers.router import router as workers_router
@@ -166,5 +167,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     api.include_router(workers_router)
     api.include_router(schedules_router)
     api.include_router(tokens_router)
+    api.include_router(whoami_router)
     app.include_router(api)
     return app

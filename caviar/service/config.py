@@ -85,11 +85,6 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @property
-    def lease_s(self) -> float:
-        """How long a lease lasts without a heartbeat: two heartbeat intervals."""
-        return 2 * self.heartbeat_interval_s
-
-    @property
     def reap_every_s(self) -> float:
         return self.reaper_interval_s or max(0.2, self.heartbeat_interval_s / 2)
 

@@ -20,7 +20,6 @@ import threading
 from typing import Any
 
 import anyio.to_thread
-from optuna.storages._rdb.models import TrialModel
 from sqlalchemy import select
 from starlette._utils import get_route_path
 from starlette.responses import JSONResponse
@@ -30,7 +29,7 @@ from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.security import secure
-from caviar.service.trials.artifacts import artifact_store
+from caviar.service.store import artifact_store, study_of_trial
 from caviar.storage import StudyRecord
 
 _DASHBOARD_PREFIXES = ("/dashboard/", "/static/", "/csv/", "/artifacts/", "/api/")
@@ -124,7 +123,7 @@ class DashboardMount:
             values = data.get("values") if isinstance(data, dict) else None
             state = str(data.get("state", "")).lower() if isinstance(data, dict) else ""
             with self.db.session() as session:  # Optuna's storage API has no trial -> study lookup
-                study_id = session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+                study_id = study_of_trial(session, trial_id)
             if study_id is None:
                 return None  # the dashboard answers 404 itself
             n_objectives = len(self.db.optuna.get_study_directions(study_id))

@@ -31,7 +31,7 @@ from caviar._client import Trial
 from caviar.worker._api import Stopped
 
 if TYPE_CHECKING:
-    from caviar.worker._slot import Slot
+    from caviar.worker._types import SlotLike
 
 _log = logging.getLogger("caviar.worker")
 
@@ -117,7 +117,7 @@ class _Child:
 class ProgramRunner:
     """Runs trials of ``kind: python`` and ``kind: command`` studies, one child process each."""
 
-    def __init__(self, slot: Slot) -> None:
+    def __init__(self, slot: SlotLike) -> None:
         self.slot = slot
 
     def run(self, study: dict[str, Any]) -> bool:

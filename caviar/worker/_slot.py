@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from caviar._client import Client, Trial
 from caviar._errors import CaviarApiError, LeaseLost
 from caviar._logging import configure_logging
-from caviar.worker._api import Stopped, WorkerApi
+from caviar.worker._api import EXIT_PERMANENT, Stopped, WorkerApi, is_permanent, one_line
 from caviar.worker._options import WorkerOptions
 from caviar.worker._program import ProgramRunner
 from caviar.worker._trainer import TrainerRunner
@@ -74,6 +75,8 @@ class Slot:
                 try:
                     worked = self._work_once()
                 except CaviarApiError as exc:
+                    if is_permanent(exc):
+                        raise
                     _log.warning("service error outside a trial (%s); backing off", exc)
                     worked = False
                 if worked:
@@ -245,4 +248,19 @@ def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> N
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    slot.run()
+    try:
+        slot.run()
+    except CaviarApiError as exc:
+        if not is_permanent(exc):
+            _crashed(exc)
+        _log.error("caviar worker: %s", one_line(exc))
+        sys.exit(EXIT_PERMANENT)
+    except Exception as exc:
+        _crashed(exc)
+
+
+def _crashed(exc: Exception) -> None:
+    """One line for a slot that died (the traceback at debug level); the supervisor restarts it."""
+    debug = _log.isEnabledFor(logging.DEBUG)
+    _log.error("slot stopped by %s: %s", type(exc).__name__, exc, exc_info=exc if debug else None)
+    sys.exit(1)

@@ -1,4 +1,4 @@
-"""The examples run as the README says: a service, a ``caviar worker --allow-code`` started in the
+"""The examples run as docs/own-code.md says: a service, a ``caviar worker --allow-code`` started in the
 example's folder (no database URL in its environment), and the example's own study file."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from caviar.service.db import Database
-from caviar.service.studies.service import definition_of, load_record
+from caviar.service.store import definition_of, load_record
 from caviar.service.trials.reads import list_trials
 
 ExportFormat = Literal["csv", "json"]

@@ -12,13 +12,20 @@ from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 
 from caviar.service import trials as service
-from caviar.service.deps import AnyTrialDep, DbDep, Offset, SettingsDep, StudyName, TrialNumber
+from caviar.service.deps import (
+    AnyTrialDep,
+    DbDep,
+    LeasePolicyDep,
+    Offset,
+    SettingsDep,
+    StudyName,
+    TrialNumber,
+)
 from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
-from caviar.service.studies import service as studies
-from caviar.service.studies.schemas import StudyRead
+from caviar.service.store import artifact_store
 from caviar.service.trials import artifacts, enqueue, export
-from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
+from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
     ArtifactRead,
@@ -27,7 +34,6 @@ from caviar.service.trials.schemas import (
     HeartbeatRequest,
     Importances,
     ParetoTrials,
-    RefineRequest,
     ReleaseRequest,
     ReportRequest,
     ReportResponse,
@@ -41,13 +47,9 @@ from caviar.service.trials.schemas import (
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
 
-def _policy(settings: SettingsDep) -> service.LeasePolicy:
-    return service.LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
-
-
 @router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
 def ask_trial(
-    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
+    db: DbDep, policy: LeasePolicyDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
 ) -> TrialAssignment:
     body = body or AskRequest()
     return service.ask(
@@ -55,7 +57,7 @@ def ask_trial(
         name,
         worker_id=body.worker_id,
         request_id=body.request_id,
-        policy=_policy(settings),
+        policy=policy,
         fixed=body.fixed,
     )
 
@@ -63,16 +65,14 @@ def ask_trial(
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
 def report_trial(
     db: DbDep,
-    settings: SettingsDep,
+    policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
     body: ReportRequest,
 ) -> ReportResponse:
     caller = service.Caller(body.worker_id, any_trial)
-    should_prune = service.report(
-        db, name, number, body.step, body.value, policy=_policy(settings), caller=caller
-    )
+    should_prune = service.report(db, name, number, body.step, body.value, policy=policy, caller=caller)
     return ReportResponse(should_prune=should_prune)
 
 
@@ -81,14 +81,14 @@ def report_trial(
 )
 def heartbeat_trial(
     db: DbDep,
-    settings: SettingsDep,
+    policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
     body: Annotated[HeartbeatRequest | None, Body()] = None,
 ) -> Response:
     caller = service.Caller(body.worker_id if body else None, any_trial)
-    service.heartbeat(db, name, number, policy=_policy(settings), caller=caller)
+    service.heartbeat(db, name, number, policy=policy, caller=caller)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -253,20 +253,3 @@ def best_trial(db: DbDep, name: StudyName) -> TrialRead | ParetoTrials:
 @router.get("/importances", summary="Parameter importances (decoded names)")
 def get_importances(db: DbDep, name: StudyName) -> Importances:
     return Importances(importances=service.importances(db, name))
-
-
-@router.post("/refine", status_code=status.HTTP_201_CREATED, summary="Coarse to fine: a narrowed new study")
-def refine_study(
-    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[RefineRequest | None, Body()] = None
-) -> StudyRead:
-    body = body or RefineRequest()
-    record = service.refine(
-        db,
-        name,
-        top_fraction=body.top_fraction,
-        min_top=body.min_top,
-        margin=body.margin,
-        n_trials=body.n_trials,
-        data_files=settings.data_dir is not None,
-    )
-    return studies.describe_new(db, record)
