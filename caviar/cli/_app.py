@@ -8,6 +8,7 @@ import typer
 
 import caviar
 from caviar.cli._common import say
+from caviar.cli.doctor import doctor
 from caviar.cli.gradcheck import gradcheck
 from caviar.cli.queue import queue_app
 from caviar.cli.schedule import schedule_app
@@ -27,6 +28,7 @@ app.command()(worker)
 app.add_typer(serve_app)  # serve, dashboard, demo: the operator's
 app.add_typer(db_app, name="db")
 app.command()(gradcheck)
+app.command()(doctor)
 
 
 def _print_version(value: bool) -> None:

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select, update
 
+import caviar
 from caviar.service.api import create_app
 from caviar.service.auth import MAX_TOKEN_CHARS, TokenVerifier, allows, credentials, required_scope
 from caviar.service.security import OPEN_PATHS
@@ -420,10 +421,15 @@ def test_whoami_says_what_a_token_may_do(secured: TestClient, scope: str, satisf
     token = make_token(secured, scope)
     answer = secured.get("/api/v1/whoami", headers=bearer(token))
     assert answer.status_code == 200
-    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied}
+    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied, "version": caviar.__version__}
     assert secured.get("/api/v1/whoami", headers=bearer("wrong")).status_code == 401
 
 
 def test_whoami_without_auth_grants_everything(client: TestClient) -> None:
     answer = client.get("/api/v1/whoami").json()
-    assert answer == {"auth": False, "scope": None, "scopes": ["read", "worker", "write", "admin"]}
+    assert answer == {
+        "auth": False,
+        "scope": None,
+        "scopes": ["read", "worker", "write", "admin"],
+        "version": caviar.__version__,
+    }
