@@ -12,18 +12,29 @@ LONG_TESTS ?= tests/service/trials/test_trials_stateful.py tests/service/trials/
 	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py
 LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS)
 
-.PHONY: install demo test test-sqlite test-postgres test-long lint format bench mutants clean
+# Every install takes its versions from the lock (`make lock` refreshes it from pyproject.toml).
+CONSTRAINTS := requirements/constraints.txt
+LOCK_ARGS ?=
+
+.PHONY: install lock demo test test-sqlite test-postgres test-long lint format bench mutants clean
 
 install: $(VENV)/.installed
 
 # torch first, pinned: 2.13.0 is a CPU build that lies on this project's machines (an unpinned
 # torch pulls a multi-GB CUDA build); the project's own range accepts it.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
+
+# Re-resolve the lock after a change to pyproject.toml's dependencies (keeps the other pins;
+# LOCK_ARGS=--upgrade moves everything to the newest allowed versions). Needs PyPI.
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra parquet -c requirements/torch.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" -q $(LOCK_ARGS) -o $(CONSTRAINTS)
 
 demo: install
 	$(BIN)/caviar demo
