@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 # Tests run on SQLite and then on this PostgreSQL server (each run creates and drops its own databases).
 PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
-# `make test-long`: the model-based and race tests with many more examples, plus the fuzzers.
+# `make test-long`: the model-based and race tests with many more examples, the fuzzers, and the
+# examples on their full budgets (CAVIAR_TEST_LONG=1; CI runs them on smaller ones).
 LONG_EXAMPLES ?= 500
 LONG_STEPS ?= 80
 LONG_TESTS ?= tests/service/trials/test_trials_stateful.py tests/service/trials/test_trials_concurrency.py \
-	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py
-LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS)
+	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py tests/examples
+LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS) CAVIAR_TEST_LONG=1
 
 # Every install takes its versions from the lock (`make lock` refreshes it from pyproject.toml).
 CONSTRAINTS := requirements/constraints.txt

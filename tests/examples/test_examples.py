@@ -16,9 +16,16 @@ import yaml
 import caviar
 from caviar.service import processes
 from caviar.service.processes import CaviarProcess
+from tests.conftest import LONG_RUN
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def n_trials(ci: int, long: int) -> int:
+    """The study budget: ``ci`` in CI (every asserted property still holds), ``long`` under
+    ``make test-long`` (``CAVIAR_TEST_LONG=1``)."""
+    return long if LONG_RUN else ci
 
 
 @pytest.fixture
@@ -66,7 +73,7 @@ def run_to_the_end(
 
 
 def test_a_python_function_your_own_pytorch_model(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "python_objective", 6)
+    study = run_to_the_end(service, worker, "python_objective", n_trials(2, 6))
     best = study.best()
     assert best["value"] >= 0.85, best
     files = {a["filename"] for a in study.artifacts(best["number"])}
@@ -80,7 +87,7 @@ def test_a_python_function_your_own_pytorch_model(service: caviar.Client, worker
 
 
 def test_a_training_script_reporting_with_the_sdk(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "command_sdk", 6)
+    study = run_to_the_end(service, worker, "command_sdk", n_trials(2, 6))
     trials = study.trials()
     assert all(len(t["intermediate_values"]) >= 1 for t in trials)
     log = study.download(trials[0]["number"], "trial.log").decode()
@@ -89,7 +96,7 @@ def test_a_training_script_reporting_with_the_sdk(service: caviar.Client, worker
 
 
 def test_a_non_python_program_reporting_on_stdout(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "command_stdout", 8)
+    study = run_to_the_end(service, worker, "command_stdout", n_trials(4, 8))
     trials = study.trials()
     complete = [t for t in trials if t["state"] == "complete"]
     assert complete and all(len(t["intermediate_values"]) == 10 for t in complete)
