@@ -10,13 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 import caviar
+from caviar import storage
 from caviar.service import processes
 from caviar.service.processes import CaviarProcess
-from tests.conftest import LONG_RUN
+from tests.conftest import LONG_RUN, DatabaseFactory
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -28,12 +30,28 @@ def n_trials(ci: int, long: int) -> int:
     return long if LONG_RUN else ci
 
 
-@pytest.fixture
-def service(db_url: str, tmp_path: Path) -> Iterator[caviar.Client]:
+@pytest.fixture(scope="module")
+def service(databases: DatabaseFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[caviar.Client]:
+    """One service for the module: each test has its own studies and ends what it leaves behind."""
+    tmp_path = tmp_path_factory.mktemp("examples")
     env = {"CAVIAR_HEARTBEAT_INTERVAL_S": "2", "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts")}
-    server, url = processes.serve(db_url, env=env, log=tmp_path / "serve.log")
+    server, url = processes.serve(databases.migrated(), env=env, log=tmp_path / "serve.log")
     with server, caviar.Client(url) as client:
         yield client
+    storage.reset_optuna_storages()
+
+
+@pytest.fixture(autouse=True)
+def no_study_left_open(service: caviar.Client) -> Iterator[None]:
+    """After each test, stop its unfinished studies: a later test's worker (no --study, as the
+    README starts it) must find only its own study's trials."""
+    yield
+    listed = httpx.get(f"{service.url}/api/v1/studies", params={"limit": 1000}, timeout=30)
+    assert listed.status_code == 200, listed.text
+    for study in listed.json()["items"]:
+        if study["state"] not in ("completed", "failed", "stopped"):
+            stopped = httpx.post(f"{service.url}/api/v1/studies/{study['name']}/stop", timeout=30)
+            assert stopped.status_code == 200, stopped.text
 
 
 @pytest.fixture
