@@ -31,8 +31,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # Re-resolve the lock after a change to pyproject.toml's dependencies (keeps the other pins;
-# LOCK_ARGS=--upgrade moves everything to the newest allowed versions). Needs PyPI.
-lock: install
+# LOCK_ARGS=--upgrade moves everything to the newest allowed versions). Needs PyPI. It needs only
+# uv, not a full install (which a stale lock may refuse).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install -q -c $(CONSTRAINTS) uv
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra parquet -c requirements/torch.txt \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command "make lock" -q $(LOCK_ARGS) -o $(CONSTRAINTS)
