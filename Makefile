@@ -45,11 +45,20 @@ demo: install
 
 test: test-sqlite test-postgres
 
+# Two pytest processes (pytest-xdist; the tests wait on servers and workers as much as they
+# compute), each test file kept on one (module-scoped servers); then, alone, the tests marked
+# `serial` (one restarts PostgreSQL). XDIST= runs everything in one process.
+XDIST ?= -n 2 --dist loadfile
+define run_tests
+	$(1) $(BIN)/python -m pytest $(XDIST) -m "not serial" $(PYTEST_ARGS)
+	$(1) $(BIN)/python -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
+endef
+
 test-sqlite: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call run_tests,)
 
 test-postgres: install
-	CAVIAR_TEST_DATABASE=$(PG_TEST_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call run_tests,CAVIAR_TEST_DATABASE=$(PG_TEST_URL))
 
 test-long: install
 	$(LONG_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS) $(LONG_TESTS)
