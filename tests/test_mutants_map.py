@@ -30,8 +30,8 @@ def test_every_mutated_module_has_the_tests_of_its_feature() -> None:
 def test_the_map_follows_the_layout(tmp_path: Path) -> None:
     tool = load_tool()
     for path in (
-        "tests/service/store/test_store.py",
-        "tests/service/store/test_store_race.py",
+        "tests/service/quotas/test_quotas.py",
+        "tests/service/quotas/test_quotas_race.py",
         "tests/service/trials/test_trials_api.py",
         "tests/service/studies/test_steering_api.py",
         "tests/service/test_auth.py",
@@ -39,10 +39,10 @@ def test_the_map_follows_the_layout(tmp_path: Path) -> None:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
     # a new feature folder is picked up with no edit to the tool; race tests are left out
-    assert tool.tests_for("caviar/service/store/records.py", tmp_path) == (
-        "tests/service/store/test_store.py",
+    assert tool.tests_for("caviar/service/quotas/records.py", tmp_path) == (
+        "tests/service/quotas/test_quotas.py",
     )
-    assert tool.run_of("caviar/service/store/records.py", tmp_path) == "store"
+    assert tool.run_of("caviar/service/quotas/records.py", tmp_path) == "quotas"
     assert tool.tests_for("caviar/service/trials/leases.py", tmp_path) == (
         "tests/service/trials/test_trials_api.py",
         "tests/service/studies/test_steering_api.py",
