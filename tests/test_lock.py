@@ -43,6 +43,8 @@ def stale_entries(project: dict, pins: dict[str, Version]) -> list[str]:  # type
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
         name = canonicalize_name(requirement.name)
+        if name == canonicalize_name(project["name"]):
+            continue  # an extra that includes another extra of this project (dev -> docs)
         if name not in pins:
             problems.append(f"{requirement.name}: not in the lock")
         elif not requirement.specifier.contains(pins[name], prereleases=True):
