@@ -43,7 +43,7 @@ def stale_entries(project: dict, pins: dict[str, Version]) -> list[str]:  # type
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
         name = canonicalize_name(requirement.name)
-        if name == canonicalize_name(project["name"]):
+        if name == canonicalize_name(project.get("name", "")):
             continue  # an extra that includes another extra of this project (dev -> docs)
         if name not in pins:
             problems.append(f"{requirement.name}: not in the lock")
