@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from caviar.service.definition import MAX_SECONDS, Goal
 from caviar.service.types import TagText, no_nul
@@ -81,10 +81,20 @@ class StudyRead(BaseModel):
 _MAX_PRIORITY = 1_000_000
 
 
-class BudgetUpdate(BaseModel):
-    """Budget fields a running study may change; ``null`` removes an optional limit."""
+def _not_null(value: Any) -> Any:
+    """A field sent as ``null`` that has no "no limit" meaning: refused, never silently ignored."""
+    if value is None:
+        raise ValueError("may not be null (leave the field out to keep its value)")
+    return value
 
-    model_config = ConfigDict(extra="forbid")
+
+class BudgetUpdate(BaseModel):
+    """Budget fields a running study may change; ``null`` removes an optional limit.
+
+    Types are strict: ``"10"`` or ``true`` is not a number of trials.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     n_trials: int | None = Field(default=None, ge=1, le=1_000_000, description="Never below the trials used.")
     max_parallel: int | None = Field(default=None, ge=1, le=100_000)
@@ -94,18 +104,23 @@ class BudgetUpdate(BaseModel):
     goal: Goal | None = None
     max_duration_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
 
+    _required = field_validator("n_trials", "max_retries", "max_failed_trials", mode="before")(_not_null)
+
 
 class StudyUpdate(BaseModel):
     """A change to a study (JSON merge patch: only the fields given change).
 
-    ``tags`` merge into the study's tags; a tag set to ``null`` is removed.
+    ``tags`` merge into the study's tags; a tag set to ``null`` is removed. Types are strict, and
+    ``null`` for ``budget``, ``priority`` or ``tags`` is refused (it would mean nothing).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     budget: BudgetUpdate | None = None
     priority: int | None = Field(default=None, ge=-_MAX_PRIORITY, le=_MAX_PRIORITY)
     tags: dict[TagText, TagText | None] | None = Field(default=None, max_length=64)
+
+    _required = field_validator("budget", "priority", "tags", mode="before")(_not_null)
 
 
 class StopRequest(BaseModel):

@@ -647,3 +647,41 @@ def test_warm_start_from_a_multi_objective_study_takes_the_front_first(client: T
     source = {t["number"]: t["params"] for t in client.get(f"{API}/msrc/trials").json()["items"]}
     handed = [ask(client, "mwarm")["params"] for _ in range(3)]
     assert handed == [source[0], source[1], source[3]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"budget": {"n_trials": "10"}}, "n_trials"),
+        ({"budget": {"n_trials": True}}, "n_trials"),
+        ({"budget": {"max_parallel": 2.5}}, "max_parallel"),
+        ({"budget": {"n_trials": None}}, "n_trials"),
+        ({"budget": {"max_retries": None}}, "max_retries"),
+        ({"budget": None}, "budget"),
+        ({"priority": None}, "priority"),
+        ({"priority": "3"}, "priority"),
+        ({"priority": False}, "priority"),
+        ({"tags": None}, "tags"),
+    ],
+)
+def test_patch_types_are_strict_and_null_is_refused_where_it_means_nothing(
+    client: TestClient, body: dict[str, Any], field: str
+) -> None:
+    create(client, external_study("strict", n_trials=5))
+    before = client.get("/api/v1/studies/strict").json()
+    answer = client.patch("/api/v1/studies/strict", json=body)
+    assert answer.status_code == 422, answer.text
+    assert field in answer.text
+    after = client.get("/api/v1/studies/strict").json()
+    assert after["definition"] == before["definition"]
+
+
+def test_patch_still_takes_numbers_and_removes_optional_limits_with_null(client: TestClient) -> None:
+    create(client, external_study("lenient", n_trials=5))
+    answer = client.patch(
+        "/api/v1/studies/lenient",
+        json={"budget": {"n_trials": 7, "trial_timeout_s": 60, "max_parallel": None}, "priority": 2},
+    )
+    assert answer.status_code == 200, answer.text
+    budget = answer.json()["definition"]["budget"]
+    assert budget["n_trials"] == 7 and budget["trial_timeout_s"] == 60 and budget.get("max_parallel") is None
