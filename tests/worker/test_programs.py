@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
         handle.write(str(os.getpid()))
     for step in range(5):
         time.sleep(float(os.environ.get("EPOCH_S", "0.2")))
-        trial.report(step, trial.params["x"] * step)
+        trial.report(trial.params["x"] * step, step)
     print("done", flush=True)
     trial.tell(trial.params["x"])
     """

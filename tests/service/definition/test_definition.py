@@ -142,7 +142,7 @@ def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:
     listed = runner.invoke(app, ["study", "list", "--database-url", db_url, "--json"])
     assert {s["name"] for s in json.loads(listed.stdout)["items"]} == {"digits-mlp", "digits-mlp-2"}
     bad = tmp_path / "bad.json"
-    bad.write_text('{"name": "x", "search_space": {}}')
+    bad.write_text('{"name": "x", "search_space": {"lr": {"type": "float", "low": 1, "high": 0}}}')
     result = runner.invoke(app, ["study", "create", "-f", str(bad), "--database-url", db_url])
     assert result.exit_code == 1 and "search_space" in result.output
     result = runner.invoke(app, ["study", "show", "nope", "--database-url", db_url])
