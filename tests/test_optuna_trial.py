@@ -212,3 +212,23 @@ def test_the_metrics_option_is_checked(metrics: dict[str, Any], message: str) ->
         StudyDefinition.model_validate(body)
     with pytest.raises(ValueError, match="only for kind command"):
         StudyDefinition.model_validate({"name": "m", "objective": {"kind": "external", "metrics": {}}})
+
+
+def test_a_fatal_failure_is_not_retried_and_pauses_the_study(client: caviar.Client) -> None:
+    study = client.create_study(external_study("fatal", n_trials=5, max_retries=2))
+    with pytest.raises(caviar.CaviarApiError) as complete:
+        client.http.post(
+            f"/api/v1/studies/fatal/trials/{study.ask(heartbeat=False).number}/tell",
+            json={"state": "complete", "value": 1.0, "fatal": True},
+        )
+    assert complete.value.status == 422 and "fatal" in complete.value.message
+    trial = study.ask(heartbeat=False)
+    trial.fail("the program printed nothing caviar recognises", fatal=True)
+    info = study.info()
+    assert info["state"] == "paused", info
+    assert info["stop_reason"] == "paused: the program printed nothing caviar recognises"
+    assert [t["state"] for t in study.trials() if t["number"] == trial.number] == ["fail"]
+    assert not [t for t in study.trials() if t["retry_of"] == trial.number]  # not retried
+    with pytest.raises(caviar.CaviarApiError) as paused:
+        study.ask(wait=False)
+    assert paused.value.code == "study_paused"
