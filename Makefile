@@ -12,7 +12,7 @@ LONG_TESTS ?= tests/service/trials/test_trials_stateful.py tests/service/trials/
 	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py
 LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS)
 
-.PHONY: install demo test test-sqlite test-postgres test-long lint format bench mutants clean
+.PHONY: install demo test test-sqlite test-postgres test-long lint docs format bench mutants clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The docs site (mkdocs.yml, docs/): warnings are errors; the output goes to site/ (git-ignored).
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -60,4 +64,4 @@ mutants: install
 	$(BIN)/python tools/mutants.py $(MUTANTS_ARGS)
 
 clean:
-	rm -rf $(VENV) .mutmut caviar.db caviar.db-* caviar-artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .mutmut site caviar.db caviar.db-* caviar-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -222,7 +222,7 @@ def caviar_definition(
 def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from caviar import storage
     from caviar.service.db import Database
-    from caviar.service.studies.service import create_study, parse_definition
+    from caviar.service.store import create_study, parse_definition
 
     storage.upgrade(url)
     db = Database(url)

@@ -49,10 +49,9 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from caviar import storage  # noqa: E402
-from caviar.service import processes  # noqa: E402
+from caviar.service import processes, store  # noqa: E402
 from caviar.service.db import Database  # noqa: E402
 from caviar.service.examples import example_path  # noqa: E402
-from caviar.service.studies import service as studies  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BASELINE_REF = "a460f04"  # the last commit whose worker opened the database directly
@@ -191,7 +190,7 @@ def measure(arm: str, args: argparse.Namespace, baseline: Path) -> dict[str, Any
         extra: dict[str, Any] = {}
         if arm == "rest":
             storage.upgrade(url)
-            studies.create_study(Database(url), studies.parse_definition(body))
+            store.create_study(Database(url), store.parse_definition(body))
             run_rest(url, tmp, name, args.timeout)
         elif arm == "plain_optuna":
             storage.upgrade(url)  # the same migrated schema the other arms see

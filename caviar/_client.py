@@ -264,6 +264,8 @@ class Trial:
         self.params: dict[str, Any] = dict(assignment["params"])
         self.retry_of: int | None = assignment.get("retry_of")
         self.heartbeat_interval_s = float(assignment.get("heartbeat_interval_s", 30.0))
+        self.credential: str | None = assignment.get("credential")
+        """A token for this trial only (a worker hands it to the program it runs)."""
         self.worker_id = worker_id
         self._heartbeat = heartbeat
         self._finished = False

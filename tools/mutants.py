@@ -65,7 +65,9 @@ MODULES: tuple[Module, ...] = (
     Module("caviar/service/trials/lifecycle.py", "trials"),
     Module("caviar/service/trials/leases.py", "trials"),
     Module("caviar/service/trials/outcomes.py", "trials"),
-    Module("caviar/service/trials/_core.py", "trials"),
+    Module("caviar/service/store/_budget.py", "trials"),
+    Module("caviar/service/store/_leases.py", "trials"),
+    Module("caviar/service/store/_settle.py", "trials"),
     # the firing and next-run part of schedules (not CRUD, not validation)
     Module(
         "caviar/service/schedules/service.py",

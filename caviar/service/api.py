@@ -24,8 +24,10 @@ from caviar.service.schedules.service import scheduler_task
 from caviar.service.security import install_security, open_paths
 from caviar.service.studies.router import router as studies_router
 from caviar.service.tokens.router import router as tokens_router
+from caviar.service.tokens.router import whoami_router
 from caviar.service.trials import reap
 from caviar.service.trials.router import router as trials_router
+from caviar.service.web_security import UNSAFE_METHODS
 from caviar.service.workers.router import router as workers_router
 
 _log = logging.getLogger("caviar.api")
@@ -76,6 +78,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             for path in open_paths(app.state.settings):
                 for operation in schema["paths"].get(path, {}).values():
                     operation["security"] = []
+        _add_cross_site_refusals(schema)
         _add_links(schema)
         app.openapi_schema = schema
     return app.openapi_schema
@@ -92,6 +95,18 @@ _STUDY_LINKS = (
 )
 _TRIAL_LINKS = ("reportTrial", "heartbeatTrial", "tellTrial", "releaseTrial", "getTrial", "listArtifacts")
 _SCHEDULE_LINKS = ("getSchedule", "updateSchedule", "runSchedule", "listScheduleRuns", "deleteSchedule")
+
+
+def _add_cross_site_refusals(schema: dict[str, Any]) -> None:
+    """Document the cross-site write check (:mod:`caviar.service.web_security`) on every write:
+    403 ``cross_site_request`` and 415 ``unsupported_media_type``, in the error envelope."""
+    envelope = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+    for item in schema["paths"].values():
+        for method, operation in item.items():
+            if method.upper() in UNSAFE_METHODS:
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("403", {"description": "Error", **envelope})
+                responses.setdefault("415", {"description": "Unsupported Media Type", **envelope})
 
 
 def _add_links(schema: dict[str, Any]) -> None:
@@ -166,5 +181,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     api.include_router(workers_router)
     api.include_router(schedules_router)
     api.include_router(tokens_router)
+    api.include_router(whoami_router)
     app.include_router(api)
     return app

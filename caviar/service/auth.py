@@ -9,12 +9,16 @@ router that anyone adds is covered without any per-route code:
 =========  ==================================================================================
 scope      may
 =========  ==================================================================================
-read       GET/HEAD/OPTIONS anything (API, dashboard, OpenAPI docs)
-worker     read + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/{n}/report``,
+read       GET/HEAD/OPTIONS anything (API, dashboard, OpenAPI docs) except a trial's
+           ``trial.log``; ``objective.env`` values are shown to it as ``<redacted>``
+worker     read + ``trial.log`` + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/{n}/report``,
            ``.../suggest``, ``.../heartbeat``, ``.../tell``, ``.../release`` and ``.../artifacts``;
            ``POST /api/v1/workers`` and ``/api/v1/workers/{id}/heartbeat``
 write      everything except token management (studies, schedules, trials, dashboard writes)
 admin      everything, including ``/api/v1/tokens``
+trial      (a ``cvt_`` credential an ask returns, see :mod:`caviar.service.tokens.trial`) only
+           POST ``report``/``heartbeat``/``tell``/``artifacts`` of its own trial and GET of it,
+           while that trial runs
 =========  ==================================================================================
 
 Tokens come as ``Authorization: Bearer <token>`` or, for browsers, HTTP Basic with the token as
@@ -41,6 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.tokens import service as tokens
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.tokens.schemas import Scope as TokenScope
 
 SCOPE_LEVELS: Final[dict[str, int]] = {"read": 0, "worker": 1, "write": 2, "admin": 3}
@@ -53,6 +58,9 @@ WORKER_ROUTE: Final = re.compile(
     r"|workers(?:/[^/]+/heartbeat)?)/?$"
 )
 """The POSTs a ``worker`` token may make: the trial lifecycle, artifacts, registration, heartbeats."""
+
+SECRET_READS: Final = re.compile(r"^/api/v1/studies/[^/]+/trials/[^/]+/artifacts/trial\.log/?$")
+"""GETs that need more than read scope: a code trial's log (the scope that sees ``objective.env``)."""
 
 MAX_TOKEN_CHARS: Final = 512
 CACHE_TTL_S: Final = 5.0
@@ -69,7 +77,8 @@ def required_scope(method: str, path: str, open_paths: frozenset[str]) -> TokenS
     if path == TOKEN_PATH or path.startswith(TOKEN_PATH + "/"):
         return "admin"
     if method in SAFE_METHODS:
-        return "read"
+        # a program's log may hold anything its environment held: the scope that sees env values
+        return "worker" if SECRET_READS.match(path) else "read"
     if method == "POST" and WORKER_ROUTE.match(path):
         return "worker"
     return "write"
@@ -130,6 +139,7 @@ class TokenVerifier:
         ttl_s: float = CACHE_TTL_S,
     ) -> None:
         self._admin = _digest(admin_token.get_secret_value())
+        self.trial_key = trial_tokens.derive_key(admin_token.get_secret_value())
         self._worker = _digest(worker_token.get_secret_value()) if worker_token is not None else None
         self._db = db
         self._ttl_s = ttl_s
@@ -174,6 +184,14 @@ class TokenVerifier:
             self._cache[key] = _Cached(scope, token_id, now + self._ttl_s, touched)
         return scope
 
+    def trial_grant(self, token: str) -> trial_tokens.TrialGrant | None:
+        """The trial a trial credential (``cvt_...``) names; None when forged or malformed."""
+        return trial_tokens.verify(self.trial_key, token)
+
+    def trial_running(self, grant: trial_tokens.TrialGrant, study: str) -> bool:
+        """Whether the credential's trial still runs, in this study (queries the database)."""
+        return trial_tokens.is_running(self._db, grant, study)
+
     def forget(self) -> None:
         """Drop every cached verification (after a revocation)."""
         with self._lock:
@@ -212,6 +230,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         token = credentials(_header(scope, b"authorization"))
+        if token is not None and token.startswith(trial_tokens.PREFIX) and len(token) <= MAX_TOKEN_CHARS:
+            await self._trial_credential(scope, receive, send, token, method, path)
+            return
         granted: TokenScope | None = None
         if token is not None and len(token) <= MAX_TOKEN_CHARS:
             granted = self.verifier.cached(token)
@@ -226,6 +247,32 @@ class AuthMiddleware:
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["token_scope"] = granted
+        await self.app(scope, receive, send)
+
+    async def _trial_credential(
+        self, scope: Scope, receive: Receive, send: Send, token: str, method: str, path: str
+    ) -> None:
+        """A trial credential: its own running trial's report/heartbeat/tell/upload, nothing else."""
+        grant = self.verifier.trial_grant(token)
+        if grant is None:
+            await self._refuse(scope, receive, send, False, path)
+            return
+        match = trial_tokens.TRIAL_ROUTE.match(path)
+        action = match["action"] if match is not None else None
+        allowed = (method == "POST" and action is not None) or (method in SAFE_METHODS and action is None)
+        if match is None or int(match["number"]) != grant.number or not allowed:
+            message = "a trial credential can only report, heartbeat, upload and tell its own trial"
+            response = error_response(403, "forbidden", message, [{"scope": "trial", "required": "worker"}])
+            await response(scope, receive, send)
+            return
+        if not await anyio.to_thread.run_sync(self.verifier.trial_running, grant, match["study"]):
+            message = "this trial credential is not valid for this study's trial, or its trial has ended"
+            response = error_response(409, "lease_lost", message)
+            await response(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["token_scope"] = "trial"
+        state["trial_grant"] = grant
         await self.app(scope, receive, send)
 
     @staticmethod

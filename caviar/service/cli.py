@@ -680,13 +680,27 @@ def worker(
         str | None,
         typer.Option(envvar="CAVIAR_DATA_DIR", help="The only directory file: datasets are read from."),
     ] = None,
+    # ---- user code (codegov): --allow-code, --pass-env -> WorkerOptions.allow_code / pass_env ----
     allow_code: Annotated[
-        bool,
+        list[str] | None,
         typer.Option(
             "--allow-code",
-            help="Run kind python/command studies: user code from this host, one child per trial.",
+            metavar="SPEC",
+            help="Run this user code (repeatable): python:MODULE_PREFIX, command:PROGRAM [ARGS] "
+            "(an absolute path or a bare name) or all (anything a write token submits). "
+            "Nothing else runs.",
         ),
-    ] = False,
+    ] = None,
+    pass_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pass-env",
+            metavar="NAME",
+            help="Also pass this variable (or PREFIX*) of the worker's environment to user code "
+            "(repeatable; HOME, LANG, LC_*, TZ, TMPDIR, PATH, CUDA_* pass by default; never CAVIAR_*).",
+        ),
+    ] = None,
+    # ---- end of user code options ----
     log_format: LogFormatOption = None,
     log_level: LogLevelOption = None,
 ) -> None:
@@ -706,7 +720,8 @@ def worker(
         poll_interval_s=poll_interval,
         exit_when_idle_s=exit_when_idle,
         data_dir=data_dir,
-        allow_code=allow_code,
+        allow_code=tuple(allow_code or ()),
+        pass_env=tuple(pass_env or ()),
         log_format=log_format or "text",
         log_level=log_level or "info",
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from caviar._logging import LogFormat, LogLevel
 
@@ -53,7 +56,12 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(
         default=2 * 1024**3, ge=1024, description="Largest file a worker or client may store with a trial."
     )
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose pages may call the API from a browser: CORS "
+        "answers them, and their writes pass the cross-site check. Comma-separated or a JSON list; "
+        "empty (the default): none but the service's own. `*` is refused.",
+    )
     metrics_auth: bool = Field(
         default=True,
         description="With a token set, /metrics needs a read-scope token too; false opens it to scrapers.",
@@ -79,15 +87,32 @@ class Settings(BaseSettings):
             )
         return token
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                raise ValueError(
+                    f"CAVIAR_CORS_ORIGINS: {origin!r} is not an origin like https://ui.example[:port] "
+                    "(no wildcard, no path)"
+                )
+        return [origin.rstrip("/") for origin in origins]
+
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
-
-    @property
-    def lease_s(self) -> float:
-        """How long a lease lasts without a heartbeat: two heartbeat intervals."""
-        return 2 * self.heartbeat_interval_s
 
     @property
     def reap_every_s(self) -> float:

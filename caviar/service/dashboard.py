@@ -10,6 +10,12 @@ Two dashboard writes would break caviar's invariants and are refused for caviar'
 409: deleting a study (``DELETE /api/studies/{id}``; use ``DELETE /api/v1/studies/{name}``) and
 renaming one (the caviar study and the Optuna study share their name). Other writes (notes,
 user attributes, telling a trial from the UI, creating a plain Optuna study) go through.
+
+A study or trial id in a dashboard path that does not exist is answered 404 here (optuna-dashboard
+answers 500 for most of them). Stored files (``GET /artifacts/...``) are served here, as downloads
+with :func:`~caviar.service.web_security.file_headers` (optuna-dashboard would serve an uploaded
+``.html`` as a page of this origin, with ``Access-Control-Allow-Origin: *``). The dashboard's CSV
+export has its formula-like cells escaped (:func:`~caviar.service.trials.export.escape_csv`).
 """
 
 from __future__ import annotations
@@ -20,24 +26,47 @@ import threading
 from typing import Any
 
 import anyio.to_thread
-from optuna.storages._rdb.models import TrialModel
+from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy import select
 from starlette._utils import get_route_path
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.security import secure
-from caviar.service.trials.artifacts import artifact_store
+from caviar.service.store import artifact_store, study_of_trial
+from caviar.service.trials.export import escape_csv
+from caviar.service.web_security import file_headers
 from caviar.storage import StudyRecord
+
+ARTIFACTS_ATTR_PREFIX = "artifacts:"
+"""Where Optuna's ``upload_artifact`` keeps a file's metadata (a system attribute, study or trial)."""
+DASHBOARD_ARTIFACTS_ATTR_PREFIX = "dashboard:artifacts:"
+"""Where older optuna-dashboards kept a trial's file metadata (a study system attribute)."""
 
 _DASHBOARD_PREFIXES = ("/dashboard/", "/static/", "/csv/", "/artifacts/", "/api/")
 _DASHBOARD_EXACT = frozenset({"/dashboard", "/favicon.ico"})
 _STUDY_WRITE = re.compile(r"^/api/studies/(\d+)(/rename)?/?$")
 _TELL = re.compile(r"^/api/trials/(\d+)/tell/?$")
 _MAX_TELL_BYTES = 64 * 1024
+_MAX_ID = 2**31 - 1
+"""Optuna's ids are 32-bit integers: a larger one names nothing (and PostgreSQL refuses to compare it)."""
+
+_STUDY_ID = re.compile(r"^/(?:api/studies|api/artifacts|artifacts|csv)/(\d+)(?:/|$)")
+"""Every optuna-dashboard route whose first number is a study id."""
+_TRIAL_ID = re.compile(r"^/(?:api/trials/(\d+)(?:/|$)|api/studies/\d+/(\d+)/(?:skip|note)/?$)")
+"""Routes that name a trial: ``/api/trials/{trial}/...``, ``/api/studies/{study}/{trial}/skip|note``."""
+_ARTIFACT_TRIAL_ID = {
+    "GET": re.compile(r"^/artifacts/\d+/(\d+)/[0-9a-fA-F-]+/?$"),
+    "POST": re.compile(r"^/api/artifacts/\d+/(\d+)/?$"),
+    "DELETE": re.compile(r"^/api/artifacts/\d+/(\d+)/[0-9a-fA-F-]+/?$"),
+}
+"""Artifact routes that name a trial (``/api/artifacts/{study}/{x}`` is a study's file for DELETE)."""
+_FILE = re.compile(r"^/artifacts/(\d+)/(?:(\d+)/)?([0-9a-fA-F-]+)/?$")
+"""optuna-dashboard's file downloads: ``/artifacts/{study}[/{trial}]/{artifact}``."""
+_CSV = re.compile(r"^/csv/\d+/?$")
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -47,6 +76,16 @@ def is_dashboard_path(path: str) -> bool:
     if path == "/api/v1" or path.startswith("/api/v1/"):
         return False
     return path.startswith(_DASHBOARD_PREFIXES)
+
+
+def named_ids(method: str, path: str) -> tuple[int | None, int | None]:
+    """The Optuna study id and trial id a dashboard request names (None where it names none)."""
+    study = _STUDY_ID.match(path)
+    trial: re.Match[str] | None = _TRIAL_ID.match(path)
+    if trial is None and method in _ARTIFACT_TRIAL_ID:
+        trial = _ARTIFACT_TRIAL_ID[method].match(path)
+    trial_id = next((group for group in trial.groups() if group is not None), None) if trial else None
+    return (int(study.group(1)) if study else None), (int(trial_id) if trial_id is not None else None)
 
 
 def _guarded_study(method: str, path: str) -> int | None:
@@ -85,6 +124,19 @@ class DashboardMount:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (self.app is None or is_dashboard_path(get_route_path(scope))):
+            method, path = scope["method"], get_route_path(scope)
+            missing = await anyio.to_thread.run_sync(self._missing, method, path)
+            if missing is not None:
+                await missing(scope, receive, send)
+                return
+            file = _FILE.match(path) if method in ("GET", "HEAD") else None
+            if file is not None:
+                study, trial, artifact_id = file.group(1), file.group(2), file.group(3)
+                response = await anyio.to_thread.run_sync(self._file, study, trial, artifact_id)
+                await response(scope, receive, send)
+                return
+            if method == "GET" and _CSV.match(path):
+                send = _escaping_csv(send)
             study_id = _guarded_study(scope["method"], get_route_path(scope))
             if study_id is not None and await anyio.to_thread.run_sync(self._is_caviar_study, study_id):
                 response = error_response(
@@ -115,6 +167,63 @@ class DashboardMount:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
 
+    def _missing(self, method: str, path: str) -> JSONResponse | None:
+        """A 404 in the envelope when the study or trial the path names does not exist."""
+        study_id, trial_id = named_ids(method, path)
+        if study_id is not None and not self._study_exists(study_id):
+            return error_response(404, "study_not_found", f"no study with id {study_id}")
+        if trial_id is not None and not self._trial_exists(trial_id):
+            return error_response(404, "trial_not_found", f"no trial with id {trial_id}")
+        return None
+
+    def _study_exists(self, study_id: int) -> bool:
+        if study_id > _MAX_ID:
+            return False
+        try:
+            self.db.optuna.get_study_name_from_id(study_id)
+        except KeyError:
+            return False
+        return True
+
+    def _trial_exists(self, trial_id: int) -> bool:
+        if trial_id > _MAX_ID:
+            return False
+        try:
+            self.db.optuna.get_trial(trial_id)
+        except KeyError:
+            return False
+        return True
+
+    def _file(self, study: str, trial: str | None, artifact_id: str) -> Response:
+        """A stored file (a study's or a trial's) as a download, or a 404 in the envelope.
+
+        Where optuna-dashboard looks: a trial's system attribute ``artifacts:{id}`` (Optuna's
+        ``upload_artifact``), the study's ``dashboard:artifacts:{trial}:{id}`` (older dashboards),
+        or for a study's file the study's ``artifacts:{id}``.
+        """
+        study_attrs = self.db.optuna.get_study_system_attrs(int(study))
+        if trial is None:
+            meta = study_attrs.get(ARTIFACTS_ATTR_PREFIX + artifact_id)
+        else:
+            meta = study_attrs.get(f"{DASHBOARD_ARTIFACTS_ATTR_PREFIX}{trial}:{artifact_id}")
+            if meta is None:
+                meta = self.db.optuna.get_trial_system_attrs(int(trial)).get(
+                    ARTIFACTS_ATTR_PREFIX + artifact_id
+                )
+        filename = None
+        try:
+            found = json.loads(meta) if isinstance(meta, str) else None
+            if isinstance(found, dict):
+                filename = str(found.get("filename") or "") or None
+                reader = artifact_store(self.artifact_dir).open_reader(artifact_id)
+            else:
+                found = None
+        except (ValueError, ArtifactNotFound):
+            found = None
+        if found is None:
+            return error_response(404, "artifact_not_found", f"no stored file with id {artifact_id[:64]!r}")
+        return StreamingResponse(reader, headers=file_headers(filename))
+
     def _check_tell(self, trial_id: int, body: bytes | None) -> JSONResponse | None:
         """A dashboard tell must give one value per objective (Optuna raises, a 500, otherwise)."""
         if body is None:
@@ -124,7 +233,7 @@ class DashboardMount:
             values = data.get("values") if isinstance(data, dict) else None
             state = str(data.get("state", "")).lower() if isinstance(data, dict) else ""
             with self.db.session() as session:  # Optuna's storage API has no trial -> study lookup
-                study_id = session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+                study_id = study_of_trial(session, trial_id)
             if study_id is None:
                 return None  # the dashboard answers 404 itself
             n_objectives = len(self.db.optuna.get_study_directions(study_id))
@@ -159,6 +268,40 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _escaping_csv(send: Send) -> Send:
+    """A ``send`` that escapes the formula-like cells of a CSV answer (a 2xx ``text/csv`` one)."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def escaping_send(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if 200 <= message["status"] < 300 and content_type.startswith(b"text/csv"):
+                start = message
+                return
+        elif start is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))  # the dashboard holds the whole export in memory too
+            if message.get("more_body", False):
+                return
+            body = escape_csv(b"".join(chunks).decode("utf-8")).encode("utf-8")
+            headers = [
+                (key, value)
+                for key, value in start.get("headers", [])
+                if key not in (b"content-length", b"content-type")
+            ]
+            headers += [
+                (b"content-type", b"text/csv; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send(message)
+
+    return escaping_send
 
 
 def _replay(body: bytes) -> Receive:

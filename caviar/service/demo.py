@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from caviar import storage
-from caviar.service import processes
+from caviar.service import processes, store
 from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.examples import example_path
@@ -53,7 +53,7 @@ def run_demo(
     definition["budget"]["max_parallel"] = max(definition["budget"]["max_parallel"], workers * fuse)
     definition["objective"]["fuse"] = fuse
     name = definition["name"]
-    record = studies.create_study(db, studies.parse_definition(definition))
+    record = store.create_study(db, store.parse_definition(definition))
     console.print(f"created study [bold]{name}[/]: digits MLP, TPE, Hyperband, {n_trials} trials")
 
     gpu = shutil.which("nvidia-smi") is not None
@@ -66,7 +66,7 @@ def run_demo(
         worker_args = ["worker", "--url", base, *devices, "--study", name, "--exit-when-idle", "3"]
         with processes.CaviarProcess([*worker_args, "--poll-interval", "0.5"], log=log) as worker:
             _watch(db, record.name, n_trials, worker)
-        study = studies.describe(db, studies.load_record(db, name))
+        study = studies.describe(db, store.load_record(db, name))
         _summary(study.model_dump(mode="json"), base, time.monotonic() - started)
         if keep_serving:
             console.print("serving until Ctrl-C")
@@ -87,7 +87,7 @@ def _watch(db: Database, name: str, n_trials: int, worker: processes.CaviarProce
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("trials", total=n_trials, detail="")
         while True:
-            study = studies.describe(db, studies.load_record(db, name))
+            study = studies.describe(db, store.load_record(db, name))
             counts = study.trial_counts
             best = study.best
             best_text = f"best {best.value:.4f} (#{best.number})" if isinstance(best, BestTrial) else ""

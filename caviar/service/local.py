@@ -14,16 +14,25 @@ from caviar.service.db import Database
 from caviar.service.errors import parse_model
 from caviar.service.schedules import service as schedules
 from caviar.service.schedules.schemas import ScheduleUpdate
+from caviar.service.store import (
+    QUEUE_STATES,
+    LeasePolicy,
+    artifact_store,
+    create_study,
+    load_record,
+    parse_definition,
+)
 from caviar.service.studies import service as studies
 from caviar.service.studies import steering
-from caviar.service.studies.schemas import StopRequest, StudyUpdate
+from caviar.service.studies.refine import refine
+from caviar.service.studies.schemas import RefineRequest, StopRequest, StudyUpdate
 from caviar.service.tokens import service as tokens
 from caviar.service.tokens.schemas import TokenCreate
 from caviar.service.trials import artifacts
-from caviar.service.trials.artifacts import artifact_store, open_checkpoint
+from caviar.service.trials.artifacts import open_checkpoint
 from caviar.service.trials.enqueue import enqueue
 from caviar.service.trials.export import export_trials
-from caviar.service.trials.schemas import EnqueueRequest, Importances, RefineRequest
+from caviar.service.trials.schemas import EnqueueRequest, Importances
 from caviar.service.workers import service as workers
 from caviar.storage import StudyRecord
 
@@ -44,10 +53,10 @@ class LocalBackend:
 
     def check_definitions(self, documents: list[dict[str, Any]]) -> None:
         for doc in documents:
-            studies.parse_definition(doc)
+            parse_definition(doc)
 
     def create_study(self, document: dict[str, Any]) -> dict[str, Any]:
-        record = studies.create_study(self.db, studies.parse_definition(document))
+        record = create_study(self.db, parse_definition(document))
         return studies.describe_new(self.db, record).model_dump(mode="json")
 
     def list_studies(
@@ -61,7 +70,7 @@ class LocalBackend:
         page = studies.list_studies(
             self.db,
             state=state,
-            states=studies.QUEUE_STATES if queue else None,
+            states=QUEUE_STATES if queue else None,
             tags=tags,
             limit=limit,
             queue_order=queue,
@@ -69,7 +78,7 @@ class LocalBackend:
         return page.model_dump(mode="json")
 
     def study(self, name: str) -> dict[str, Any]:
-        return studies.describe(self.db, studies.load_record(self.db, name)).model_dump(mode="json")
+        return studies.describe(self.db, load_record(self.db, name)).model_dump(mode="json")
 
     def trials(self, name: str, *, state: str | None = None) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -84,7 +93,7 @@ class LocalBackend:
 
     def refine(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         request = parse_model(RefineRequest, options)
-        record = trials.refine(self.db, name, **request.model_dump())
+        record = refine(self.db, name, **request.model_dump())
         return studies.describe_new(self.db, record).model_dump(mode="json")
 
     def update_study(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +142,7 @@ class LocalBackend:
             return reader.read()
 
     def workers(self) -> dict[str, Any]:
-        page = workers.list_workers(self.db, heartbeat_interval_s=self.settings.heartbeat_interval_s)
+        page = workers.list_workers(self.db, policy=LeasePolicy.from_settings(self.settings))
         return page.model_dump(mode="json")
 
     # ---- schedules -----------------------------------------------------------------------

@@ -32,7 +32,6 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
-from optuna.storages._rdb.models import TrialModel
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -46,7 +45,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from caviar.service.access_log import log_request
 from caviar.service.dashboard import is_dashboard_path
 from caviar.service.db import Database
-from caviar.service.deps import DbDep, SettingsDep
+from caviar.service.deps import DbDep, LeasePolicyDep
+from caviar.service.store import STATE_NAMES, trials_by_state
 from caviar.storage import ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
 
 _log = logging.getLogger("caviar.metrics")
@@ -54,7 +54,7 @@ _log = logging.getLogger("caviar.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STUDY_STATES = ("queued", "running", "paused", "completed", "failed", "stopping", "stopped")
-TRIAL_STATES = ("waiting", "running", "complete", "pruned", "fail")
+TRIAL_STATES = tuple(STATE_NAMES.values())
 LEASE_STATUSES = ("active", "finished", "reaped", "released")
 
 disable_created_metrics()  # no ``*_created`` series: they double the page and nobody graphs them
@@ -190,12 +190,7 @@ class DatabaseCollector(Collector):
             studies = dict(
                 session.execute(select(StudyRecord.state, func.count()).group_by(StudyRecord.state)).all()
             )
-            trials = {
-                state.name.lower(): count
-                for state, count in session.execute(
-                    select(TrialModel.state, func.count()).group_by(TrialModel.state)
-                ).all()
-            }
+            trials = trials_by_state(session)
             workers = session.scalar(
                 select(func.count()).select_from(WorkerRecord).where(WorkerRecord.last_seen_at >= seen_since)
             )
@@ -261,5 +256,5 @@ router = APIRouter(tags=["metrics"])
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-def metrics(db: DbDep, settings: SettingsDep) -> Response:
-    return Response(render(db, settings.lease_s), media_type=CONTENT_TYPE)
+def metrics(db: DbDep, policy: LeasePolicyDep) -> Response:
+    return Response(render(db, policy.lease_s), media_type=CONTENT_TYPE)

@@ -1,8 +1,10 @@
-"""Secure defaults around the whole service: body size cap, CORS (off by default), auth.
+"""Secure defaults around the whole service: security headers, CORS (off by default), no cross-site
+writes, auth, body size cap.
 
-The layers, outermost first: CORS (only when ``cors_origins`` is set, so that preflights are
-answered before auth), authentication (only when an admin token is configured: unauthenticated
-clients get their 401 before any body is read), then the request body cap.
+The layers, outermost first: security headers (on every answer, refusals included), CORS (only
+when ``cors_origins`` is set, so that preflights are answered before auth), authentication (only
+when an admin token is configured: unauthenticated clients get their 401 before any body is read),
+the cross-site write check (:mod:`caviar.service.web_security`), then the request body cap.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from caviar.service.auth import AuthMiddleware, TokenVerifier
 from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
+from caviar.service.web_security import CrossSiteWriteMiddleware, SecurityHeadersMiddleware
 
 ARTIFACT_ROUTE = re.compile(r"^/api/v1/studies/[^/]+/trials/[^/]+/artifacts/?$")
 """File uploads: capped by ``max_artifact_bytes`` instead of ``max_body_bytes``."""
@@ -119,6 +122,7 @@ def layers(settings: Settings, db: Database) -> list[tuple[type[Any], dict[str, 
             {"max_bytes": settings.max_body_bytes, "artifact_bytes": settings.max_artifact_bytes},
         )
     ]
+    stack.append((CrossSiteWriteMiddleware, {"trusted_origins": settings.cors_origins}))
     if settings.api_token is not None:
         verifier = TokenVerifier(settings.api_token, db, worker_token=settings.worker_token)
         stack.append((AuthMiddleware, {"verifier": verifier, "open_paths": open_paths(settings)}))
@@ -135,6 +139,7 @@ def layers(settings: Settings, db: Database) -> list[tuple[type[Any], dict[str, 
                 },
             )
         )
+    stack.append((SecurityHeadersMiddleware, {}))
     return stack
 
 

@@ -25,6 +25,25 @@ NO_TRIAL_CODES = frozenset(
 """Ask refusals that mean "nothing to run in this study now": the worker moves on."""
 
 
+PERMANENT_STATUSES = frozenset({401, 403})
+"""Answers no retry can change: a bad or revoked token, a missing scope."""
+
+EXIT_PERMANENT = 78
+"""A slot's exit status for a permanent error (EX_CONFIG): the supervisor stops, not restarts."""
+
+
+def is_permanent(exc: CaviarApiError) -> bool:
+    """True for a refusal that waiting cannot fix (the worker should end, not back off)."""
+    return exc.status in PERMANENT_STATUSES
+
+
+def one_line(exc: CaviarApiError) -> str:
+    """The sentence a person reads for a permanent refusal, with what to do about it."""
+    if exc.status == 401:
+        return f"{exc.message}: check --token / CAVIAR_API_TOKEN (a worker-scope token of this service)"
+    return f"{exc.message}: the token needs the worker scope (caviar token create --scope worker)"
+
+
 class Stopped(Exception):
     """Raised inside a running trial when its slot was asked to stop."""
 
@@ -41,6 +60,18 @@ class WorkerApi:
         self.client = client
         self.http = client.http
         self.worker_id = worker_id
+
+    def check_access(self) -> None:
+        """Ask what this token may do, so a bad token ends the worker before any slot starts.
+
+        Raises:
+            CaviarApiError: the service refused the token (401), the token lacks the worker scope
+                (403, raised here), or the service stayed unreachable.
+        """
+        answer = self.http.get(_path("whoami"))
+        if "worker" not in answer["scopes"]:
+            message = f"a {answer['scope']} token cannot run trials: it needs worker scope"
+            raise CaviarApiError(403, "forbidden", message)
 
     def register(self, *, host: str, pid: int, device: str) -> float:
         """Announce this slot; returns the service's heartbeat interval."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -23,7 +23,12 @@ class WorkerOptions:
         poll_interval_s: how often an idle slot looks at the queue.
         exit_when_idle_s: exit after this long without work.
         data_dir: the only directory ``file:`` datasets are read from (``CAVIAR_DATA_DIR``).
-        allow_code: run ``kind: python`` and ``kind: command`` studies (user code on this host).
+        allow_code: ``--allow-code`` values: the user code this host runs (``python:PREFIX``,
+            ``command:PROGRAM [ARG ...]`` or ``all``; see :mod:`caviar.worker._allow`). Empty: none.
+        pass_env: ``--pass-env`` names (or ``PREFIX*``) of this worker's environment its children
+            get, beyond the default ones (never ``CAVIAR_*``).
+        pins: what ``--study`` pinned at start, per study name (identity and objective fingerprint);
+            filled in by :func:`~caviar.worker.run_workers`.
         retry_s: how long a call is retried while the service is unreachable.
         worker_prefix: the first part of each slot's worker id (default: the host name).
         log_format: slot log lines as ``text`` or ``json`` (one object a line).
@@ -41,7 +46,9 @@ class WorkerOptions:
     poll_interval_s: float = 2.0
     exit_when_idle_s: float | None = None
     data_dir: str | None = None
-    allow_code: bool = False
+    allow_code: Sequence[str] = ()
+    pass_env: Sequence[str] = ()
+    pins: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     retry_s: float = 300.0
     worker_prefix: str = field(default_factory=socket.gethostname)
     log_format: str = "text"

@@ -1,16 +1,19 @@
 """Running user code: ``kind: python`` (a function) and ``kind: command`` (any program).
 
-One child process per trial, pinned to the slot's device (``CUDA_VISIBLE_DEVICES``), with
-``CAVIAR_TRIAL`` (JSON: study, number, params, ...), ``CAVIAR_URL`` and ``CAVIAR_API_TOKEN`` in its
-environment. The child reports through the SDK (``caviar.current_trial()``, straight to the
-service) or by printing ``caviar-report step=N value=X`` lines, which the worker reports for it.
-Its result comes back through the SDK (written to a file the worker reads) or a printed
-``caviar-result value=X`` line; the worker is the one that tells the service, after storing the
-child's output as the trial's log. An unmodified program may instead be read through the objective's
-``metrics`` option (:class:`MetricsReader`: ``name=value`` pairs, a regex, or a JSON-lines file):
-each line read is reported, and the last value is the trial's unless it prints a result. A program
-whose output caviar cannot read at all fails its study's first trial as ``fatal``: not retried, and
-the study pauses with the reason (the lines it printed and the format expected).
+One child process per trial, pinned to the slot's device (``CUDA_VISIBLE_DEVICES``), with a clean
+environment (see :mod:`caviar.worker._allow`: a pass-through list of the worker's, never its token)
+plus ``CAVIAR_TRIAL`` (JSON: study, number, params, ...), ``CAVIAR_URL`` and, when the service
+has tokens, ``CAVIAR_API_TOKEN``: a credential for this one trial that can only report, heartbeat,
+upload and tell it, and expires when the trial ends. The child reports through the SDK
+(``caviar.current_trial()``, straight to the service) or by printing ``caviar-report step=N
+value=X`` lines, which the worker reports for it. Its result comes back through the SDK (written
+to a file the worker reads) or a printed ``caviar-result value=X`` line; the worker is the one
+that tells the service, after storing the child's output as the trial's log. An unmodified program
+may instead be read through the objective's ``metrics`` option (:class:`MetricsReader`:
+``name=value`` pairs, a regex, or a JSON-lines file): each line read is reported, and the last value
+is the trial's unless it prints a result. A program whose output caviar cannot read at all fails
+its study's first trial as ``fatal``: not retried, and the study pauses with the reason (the lines
+it printed and the format expected).
 
 The worker heartbeats for the child; a prune decision stops it (an SDK program raises
 ``TrialPruned`` and ends PRUNED even when it lets the exception escape; a printing program gets
@@ -35,13 +38,15 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from caviar import _code_rules
 from caviar._client import Trial
 from caviar._errors import CaviarApiError
 from caviar._http import api_path
+from caviar.worker._allow import child_environment, interpreter_path
 from caviar.worker._api import Stopped
 
 if TYPE_CHECKING:
-    from caviar.worker._slot import Slot
+    from caviar.worker._types import SlotLike
 
 _log = logging.getLogger("caviar.worker")
 
@@ -202,9 +207,12 @@ def device_env(device: str) -> str:
 
 
 def command_argv(command: list[str], params: dict[str, Any], study: str, number: int) -> list[str]:
-    """The command with its ``{param}``, ``{study}`` and ``{number}`` placeholders filled in."""
+    """The command with its ``{param}``, ``{study}`` and ``{number}`` placeholders filled in.
+
+    Placeholders are plain names filled with ``str(value)``: never :meth:`str.format`.
+    """
     values = {**params, "study": study, "number": number}
-    return [argument.format(**values) for argument in command]
+    return [_code_rules.fill(argument, values) for argument in command]
 
 
 class _Child:
@@ -261,7 +269,7 @@ class _Child:
 class ProgramRunner:
     """Runs trials of ``kind: python`` and ``kind: command`` studies, one child process each."""
 
-    def __init__(self, slot: Slot) -> None:
+    def __init__(self, slot: SlotLike) -> None:
         self.slot = slot
 
     def run(self, study: dict[str, Any]) -> bool:
@@ -289,17 +297,18 @@ class ProgramRunner:
             "heartbeat_interval_s": trial.heartbeat_interval_s,
             "result_file": str(result_file),
         }
-        env = {**os.environ, **objective.get("env", {})}
+        env = child_environment(os.environ, slot.options.pass_env, secrets=[slot.options.token])
+        env.update(objective.get("env", {}))  # checked: no loader, interpreter or caviar variable
         # `python` in a command means the worker's own interpreter (its environment has caviar)
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        env["PATH"] = interpreter_path(env.get("PATH"), sys.executable)
         env.update(
             CAVIAR_TRIAL=json.dumps(payload),
             CAVIAR_URL=slot.client.url,
             CUDA_VISIBLE_DEVICES=device_env(slot.device),
             PYTHONUNBUFFERED="1",
         )
-        if slot.options.token:
-            env["CAVIAR_API_TOKEN"] = slot.options.token
+        if trial.credential:  # never the worker's own token: one for this trial only
+            env["CAVIAR_API_TOKEN"] = trial.credential
         return env
 
     def _run(self, study: dict[str, Any], trial: Trial, tmp: Path) -> None:
@@ -365,6 +374,9 @@ class ProgramRunner:
             )
         except OSError as exc:  # not found, not executable
             slot.finish(trial, "fail", reason=f"cannot start the command: {type(exc).__name__}: {exc}")
+            return
+        except KeyError as exc:  # a placeholder of a parameter this trial does not have (conditional)
+            slot.finish(trial, "fail", reason=f"cannot start the command: no value for placeholder {exc}")
             return
         why = ""
         while child.process.poll() is None:

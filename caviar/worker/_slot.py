@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 from caviar._client import Client, Trial
 from caviar._errors import CaviarApiError, LeaseLost
 from caviar._logging import configure_logging
-from caviar.worker._api import Stopped, WorkerApi
+from caviar.worker._allow import CODE_KINDS, AllowList, pin_of, pin_refusal
+from caviar.worker._api import EXIT_PERMANENT, Stopped, WorkerApi, is_permanent, one_line
 from caviar.worker._options import WorkerOptions
 from caviar.worker._program import ProgramRunner
 from caviar.worker._trainer import TrainerRunner
@@ -56,8 +58,13 @@ class Slot:
         self.finished = 0
         self.heartbeat_interval_s = 30.0  # the service's own, once registered
         self.runners: dict[str, TrainerRunner | ProgramRunner] = {"trainer": TrainerRunner(self)}
+        self.allow = AllowList.parse(options.allow_code)
+        self.pins = {name: dict(pin) for name, pin in options.pins.items()}
+        self.refused: dict[tuple[str, str, str], bool] = {}  # (study, created_at, objective) -> told
         if options.allow_code:
-            self.runners["python"] = self.runners["command"] = ProgramRunner(self)
+            programs = ProgramRunner(self)
+            for kind in CODE_KINDS:  # a kind not on the list is fetched too: its studies are refused
+                self.runners[kind] = programs
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -74,6 +81,8 @@ class Slot:
                 try:
                     worked = self._work_once()
                 except CaviarApiError as exc:
+                    if is_permanent(exc):
+                        raise
                     _log.warning("service error outside a trial (%s); backing off", exc)
                     worked = False
                 if worked:
@@ -105,7 +114,8 @@ class Slot:
                 )
             elif item["objective_kind"] not in self.runners:
                 _log.warning(
-                    "study %s runs user code (kind %s): start the worker with --allow-code to run it here",
+                    "study %s runs user code (kind %s): start the worker with --allow-code "
+                    "(python:MODULE_PREFIX or command:PROGRAM) to run it here",
                     item["name"],
                     item["objective_kind"],
                 )
@@ -114,9 +124,43 @@ class Slot:
         for item in self.api.queue(kinds=list(self.runners), studies=self.options.studies):
             if self.stop.is_set():
                 return False
+            if item["objective_kind"] in CODE_KINDS and self._refuse_code(item):
+                continue
             if self.runners[item["objective_kind"]].run(item):
                 return True
         return False
+
+    def _code_refusal(self, item: dict[str, Any]) -> str | None:
+        """Why this worker does not run a code study (its allow-list, its ``--study`` pin)."""
+        why = self.allow.refusal(item["definition"]["objective"])
+        if why is None and self.options.studies:
+            now = pin_of(item)
+            pinned = self.pins.setdefault(item["name"], now)  # not there at start: pinned when first seen
+            why = pin_refusal(item["name"], pinned, now)
+        return why
+
+    def _refuse_code(self, item: dict[str, Any]) -> bool:
+        """Skip a code study this worker may not run; the first time, say why on the study.
+
+        One trial is claimed and handed back with the reason (a hand-back uses up neither a retry
+        nor the failure budget), so whoever looks at the study's trials sees which worker refused
+        what and how to allow it. Returns whether the study is refused.
+        """
+        why = self._code_refusal(item)
+        if why is None:
+            return False
+        pin = pin_of(item)
+        key = (item["name"], pin["created_at"], pin["objective"])
+        if self.refused.get(key):
+            return True
+        if key not in self.refused:
+            _log.warning("refusing study %s: %s", item["name"], why, extra={"study": item["name"]})
+        self.refused[key] = False
+        trial = self.ask(item["name"])
+        if trial is not None:
+            self.hand_back(trial, f"refused by worker {self.worker_id}: {why}"[:2000])
+            self.refused[key] = True
+        return True
 
     def _heartbeat_loop(self) -> None:
         # twice per interval: a lease (two intervals) survives one slow or lost beat and more
@@ -249,4 +293,19 @@ def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> N
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    slot.run()
+    try:
+        slot.run()
+    except CaviarApiError as exc:
+        if not is_permanent(exc):
+            _crashed(exc)
+        _log.error("caviar worker: %s", one_line(exc))
+        sys.exit(EXIT_PERMANENT)
+    except Exception as exc:
+        _crashed(exc)
+
+
+def _crashed(exc: Exception) -> None:
+    """One line for a slot that died (the traceback at debug level); the supervisor restarts it."""
+    debug = _log.isEnabledFor(logging.DEBUG)
+    _log.error("slot stopped by %s: %s", type(exc).__name__, exc, exc_info=exc if debug else None)
+    sys.exit(1)

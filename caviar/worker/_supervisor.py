@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -12,7 +13,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from caviar._backoff import RestartBackoff
+from caviar._client import Client
+from caviar._errors import CaviarApiError
 from caviar._logging import announce, configure_logging
+from caviar.worker._allow import AllowList, check_pass_env, describe, pin_of
+from caviar.worker._api import EXIT_PERMANENT, WorkerApi, is_permanent, one_line
 from caviar.worker._options import WorkerOptions
 
 _log = logging.getLogger("caviar.worker")
@@ -62,22 +67,72 @@ def discover_slots(gpus: str, per_gpu: int, cpu: int | None, *, available: int |
     return slots
 
 
+def _checked_code_options(options: WorkerOptions) -> WorkerOptions:
+    """Check ``--allow-code`` and ``--pass-env``, say what code runs, and pin ``--study`` studies.
+
+    Raises:
+        ValueError: a malformed ``--allow-code`` or ``--pass-env`` value.
+    """
+    allow = AllowList.parse(options.allow_code)
+    pass_env = check_pass_env(options.pass_env)
+    if not options.allow_code:
+        return options
+    if allow.any_code:
+        _log.warning(
+            "--allow-code all: this worker runs ANY program or Python function that a write token puts "
+            "in a study, as this user, on this host; name what may run instead "
+            "(--allow-code python:MODULE_PREFIX, --allow-code command:PROGRAM)"
+        )
+    else:
+        _log.info("caviar worker runs only this code: %s", describe(allow))
+    pins = dict(options.pins)
+    if options.studies:
+        # lazy: the client (httpx) is needed only to pin the studies named at start
+        from caviar._client import Client
+        from caviar._errors import CaviarApiError
+
+        with Client(options.url, options.token, retry_s=options.retry_s) as client:
+            for name in options.studies:
+                try:
+                    study = client.study(name).info()
+                except CaviarApiError as exc:
+                    _log.info("study %s: not pinned at start (%s); pinned when first seen", name, exc.code)
+                    continue
+                pins[name] = pin_of(study)
+                _log.info(
+                    "study %s pinned (created %s, objective %s): a recreated study or a changed objective "
+                    "is refused until this worker is restarted",
+                    name,
+                    pins[name]["created_at"],
+                    pins[name]["objective"],
+                )
+    return dataclasses.replace(options, pass_env=pass_env, pins=pins)
+
+
 def run_workers(options: WorkerOptions) -> int:
     """Start one process per slot and supervise them until they finish or SIGTERM arrives.
 
     A slot that crashes (or is killed) is restarted with exponential backoff (1 s, 2 s, ... up to
-    30 s; back to 1 s after it ran a minute); the others go on.
+    30 s; back to 1 s after it ran a minute); the others go on. A permanent refusal (a bad or
+    revoked token, a missing scope) ends the whole worker with one line and status 2, before any
+    slot starts when the token is wrong from the outset.
 
     Returns:
-        The exit status (0 after a clean stop).
+        The exit status (0 after a clean stop, 2 after a permanent error).
     """
     # lazy: the slot module imports the trainer (torch) only in the slot processes
     from caviar.worker._slot import run_slot
 
     configure_logging(options.log_format, options.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    options = _checked_code_options(options)
     slots = discover_slots(options.gpus, options.per_gpu, options.cpu)
     if not slots:
         raise ValueError("no device slots: pass --cpu N or make a GPU visible")
+    refusal = _refusal(options)
+    if refusal is not None:
+        _log.error("caviar worker: %s", refusal)
+        return 2
     cpu_slots = sum(1 for s in slots if s == "cpu")
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_slots))
     ctx = multiprocessing.get_context("spawn")
@@ -106,12 +161,18 @@ def run_workers(options: WorkerOptions) -> int:
         options.log_format, _log.name, f"caviar worker: {len(slots)} slot(s): {', '.join(slots)}", slots=slots
     )
     done = [False] * len(children)
+    failed = False
     while not all(done):
         stopping.wait(0.2)
         for i, child in enumerate(children):
             if done[i] or child.is_alive():
                 continue
             if child.exitcode == 0 or stopping.is_set():
+                done[i] = True
+                continue
+            if child.exitcode == EXIT_PERMANENT:  # the slot said why, in one line
+                stop(signal.SIGTERM, None)
+                failed = True
                 done[i] = True
                 continue
             wait = backoffs[i].next_delay(time.monotonic() - started[i])
@@ -129,4 +190,19 @@ def run_workers(options: WorkerOptions) -> int:
             children[i] = start(i)
     for child in children:
         child.join(timeout=15)
-    return 0
+    return 2 if failed else 0
+
+
+def _refusal(options: WorkerOptions) -> str | None:
+    """Why the service refuses this worker for good (a bad token, a missing scope), else None.
+
+    An unreachable service is not a refusal: the slots keep trying, as they do through outages.
+    """
+    client = Client(options.url, options.token, retry_s=0)
+    try:
+        WorkerApi(client, "preflight").check_access()
+    except CaviarApiError as exc:
+        return one_line(exc) if is_permanent(exc) else None
+    finally:
+        client.close()
+    return None

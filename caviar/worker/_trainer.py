@@ -25,7 +25,7 @@ from caviar.trainer.spec import FUSIBLE, TrialConfig
 from caviar.worker._api import Stopped
 
 if TYPE_CHECKING:
-    from caviar.worker._slot import Slot
+    from caviar.worker._types import SlotLike
 
 _log = logging.getLogger("caviar.worker")
 
@@ -83,7 +83,7 @@ class TrainerRunner:
 
     kind = "trainer"
 
-    def __init__(self, slot: Slot) -> None:
+    def __init__(self, slot: SlotLike) -> None:
         self.slot = slot
         self.max_fuse: int | None = None  # lowered after an out-of-memory error
         self._datasets: dict[tuple[str, float, str], trainer.Dataset] = {}

@@ -16,6 +16,6 @@ for ((epoch = 0; epoch < epochs; epoch++)); do
   }')
   echo "epoch $epoch loss $loss" >&2
   echo "caviar-report step=$epoch value=$loss"
-  sleep "${CAVIAR_EXAMPLE_EPOCH_S:-0.05}"
+  sleep "${EXAMPLE_EPOCH_S:-0.05}"
 done
 echo "caviar-result value=$loss"

@@ -9,7 +9,7 @@ Three ways to run it:
 
     python objective.py                          # plain Optuna, in memory (for comparison)
     python objective.py --url http://127.0.0.1:8000   # caviar.Client(...).study(...).optimize(objective)
-    caviar study create -f study.yaml && caviar worker --allow-code --cpu 2   # kind: python on workers
+    caviar study create -f study.yaml && caviar worker --allow-code python:objective --cpu 2
 
 See docs/optuna.md for what each way gives and costs.
 """

@@ -1,4 +1,4 @@
-"""The examples run as the README says: a service, a ``caviar worker --allow-code`` started in the
+"""The examples run as docs/own-code.md says: a service, a ``caviar worker --allow-code`` started in the
 example's folder (no database URL in its environment), and the example's own study file."""
 
 from __future__ import annotations
@@ -52,11 +52,20 @@ def study_from(folder: str, n_trials: int, **changes: Any) -> dict[str, Any]:
     return definition
 
 
+ALLOW = {
+    "python_objective": ("--allow-code", "python:model"),
+    "command_stdout": ("--allow-code", "command:bash train.sh"),
+    "command_sdk": ("--allow-code", "command:python train.py"),
+    "optuna_objective": ("--allow-code", "python:objective"),
+}
+"""What each example's header tells the operator to allow (and nothing more)."""
+
+
 def run_to_the_end(
     client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int
 ) -> caviar.Study:
     study = client.create_study(study_from(folder, n_trials))
-    process = start(EXAMPLES / folder, "--allow-code", "--cpu", "2", "--exit-when-idle", "2")
+    process = start(EXAMPLES / folder, *ALLOW[folder], "--cpu", "2", "--exit-when-idle", "2")
     assert process.wait(300) == 0, process.output()
     info = study.info()
     assert info["state"] == "completed", (info, process.output())
@@ -114,11 +123,13 @@ def test_an_external_loop_with_study_optimize(service: caviar.Client) -> None:
 def test_a_prune_decision_stops_a_printing_program(service: caviar.Client, worker: Any) -> None:
     definition = study_from("command_stdout", 2, name="prune-now")
     definition["objective"]["command"] = ["bash", "train.sh", "{lr}", "{decay}", "60"]
-    definition["objective"]["env"] = {"CAVIAR_EXAMPLE_EPOCH_S": "1"}
+    definition["objective"]["env"] = {"EXAMPLE_EPOCH_S": "1"}
     definition["pruner"] = {"type": "threshold", "options": {"upper": 0.0}}  # every report is above 0
     study = service.create_study(definition)
     started = time.monotonic()
-    process = worker(EXAMPLES / "command_stdout", "--allow-code", "--cpu", "1", "--exit-when-idle", "1")
+    process = worker(
+        EXAMPLES / "command_stdout", *ALLOW["command_stdout"], "--cpu", "1", "--exit-when-idle", "1"
+    )
     assert process.wait(120) == 0, process.output()
     assert time.monotonic() - started < 45  # 60 epochs of 1 s each were cut short
     trials = study.trials()

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from caviar.service.store import LeasePolicy
+
+POLICY = LeasePolicy(heartbeat_interval_s=30.0)
+"""The lease policy of tests that call the trial domain directly (the service's default interval)."""
+
 
 def external_study(name: str = "s", *, n_trials: int = 10, **budget: Any) -> dict[str, Any]:
     """A small external-objective definition (lr log, beta1 reverse_log, dropout linear)."""

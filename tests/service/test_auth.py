@@ -358,7 +358,7 @@ def test_a_root_path_prefix_does_not_dodge_the_policy(settings, db) -> None:  # 
 
 def test_a_revocation_reaches_another_server_process_within_the_documented_delay(settings, db) -> None:  # type: ignore[no-untyped-def]
     """Two servers on one database (each with its own token cache, as two `caviar serve` processes
-    have): a token revoked through one is refused by the other within CACHE_TTL_S (README: 5 s)."""
+    have): a token revoked through one is refused by the other within CACHE_TTL_S (docs/security.md: 5 s)."""
     import time
 
     from caviar.service.auth import CACHE_TTL_S
@@ -439,3 +439,25 @@ def test_401_messages_and_challenge_of_the_api_root(secured: TestClient) -> None
     assert missing.json()["error"]["message"] == "authentication required: send Authorization: Bearer <token>"
     invalid = secured.get(f"{API}/studies", headers=bearer("nope"))
     assert invalid.json()["error"]["message"] == "invalid or revoked token"
+
+
+@pytest.mark.parametrize(
+    ("scope", "satisfied"),
+    [
+        ("read", ["read"]),
+        ("worker", ["read", "worker"]),
+        ("write", ["read", "worker", "write"]),
+        ("admin", ["read", "worker", "write", "admin"]),
+    ],
+)
+def test_whoami_says_what_a_token_may_do(secured: TestClient, scope: str, satisfied: list[str]) -> None:
+    token = make_token(secured, scope)
+    answer = secured.get("/api/v1/whoami", headers=bearer(token))
+    assert answer.status_code == 200
+    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied}
+    assert secured.get("/api/v1/whoami", headers=bearer("wrong")).status_code == 401
+
+
+def test_whoami_without_auth_grants_everything(client: TestClient) -> None:
+    answer = client.get("/api/v1/whoami").json()
+    assert answer == {"auth": False, "scope": None, "scopes": ["read", "worker", "write", "admin"]}

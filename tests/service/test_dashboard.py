@@ -147,7 +147,8 @@ def test_dashboard_needs_auth_and_write_scope_for_writes(settings, db) -> None: 
         attrs = {"user_attrs": {"k": "v"}}
         forbidden = client.post(f"/api/trials/{trial_id}/user-attrs", json=attrs, auth=("me", tokens["read"]))
         assert forbidden.status_code == 403
-        allowed = client.post("/api/studies", json=body, auth=("me", tokens["write"]))
+        browser = {"Origin": "http://testserver"}  # a browser sends its page's origin with every write
+        allowed = client.post("/api/studies", json=body, auth=("me", tokens["write"]), headers=browser)
         assert allowed.status_code == 201, allowed.text
 
 

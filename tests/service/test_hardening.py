@@ -250,9 +250,9 @@ def test_a_failure_after_the_optuna_study_exists_leaves_nothing_behind(
 ) -> None:
     import optuna
 
-    from caviar.service.studies import service as studies
+    from caviar.service import store
 
-    definition = studies.parse_definition(external_study("half"))
+    definition = store.parse_definition(external_study("half"))
     original = db.optuna.set_study_user_attr
 
     def broken(*args: Any, **kwargs: Any) -> None:
@@ -261,7 +261,7 @@ def test_a_failure_after_the_optuna_study_exists_leaves_nothing_behind(
     db.optuna.set_study_user_attr = broken  # type: ignore[method-assign]
     try:
         with pytest.raises(RuntimeError):
-            studies.create_study(db, definition)
+            store.create_study(db, definition)
     finally:
         db.optuna.set_study_user_attr = original  # type: ignore[method-assign]
     assert "half" not in [s.study_name for s in optuna.get_all_study_summaries(db.optuna)]

@@ -46,7 +46,7 @@ def test_upgrade_from_empty_to_head(databases: DatabaseFactory) -> None:
 
 def test_optuna_and_caviar_studies_coexist(databases: DatabaseFactory) -> None:
     from caviar.service.db import Database
-    from caviar.service.studies.service import create_study, parse_definition
+    from caviar.service.store import create_study, parse_definition
     from tests.service.helpers import external_study
 
     url = databases.migrated()

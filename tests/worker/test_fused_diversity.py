@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from caviar.service import processes
+from caviar.service import processes, store
 from caviar.service.db import Database
 from caviar.service.examples import example_path
 from caviar.service.processes import CaviarProcess
-from caviar.service.studies import service as studies
 from caviar.service.trials import list_trials
 from caviar.trainer.spec import FUSIBLE
 
@@ -42,7 +41,7 @@ def run_study(db: Database, db_url: str, tmp_path: Path, name: str, fuse: int) -
     body["name"] = name
     body["objective"].update(max_epochs=5, fuse=fuse)
     body["budget"].update(n_trials=60, max_parallel=16)
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     server, url = processes.serve(db_url, log=tmp_path / f"{name}-serve.log")
     with server:
         worker = CaviarProcess(

@@ -88,7 +88,18 @@ def api(db_url: str, tmp_path: Path) -> Iterator[Callable[..., tuple[CaviarProce
 
 
 def start_worker(url: str, folder: Path, tmp: Path, *args: str) -> CaviarProcess:
-    command = ["worker", "--url", url, "--gpus", "none", "--poll-interval", "0.2", "--allow-code", *args]
+    command = [
+        "worker",
+        "--url",
+        url,
+        "--gpus",
+        "none",
+        "--poll-interval",
+        "0.2",
+        "--allow-code",
+        "all",
+        *args,
+    ]
     return CaviarProcess(
         command, unset=("CAVIAR_DATABASE_URL",), log=tmp / f"worker-{time.monotonic_ns()}.log", cwd=folder
     )

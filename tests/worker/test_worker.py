@@ -24,7 +24,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from caviar.service import processes, trials
+from caviar.service import processes, store, trials
 from caviar.service.db import Database
 from caviar.service.examples import example_path
 from caviar.service.processes import CaviarProcess, wait_until
@@ -96,7 +96,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., CaviarProcess]]:
 
 
 def finished_counts(db: Database, name: str) -> dict[str, int]:
-    return studies.describe(db, studies.load_record(db, name)).trial_counts.model_dump()
+    return studies.describe(db, store.load_record(db, name)).trial_counts.model_dump()
 
 
 def busy_slot(db: Database, name: str) -> tuple[int, int] | None:
@@ -182,7 +182,7 @@ def test_sigterm_hands_the_trial_back_and_exits_0(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=2.0)
-    studies.create_study(db, studies.parse_definition(digits_study("term", n_trials=4, max_epochs=200)))
+    store.create_study(db, store.parse_definition(digits_study("term", n_trials=4, max_epochs=200)))
     workers = spawn(service, "--cpu", "1", "--study", "term")
     wait_until(lambda: busy_slot(db, "term") is not None, 60, "no trial started")
     _, number = busy_slot(db, "term")  # type: ignore[misc]
@@ -201,7 +201,7 @@ def test_sigkill_mid_trial_is_reaped_and_retried(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=0.3)
-    studies.create_study(db, studies.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
+    store.create_study(db, store.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
     workers = spawn(service, "--cpu", "2", "--study", "kill", "--exit-when-idle", "3", "--log-format", "json")
     wait_until(lambda: busy_slot(db, "kill") is not None, 60, "no trial started")
     pid, number = busy_slot(db, "kill")  # type: ignore[misc]
@@ -214,7 +214,7 @@ def test_sigkill_mid_trial_is_reaped_and_retried(
     assert killed.state == "fail" and "lease expired" in (killed.fail_reason or "")
     retries = [t for t in trials.list_trials(db, "kill", limit=1000).items if t.retry_of == number]
     assert len(retries) == 1 and retries[0].state in ("complete", "pruned")
-    assert studies.load_record(db, "kill").state == "completed"
+    assert store.load_record(db, "kill").state == "completed"
     # the supervisor restarted the killed slot; every line, the slots' included, is one JSON object
     lines = [json.loads(line) for line in workers.log_path.read_text().splitlines() if line.strip()]
     (restart,) = [e for e in lines if "restarting" in e["message"]]
@@ -226,9 +226,7 @@ def test_four_workers_racing_keep_the_budget_exact(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=2.0)
-    studies.create_study(
-        db, studies.parse_definition(digits_study("race4", n_trials=12, max_epochs=5, fuse=2))
-    )
+    store.create_study(db, store.parse_definition(digits_study("race4", n_trials=12, max_epochs=5, fuse=2)))
     workers = spawn(service, "--cpu", "4", "--study", "race4", "--exit-when-idle", "2")
     assert workers.wait(240) == 0, workers.output()
     items = trials.list_trials(db, "race4", limit=1000).items
@@ -236,7 +234,7 @@ def test_four_workers_racing_keep_the_budget_exact(
     assert len(finished) == 12, [t.state for t in items]
     failed = [t for t in items if t.state == "fail"]  # only a lapsed lease under load fails a trial here
     assert {t.number for t in failed} <= {t.retry_of for t in items}
-    assert studies.load_record(db, "race4").state == "completed"
+    assert store.load_record(db, "race4").state == "completed"
 
 
 def test_stop_while_a_fused_group_trains_ends_every_member(
@@ -264,7 +262,7 @@ def test_stop_while_a_fused_group_trains_ends_every_member(
     asked = time.monotonic()
     stopped = httpx.post(f"{api}/stop", timeout=30)
     assert stopped.status_code == 200 and stopped.json()["state"] == "stopping", stopped.text
-    wait_until(lambda: studies.load_record(db, "stopfuse").state == "stopped", 60, "the study did not stop")
+    wait_until(lambda: store.load_record(db, "stopfuse").state == "stopped", 60, "the study did not stop")
     assert time.monotonic() - asked < 20
     counts = finished_counts(db, "stopfuse")
     assert counts["running"] == 0 and counts["waiting"] == 0, counts
@@ -295,7 +293,7 @@ def test_postgres_restart_mid_study_workers_recover(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=1.0)
-    studies.create_study(db, studies.parse_definition(digits_study("pgr", n_trials=10, max_epochs=15)))
+    store.create_study(db, store.parse_definition(digits_study("pgr", n_trials=10, max_epochs=15)))
     workers = spawn(service, "--cpu", "2", "--study", "pgr", "--exit-when-idle", "3")
     wait_until(
         lambda: finished_counts(db, "pgr")["complete"] + finished_counts(db, "pgr")["pruned"] >= 2,
@@ -308,7 +306,7 @@ def test_postgres_restart_mid_study_workers_recover(
     assert workers.wait(300) == 0, workers.output()
     counts = finished_counts(db, "pgr")
     assert counts["complete"] + counts["pruned"] == 10, counts
-    assert studies.load_record(db, "pgr").state == "completed"
+    assert store.load_record(db, "pgr").state == "completed"
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
@@ -320,12 +318,12 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
     body["objective"]["fixed"] = {"layers": 2, "optimizer": "sgd", "batch_size": 64}
     body["pruner"] = {"type": "none"}
     body["budget"].update(max_retries=1, max_failed_trials=3)
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     workers = spawn(service, "--cpu", "1", "--study", "nan", "--exit-when-idle", "2")
     assert workers.wait(120) == 0, workers.output()
     failed = trials.list_trials(db, "nan", state="fail", limit=100).items
     assert len(failed) == 4 and all("diverged" in (t.fail_reason or "") for t in failed)
-    assert studies.load_record(db, "nan").state == "failed"
+    assert store.load_record(db, "nan").state == "failed"
 
 
 def test_file_datasets_are_read_under_the_data_root_and_never_quoted(
@@ -342,7 +340,7 @@ def test_file_datasets_are_read_under_the_data_root_and_never_quoted(
         body = digits_study(name, n_trials=1, max_epochs=1)
         body["objective"]["dataset"] = dataset
         body["budget"].update(max_retries=0, max_failed_trials=0)
-        studies.create_study(db, studies.parse_definition(body))
+        store.create_study(db, store.parse_definition(body))
     service = serve()
     workers = spawn(service, "--cpu", "1", "--exit-when-idle", "2", "--data-dir", str(root))
     assert workers.wait(120) == 0, workers.output()
@@ -420,7 +418,7 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     body = digits_study("oom", n_trials=6, max_epochs=2, fuse=4)
     body["sampler"] = {"type": "random", "seed": 0}  # no start-up trials: the first group is fused
     body["pruner"] = {"type": "none"}
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     sizes: list[int] = []
     step = FusedOptimizer.step
 
@@ -443,7 +441,7 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
         t.number for t in handed_back
     )
     assert sum(1 for t in items if t.state == "complete") == 6
-    assert studies.load_record(db, "oom").state == "completed"
+    assert store.load_record(db, "oom").state == "completed"
 
 
 def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_nothing(
@@ -460,7 +458,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
     body["sampler"] = {"type": "random", "seed": 0}
     body["pruner"] = {"type": "none"}
     body["budget"]["max_parallel"] = 4
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     api = f"{live}/api/v1/studies/lease"
     calls: list[tuple[str, int]] = []
     retry: dict[str, Any] = {}
@@ -544,12 +542,12 @@ def test_max_trials_stops_the_worker_after_n(
     body = digits_study("maxn", n_trials=6, max_epochs=2)
     body["sampler"] = {"type": "random", "seed": 0}
     body["pruner"] = {"type": "none"}
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     workers = spawn(service, "--cpu", "1", "--study", "maxn", "--max-trials", "2")
     assert workers.wait(90) == 0, workers.output()
     counts = finished_counts(db, "maxn")
     assert counts["complete"] == 2 and counts["running"] == 0 and counts["waiting"] == 0, counts
-    assert studies.load_record(db, "maxn").state == "running"  # the rest is left for others
+    assert store.load_record(db, "maxn").state == "running"  # the rest is left for others
 
 
 def test_a_crashed_slot_is_restarted_and_finishes_the_study(
@@ -560,7 +558,7 @@ def test_a_crashed_slot_is_restarted_and_finishes_the_study(
     service = serve(heartbeat=0.3)
     body = digits_study("crash", n_trials=3, max_epochs=3)
     body["pruner"] = {"type": "none"}
-    studies.create_study(db, studies.parse_definition(body))
+    store.create_study(db, store.parse_definition(body))
     workers = spawn(service, "--cpu", "1", "--study", "crash", "--exit-when-idle", "3")
     wait_until(lambda: busy_slot(db, "crash") is not None, 60, "no trial started")
     pid, _ = busy_slot(db, "crash")  # type: ignore[misc]
@@ -576,7 +574,7 @@ def test_a_crashed_slot_is_restarted_and_finishes_the_study(
     (reaped,) = [t for t in items if t.state == "fail"]
     assert [t.state for t in items if t.retry_of == reaped.number] == ["complete"]
     assert finished_counts(db, "crash")["complete"] == 3
-    assert studies.load_record(db, "crash").state == "completed"
+    assert store.load_record(db, "crash").state == "completed"
 
 
 def test_demo_runs_end_to_end(db_url: str, tmp_path: Path) -> None:
@@ -600,7 +598,7 @@ def test_demo_runs_end_to_end(db_url: str, tmp_path: Path) -> None:
     assert "best trial #" in output and "val_accuracy" in output and "/dashboard" in output
     db = Database(db_url)
     try:
-        study = studies.describe(db, studies.load_record(db, "digits-mlp"))
+        study = studies.describe(db, store.load_record(db, "digits-mlp"))
     finally:
         db.dispose()
     counts = study.trial_counts

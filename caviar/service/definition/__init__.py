@@ -19,6 +19,15 @@ from caviar.service.definition._factories import (
     build_sampler,
 )
 from caviar.service.definition._params import CheckedParams, check_params
+from caviar.service.definition._parts import (
+    MAX_SECONDS,
+    NAME_PATTERN,
+    Budget,
+    Goal,
+    PrunerSpec,
+    SamplerSpec,
+    WarmStart,
+)
 from caviar.service.definition._space import (
     CategoricalParam,
     FloatParam,
@@ -28,19 +37,13 @@ from caviar.service.definition._space import (
     sampling_order,
 )
 from caviar.service.definition._spec import (
-    MAX_SECONDS,
-    NAME_PATTERN,
-    Budget,
-    Goal,
     Objective,
     ObjectiveKind,
-    PrunerSpec,
-    SamplerSpec,
     StudyDefinition,
     StudyTemplate,
-    WarmStart,
     check_finite,
     is_valid_name,
+    redact_env,
 )
 
 __all__ = [
@@ -76,6 +79,7 @@ __all__ = [
     "is_active",
     "is_reversed",
     "is_valid_name",
+    "redact_env",
     "sampling_order",
     "search_scale",
     "stored_name",

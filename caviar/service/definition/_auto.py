@@ -10,7 +10,7 @@ any other sampler. A choice is a list of stages, each from a trial number on:
 * then one of Optuna's own samplers with its options (TPE keeps its constant liar, GP its handling
   of running trials), switching to TPE where GP's cost per ask grows too large.
 
-The rule table (README "Choosing a sampler") is :func:`choose`; tests cover every row.
+The rule table (docs/study-definition.md, "Choosing a sampler") is :func:`choose`; tests cover every row.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def warmup_trials(shape: Shape) -> int:
 
 
 def choose(shape: Shape) -> AutoChoice:
-    """The rule table (README "Choosing a sampler"): the first row whose condition holds chooses.
+    """The rule table (docs/study-definition.md, "Choosing a sampler"): the first row that holds chooses.
 
     Every choice starts with W = :func:`warmup_trials` Sobol points; the model-based stage then starts
     modelling from max(2, W - max_parallel + 1) complete trials.

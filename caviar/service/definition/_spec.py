@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import re
-import string
 import zlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
@@ -15,18 +14,26 @@ from optuna.distributions import BaseDistribution
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from caviar import _code_rules as code_rules
 from caviar.service.definition._auto import WARMUP, AutoChoice, Shape, SobolWarmup, choose
 from caviar.service.definition._codec import stored_name
 from caviar.service.definition._factories import (
-    PRUNERS,
-    SAMPLERS,
     build_pruner,
     build_sampler,
-    check_options,
     grid_values,
     trial_seed,
+)
+from caviar.service.definition._parts import (
+    MAX_CHOICES,
+    NAME_PATTERN,
+    Budget,
+    PrunerSpec,
+    SamplerSpec,
+    Scalar,
+    WarmStart,
+    _Strict,
 )
 from caviar.service.definition._space import (
     MAX_GRID_POINTS,
@@ -42,12 +49,7 @@ from caviar.service.definition._space import (
 from caviar.service.types import TagText, nul_path
 from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE, TrialConfig
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 FILE_PREFIX = "file:"
@@ -72,14 +74,12 @@ def check_data_file(path: str) -> None:
 
 ObjectiveKind = Literal["trainer", "external", "python", "command"]
 """What runs a trial: caviar's built-in trainer, an external client that asks and tells, or user code
-that a worker started with ``--allow-code`` runs (a Python function, or any command)."""
+that a worker runs when its ``--allow-code`` list names it (a Python function, or a command)."""
 
 CODE_KINDS = ("python", "command")
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 COMMAND_PLACEHOLDERS = ("study", "number")
 """Placeholders every command may use besides its parameters: the study's name, the trial's number."""
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_RESERVED_ENV = ("CAVIAR_TRIAL", "CAVIAR_URL", "CAVIAR_API_TOKEN", "CUDA_VISIBLE_DEVICES")
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -136,19 +136,45 @@ def command_placeholders(command: list[str]) -> set[str]:
     """The ``{name}`` placeholders of a command's arguments (``{{`` and ``}}`` are literal braces).
 
     Raises:
-        ValueError: a malformed argument, or a placeholder that is not a plain name.
+        ValueError: ``objective.command.<i>: ...`` for an argument with a placeholder that is not a
+            plain ``{name}`` (a conversion like ``{lr!r}``, a format spec like ``{lr:d}``, ...).
     """
     names: set[str] = set()
     for index, argument in enumerate(command):
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(argument) if field is not None]
+            names.update(code_rules.placeholders(argument))
         except ValueError as exc:
-            raise ValueError(f"command[{index}]: {exc} (write {{{{ and }}}} for literal braces)") from None
-        for field in fields:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field):
-                raise ValueError(f"command[{index}]: placeholder {{{field}}} must be a parameter name")
-            names.add(field)
+            raise ValueError(f"objective.command.{index}: {exc}") from None
     return names
+
+
+def check_env_names(env: dict[str, str]) -> None:
+    """Refuse loader, interpreter, shell and caviar variables in an objective's ``env``.
+
+    Raises:
+        ValueError: ``objective.env.<NAME>: ...`` for the first refused name.
+    """
+    for name in env:
+        why = code_rules.env_refusal(name)
+        if why is not None:
+            shown = name if re.fullmatch(r"[A-Za-z0-9_]{1,128}", name) else "name"
+            raise ValueError(f"objective.env.{shown}: {name!r} {why}")
+
+
+REDACTED = "<redacted>"
+
+
+def redact_env(definition: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a definition (or schedule template) whose ``objective.env`` keeps its names only.
+
+    What read scope sees: a study's environment may carry credentials for the program it runs.
+    """
+    objective = definition.get("objective")
+    if not isinstance(objective, dict) or not objective.get("env"):
+        return definition
+    env = objective["env"]
+    hidden = {name: REDACTED for name in env} if isinstance(env, dict) else REDACTED
+    return {**definition, "objective": {**objective, "env": hidden}}
 
 
 class Objective(_Strict):
@@ -157,8 +183,9 @@ class Objective(_Strict):
     ``trainer``: caviar's built-in PyTorch trainer (``dataset``, ``model``, ``max_epochs``, ``fixed``,
     ``fuse``). ``external``: a client asks and tells. ``python``: a worker calls ``entrypoint``
     (``"package.module:function"``) with a :class:`caviar.Trial`. ``command``: a worker runs
-    ``command`` with ``{param}`` placeholders filled in (and ``env``). User code runs only on
-    workers started with ``--allow-code``, one child process per trial, at most ``timeout_s``.
+    ``command`` with plain ``{param}`` placeholders filled in (and ``env``, which may not set loader,
+    interpreter or caviar variables). User code runs only on workers whose ``--allow-code`` list
+    names it, one child process per trial, at most ``timeout_s`` (see docs/security-code.md).
     """
 
     kind: ObjectiveKind = "external"
@@ -223,7 +250,6 @@ class Objective(_Strict):
                 raise ValueError("command: kind command needs a command (a list of arguments)")
             if any("\x00" in part for part in self.command):
                 raise ValueError("command: arguments may not contain NUL characters")
-            command_placeholders(self.command)
         elif self.command is not None:
             raise ValueError("command: only for kind command")
         if self.metrics is not None and self.kind != "command":
@@ -231,109 +257,9 @@ class Objective(_Strict):
         if self.kind not in CODE_KINDS and (self.env or self.timeout_s is not None):
             raise ValueError("env and timeout_s: only for kind python or command")
         for name, value in self.env.items():
-            if not _ENV_NAME.match(name) or name in _RESERVED_ENV:
-                raise ValueError(f"env: {name!r} is not a valid (or is a reserved) variable name")
             if "\x00" in value:
                 raise ValueError(f"env.{name}: may not contain NUL characters")
         return self
-
-
-class SamplerSpec(_Strict):
-    """Which Optuna sampler proposes parameters.
-
-    ``{type: auto}`` (the default) chooses one from the study's shape (see ``_auto.choose``);
-    ``{type: tpe}`` means Optuna's own defaults.
-    """
-
-    type: Literal["auto", "tpe", "random", "qmc", "gp", "cmaes", "grid", "nsga2"] = "auto"
-    seed: int | None = Field(default=None, ge=0, lt=2**32)
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("options")
-    @classmethod
-    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        kind = info.data.get("type")
-        if kind == "auto":
-            if options:
-                raise ValueError("auto takes no options: it chooses them (name a sampler to set them)")
-        elif kind is not None:
-            check_options(SAMPLERS[kind], options)
-        return options
-
-
-class PrunerSpec(_Strict):
-    """Which Optuna pruner stops bad trials early from their per-epoch reports."""
-
-    type: Literal[
-        "none", "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon"
-    ] = "median"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("options")
-    @classmethod
-    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        kind = info.data.get("type")
-        if kind is not None:
-            check_options(
-                PRUNERS[kind],
-                {k: v for k, v in options.items() if not (kind == "patient" and k == "wrapped")},
-            )
-            try:
-                build_pruner(kind, options)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"invalid {kind} pruner options: {exc}") from exc
-        return options
-
-
-MAX_SECONDS = 366 * 86400
-"""Durations (timeouts, deadlines) are at most a year."""
-MAX_CHOICES = 20_000
-"""All categorical choices of a search space together."""
-Scalar = str | int | float | bool | None
-"""A JSON scalar: what a hyperparameter value may be."""
-
-
-class Goal(_Strict):
-    """Stop the study once a complete trial reaches this value (single objective, in its direction)."""
-
-    value: float
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-
-class Budget(_Strict):
-    """Global limits of a study, exact across every worker and client."""
-
-    n_trials: int = Field(default=100, ge=1, le=1_000_000)
-    max_parallel: int | None = Field(default=None, ge=1, le=100_000)
-    trial_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    max_retries: int = Field(default=2, ge=0, le=100)
-    max_failed_trials: int = Field(default=10, ge=0, le=1_000_000)
-    goal: Goal | None = Field(
-        default=None, description="End the study (state stopped) once a complete trial reaches goal.value."
-    )
-    max_duration_s: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_SECONDS,
-        description="End the study (state stopped) this long after its first trial was claimed.",
-    )
-
-
-class WarmStart(_Strict):
-    """Start from another study: enqueue its best complete trials that fit this search space."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
-
-    source: str = Field(
-        alias="from", pattern=NAME_PATTERN, max_length=128, description="The study to learn from."
-    )
-    top_k: int = Field(default=10, ge=1, le=1000, description="How many of its best trials to enqueue.")
 
 
 class StudyTemplate(_Strict):
@@ -425,6 +351,7 @@ class StudyTemplate(_Strict):
             unknown = [m for m in metrics if m not in METRICS]
             if unknown:
                 raise ValueError(f"metric: the trainer reports {', '.join(METRICS)}, not {unknown[0]!r}")
+        check_env_names(self.objective.env)
         if self.objective.kind == "command" and self.objective.command:
             unknown = sorted(
                 command_placeholders(self.objective.command)

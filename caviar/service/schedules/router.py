@@ -9,7 +9,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from caviar.service.deps import DbDep, Offset, ScheduleRef, SettingsDep
+from caviar.service.definition import redact_env
+from caviar.service.deps import DbDep, EnvValuesDep, Offset, ScheduleRef, SettingsDep
 from caviar.service.schedules import service
 from caviar.service.schedules.schemas import (
     ScheduleCreate,
@@ -41,10 +42,15 @@ _EXAMPLE = {
 @router.get("", summary="List schedules")
 def list_schedules(
     db: DbDep,
+    env_values: EnvValuesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
 ) -> ScheduleList:
-    return service.list_schedules(db, limit=limit, offset=offset)
+    found = service.list_schedules(db, limit=limit, offset=offset)
+    if not env_values:  # read scope sees the names of objective.env, not the values
+        for item in found.items:
+            item.template = redact_env(item.template)
+    return found
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a schedule")
@@ -55,8 +61,11 @@ def create_schedule(
 
 
 @router.get("/{ref}", summary="One schedule (by id or name)")
-def get_schedule(db: DbDep, ref: ScheduleRef) -> ScheduleRead:
-    return service.show_schedule(db, ref)
+def get_schedule(db: DbDep, ref: ScheduleRef, env_values: EnvValuesDep) -> ScheduleRead:
+    found = service.show_schedule(db, ref)
+    if not env_values:
+        found.template = redact_env(found.template)
+    return found
 
 
 @router.patch("/{ref}", summary="Enable/disable a schedule or change its timing, template or policies")

@@ -44,7 +44,7 @@ from caviar.service.schedules.schemas import (
     ScheduleRunRead,
     ScheduleUpdate,
 )
-from caviar.service.studies.service import QUEUE_STATES, check_data_access, create_study
+from caviar.service.store import QUEUE_STATES, check_data_access, create_study
 from caviar.service.types import INT32_MAX
 from caviar.storage import Schedule, ScheduleRun, StudyRecord, utcnow
 
@@ -86,7 +86,7 @@ def check_template(schedule_name: str, template: dict[str, Any], *, data_files: 
 
     Raises:
         InvalidInput: the failing field, prefixed ``template.`` (``template.search_space.lr.low``);
-            ``file_datasets_disabled`` (see :func:`~caviar.service.studies.service.check_data_access`).
+            ``file_datasets_disabled`` (see :func:`~caviar.service.store.check_data_access`).
     """
     try:
         parsed = StudyTemplate.model_validate(template)

@@ -7,11 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import StringConstraints
 
-from caviar.service.definition import StudyDefinition
-from caviar.service.deps import DbDep, Offset, SettingsDep, StudyName
-from caviar.service.studies import service, steering
-from caviar.service.studies.schemas import StopRequest, StudyList, StudyRead, StudyState, StudyUpdate
-from caviar.service.trials.artifacts import artifact_store
+from caviar.service import store
+from caviar.service.definition import StudyDefinition, redact_env
+from caviar.service.deps import DbDep, EnvValuesDep, Offset, SettingsDep, StudyName
+from caviar.service.studies import refine, service, steering
+from caviar.service.studies.schemas import (
+    RefineRequest,
+    StopRequest,
+    StudyList,
+    StudyRead,
+    StudyState,
+    StudyUpdate,
+)
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -33,13 +40,14 @@ _EXAMPLE = {
 def create_study(
     db: DbDep, settings: SettingsDep, body: Annotated[StudyDefinition, Body(examples=[_EXAMPLE])]
 ) -> StudyRead:
-    record = service.create_study(db, body, data_files=settings.data_dir is not None)
+    record = store.create_study(db, body, data_files=settings.data_dir is not None)
     return service.describe_new(db, record)
 
 
 @router.get("", summary="List studies")
 def list_studies(
     db: DbDep,
+    env_values: EnvValuesDep,
     state: Annotated[list[StudyState] | None, Query(description="Only studies in these states.")] = None,
     tag: Annotated[
         list[Annotated[str, StringConstraints(max_length=200)]],
@@ -49,14 +57,21 @@ def list_studies(
     offset: Offset = 0,
     order: Annotated[str, Query(pattern="^(created|queue)$")] = "created",
 ) -> StudyList:
-    return service.list_studies(
+    found = service.list_studies(
         db, states=state, tags=tag, limit=limit, offset=offset, queue_order=order == "queue"
     )
+    if not env_values:
+        for item in found.items:
+            item.definition = redact_env(item.definition)
+    return found
 
 
 @router.get("/{name}", summary="One study")
-def get_study(db: DbDep, name: StudyName) -> StudyRead:
-    return service.describe(db, service.load_record(db, name))
+def get_study(db: DbDep, name: StudyName, env_values: EnvValuesDep) -> StudyRead:
+    study = service.describe(db, store.load_record(db, name))
+    if not env_values:  # read scope sees the names of objective.env, not the values
+        study.definition = redact_env(study.definition)
+    return study
 
 
 @router.patch("/{name}", summary="Edit a study's budget, priority or tags (JSON merge patch)")
@@ -71,7 +86,7 @@ def update_study(db: DbDep, name: StudyName, body: StudyUpdate) -> StudyRead:
     "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a study, its trials and their files"
 )
 def delete_study(db: DbDep, settings: SettingsDep, name: StudyName) -> Response:
-    service.delete_study(db, name, artifacts=artifact_store(settings.artifact_dir))
+    service.delete_study(db, name, artifacts=store.artifact_store(settings.artifact_dir))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -91,3 +106,22 @@ def stop_study(db: DbDep, name: StudyName, body: Annotated[StopRequest | None, B
     ``should_prune: true``, their heartbeat 409 ``study_stopped``), then ``stopped``."""
     reason = body.reason if body is not None else None
     return service.describe(db, steering.stop_study(db, name, reason=reason))
+
+
+@router.post(
+    "/{name}/refine", status_code=status.HTTP_201_CREATED, summary="Coarse to fine: a narrowed new study"
+)
+def refine_study(
+    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[RefineRequest | None, Body()] = None
+) -> StudyRead:
+    body = body or RefineRequest()
+    record = refine.refine(
+        db,
+        name,
+        top_fraction=body.top_fraction,
+        min_top=body.min_top,
+        margin=body.margin,
+        n_trials=body.n_trials,
+        data_files=settings.data_dir is not None,
+    )
+    return service.describe_new(db, record)

@@ -121,3 +121,14 @@ class StopRequest(BaseModel):
 class StudyList(BaseModel):
     items: list[StudyRead]
     total: int = Field(ge=0)
+
+
+class RefineRequest(BaseModel):
+    """How to narrow the space around the best trials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of complete trials kept.")
+    min_top: int = Field(default=3, ge=1, le=1000, description="Keep at least this many trials.")
+    margin: float = Field(default=0.25, ge=0, le=10, description="Widen each envelope by this share.")
+    n_trials: int | None = Field(default=None, ge=1, le=1_000_000)

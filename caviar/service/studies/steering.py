@@ -13,17 +13,21 @@ from sqlalchemy import select, update
 
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
-from caviar.service.studies.schemas import StudyUpdate
-from caviar.service.studies.service import (
+from caviar.service.store import (
     STOPPED_STATES,
     all_trials,
+    budget_spent,
+    end_study,
+    fail_count,
     load_record,
     parse_definition,
     reload,
+    settle_study,
+    state_counts,
     transition,
+    used_count,
 )
-from caviar.service.trials._core import fail_count, state_counts, used_count
-from caviar.service.trials.outcomes import end_study, settle_study
+from caviar.service.studies.schemas import StudyUpdate
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
 
@@ -90,9 +94,7 @@ def update_study(db: Database, name: str, change: StudyUpdate) -> StudyRecord:
             db.optuna.set_study_user_attr(
                 record.optuna_study_id, "caviar:sampler", definition.sampler_description()
             )
-        reopened = record.state == "completed" and (
-            definition.budget.n_trials > counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        )
+        reopened = record.state == "completed" and not budget_spent(counts, definition.budget.n_trials)
         resumed = record.state == "failed" and fail_count(trials) <= definition.budget.max_failed_trials
         if reopened or resumed:
             transition(db, record, [record.state], "running" if record.started_at is not None else "queued")

@@ -6,11 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 
+from caviar.service.auth import SCOPE_LEVELS
 from caviar.service.deps import DbDep
 from caviar.service.tokens import service
-from caviar.service.tokens.schemas import TokenCreate, TokenCreated, TokenList
+from caviar.service.tokens.schemas import Scope, TokenCreate, TokenCreated, TokenList, WhoAmI
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
+whoami_router = APIRouter(tags=["tokens"])
+
+
+@whoami_router.get("/whoami", summary="What the calling token may do (any valid token)")
+def whoami(request: Request) -> WhoAmI:
+    scope: Scope | None = getattr(request.state, "token_scope", None)
+    level = SCOPE_LEVELS[scope] if scope is not None else max(SCOPE_LEVELS.values())
+    scopes: list[Scope] = [name for name, rank in SCOPE_LEVELS.items() if rank <= level]  # type: ignore[misc]
+    return WhoAmI(auth=scope is not None, scope=scope, scopes=scopes)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a token (its secret is shown once)")

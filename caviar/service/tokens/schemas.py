@@ -37,6 +37,14 @@ class TokenRead(BaseModel):
     revoked_at: datetime | None
 
 
+class WhoAmI(BaseModel):
+    """What the credential of a request may do (``GET /api/v1/whoami``)."""
+
+    auth: bool = Field(description="Whether the service asks for tokens at all.")
+    scope: Scope | None = Field(description="The token's scope (null when the service has no auth).")
+    scopes: list[Scope] = Field(description="Every scope this credential satisfies (scopes are ordered).")
+
+
 class TokenCreated(TokenRead):
     """A new token, with its secret: shown once, stored only as a hash."""
 

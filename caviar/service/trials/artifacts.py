@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import BinaryIO
 
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
@@ -12,32 +10,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
 from caviar.service.errors import NotFound
-from caviar.service.studies.service import all_trials, definition_of, load_record, ranked
-from caviar.service.trials._core import frozen
+from caviar.service.store import all_trials, definition_of, frozen, load_record, ranked
 from caviar.service.trials.schemas import ArtifactRead
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names of files stored with trials: no directories, no hidden files."""
-
-
-class PrivateArtifactStore(FileSystemArtifactStore):
-    """Optuna's file-system store, writing files only their owner can read (0600), in a 0700 folder.
-
-    Checkpoints and logs are a trial's results: other accounts on the host have no business there.
-    """
-
-    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        path = self._get_filepath(artifact_id)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            shutil.copyfileobj(content_body, handle)
-
-
-def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
-    """The file-system artifact store under ``CAVIAR_ARTIFACT_DIR``."""
-    os.makedirs(artifact_dir, mode=0o700, exist_ok=True)
-    return PrivateArtifactStore(artifact_dir)
 
 
 def save_artifact(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:

@@ -12,17 +12,20 @@ from collections.abc import Sequence
 from caviar.service.db import Database
 from caviar.service.definition import CheckedParams, check_finite, check_params
 from caviar.service.errors import Conflict, InvalidInput
-from caviar.service.studies.service import (
+from caviar.service.store import (
+    ENQUEUED,
+    IMPORTED,
     STOPPED_STATES,
     add_trial,
     all_trials,
     definition_of,
     load_record,
     reload,
+    settle_study,
+    state_counts,
+    used_count,
 )
-from caviar.service.trials._core import ENQUEUED, IMPORTED, state_counts, used_count
 from caviar.service.trials.leases import study_stopped
-from caviar.service.trials.outcomes import settle_study
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import EnqueueItem, TrialRead
 

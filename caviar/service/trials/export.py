@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from caviar.service.db import Database
-from caviar.service.studies.service import definition_of, load_record
+from caviar.service.store import definition_of, load_record
 from caviar.service.trials.reads import list_trials
 
 ExportFormat = Literal["csv", "json"]
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a cell starting with one of these as a formula (``=HYPERLINK(...)``)."""
 _FIXED_COLUMNS = ("number", "state", "value", "worker_id", "started_at", "finished_at", "retry_of")
 
 
@@ -45,8 +47,8 @@ def trials_csv(trials: Sequence[dict[str, Any]], metrics: Sequence[str] = ()) ->
     columns = ["number", "state", *value_columns, *(f"params.{p}" for p in params)]
     columns += ["worker_id", "started_at", "finished_at", "retry_of"]
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
+    writer = csv.writer(out)  # RFC 4180 rows (CRLF): a cell holding a CR or LF is quoted
+    writer.writerow([csv_safe(column) for column in columns])
     for trial in trials:
         values = trial["values"] or ([trial["value"]] if trial["value"] is not None else [])
         if value_columns == ["value"]:
@@ -56,7 +58,8 @@ def trials_csv(trials: Sequence[dict[str, Any]], metrics: Sequence[str] = ()) ->
         row = [trial["number"], trial["state"], *value_cells]
         row += [_cell(trial["params"].get(p)) for p in params]
         row += [
-            trial[key] if trial[key] is not None else "" for key in ("worker_id", "started_at", "finished_at")
+            csv_safe(trial[key]) if trial[key] is not None else ""
+            for key in ("worker_id", "started_at", "finished_at")
         ]
         row.append(trial["retry_of"] if trial["retry_of"] is not None else "")
         writer.writerow(row)
@@ -66,4 +69,28 @@ def trials_csv(trials: Sequence[dict[str, Any]], metrics: Sequence[str] = ()) ->
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
+    return csv_safe(json.dumps(value) if isinstance(value, (dict, list)) else value)
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @``, tab or CR gets a ``'`` in front.
+
+    Numbers (and text that is a number, such as ``-0.5``) stay as they are: a spreadsheet reads them
+    as numbers, not formulas. This is OWASP's advice on CSV injection.
+    """
+    if not isinstance(value, str) or not value.startswith(FORMULA_PREFIXES):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def escape_csv(text: str) -> str:
+    """A whole CSV document with every cell passed through :func:`csv_safe` (rows end in CRLF)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for row in csv.reader(io.StringIO(text, newline="")):
+        writer.writerow([csv_safe(cell) for cell in row])
+    return out.getvalue()

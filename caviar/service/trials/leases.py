@@ -7,30 +7,36 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select, update
+from optuna.trial import TrialState
+from sqlalchemy import select
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import Conflict
-from caviar.service.studies.service import (
-    STOPPED_STATES,
-    all_trials,
-    definition_of,
-    load_record,
-)
-from caviar.service.trials._core import (
+from caviar.service.store import (
     ASKED,
     FAIL_REASON,
     RELEASED,
+    STOPPED_STATES,
+    LeasePolicy,
+    all_trials,
+    check_running,
+    deadline_passed,
+    definition_of,
+    end_lease,
+    end_study,
     frozen,
+    held_by_other,
     lease_of,
     leases_for,
+    load_record,
+    renew,
+    settle_study,
 )
-from caviar.service.trials.outcomes import deadline_passed, end_study, requeue_retry, settle_study
+from caviar.service.trials.outcomes import requeue_retry
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
 
@@ -56,7 +62,7 @@ def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, call
     Raises:
         Conflict: ``not_your_trial``.
     """
-    if caller.any_trial or lease is None or lease.worker_id is None or lease.worker_id == caller.worker_id:
+    if caller.any_trial or not held_by_other(lease, caller.worker_id):
         return
     raise Conflict(
         f"trial {number} of {record.name!r} belongs to another worker "
@@ -65,52 +71,7 @@ def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, call
     )
 
 
-@dataclass(frozen=True)
-class LeasePolicy:
-    """Lease timing: a lease lasts two heartbeat intervals."""
-
-    heartbeat_interval_s: float = 30.0
-
-    @property
-    def lease_s(self) -> float:
-        return 2 * self.heartbeat_interval_s
-
-
-def check_running(db: Database, record: StudyRecord, trial: FrozenTrial) -> TrialLease | None:
-    """The trial's lease (None for a trial created outside caviar); raise if it cannot run on.
-
-    Raises:
-        Conflict: ``lease_lost`` (reaped or handed back: its retry runs instead),
-            ``trial_finished`` or ``trial_not_running``.
-    """
-    lease = lease_of(db, trial._trial_id)
-    if lease is not None and lease.status in ("reaped", "released"):
-        raise Conflict(
-            f"trial {trial.number} of {record.name!r} lost its lease ({lease.reason or lease.status}); "
-            "its retry runs instead",
-            code="lease_lost",
-        )
-    if trial.state.is_finished():
-        raise Conflict(f"trial {trial.number} of {record.name!r} is already finished", code="trial_finished")
-    if trial.state != TrialState.RUNNING:
-        raise Conflict(f"trial {trial.number} of {record.name!r} is not running", code="trial_not_running")
-    return lease
-
-
-def renew(db: Database, trial_id: int, policy: LeasePolicy) -> bool:
-    """Extend an active lease by one lease period; False when the trial has no active lease."""
-    with db.session() as session, session.begin():
-        result = session.execute(
-            update(TrialLease)
-            .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
-            .values(expires_at=utcnow() + timedelta(seconds=policy.lease_s))
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def heartbeat(
-    db: Database, name: str, number: int, *, policy: LeasePolicy | None = None, caller: Caller = ANYONE
-) -> None:
+def heartbeat(db: Database, name: str, number: int, *, policy: LeasePolicy, caller: Caller = ANYONE) -> None:
     """Keep a trial's lease.
 
     Raises:
@@ -119,7 +80,6 @@ def heartbeat(
             the write scope; ``study_stopped`` when the study is stopping: the lease is still
             renewed, so the trial can end at its next report (``should_prune``) or tell its result.
     """
-    policy = policy or LeasePolicy()
     record = load_record(db, name)
     trial = frozen(db, record, number)
     if not caller.any_trial:
@@ -134,16 +94,6 @@ def study_stopped(record: StudyRecord) -> Conflict:
     """The refusal of a stopping or stopped study (asks, heartbeats)."""
     why = f" ({record.stop_reason})" if record.stop_reason else ""
     return Conflict(f"study {record.name!r} is {record.state}{why}", code="study_stopped")
-
-
-def close_lease(db: Database, trial_id: int, reason: str | None) -> None:
-    """Mark an active lease finished (its trial was told)."""
-    with db.session() as session, session.begin():
-        session.execute(
-            update(TrialLease)
-            .where(TrialLease.trial_id == trial_id, TrialLease.status == "active")
-            .values(status="finished", reason=reason[:2000] if reason else None)
-        )
 
 
 # ---- reaping -------------------------------------------------------------------------------
@@ -261,10 +211,7 @@ def _reap_one(
             db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason)
             db.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
             status = "reaped"
-    with db.session() as session, session.begin():
-        session.execute(
-            update(TrialLease).where(TrialLease.trial_id == trial_id).values(status=status, reason=reason)
-        )
+    end_lease(db, trial_id, status, reason)
     if status != "reaped" or trial is None:
         return 0
     requeue_retry(db, record, definition, db.optuna.get_trial(trial_id), lease)
@@ -290,11 +237,6 @@ def release(
         db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
         db.optuna.set_trial_user_attr(trial._trial_id, RELEASED, True)
         db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        with db.session() as session, session.begin():
-            session.execute(
-                update(TrialLease)
-                .where(TrialLease.trial_id == trial._trial_id)
-                .values(status="released", reason=reason)
-            )
+        end_lease(db, trial._trial_id, "released", reason)
         requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), lease, handed_back=True)
         settle_study(db, record)

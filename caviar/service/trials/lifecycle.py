@@ -34,17 +34,8 @@ from caviar.service.definition import (
     stored_name,
 )
 from caviar.service.errors import Conflict, InvalidInput, RateLimited
-from caviar.service.studies.service import (
+from caviar.service.store import (
     ACTIVE_STATES,
-    STOPPED_STATES,
-    all_trials,
-    count_states,
-    definition_of,
-    load_record,
-    reload,
-    transition,
-)
-from caviar.service.trials._core import (
     ASKED,
     ATTEMPT,
     FAIL_REASON,
@@ -52,24 +43,30 @@ from caviar.service.trials._core import (
     READY,
     RETRY_OF,
     STATE_NAMES,
+    STOPPED_STATES,
     WORKER,
+    LeasePolicy,
+    all_trials,
+    check_running,
+    close_lease,
+    count_states,
+    definition_of,
+    end_reason,
+    end_study,
     frozen,
+    lease_error,
     lease_of,
+    load_record,
+    reload,
+    renew,
+    settle_study,
     study_handle,
+    transition,
     trial_id,
     used_count,
 )
-from caviar.service.trials.leases import (
-    ANYONE,
-    Caller,
-    LeasePolicy,
-    check_owner,
-    check_running,
-    close_lease,
-    renew,
-    study_stopped,
-)
-from caviar.service.trials.outcomes import end_reason, end_study, requeue_retry, settle_study
+from caviar.service.trials.leases import ANYONE, Caller, check_owner, study_stopped
+from caviar.service.trials.outcomes import requeue_retry
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialAssignment, TrialRead
 from caviar.storage import StudyRecord, TrialLease, utcnow
@@ -83,7 +80,7 @@ def ask(
     *,
     worker_id: str | None = None,
     request_id: str | None = None,
-    policy: LeasePolicy | None = None,
+    policy: LeasePolicy,
     fixed: Mapping[str, Any] | None = None,
 ) -> TrialAssignment:
     """Claim a trial: a waiting one first (retries, enqueued trials), else a newly sampled one.
@@ -104,7 +101,6 @@ def ask(
         InvalidInput: a ``fixed`` value that does not fit the search space (see
             :func:`~caviar.service.definition.check_params`).
     """
-    policy = policy or LeasePolicy()
     record = load_record(db, name)
     if request_id is not None:
         earlier = _lease_by_request(db, record, request_id)
@@ -191,7 +187,7 @@ def _claim(
         attempt=int(started.user_attrs.get(ATTEMPT, 0)),
         retry_of=started.user_attrs.get(RETRY_OF),
         started_at=now,
-        expires_at=now + timedelta(seconds=policy.lease_s),
+        expires_at=policy.expiry(now),
         deadline_at=now + timedelta(seconds=timeout) if timeout else None,
     )
     with db.session() as session, session.begin():
@@ -321,7 +317,7 @@ def report(
     step: int,
     value: float,
     *,
-    policy: LeasePolicy | None = None,
+    policy: LeasePolicy,
     caller: Caller = ANYONE,
 ) -> bool:
     """Record an intermediate value, renew the lease and ask the study's pruner.
@@ -329,7 +325,6 @@ def report(
     Returns:
         True when the trial should be pruned, or its study is stopping.
     """
-    policy = policy or LeasePolicy()
     record = load_record(db, name)
     definition = definition_of(record)
     if definition.multi_objective:
@@ -489,7 +484,7 @@ def _told_before(
     values: Sequence[float] | None,
 ) -> TrialRead:
     """The answer to a tell on a finished trial: the same trial, lease_lost or trial_finished."""
-    if lease is not None and lease.status in ("reaped", "released"):
+    if lease is not None and lease_error(lease) == "lease_lost":
         raise Conflict(
             f"trial {trial.number} of {record.name!r} lost its lease; its retry runs instead",
             code="lease_lost",

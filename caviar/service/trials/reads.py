@@ -6,15 +6,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition, decode_params
-from caviar.service.studies.service import all_trials, definition_of, load_record
-from caviar.service.trials._core import (
+from caviar.service.store import (
     FAIL_REASON,
     RETRY_OF,
     STATE_NAMES,
     WORKER,
+    all_trials,
+    definition_of,
     frozen,
     lease_of,
     leases_for,
+    load_record,
+    states_named,
     utc,
 )
 from caviar.service.trials.schemas import TrialList, TrialRead
@@ -51,7 +54,7 @@ def list_trials(
     definition = definition_of(record)
     states = None
     if state is not None:
-        states = [s for s, n in STATE_NAMES.items() if n == state]
+        states = states_named(state)
     trials = sorted(all_trials(db, record, states), key=lambda t: t.number)
     page = trials[offset : offset + limit]
     leases = leases_for(db, [t._trial_id for t in page])

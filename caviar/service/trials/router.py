@@ -12,13 +12,21 @@ from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 
 from caviar.service import trials as service
-from caviar.service.deps import AnyTrialDep, DbDep, Offset, SettingsDep, StudyName, TrialNumber
+from caviar.service.deps import (
+    AnyTrialDep,
+    DbDep,
+    LeasePolicyDep,
+    Offset,
+    SettingsDep,
+    StudyName,
+    TrialNumber,
+)
 from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
-from caviar.service.studies import service as studies
-from caviar.service.studies.schemas import StudyRead
+from caviar.service.store import artifact_store
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.trials import artifacts, enqueue, export, suggest
-from caviar.service.trials.artifacts import FILENAME_PATTERN, artifact_store, open_checkpoint, save_artifact
+from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
     ArtifactRead,
@@ -27,7 +35,6 @@ from caviar.service.trials.schemas import (
     HeartbeatRequest,
     Importances,
     ParetoTrials,
-    RefineRequest,
     ReleaseRequest,
     ReportRequest,
     ReportResponse,
@@ -39,49 +46,52 @@ from caviar.service.trials.schemas import (
     TrialRead,
     TrialStateName,
 )
+from caviar.service.web_security import file_headers
 
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
 
-def _policy(settings: SettingsDep) -> service.LeasePolicy:
-    return service.LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
-
-
 @router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
 def ask_trial(
-    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[AskRequest | None, Body()] = None
+    db: DbDep,
+    policy: LeasePolicyDep,
+    settings: SettingsDep,
+    name: StudyName,
+    body: Annotated[AskRequest | None, Body()] = None,
 ) -> TrialAssignment:
     body = body or AskRequest()
-    return service.ask(
+    assignment = service.ask(
         db,
         name,
         worker_id=body.worker_id,
         request_id=body.request_id,
-        policy=_policy(settings),
+        policy=policy,
         fixed=body.fixed,
     )
+    if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
+        key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+        assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
+    return assignment
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
 def report_trial(
     db: DbDep,
-    settings: SettingsDep,
+    policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
     body: ReportRequest,
 ) -> ReportResponse:
     caller = service.Caller(body.worker_id, any_trial)
-    should_prune = service.report(
-        db, name, number, body.step, body.value, policy=_policy(settings), caller=caller
-    )
+    should_prune = service.report(db, name, number, body.step, body.value, policy=policy, caller=caller)
     return ReportResponse(should_prune=should_prune)
 
 
 @router.post("/trials/{number}/suggest", summary="Sample one parameter of a running trial (define-by-run)")
 def suggest_param(
     db: DbDep,
-    settings: SettingsDep,
+    policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
@@ -92,9 +102,7 @@ def suggest_param(
     and stored. The same name again answers the same value (409 ``distribution_mismatch`` for another
     distribution)."""
     caller = service.Caller(body.worker_id, any_trial)
-    value = suggest.suggest(
-        db, name, number, body.name, body.distribution, policy=_policy(settings), caller=caller
-    )
+    value = suggest.suggest(db, name, number, body.name, body.distribution, policy=policy, caller=caller)
     return SuggestResponse(value=value)
 
 
@@ -103,14 +111,14 @@ def suggest_param(
 )
 def heartbeat_trial(
     db: DbDep,
-    settings: SettingsDep,
+    policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
     body: Annotated[HeartbeatRequest | None, Body()] = None,
 ) -> Response:
     caller = service.Caller(body.worker_id if body else None, any_trial)
-    service.heartbeat(db, name, number, policy=_policy(settings), caller=caller)
+    service.heartbeat(db, name, number, policy=policy, caller=caller)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -266,8 +274,8 @@ def download_artifact(
 
 
 def _download(reader: BinaryIO, filename: str) -> StreamingResponse:
-    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    return StreamingResponse(reader, media_type="application/octet-stream", headers=headers)
+    """A stored file as a download that no browser renders (see :func:`file_headers`)."""
+    return StreamingResponse(reader, media_type="application/octet-stream", headers=file_headers(filename))
 
 
 @router.get("/best", summary="Best trial (Pareto front for multi-objective studies)")
@@ -278,20 +286,3 @@ def best_trial(db: DbDep, name: StudyName) -> TrialRead | ParetoTrials:
 @router.get("/importances", summary="Parameter importances (decoded names)")
 def get_importances(db: DbDep, name: StudyName) -> Importances:
     return Importances(importances=service.importances(db, name))
-
-
-@router.post("/refine", status_code=status.HTTP_201_CREATED, summary="Coarse to fine: a narrowed new study")
-def refine_study(
-    db: DbDep, settings: SettingsDep, name: StudyName, body: Annotated[RefineRequest | None, Body()] = None
-) -> StudyRead:
-    body = body or RefineRequest()
-    record = service.refine(
-        db,
-        name,
-        top_fraction=body.top_fraction,
-        min_top=body.min_top,
-        margin=body.margin,
-        n_trials=body.n_trials,
-        data_files=settings.data_dir is not None,
-    )
-    return studies.describe_new(db, record)

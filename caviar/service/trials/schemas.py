@@ -41,6 +41,11 @@ class TrialAssignment(BaseModel):
     heartbeat_interval_s: float
     lease_expires_at: datetime
     retry_of: int | None = None
+    credential: str | None = Field(
+        default=None,
+        description="With tokens on: a token for this trial only (report, heartbeat, upload, tell) "
+        "while it runs; a worker hands it to the program it runs instead of its own token.",
+    )
 
 
 class ReportRequest(BaseModel):
@@ -187,14 +192,3 @@ class Importances(BaseModel):
     importances: dict[str, float] | dict[str, dict[str, float]] = Field(
         description="{param: importance}; multi-objective: {metric: {param: importance}}."
     )
-
-
-class RefineRequest(BaseModel):
-    """How to narrow the space around the best trials."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    top_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of complete trials kept.")
-    min_top: int = Field(default=3, ge=1, le=1000, description="Keep at least this many trials.")
-    margin: float = Field(default=0.25, ge=0, le=10, description="Widen each envelope by this share.")
-    n_trials: int | None = Field(default=None, ge=1, le=1_000_000)

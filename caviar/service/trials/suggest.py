@@ -27,9 +27,16 @@ from caviar.service.db import Database
 from caviar.service.definition import CategoricalParam, FloatParam, IntParam, Param
 from caviar.service.definition._space import RESERVED_PREFIXES
 from caviar.service.errors import Conflict, InvalidInput
-from caviar.service.studies.service import definition_of, load_record
-from caviar.service.trials._core import frozen, study_handle
-from caviar.service.trials.leases import ANYONE, Caller, LeasePolicy, check_owner, check_running, renew
+from caviar.service.store import (
+    LeasePolicy,
+    check_running,
+    definition_of,
+    frozen,
+    load_record,
+    renew,
+    study_handle,
+)
+from caviar.service.trials.leases import ANYONE, Caller, check_owner
 
 MAX_NAME_CHARS = 128
 MAX_CHOICES = 1000
@@ -42,7 +49,7 @@ def suggest(
     param: str,
     distribution: dict[str, Any],
     *,
-    policy: LeasePolicy | None = None,
+    policy: LeasePolicy,
     caller: Caller = ANYONE,
 ) -> Any:
     """The value of parameter ``param`` for trial ``number``, sampled now if it was not yet.
@@ -65,7 +72,6 @@ def suggest(
         Conflict: ``distribution_mismatch`` (this trial stored the name with another distribution),
             ``trial_finished``, ``lease_lost``, ``not_your_trial``.
     """
-    policy = policy or LeasePolicy()
     dist = parse_distribution(distribution)
     if not param or len(param) > MAX_NAME_CHARS or any(ord(c) < 32 for c in param):
         raise InvalidInput(

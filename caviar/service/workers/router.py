@@ -6,9 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from caviar.service.definition import NAME_PATTERN, ObjectiveKind
-from caviar.service.deps import DbDep, SettingsDep
-from caviar.service.trials import LeasePolicy
+from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
+from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep
 from caviar.service.workers import service
 from caviar.service.workers.schemas import (
     WORKER_ID_PATTERN,
@@ -28,25 +27,22 @@ STUDY_LIST = f"^{_NAME}(,{_NAME}){{0,99}}$"
 
 
 @router.get("/workers", summary="Registered workers: device, current trials, last heartbeat, live or lost")
-def list_workers(db: DbDep, settings: SettingsDep, live_only: bool = False) -> WorkerList:
-    return service.list_workers(
-        db, heartbeat_interval_s=settings.heartbeat_interval_s, include_stopped=not live_only
-    )
+def list_workers(db: DbDep, policy: LeasePolicyDep, live_only: bool = False) -> WorkerList:
+    return service.list_workers(db, policy=policy, include_stopped=not live_only)
 
 
 @router.post("/workers", status_code=status.HTTP_201_CREATED, summary="Register a worker slot")
-def register_worker(db: DbDep, settings: SettingsDep, body: WorkerRegister) -> WorkerRegistered:
+def register_worker(db: DbDep, policy: LeasePolicyDep, body: WorkerRegister) -> WorkerRegistered:
     worker = service.register_worker(db, body.id, host=body.host, pid=body.pid, device=body.device)
-    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=settings.heartbeat_interval_s)
+    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=policy.heartbeat_interval_s)
 
 
 @router.post(
     "/workers/{worker_id}/heartbeat", summary="Renew the leases of all the worker's trials in one call"
 )
 def heartbeat_worker(
-    db: DbDep, settings: SettingsDep, worker_id: WorkerIdPath, body: WorkerHeartbeat
+    db: DbDep, policy: LeasePolicyDep, worker_id: WorkerIdPath, body: WorkerHeartbeat
 ) -> HeartbeatResult:
-    policy = LeasePolicy(heartbeat_interval_s=settings.heartbeat_interval_s)
     lost = service.beat(db, worker_id, body.trials, status=body.status, policy=policy)
     return HeartbeatResult(lost=lost)
 
@@ -54,10 +50,15 @@ def heartbeat_worker(
 @router.get("/queue", summary="Studies that hand out trials, in the order workers take them")
 def get_queue(
     db: DbDep,
+    env_values: EnvValuesDep,
     kind: Annotated[list[ObjectiveKind] | None, Query(max_length=8, description="Only these kinds.")] = None,
     study: Annotated[
         str | None, Query(pattern=STUDY_LIST, description="Only these studies (comma-separated names).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> QueueList:
-    return service.queue(db, kinds=kind or (), names=study.split(",") if study else (), limit=limit)
+    found = service.queue(db, kinds=kind or (), names=study.split(",") if study else (), limit=limit)
+    if not env_values:  # read scope sees the names of objective.env, not the values
+        for item in found.items:
+            item.definition = redact_env(item.definition)
+    return found

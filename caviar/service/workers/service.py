@@ -9,11 +9,19 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from caviar.service.db import Database
-from caviar.service.studies.service import STOPPED_STATES, definition_of, runnable_studies, trial_total
-from caviar.service.trials import LeasePolicy
+from caviar.service.store import (
+    STOPPED_STATES,
+    LeasePolicy,
+    definition_of,
+    held_by_other,
+    lease_error,
+    renew_leases,
+    runnable_studies,
+    trial_total,
+)
 from caviar.service.workers.schemas import (
     LostTrial,
     QueueItem,
@@ -47,7 +55,7 @@ def beat(
     trials: Sequence[TrialRef],
     *,
     status: str = "busy",
-    policy: LeasePolicy | None = None,
+    policy: LeasePolicy,
 ) -> list[LostTrial]:
     """Renew the leases of ``trials`` (all of one worker's) in one statement; mark the worker seen.
 
@@ -58,7 +66,6 @@ def beat(
         is stopping: the lease is still renewed so the worker can prune the trial at its next
         report and tell it).
     """
-    policy = policy or LeasePolicy()
     names = sorted({ref.study for ref in trials})
     with db.session() as session, session.begin():
         rows = session.execute(
@@ -81,14 +88,9 @@ def beat(
         renewable = [
             lease.trial_id
             for lease in leases.values()
-            if lease.status == "active" and lease.worker_id in (None, worker_id)
+            if lease_error(lease) is None and not held_by_other(lease, worker_id)
         ]
-        if renewable:
-            session.execute(
-                update(TrialLease)
-                .where(TrialLease.trial_id.in_(renewable), TrialLease.status == "active")
-                .values(expires_at=utcnow() + timedelta(seconds=policy.lease_s))
-            )
+        renew_leases(session, renewable, policy)
         worker = session.get(WorkerRecord, worker_id)
         if worker is not None:
             worker.status = status
@@ -99,12 +101,10 @@ def beat(
         lease = leases.get((ids.get(ref.study, -1), ref.number))
         if lease is None:
             code = "trial_not_found"
-        elif lease.worker_id not in (None, worker_id):
+        elif held_by_other(lease, worker_id):
             code = "not_your_trial"
-        elif lease.status in ("reaped", "released"):
-            code = "lease_lost"
-        elif lease.status != "active":
-            code = "trial_finished"
+        elif (ended := lease_error(lease)) is not None:
+            code = ended
         elif lease.study_id in stopped:
             code = "study_stopped"
         else:
@@ -136,9 +136,9 @@ def queue(
     )
 
 
-def list_workers(db: Database, *, heartbeat_interval_s: float, include_stopped: bool = True) -> WorkerList:
-    """Registered workers; ``live`` means seen within two heartbeat intervals."""
-    cutoff = utcnow() - timedelta(seconds=2 * heartbeat_interval_s)
+def list_workers(db: Database, *, policy: LeasePolicy, include_stopped: bool = True) -> WorkerList:
+    """Registered workers; ``live`` means seen within one lease period (two heartbeat intervals)."""
+    cutoff = utcnow() - timedelta(seconds=policy.lease_s)
     with db.session() as session:
         records = list(session.scalars(select(WorkerRecord).order_by(WorkerRecord.started_at.desc())))
     items = []
@@ -150,8 +150,9 @@ def list_workers(db: Database, *, heartbeat_interval_s: float, include_stopped: 
     return WorkerList(items=items, total=len(items))
 
 
-def count_live_workers(db: Database, *, heartbeat_interval_s: float) -> int:
-    return sum(1 for w in list_workers(db, heartbeat_interval_s=heartbeat_interval_s).items if w.live)
+def count_live_workers(db: Database, *, policy: LeasePolicy) -> int:
+    """How many workers are live (see :func:`list_workers`)."""
+    return sum(1 for w in list_workers(db, policy=policy).items if w.live)
 
 
 def _read(record: WorkerRecord, live: bool) -> WorkerRead:

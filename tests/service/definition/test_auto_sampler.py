@@ -95,7 +95,7 @@ def test_warm_up_covers_what_runs_at_once_and_at_most_a_third_of_the_budget() ->
     assert warmup_trials(shape(n_trials=12)) == 4
     assert warmup_trials(shape(n_trials=2)) == 1
     # the model-based stage models from the first results instead of waiting for 10 complete
-    # trials (measured: with 8 in flight, 3 is much better on NAS-Bench-201, see the README)
+    # trials (measured: with 8 in flight, 3 is much better on NAS-Bench-201, see docs/performance.md)
     assert choose(shape(max_parallel=8)).stages[1].options["n_startup_trials"] == 3
     assert choose(shape(max_parallel=16, n_trials=100)).stages[1].options["n_startup_trials"] == 3
     assert choose(shape()).stages[1].options["n_startup_trials"] == 10

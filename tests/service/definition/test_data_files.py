@@ -19,7 +19,7 @@ from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.errors import InvalidInput
 from caviar.service.examples import example_path
-from caviar.service.studies.service import create_study, parse_definition
+from caviar.service.store import create_study, parse_definition
 
 EXAMPLE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
 

@@ -22,7 +22,8 @@ from caviar.service.db import Database
 from caviar.service.examples import example_path
 from caviar.service.schedules import service
 from caviar.service.schedules.schemas import ScheduleRead
-from caviar.service.studies.service import pause_study, set_state
+from caviar.service.store import set_state
+from caviar.service.studies.service import pause_study
 from caviar.storage import Schedule, ScheduleRun, StudyRecord
 
 _EXAMPLE: dict[str, Any] = yaml.safe_load(example_path("digits-mlp").read_text())
@@ -242,7 +243,7 @@ def test_disabled_schedule_does_not_fire_and_reenabling_starts_from_now(db: Data
 
 def test_a_study_name_taken_by_someone_else_records_an_error(db: Database) -> None:
     from caviar.service.definition import StudyDefinition
-    from caviar.service.studies.service import create_study
+    from caviar.service.store import create_study
 
     make(db, utc(2024, 5, 1, 0, 30))
     create_study(db, StudyDefinition.from_template("nightly-20240501T0100", template()))
@@ -496,7 +497,7 @@ def _leave_pending(db: Database, schedule_id: int) -> None:
 
 def test_a_pending_run_whose_study_was_created_before_the_crash_is_created(db: Database) -> None:
     from caviar.service.definition import StudyDefinition
-    from caviar.service.studies.service import create_study
+    from caviar.service.store import create_study
 
     schedule = make(db, utc(2024, 5, 1, 0, 30))
     make(db, utc(2024, 5, 1, 0, 30), name="other", enabled=False)
@@ -577,7 +578,7 @@ def test_missed_ticks_beyond_the_count_cap_say_at_least(
 
 def test_only_the_schedules_own_studies_count_as_overlapping(db: Database) -> None:
     from caviar.service.definition import StudyDefinition
-    from caviar.service.studies.service import create_study
+    from caviar.service.store import create_study
 
     make(db, utc(2024, 5, 1, 0, 30), overlap="skip_if_running")
     create_study(db, StudyDefinition.from_template("someone-elses", template()))  # queued, no schedule
@@ -620,7 +621,7 @@ def test_a_manual_run_of_a_template_invalid_now_names_the_template_field(db: Dat
 
 def test_finishing_a_run_touches_that_run_alone_and_only_while_pending(db: Database) -> None:
     from caviar.service.definition import StudyDefinition
-    from caviar.service.studies.service import create_study
+    from caviar.service.store import create_study
 
     first = make(db, utc(2024, 5, 1, 0, 30))
     second = make(db, utc(2024, 5, 1, 0, 30), name="other")

@@ -15,13 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from caviar.service import trials
+from caviar.service import store, trials
 from caviar.service.db import Database
-from caviar.service.studies import service as studies
-from caviar.service.trials._core import lease_of
+from caviar.service.store import lease_of
 from caviar.service.trials.leases import end_overdue
 from caviar.storage import StudyRecord, utcnow
-from tests.service.helpers import external_study
+from tests.service.helpers import POLICY, external_study
 
 API = "/api/v1/studies"
 
@@ -144,7 +143,7 @@ def test_patch_max_parallel_priority_tags_and_timeout(client: TestClient, db: Da
     assert changed["definition"]["budget"]["max_parallel"] is None
     ask(client, "m")  # no parallel limit any more
     lease = lease_of(
-        db, db.optuna.get_trial_id_from_study_id_trial_number(studies.load_record(db, "m").optuna_study_id, 0)
+        db, db.optuna.get_trial_id_from_study_id_trial_number(store.load_record(db, "m").optuna_study_id, 0)
     )
     assert lease is not None and lease.deadline_at is not None
     assert abs((lease.deadline_at - lease.started_at).total_seconds() - 60) < 1e-3
@@ -163,13 +162,13 @@ def test_patch_plans_auto_again_and_keeps_the_sobol_scramble(
     body["sampler"] = {"type": "auto"}
     created = create(client, body)
     assert [stage["type"] for stage in created["sampler"]["stages"]] == ["sobol", "gp"]
-    before = studies.definition_of(studies.load_record(db, "auto-edit"))
+    before = store.definition_of(store.load_record(db, "auto-edit"))
     changed = patch(client, "auto-edit", {"budget": {"n_trials": 400}})
     assert changed.status_code == 200, changed.text
     assert [stage["type"] for stage in changed.json()["sampler"]["stages"]] == ["sobol", "gp", "tpe"]
     loaded = optuna.load_study(study_name="auto-edit", storage=db_url)
     assert loaded.user_attrs["caviar:sampler"] == changed.json()["sampler"]
-    after = studies.definition_of(studies.load_record(db, "auto-edit"))
+    after = store.definition_of(store.load_record(db, "auto-edit"))
     assert after._stream_seed == before._stream_seed
 
 
@@ -229,7 +228,7 @@ def test_stop_cancels_waiting_prunes_running_and_ends_stopped(client: TestClient
     assert code(client.post(f"{API}/s/pause")) == "invalid_state"
     assert code(client.post(f"{API}/missing/stop")) == "study_not_found"
     # cancelled trials are not failures of the study
-    assert studies.load_record(db, "s").state == "stopped"
+    assert store.load_record(db, "s").state == "stopped"
 
 
 def test_stop_without_running_trials_is_stopped_at_once(client: TestClient) -> None:
@@ -629,9 +628,9 @@ def test_definition_edits_reach_a_process_with_a_cached_definition(client: TestC
     create(client, external_study("cache", n_trials=1))
     other = Database(db_url)
     try:
-        trials.ask(other, "cache")  # parses and caches the definition with n_trials 1
+        trials.ask(other, "cache", policy=POLICY)  # parses and caches the definition with n_trials 1
         assert patch(client, "cache", {"budget": {"n_trials": 2}}).status_code == 200
-        assert trials.ask(other, "cache").number == 1
+        assert trials.ask(other, "cache", policy=POLICY).number == 1
     finally:
         other.dispose()
 

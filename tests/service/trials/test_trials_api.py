@@ -9,7 +9,7 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service.helpers import external_study
+from tests.service.helpers import POLICY, external_study
 
 API = "/api/v1/studies"
 
@@ -361,7 +361,7 @@ def test_importances_and_refine(client: TestClient) -> None:
 
 def test_a_trial_orphaned_mid_ask_is_recovered(client: TestClient, db) -> None:
     """A crash between creating the trial and writing its lease (a database restart) is recovered."""
-    from caviar.service.studies.service import load_record
+    from caviar.service.store import load_record
     from caviar.service.trials import reap
     from caviar.service.trials.lifecycle import _start_trial
 
@@ -432,49 +432,51 @@ def test_request_ids_are_per_study(client: TestClient) -> None:
 
 
 def test_a_repeated_ask_waits_for_the_first_then_answers_409(client: TestClient, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service import store
     from caviar.service.errors import Conflict
-    from caviar.service.studies.service import load_record
-    from caviar.service.trials import _core, lifecycle
+    from caviar.service.store import load_record
+    from caviar.service.trials import lifecycle
 
     monkeypatch.setattr(lifecycle, "REPLAY_WAIT_S", 0.3)
     name = create(client)
     ask(client, name, request_id="r")
-    tid = _core.trial_id(db, load_record(db, name), 0)
-    db.optuna.set_trial_system_attr(tid, _core.READY, False)  # as if the first ask still samples
+    tid = store.trial_id(db, load_record(db, name), 0)
+    db.optuna.set_trial_system_attr(tid, store.READY, False)  # as if the first ask still samples
     start = time.monotonic()
     with pytest.raises(Conflict) as raised:
-        lifecycle.ask(db, name, request_id="r")
+        lifecycle.ask(db, name, request_id="r", policy=POLICY)
     assert 0.3 <= time.monotonic() - start < 1.0
     assert raised.value.code == "ask_in_progress" and raised.value.retry_after_s == 1
     assert raised.value.message == f"the ask 'r' of {name!r} is still being answered; repeat it shortly"
     assert client.post(f"{API}/{name}/trials/0/tell", json={"state": "pruned"}).status_code == 200
     start = time.monotonic()
-    assert lifecycle.ask(db, name, request_id="r").number == 0  # finished: answered at once
+    assert lifecycle.ask(db, name, request_id="r", policy=POLICY).number == 0  # finished: answered at once
     assert time.monotonic() - start < 0.3
 
 
 def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from caviar.service.studies.service import definition_of, load_record
-    from caviar.service.trials import _core, leases
+    from caviar.service import store
+    from caviar.service.store import definition_of, load_record
+    from caviar.service.trials import leases
     from caviar.storage import utcnow
 
     name = create(client, n_trials=5)
     ask(client, name)
     ask(client, name)
     record = load_record(db, name)
-    told_id = _core.trial_id(db, record, 1)
+    told_id = store.trial_id(db, record, 1)
     db.optuna.set_trial_state_values(told_id, optuna.trial.TrialState.COMPLETE, [1.0])  # a tell won the race
-    lapsed_id = _core.trial_id(db, record, 0)
+    lapsed_id = store.trial_id(db, record, 0)
     now = utcnow()
     assert leases._reap_one(db, record, definition_of(record), lapsed_id, now) == 0  # not due
     later = now + timedelta(hours=1)
     assert leases.reap(db, now=later) == 1
-    reaped = _core.lease_of(db, lapsed_id)
+    reaped = store.lease_of(db, lapsed_id)
     assert reaped is not None and (reaped.status, reaped.reason) == ("reaped", "lease expired (no heartbeat)")
     assert client.get(f"{API}/{name}/trials/0").json()["fail_reason"] == "lease expired (no heartbeat)"
-    finished = _core.lease_of(db, told_id)
+    finished = store.lease_of(db, told_id)
     assert finished is not None and finished.status == "finished"
     assert client.get(f"{API}/{name}/trials/1").json()["state"] == "complete"
     assert leases.reap(db, now=later) == 0
@@ -486,7 +488,7 @@ def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db
     beat = client.post(f"{API}/{name}/trials/1/heartbeat").json()["error"]
     assert (beat["code"], beat["message"]) == ("trial_finished", f"trial 1 of {name!r} is already finished")
     assert leases._reap_one(db, record, definition_of(record), lapsed_id, later) == 0  # reaped already
-    assert _core.lease_of(db, lapsed_id).status == "reaped"  # type: ignore[union-attr]
+    assert store.lease_of(db, lapsed_id).status == "reaped"  # type: ignore[union-attr]
     counts = client.get(f"{API}/{name}").json()["trial_counts"]
     assert counts["waiting"] == 1  # one retry, of the reaped trial only
 
@@ -500,8 +502,8 @@ def test_only_the_asking_worker_acts_on_its_trial_without_write_scope(client: Te
     ask(client, name)  # asked without a worker id: anyone may act on it
     own, other = leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)
     for act in (
-        lambda caller: leases.heartbeat(db, name, 0, caller=caller),
-        lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller),
+        lambda caller: leases.heartbeat(db, name, 0, caller=caller, policy=POLICY),
+        lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller, policy=POLICY),
         lambda caller: leases.release(db, name, 0, caller=caller),
         lambda caller: lifecycle.tell(db, name, 0, "pruned", caller=caller),
     ):
@@ -512,9 +514,9 @@ def test_only_the_asking_worker_acts_on_its_trial_without_write_scope(client: Te
             f"trial 0 of {name!r} belongs to another worker "
             "(only its own worker, or a token with write scope, may act on it)"
         )
-    leases.heartbeat(db, name, 0, caller=own)
-    leases.heartbeat(db, name, 0, caller=leases.Caller("w2"))  # write scope: any trial
-    leases.heartbeat(db, name, 1, caller=other)
+    leases.heartbeat(db, name, 0, caller=own, policy=POLICY)
+    leases.heartbeat(db, name, 0, caller=leases.Caller("w2"), policy=POLICY)  # write scope: any trial
+    leases.heartbeat(db, name, 1, caller=other, policy=POLICY)
     assert lifecycle.tell(db, name, 0, "pruned", caller=own).state == "pruned"
 
 
@@ -528,7 +530,7 @@ def test_a_tell_stores_the_user_attributes_it_carries(client: TestClient) -> Non
 
 
 def test_the_reaper_recovers_orphans_in_every_live_study_and_counts_them(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
-    from caviar.service.studies.service import load_record
+    from caviar.service.store import load_record
     from caviar.service.trials import reap
     from caviar.service.trials.lifecycle import _start_trial
 
@@ -556,7 +558,7 @@ def test_the_reaper_recovers_orphans_in_every_live_study_and_counts_them(client:
 
 
 def test_an_orphan_seen_before_its_lease_landed_is_left_alone(client: TestClient, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from caviar.service.studies.service import load_record
+    from caviar.service.store import load_record
     from caviar.service.trials import leases, reap
     from caviar.service.trials.lifecycle import _start_trial
 
@@ -598,17 +600,17 @@ def test_a_stopping_study_says_why_to_the_heartbeats_of_its_trials(client: TestC
 
 
 def test_a_report_and_a_heartbeat_renew_their_own_lease_only(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
-    from caviar.service.studies.service import load_record
-    from caviar.service.trials import _core
+    from caviar.service import store
+    from caviar.service.store import load_record
 
     name = create(client)
     ask(client, name)
     ask(client, name)
     record = load_record(db, name)
-    ids = [_core.trial_id(db, record, n) for n in (0, 1)]
+    ids = [store.trial_id(db, record, n) for n in (0, 1)]
 
     def expiries() -> list:  # type: ignore[type-arg]
-        return [_core.lease_of(db, i).expires_at for i in ids]  # type: ignore[union-attr]
+        return [store.lease_of(db, i).expires_at for i in ids]  # type: ignore[union-attr]
 
     before = expiries()
     time.sleep(0.01)
@@ -674,7 +676,7 @@ def test_a_report_of_an_infinite_value_names_the_field(client: TestClient) -> No
 def test_an_orphaned_retry_has_used_its_attempt(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
     from optuna.trial import TrialState
 
-    from caviar.service.studies.service import load_record
+    from caviar.service.store import load_record
     from caviar.service.trials import reap
     from caviar.service.trials.lifecycle import _start_trial
 

@@ -22,21 +22,15 @@ from sqlalchemy import text
 from caviar.service import trials
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
+from caviar.service.store import FAIL_REASON, create_study, definition_of, load_record, parse_definition
 from caviar.service.studies.schemas import BudgetUpdate, StudyUpdate
-from caviar.service.studies.service import (
-    create_study,
-    definition_of,
-    describe,
-    load_record,
-    parse_definition,
-)
+from caviar.service.studies.service import describe
 from caviar.service.studies.steering import stop_study, update_study
 from caviar.service.trials import reap
-from caviar.service.trials._core import FAIL_REASON
 from caviar.service.trials.enqueue import enqueue
 from caviar.service.trials.schemas import EnqueueItem
 from caviar.storage import utcnow
-from tests.service.helpers import external_study
+from tests.service.helpers import POLICY, external_study
 
 
 def _ask_until_exhausted(url: str, name: str, out: list[int], errors: list[BaseException]) -> None:
@@ -44,7 +38,9 @@ def _ask_until_exhausted(url: str, name: str, out: list[int], errors: list[BaseE
     try:
         while True:
             try:
-                out.append(trials.ask(db, name, worker_id=threading.current_thread().name).number)
+                out.append(
+                    trials.ask(db, name, worker_id=threading.current_thread().name, policy=POLICY).number
+                )
             except Conflict as exc:
                 assert exc.code == "budget_exhausted"
                 return
@@ -102,7 +98,7 @@ def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database, db_url: str)
     create_study(
         db, parse_definition(external_study("tells", n_trials=12, max_retries=1, max_failed_trials=100))
     )
-    numbers = [trials.ask(db, "tells").number for _ in range(12)]
+    numbers = [trials.ask(db, "tells", policy=POLICY).number for _ in range(12)]
     kinds = ["complete", "pruned", "fail"]
     told: dict[int, str] = {}
     errors: list[BaseException] = []
@@ -158,11 +154,11 @@ def test_concurrent_tells_and_reaps_keep_counts_exact(db: Database, db_url: str)
     counts = trials_counts(db, "tells")
     assert counts["complete"] + counts["pruned"] + counts["waiting"] == 12  # the budget, exactly
     for _ in retries:  # the retries finish the study at exactly its budget
-        assignment = trials.ask(db, "tells")
+        assignment = trials.ask(db, "tells", policy=POLICY)
         assert assignment.retry_of is not None
         trials.tell(db, "tells", assignment.number, "complete", values=[0.0])
     with pytest.raises(Conflict):
-        trials.ask(db, "tells")
+        trials.ask(db, "tells", policy=POLICY)
     assert load_record(db, "tells").state == "completed"
     counts = trials_counts(db, "tells")
     assert counts["complete"] + counts["pruned"] == 12 and counts["running"] == counts["waiting"] == 0
@@ -181,7 +177,7 @@ def test_sampling_scales_are_right(db: Database) -> None:
     create_study(db, parse_definition(external_study("scales", n_trials=400)))
     samples = []
     for _ in range(200):
-        assignment = trials.ask(db, "scales")
+        assignment = trials.ask(db, "scales", policy=POLICY)
         trials.tell(db, "scales", assignment.number, "complete", values=[0.0])
         samples.append(assignment.params)
     lr = np.log10([s["lr"] for s in samples])
@@ -198,8 +194,8 @@ def test_sampling_scales_are_right(db: Database) -> None:
 def test_seeded_sequential_runs_repeat_and_differ_between_trials(db: Database) -> None:
     for name in ("seed-a", "seed-b"):
         create_study(db, parse_definition(external_study(name, n_trials=5)))
-    a = [trials.ask(db, "seed-a").params for _ in range(5)]
-    b = [trials.ask(db, "seed-b").params for _ in range(5)]
+    a = [trials.ask(db, "seed-a", policy=POLICY).params for _ in range(5)]
+    b = [trials.ask(db, "seed-b", policy=POLICY).params for _ in range(5)]
     assert a == b
     assert len({p["lr"] for p in a}) == 5
 
@@ -214,7 +210,7 @@ def test_concurrent_asks_with_one_request_id_get_one_trial(db: Database, db_url:
         try:
             while True:
                 try:
-                    numbers.append(trials.ask(other, "req", request_id="same").number)
+                    numbers.append(trials.ask(other, "req", request_id="same", policy=POLICY).number)
                     return
                 except Conflict as exc:  # the first ask still samples: retry, as clients do
                     assert exc.code == "ask_in_progress"
@@ -253,17 +249,19 @@ def test_a_request_retried_while_its_trial_is_sampled_waits_for_the_parameters(
     monkeypatch.setattr(lifecycle, "_sample", slow_sample)
     monkeypatch.setattr(lifecycle, "REPLAY_WAIT_S", 0.3)
     first: list[Any] = []
-    thread = threading.Thread(target=lambda: first.append(trials.ask(db, "slow", request_id="r1")))
+    thread = threading.Thread(
+        target=lambda: first.append(trials.ask(db, "slow", request_id="r1", policy=POLICY))
+    )
     thread.start()
     assert sampling.wait(30)
     other = Database(db_url, pool_size=1)
     try:
         with pytest.raises(Conflict) as raised:
-            trials.ask(other, "slow", request_id="r1")
+            trials.ask(other, "slow", request_id="r1", policy=POLICY)
         assert raised.value.code == "ask_in_progress" and raised.value.retry_after_s == 1
         release.set()
         thread.join(30)
-        again = trials.ask(other, "slow", request_id="r1")
+        again = trials.ask(other, "slow", request_id="r1", policy=POLICY)
     finally:
         other.dispose()
     assert again.number == first[0].number and again.params == first[0].params
@@ -329,7 +327,7 @@ def test_enqueue_and_ask_concurrently_hand_out_each_set_once(db: Database, db_ur
         try:
             while True:
                 try:
-                    handed.append(trials.ask(other, "enq").params)
+                    handed.append(trials.ask(other, "enq", policy=POLICY).params)
                 except Conflict as exc:
                     assert exc.code == "budget_exhausted"
                     if enqueuers_done.is_set():
@@ -360,7 +358,7 @@ def test_enqueue_and_ask_concurrently_hand_out_each_set_once(db: Database, db_ur
 
 def test_a_stop_racing_the_last_tells_ends_stopped(db: Database, db_url: str) -> None:
     create_study(db, parse_definition(external_study("race-stop", n_trials=40)))
-    numbers = [trials.ask(db, "race-stop").number for _ in range(12)]
+    numbers = [trials.ask(db, "race-stop", policy=POLICY).number for _ in range(12)]
     errors: list[BaseException] = []
 
     def finish(number: int) -> None:
@@ -521,7 +519,9 @@ def test_two_asks_for_the_last_trial_hand_out_one(db: Database, db_url: str, mon
     monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, after=True))
     other = _other(db_url)
     try:
-        results = race.run(lambda: trials.ask(db, "last"), lambda: trials.ask(other, "last"))
+        results = race.run(
+            lambda: trials.ask(db, "last", policy=POLICY), lambda: trials.ask(other, "last", policy=POLICY)
+        )
     finally:
         other.dispose()
     assert not isinstance(results["first"], BaseException), results
@@ -543,7 +543,7 @@ def test_a_retry_being_queued_is_not_outrun_by_an_ask(
     from caviar.service.trials import leases, lifecycle
 
     create_study(db, parse_definition(external_study("retry", n_trials=1, max_retries=1)))
-    trial = trials.ask(db, "retry")
+    trial = trials.ask(db, "retry", policy=POLICY)
     race = Interleaving()
     module = lifecycle if ending == "fail_tell" else leases
     monkeypatch.setattr(module, "requeue_retry", race.point(module.requeue_retry, role="first"))
@@ -555,7 +555,7 @@ def test_a_retry_being_queued_is_not_outrun_by_an_ask(
     }[ending]
     other = _other(db_url)
     try:
-        results = race.run(first, lambda: trials.ask(other, "retry"))
+        results = race.run(first, lambda: trials.ask(other, "retry", policy=POLICY))
     finally:
         other.dispose()
     assert not isinstance(results["first"], BaseException), results
@@ -574,7 +574,7 @@ def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, 
     from caviar.service.trials import lifecycle
 
     create_study(db, parse_definition(external_study("lower-one", n_trials=3)))
-    trials.ask(db, "lower-one")
+    trials.ask(db, "lower-one", policy=POLICY)
     race = Interleaving()
     monkeypatch.setattr(steering, "all_trials", race.point(steering.all_trials, role="first", after=True))
     monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, role="second"))
@@ -582,7 +582,7 @@ def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, 
     try:
         results = race.run(
             lambda: update_study(db, "lower-one", StudyUpdate(budget=BudgetUpdate(n_trials=1))),
-            lambda: trials.ask(other, "lower-one"),
+            lambda: trials.ask(other, "lower-one", policy=POLICY),
         )
     finally:
         other.dispose()
@@ -601,7 +601,7 @@ def test_a_tell_that_lands_while_the_reaper_works_wins(
     """The reaper has picked a lapsed trial and holds the study lock; the worker's complete/pruned
     tell lands before the reaper fails the trial. The tell stands: no failure, no retry."""
     create_study(db, parse_definition(external_study("tell-first", n_trials=1, max_retries=2)))
-    trial = trials.ask(db, "tell-first")
+    trial = trials.ask(db, "tell-first", policy=POLICY)
     storage = db.optuna
     real_set_attr = storage.set_trial_user_attr
     told = threading.Event()
@@ -654,7 +654,7 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     """The worker's complete/pruned tell has passed Optuna's running check when the reaper fails the
     trial and queues its retry: the tell answers lease_lost, and the retry is the only way on."""
     create_study(db, parse_definition(external_study("reap-first", n_trials=1, max_retries=2)))
-    trial = trials.ask(db, "reap-first")
+    trial = trials.ask(db, "reap-first", policy=POLICY)
     storage = db.optuna
     real_set_state = storage.set_trial_state_values
     results: dict[str, Any] = {}
@@ -689,7 +689,7 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     assert isinstance(results["tell"], Conflict) and results["tell"].code == "lease_lost", results
     counts = trials_counts(db, "reap-first")
     assert counts == {"waiting": 1, "running": 0, "complete": 0, "pruned": 0, "fail": 1}
-    retry = trials.ask(db, "reap-first")
+    retry = trials.ask(db, "reap-first", policy=POLICY)
     assert retry.retry_of == trial.number and retry.params == trial.params
     trials.tell(db, "reap-first", retry.number, kind, values=[1.0] if kind == "complete" else None)
     assert load_record(db, "reap-first").state == "completed"
@@ -708,7 +708,7 @@ def _ask_in_another_process(url: str, name: str, reached: Any, out: Any) -> None
     lifecycle.count_states = count_states
     db = Database(url, pool_size=1)
     try:
-        out.put(("ok", trials.ask(db, name).number))
+        out.put(("ok", trials.ask(db, name, policy=POLICY).number))
     except Conflict as exc:
         out.put(("conflict", exc.code))
     except BaseException as exc:
@@ -757,7 +757,7 @@ def test_an_ask_in_another_process_waits_for_the_lock(db: Database, db_url: str,
         return process
 
     race.second_reached = ctx.Event()
-    process = race.run_against_process(lambda: trials.ask(db, "procs-last"), start_second)
+    process = race.run_against_process(lambda: trials.ask(db, "procs-last", policy=POLICY), start_second)
     second = out.get(timeout=120)
     process.join(60)
     assert not isinstance(race.results["first"], BaseException), race.results

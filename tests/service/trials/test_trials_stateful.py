@@ -42,8 +42,9 @@ from hypothesis.stateful import (
 )
 
 from caviar.service.db import Database
+from caviar.service.store import ATTEMPT, CANCELLED, RELEASED, RETRY_OF
+from caviar.service.store import _leases as store_leases
 from caviar.service.trials import leases, lifecycle
-from caviar.service.trials._core import ATTEMPT, CANCELLED, RELEASED, RETRY_OF
 from caviar.storage import utcnow
 from tests.service.helpers import external_study
 
@@ -576,6 +577,7 @@ def test_the_trial_lifecycle_follows_the_model(
     clock = Clock()
     monkeypatch.setattr(lifecycle, "utcnow", clock)
     monkeypatch.setattr(leases, "utcnow", clock)
+    monkeypatch.setattr(store_leases, "utcnow", clock)  # renewal
     TrialLifecycle.client, TrialLifecycle.db, TrialLifecycle.clock = lifecycle_client, db, clock
     run_state_machine_as_test(
         TrialLifecycle,
@@ -639,6 +641,7 @@ def test_reaped_trials_use_their_retries_and_count_as_failures(
     clock = Clock()
     monkeypatch.setattr(lifecycle, "utcnow", clock)
     monkeypatch.setattr(leases, "utcnow", clock)
+    monkeypatch.setattr(store_leases, "utcnow", clock)  # renewal
     _study(client, "lapses", n_trials=1, max_retries=1, max_failed_trials=1)
     first = client.post(f"{API}/lapses/trials/ask", json={}).json()
     assert leases.reap(db, now=clock.advance(LEASE_S + 1)) == 1

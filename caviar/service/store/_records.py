@@ -1,0 +1,185 @@
+"""Study records and their trials: look-ups, the parsed definition, compare-and-set state changes.
+
+Plain functions over a :class:`~caviar.service.db.Database`. caviar's study row
+(:class:`~caviar.storage.StudyRecord`) is read here; its Optuna trials are read through Optuna's
+(cached) storage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from caviar.service.db import Database
+from caviar.service.definition import StudyDefinition
+from caviar.service.errors import NotFound, parse_model
+from caviar.service.store._states import QUEUE_STATES
+from caviar.storage import StudyRecord, utcnow
+
+QUEUE_ORDER = (StudyRecord.priority.desc(), StudyRecord.created_at, StudyRecord.id)
+"""The order workers take studies in: highest priority first, then the oldest."""
+
+
+def parse_definition(data: dict[str, Any], *, prefix: str = "") -> StudyDefinition:
+    """Validate a study definition from JSON/YAML data; errors name the field."""
+    return parse_model(StudyDefinition, data, prefix=prefix)
+
+
+_definitions: dict[tuple[int, datetime, int], StudyDefinition] = {}
+
+
+def definition_of(record: StudyRecord) -> StudyDefinition:
+    """The stored (already validated) definition of a study, parsed once per revision and process.
+
+    The cache key holds the definition's revision (``definition_version``, bumped by every edit), so
+    every process sees an edit as soon as it reads the row again; and the creation time, because
+    SQLite may reuse the id of a deleted row.
+    """
+    key = (record.id, record.created_at, record.definition_version or 1)
+    definition = _definitions.get(key)
+    if definition is None:
+        if len(_definitions) > 4096:
+            _definitions.clear()
+        definition = _definitions[key] = StudyDefinition.model_validate(record.definition)
+    return definition
+
+
+# ---- study rows -----------------------------------------------------------------------------
+
+
+def get_record(session: Session, name: str) -> StudyRecord:
+    """The study row, or NotFound (``study_not_found``)."""
+    record = session.scalar(select(StudyRecord).where(StudyRecord.name == name))
+    if record is None:
+        raise NotFound(f"no study named {name!r}", code="study_not_found")
+    return record
+
+
+def load_record(db: Database, name: str) -> StudyRecord:
+    """The study row by name, read in a session of its own, or NotFound."""
+    with db.session() as session:
+        return get_record(session, name)
+
+
+def reload(db: Database, record: StudyRecord) -> StudyRecord:
+    """The study's row as it is now (another process may have edited it), or NotFound."""
+    with db.session() as session:
+        current = session.get(StudyRecord, record.id)
+    if current is None or current.created_at != record.created_at:
+        raise NotFound(f"no study named {record.name!r}", code="study_not_found")
+    return current
+
+
+def transition(db: Database, record: StudyRecord, from_states: Sequence[str], to: str, **values: Any) -> bool:
+    """Move a study to state ``to`` if it is in one of ``from_states`` now (compare and set).
+
+    Returns:
+        Whether this call moved it.
+    """
+    with db.session() as session, session.begin():
+        result = session.execute(
+            update(StudyRecord)
+            .where(StudyRecord.id == record.id, StudyRecord.state.in_(list(from_states)))
+            .values(state=to, updated_at=utcnow(), **values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def set_state(session: Session, record: StudyRecord, state: str) -> None:
+    """Set a study's state in the caller's session (the caller holds the row and commits)."""
+    record.state = state
+    record.updated_at = utcnow()
+    session.add(record)
+
+
+def runnable_studies(
+    db: Database, *, kinds: Sequence[str] | None = None, names: Sequence[str] | None = None
+) -> list[StudyRecord]:
+    """Studies that hand out trials, in queue order; optionally only these objective kinds or names."""
+    with db.session() as session:
+        query = select(StudyRecord).where(StudyRecord.state.in_(QUEUE_STATES)).order_by(*QUEUE_ORDER)
+        if kinds:
+            query = query.where(StudyRecord.objective_kind.in_(list(kinds)))
+        if names:
+            query = query.where(StudyRecord.name.in_(list(names)))
+        return list(session.scalars(query))
+
+
+def count_studies_by_state(db: Database) -> dict[str, int]:
+    """How many studies are in each state."""
+    with db.session() as session:
+        rows = session.execute(select(StudyRecord.state, func.count()).group_by(StudyRecord.state)).all()
+    return {state: count for state, count in rows}
+
+
+# ---- trials -----------------------------------------------------------------------------------
+
+
+def all_trials(
+    db: Database, record: StudyRecord, states: Sequence[TrialState] | None = None
+) -> list[FrozenTrial]:
+    """The Optuna trials of a study (through Optuna's cached storage)."""
+    try:
+        return db.optuna.get_all_trials(
+            record.optuna_study_id, deepcopy=False, states=tuple(states) if states else None
+        )
+    except KeyError:
+        return []  # the Optuna study was deleted behind caviar's back
+
+
+def complete_trials(db: Database, name: str) -> tuple[StudyRecord, StudyDefinition, list[FrozenTrial]]:
+    """A study with its complete trials; NotFound (``no_completed_trials``) when it has none."""
+    record = load_record(db, name)
+    complete = [t for t in all_trials(db, record, [TrialState.COMPLETE]) if t.values is not None]
+    if not complete:
+        raise NotFound(f"study {name!r} has no completed trials yet", code="no_completed_trials")
+    return record, definition_of(record), complete
+
+
+def trial_id(db: Database, record: StudyRecord, number: int) -> int:
+    """Optuna's id of trial ``number``, or NotFound (``trial_not_found``)."""
+    try:
+        return db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
+    except KeyError:
+        raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
+
+
+def frozen(db: Database, record: StudyRecord, number: int) -> FrozenTrial:
+    """Trial ``number`` of a study as Optuna has it."""
+    return db.optuna.get_trial(trial_id(db, record, number))
+
+
+_studies: dict[tuple[str, int, str], optuna.Study] = {}
+
+
+def study_handle(
+    db: Database, record: StudyRecord, definition: StudyDefinition, trial_number: int = 0
+) -> optuna.Study:
+    """The Optuna study with its sampler (seeded for ``trial_number``) and pruner.
+
+    The study handle is loaded once per process and copied per call, so concurrent calls each
+    have their own sampler without reading the study row again.
+    """
+    # the name too: SQLite reuses the id of the newest study once it is deleted
+    key = (db.url, record.optuna_study_id, record.name)
+    base = _studies.get(key)
+    if base is None:
+        if len(_studies) > 1024:
+            _studies.clear()
+        base = _studies[key] = optuna.Study(study_name=record.name, storage=db.optuna)
+    study = copy.copy(base)
+    study.sampler = definition.sampler_for(trial_number)
+    study.pruner = definition.build_pruner()
+    return study
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    """Optuna stores naive local times; the API speaks UTC."""
+    return moment.astimezone(UTC) if moment is not None else None

@@ -1,0 +1,58 @@
+"""Read-only aggregates over Optuna's trial table: the ONLY import of Optuna's private models.
+
+Optuna owns its tables and every write goes through its storage API; counting in SQL is the one
+thing its API cannot do cheaply (it loads the whole history). Should Optuna rename its models,
+this is the one file to change.
+"""
+
+from __future__ import annotations
+
+from optuna.storages._rdb.models import TrialModel
+from optuna.trial import TrialState
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from caviar.service.db import Database
+from caviar.storage import StudyRecord
+
+
+def count_states(db: Database, record: StudyRecord) -> dict[TrialState, int]:
+    """How many trials of a study are in each state, counted by the database.
+
+    One aggregate over Optuna's trial table (read only; every write still goes through Optuna's
+    storage): the ask and the tell check the budget with it instead of loading the history.
+    """
+    counts = dict.fromkeys(TrialState, 0)
+    with db.session() as session:
+        rows = session.execute(
+            select(TrialModel.state, func.count())
+            .where(TrialModel.study_id == record.optuna_study_id)
+            .group_by(TrialModel.state)
+        )
+        for state, count in rows:
+            counts[TrialState(state)] += int(count)
+    return counts
+
+
+def trial_total(db: Database, record: StudyRecord) -> int:
+    """How many trials a study has (every state), counted by the database."""
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(TrialModel)
+                .where(TrialModel.study_id == record.optuna_study_id)
+            )
+            or 0
+        )
+
+
+def trials_by_state(session: Session) -> dict[str, int]:
+    """How many trials all studies have in each state, by Optuna's lower-case state name."""
+    rows = session.execute(select(TrialModel.state, func.count()).group_by(TrialModel.state)).all()
+    return {state.name.lower(): int(count) for state, count in rows}
+
+
+def study_of_trial(session: Session, trial_id: int) -> int | None:
+    """The Optuna study id of a trial id (Optuna's storage API has no such lookup), or None."""
+    return session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))

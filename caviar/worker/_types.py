@@ -1,0 +1,43 @@
+"""What a runner needs of its slot, as a protocol: the runners (``_program``, ``_trainer``) type
+their slot with it, so they need not import ``_slot`` (which imports them: no circle, not even
+under ``TYPE_CHECKING``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+from caviar._client import Client, Trial
+from caviar.worker._options import WorkerOptions
+
+
+class SlotLike(Protocol):
+    """The part of :class:`caviar.worker._slot.Slot` that runners use."""
+
+    options: WorkerOptions
+    device: str
+    threads: int
+    worker_id: str
+    client: Client
+    stop: threading.Event
+
+    def ask(self, study: str, *, fixed: dict[str, Any] | None = None) -> Trial | None: ...
+
+    def should_prune(self, trial: Trial, step: int, value: float) -> bool: ...
+
+    def finish(
+        self,
+        trial: Trial,
+        state: str,
+        *,
+        values: list[float] | None = None,
+        reason: str | None = None,
+        user_attrs: dict[str, Any] | None = None,
+        fatal: bool = False,
+    ) -> None: ...
+
+    def hand_back(self, trial: Trial, reason: str) -> None: ...
+
+    def is_lost(self, trial: Trial) -> bool: ...
+
+    def still_held(self, trials: list[Trial]) -> list[Trial]: ...
