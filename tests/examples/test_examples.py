@@ -56,7 +56,8 @@ ALLOW = {
     "python_objective": ("--allow-code", "python:model"),
     "command_stdout": ("--allow-code", "command:bash train.sh"),
     "command_sdk": ("--allow-code", "command:python train.py"),
-    "optuna_objective": ("--allow-code", "python:objective"),
+    # children import the caviar under test (a checkout on PYTHONPATH), not an installed one
+    "optuna_objective": ("--allow-code", "python:objective", "--pass-env", "PYTHONPATH"),
 }
 """What each example's header tells the operator to allow (and nothing more)."""
 

@@ -110,6 +110,8 @@ def url(db_url: str, tmp_path: Path) -> Iterator[str]:
 
 def run_worker(url: str, folder: Path, tmp: Path, *args: str) -> None:
     command = ["worker", "--url", url, "--gpus", "none", "--poll-interval", "0.2", "--allow-code", "all"]
+    # children import the caviar under test (a checkout on PYTHONPATH), not an installed one
+    command += ["--pass-env", "PYTHONPATH"]
     worker = CaviarProcess(
         [*command, "--cpu", "1", "--exit-when-idle", "1", *args],
         unset=("CAVIAR_DATABASE_URL",),
