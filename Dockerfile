@@ -21,9 +21,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /app
+# Every other dependency at the version of the lock (requirements/constraints.txt, `make lock`);
+# torch is the one installed above (the lock's torch line is left out so TORCH_SPEC may differ).
+COPY requirements/constraints.txt ./requirements/
 COPY pyproject.toml README.md* ./
 COPY caviar ./caviar
-RUN pip install . && caviar --help >/dev/null
+RUN grep -v '^torch==' requirements/constraints.txt > /tmp/constraints.txt \
+    && pip install -c /tmp/constraints.txt . && caviar --help >/dev/null
 
 RUN useradd --create-home --uid 10001 caviar \
     && mkdir -p /data/artifacts \

@@ -19,18 +19,38 @@ The service lives in :mod:`caviar.service` (with :mod:`caviar.storage`), the PyT
 :mod:`caviar.trainer`, the worker processes in :mod:`caviar.worker`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from caviar._client import Client, Study, Trial, current_trial
 from caviar._errors import CaviarApiError, LeaseLost, TrialPruned
 
+if TYPE_CHECKING:
+    from caviar._optuna_storage import BudgetExhausted, OptunaStorage, optuna_storage
+
 __version__ = "0.1.0"
 
+_LAZY = {"optuna_storage", "OptunaStorage", "BudgetExhausted"}
+
+
+def __getattr__(name: str) -> Any:
+    """``caviar.optuna_storage`` and its types, imported on first use (they import optuna)."""
+    if name in _LAZY:
+        from caviar import _optuna_storage  # lazy: optuna is heavy; `import caviar` stays light
+
+        return getattr(_optuna_storage, name)
+    raise AttributeError(f"module 'caviar' has no attribute {name!r}")
+
+
 __all__ = [
+    "BudgetExhausted",
     "CaviarApiError",
     "Client",
     "LeaseLost",
+    "OptunaStorage",
     "Study",
     "Trial",
     "TrialPruned",
     "__version__",
     "current_trial",
+    "optuna_storage",
 ]

@@ -41,6 +41,8 @@ class Client:
         timeout_s: per-request timeout.
         retry_s: how long a request is retried through connection errors, 429 and 503.
         transport: an httpx transport (tests pass one).
+        wait_for_service: retry also before the service first answered (False: report a service
+            that is not there at once, as ``CaviarApiError`` with code ``unreachable``).
     """
 
     def __init__(
@@ -51,8 +53,16 @@ class Client:
         timeout_s: float = 30.0,
         retry_s: float = 300.0,
         transport: httpx.BaseTransport | None = None,
+        wait_for_service: bool = True,
     ) -> None:
-        self.http = HttpClient(url, token, timeout_s=timeout_s, retry_s=retry_s, transport=transport)
+        self.http = HttpClient(
+            url,
+            token,
+            timeout_s=timeout_s,
+            retry_s=retry_s,
+            transport=transport,
+            wait_for_service=wait_for_service,
+        )
 
     @property
     def url(self) -> str:
@@ -63,11 +73,78 @@ class Client:
         if not isinstance(definition, dict):
             definition = _load_definition(Path(definition))
         created = self.http.post(_path("studies"), json=definition)
-        return Study(self, str(created["name"]))
+        study = Study(self, str(created["name"]))
+        study.created = dict(created)
+        return study
 
     def study(self, name: str) -> Study:
         """A handle on an existing study (no request is made)."""
         return Study(self, name)
+
+    def _get(self, *parts: str | int, **params: Any) -> Any:
+        """GET ``/api/v1/<parts>`` with the query parameters that are not None."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return self.http.get(_path(*parts), params=query or None)
+
+    # ---- what an operator's tools need (the ``caviar`` command line) ---------------------
+
+    def list_studies(
+        self, *, state: str | None = None, tags: Sequence[str] = (), limit: int = 100, queue: bool = False
+    ) -> dict[str, Any]:
+        """A page of studies, newest first: ``{items, total}``; ``tags`` are ``key`` or ``key=value``.
+
+        With ``queue=True``: the queued and running studies in the order workers take them.
+        """
+        if queue:
+            return dict(
+                self._get("studies", state=["queued", "running"], tag=list(tags), limit=limit, order="queue")
+            )
+        return dict(self._get("studies", state=state, tag=list(tags), limit=limit))
+
+    def workers(self) -> dict[str, Any]:
+        """Registered workers with their device, current trials and last heartbeat: ``{items, total}``."""
+        return dict(self._get("workers"))
+
+    def create_schedule(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create a schedule (name, cron, timezone, template, policies); returns it."""
+        return dict(self.http.post(_path("schedules"), json=spec))
+
+    def schedules(self, *, limit: int = 1000) -> dict[str, Any]:
+        """Schedules: ``{items, total}``."""
+        return dict(self._get("schedules", limit=limit))
+
+    def schedule(self, ref: str) -> dict[str, Any]:
+        """One schedule, by id or name."""
+        return dict(self._get("schedules", ref))
+
+    def update_schedule(self, ref: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Change a schedule (``{"enabled": false}``, timing, template, policies); returns it."""
+        return dict(self.http.request("PATCH", _path("schedules", ref), json=change))
+
+    def run_schedule(self, ref: str) -> dict[str, Any]:
+        """Create the schedule's study now; returns the run."""
+        return dict(self.http.post(_path("schedules", ref, "run")))
+
+    def schedule_runs(self, ref: str, *, limit: int = 50) -> dict[str, Any]:
+        """A schedule's runs, newest first: ``{items, total}``."""
+        return dict(self._get("schedules", ref, "runs", limit=limit))
+
+    def delete_schedule(self, ref: str) -> None:
+        """Delete a schedule and its run history (its studies stay)."""
+        self.http.request("DELETE", _path("schedules", ref))
+
+    def create_token(self, scope: str, name: str | None = None) -> dict[str, Any]:
+        """Create a token (admin scope needed); the answer holds its secret, shown only once."""
+        body = {"scope": scope} | ({"name": name} if name else {})
+        return dict(self.http.post(_path("tokens"), json=body))
+
+    def tokens(self, *, include_revoked: bool = False) -> dict[str, Any]:
+        """Tokens without their secrets: ``{items, total}``."""
+        return dict(self._get("tokens", include_revoked=str(include_revoked).lower()))
+
+    def revoke_token(self, token_id: int) -> None:
+        """Revoke a token."""
+        self.http.request("DELETE", _path("tokens", token_id))
 
     def close(self) -> None:
         self.http.close()
@@ -99,6 +176,8 @@ class Study:
     def __init__(self, client: Client, name: str) -> None:
         self.client = client
         self.name = name
+        self.created: dict[str, Any] | None = None
+        """The service's answer when this handle created the study (with its warm-start summary)."""
 
     def __repr__(self) -> str:
         return f"Study({self.name!r})"
@@ -131,6 +210,57 @@ class Study:
         """The newest file named ``filename`` stored with trial ``number`` (checkpoint.pt, trial.log)."""
         path = _path("studies", self.name, "trials", number, "artifacts", filename)
         return self.client.http.send("GET", path).content
+
+    # ---- steering (the ``caviar study`` commands) ----------------------------------------
+
+    def _act(self, *action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self.client.http.post(_path("studies", self.name, *action), json=body))
+
+    def update(self, change: dict[str, Any]) -> dict[str, Any]:
+        """Edit the budget, priority or tags (a JSON merge patch); returns the study."""
+        return dict(self.client.http.request("PATCH", _path("studies", self.name), json=change))
+
+    def pause(self) -> dict[str, Any]:
+        """Stop handing out trials (running ones go on); returns the study."""
+        return self._act("pause")
+
+    def resume(self) -> dict[str, Any]:
+        """Hand out trials again after a pause; returns the study."""
+        return self._act("resume")
+
+    def stop(self, reason: str | None = None) -> dict[str, Any]:
+        """End the study (waiting trials cancelled, running ones told to stop); returns it."""
+        return self._act("stop", body={"reason": reason} if reason else None)
+
+    def delete(self) -> None:
+        """Delete the study, its trials and the files stored with them."""
+        self.client.http.request("DELETE", _path("studies", self.name))
+
+    def enqueue(self, trials: list[dict[str, Any]]) -> dict[str, Any]:
+        """Enqueue ``[{params, value?}]`` (handed out first, or imported with a value): ``{items, total}``."""
+        return self._act("trials", "enqueue", body={"trials": trials})
+
+    def importances(self) -> dict[str, Any]:
+        """``{"importances": {param: x}}`` (per metric for several objectives)."""
+        return dict(self.client.http.get(_path("studies", self.name, "importances")))
+
+    def refine(self, **options: Any) -> dict[str, Any]:
+        """Create the coarse-to-fine follow-up study (``top_fraction``, ``min_top``, ...); returns it."""
+        return self._act("refine", body=options)
+
+    def export(self, fmt: str = "csv") -> str:
+        """Every trial as ``csv`` (one ``params.<name>`` column per parameter) or ``json`` text."""
+        path = _path("studies", self.name, "trials", "export")
+        return self.client.http.send("GET", path, params={"format": fmt}).text
+
+    def checkpoint(self, number: int | None = None) -> tuple[int, str, bytes]:
+        """A trial's checkpoint (default: the best trial that stored one): ``(number, filename, content)``."""
+        where = ("checkpoint",) if number is None else ("trials", number, "checkpoint")
+        response = self.client.http.send("GET", _path("studies", self.name, *where))
+        # attachment; filename="<study>-trial<n>-<file>": the trial it came from, then the file
+        stored = response.headers.get("content-disposition", "").rpartition("filename=")[2].strip('"')
+        trial, _, filename = stored.rpartition("-trial")[2].partition("-")
+        return int(trial), filename or "checkpoint.pt", response.content
 
     def ask(
         self,
@@ -177,8 +307,10 @@ class Study:
         """Run ``objective(trial)`` on trials of this study until its global budget is used.
 
         The budget is the study's, shared with every other client and worker; ``n_trials`` caps
-        how many this call runs. ``objective`` returns the value (or values); it may call
-        ``trial.report(step, value)``, which raises :class:`TrialPruned` when the pruner says so.
+        how many this call runs. ``objective`` is an Optuna objective: it suggests its parameters,
+        returns the value (or values), may call ``trial.report(value, step)`` and
+        ``trial.should_prune()``, and may raise ``optuna.TrialPruned`` (or :class:`TrialPruned`),
+        which ends the trial PRUNED.
 
         Args:
             objective: the function to tune.

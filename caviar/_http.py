@@ -57,6 +57,9 @@ class HttpClient:
         timeout_s: per-request timeout.
         retry_s: how long to keep retrying a request through outages before giving up.
         transport: an httpx transport (tests pass an ASGI one).
+        wait_for_service: also retry a refused connection before the service first answered this
+            client (False: a service that is not there is reported unreachable at once, as a
+            command line wants; one that answered before and then drops out is retried as usual).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class HttpClient:
         timeout_s: float = 30.0,
         retry_s: float = 300.0,
         transport: httpx.BaseTransport | None = None,
+        wait_for_service: bool = True,
     ) -> None:
         self.url = (url or os.environ.get("CAVIAR_URL") or DEFAULT_URL).rstrip("/")
         token = token if token is not None else os.environ.get("CAVIAR_API_TOKEN")
@@ -76,6 +80,7 @@ class HttpClient:
             base_url=self.url, headers=headers, timeout=timeout_s, transport=transport
         )
         self._closed = threading.Event()
+        self._answered = wait_for_service
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send a request (arguments as :meth:`send`); return the decoded JSON body (None if empty).
@@ -111,8 +116,13 @@ class HttpClient:
                 )
             except httpx.TransportError as exc:
                 failure = CaviarApiError(0, "unreachable", f"cannot reach {self.url}: {type(exc).__name__}")
+                if isinstance(exc, httpx.UnsupportedProtocol) or (
+                    not self._answered and isinstance(exc, httpx.ConnectError)
+                ):
+                    raise failure from exc  # not a URL, or nothing listens there (refused, no such host)
                 wait = None
             else:
+                self._answered = True
                 if response.is_success:
                     return response
                 failure = api_error(response)

@@ -23,6 +23,9 @@ from caviar import storage
 
 BACKEND_URL = os.environ.get("CAVIAR_TEST_DATABASE", "sqlite")
 IS_POSTGRES = BACKEND_URL.startswith("postgresql")
+# `make test-long` sets CAVIAR_TEST_LONG=1: the examples run on their full budgets (CI: smaller ones
+# that check the same properties).
+LONG_RUN = os.environ.get("CAVIAR_TEST_LONG", "") == "1"
 
 # The CLI prints through rich, which wraps at the terminal's width: CI has none (80 columns),
 # so a long temporary path would split the words a test looks for.

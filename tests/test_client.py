@@ -5,20 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from sqlalchemy import select
 
 import caviar
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
+from caviar.service.processes import wait_until
 from caviar.service.trials import reap
-from caviar.storage import utcnow
+from caviar.storage import TrialLease, utcnow
 from tests.service.helpers import external_study
 from tests.service.test_dashboard import free_port, live_server
 
@@ -95,7 +97,15 @@ def test_should_prune_answers_the_pruners_decision_for_the_last_report(client: c
 def test_the_block_heartbeats_in_the_background(client: caviar.Client, db: Database) -> None:
     study = client.create_study(external_study("beats", n_trials=2))
     with study.ask() as trial:
-        time.sleep(2.0)  # two leases (2 x 0.5 s) pass; heartbeats every 0.5 s keep it
+        expiries: set[datetime] = set()
+
+        def kept_past_a_lapse() -> bool:
+            """Two renewals seen, and the clock is past an expiry the lease had (1 s leases)."""
+            with db.session() as session:
+                expiries.add(session.scalar(select(TrialLease.expires_at).filter_by(number=trial.number)))
+            return len(expiries) >= 3 and utcnow() > min(expiries)
+
+        wait_until(kept_past_a_lapse, 30, "the background heartbeats did not renew the lease")
         assert reap(db) == 0
         trial.tell(1.0)
     assert study.trials()[0]["state"] == "complete"

@@ -15,7 +15,7 @@ import pytest
 import typer.main
 import yaml
 
-from caviar.service.cli import app as cli_app
+from caviar.cli import app as cli_app
 from caviar.service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

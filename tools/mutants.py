@@ -1,15 +1,14 @@
 """Mutation testing of caviar's domain core with mutmut 3 (``make mutants``; slow, not in CI).
 
 Why a driver around mutmut: mutmut 3 mutates a copy of the sources in ``./mutants`` and puts
-that folder first on ``sys.path``, but it walks source folders without following symlinks, and
-``caviar/service``, ``caviar/storage`` and ``caviar/trainer`` are symlinks to the top-level
-folders. It also reads one configuration per folder, so one run can have only one test
-selection. This script therefore runs mutmut once per *run* below, each in its own scratch
-folder ``.mutmut/<run>`` holding symlinks to ``caviar`` and ``tests`` and a generated
-``pyproject.toml`` whose ``source_paths`` name the symlinked packages explicitly (so the copy in
-``mutants/caviar`` is a complete, real package and imports resolve to it, not to the editable
-install). Each module is mutated against its own fast subset of tests (``MODULES``); mutmut
-then runs, per mutant, only the tests of that subset that called the mutated function.
+that folder first on ``sys.path``, and it reads one configuration per folder, so one run can have
+only one test selection. This script therefore runs mutmut once per *run* below, each in its own
+scratch folder ``.mutmut/<run>`` holding symlinks to ``caviar`` and ``tests`` and a generated
+``pyproject.toml`` whose ``source_paths`` name the package (so the copy in ``mutants/caviar`` is
+a complete, real package and imports resolve to it, not to the editable
+install). Each module is mutated against the tests of its feature, found from the tests layout
+(tests/service/<feature>/ mirrors caviar/service/<feature>/, see :func:`tests_for`); mutmut then
+runs, per mutant, only the tests of that subset that called the mutated function.
 
 Usage::
 
@@ -41,37 +40,86 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 
 @dataclass(frozen=True)
 class Module:
-    """One mutated module: its file, the functions mutated (globs over mutmut's mangled names,
-    ``*`` for all) and the run (test subset) it belongs to."""
+    """One mutated module: its file and the functions mutated (globs over mutmut's mangled names,
+    ``*`` for all). Its run (test subset) follows from where it lives: :func:`run_of`."""
 
     path: str
-    run: str
     functions: tuple[str, ...] = ("*",)
 
+    @property
+    def run(self) -> str:
+        return run_of(self.path)
 
-# module -> run; run -> test files. Modules that share a test subset share a run (one mutmut
-# stats pass instead of several).
-RUNS: dict[str, tuple[str, ...]] = {
-    # test_steering_api.py: stops (end_study, cancel_waiting), which test_trials_api.py never calls
-    "trials": ("tests/service/trials/test_trials_api.py", "tests/service/studies/test_steering_api.py"),
-    "schedules": (
-        "tests/service/schedules/test_schedules.py",
-        "tests/service/schedules/test_schedules_cron.py",
-    ),
-    "auth": ("tests/service/test_auth.py",),
+
+# The tests of a module come from the tests layout, which mirrors the package: a module of
+# caviar/service/<feature>/ is tested by tests/service/<feature>/test_*.py, a module
+# caviar/service/<name>.py by tests/service/test_<name>.py. A run is one feature: the modules that
+# share a test subset share a run (one mutmut stats pass instead of several).
+SERVICE = "caviar/service"
+TESTS = "tests/service"
+# features whose behaviour another feature's tests drive, with why:
+ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
+    "trials": ("studies",),  # stops (end_study, cancel_waiting) are driven by the steering tests
+    "tokens": ("auth",),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+    # the store's budget, leases and settling are driven end to end by the trial and steering tests
+    "store": ("trials", "studies"),
 }
+# property-based and race tests take minutes per mutant; `make test-long` runs them at length
+SLOW_TEST_FILES = ("*_stateful.py", "*_concurrency.py", "*_race.py")
+
+
+def feature_of(path: str) -> str:
+    """``caviar/service/trials/leases.py`` -> ``trials``; ``caviar/service/auth.py`` -> ``auth``."""
+    parts = Path(path).relative_to(SERVICE).parts
+    return parts[0] if len(parts) > 1 else Path(parts[0]).stem
+
+
+def feature_tests(feature: str, root: Path = ROOT) -> list[str]:
+    """The test files of one feature: its folder under tests/service, else its one test module."""
+    folder = root / TESTS / feature
+    if folder.is_dir():
+        found = sorted(folder.glob("test_*.py"))
+    else:
+        found = [path for path in [root / TESTS / f"test_{feature}.py"] if path.exists()]
+    return [
+        str(path.relative_to(root))
+        for path in found
+        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in SLOW_TEST_FILES)
+    ]
+
+
+def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
+    """The test files a mutant of the module at ``path`` runs against (from the tests layout)."""
+    feature = feature_of(path)
+    files: list[str] = []
+    for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
+        files += [f for f in feature_tests(name, root) if f not in files]
+    if not files:
+        raise SystemExit(
+            f"mutants: no tests for {path} under {TESTS}/{feature}/ or {TESTS}/test_{feature}.py"
+        )
+    return tuple(files)
+
+
+def run_of(path: str, root: Path = ROOT) -> str:
+    """The run of a module: the first feature whose tests it runs against (its own, usually)."""
+    feature = feature_of(path)
+    for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
+        if feature_tests(name, root):
+            return name
+    return feature
+
 
 MODULES: tuple[Module, ...] = (
-    Module("caviar/service/trials/lifecycle.py", "trials"),
-    Module("caviar/service/trials/leases.py", "trials"),
-    Module("caviar/service/trials/outcomes.py", "trials"),
-    Module("caviar/service/store/_budget.py", "trials"),
-    Module("caviar/service/store/_leases.py", "trials"),
-    Module("caviar/service/store/_settle.py", "trials"),
+    Module("caviar/service/trials/lifecycle.py"),
+    Module("caviar/service/trials/leases.py"),
+    Module("caviar/service/trials/outcomes.py"),
+    Module("caviar/service/store/_budget.py"),
+    Module("caviar/service/store/_leases.py"),
+    Module("caviar/service/store/_settle.py"),
     # the firing and next-run part of schedules (not CRUD, not validation)
     Module(
         "caviar/service/schedules/service.py",
-        "schedules",
         (
             "x__next_tick",
             "x_run_now",
@@ -84,12 +132,14 @@ MODULES: tuple[Module, ...] = (
     ),
     Module(
         "caviar/service/schedules/_cron.py",
-        "schedules",
         ("xǁCronScheduleǁ*", "x__offset_at", "x__changes_in_year", "x__time_diff", "x__naive"),
     ),
-    Module("caviar/service/auth.py", "auth"),
-    Module("caviar/service/tokens/service.py", "auth"),
+    Module("caviar/service/auth.py"),
+    Module("caviar/service/tokens/service.py"),
 )
+
+# run -> its test files (modules of one feature share a run: one mutmut stats pass for them)
+RUNS: dict[str, tuple[str, ...]] = {run_of(m.path): tests_for(m.path) for m in MODULES}
 
 # exit codes as mutmut records them (mutmut.stats.status_by_exit_code)
 KILLED = {1, 3, 36, 24, -24, 152, 255, 37}  # failed tests, timeouts, caught by type check
@@ -119,8 +169,9 @@ def write_config(folder: Path, run: str) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
     pytest_options = project["tool"]["pytest"]["ini_options"]
     mutmut = {
-        # the symlinked packages are named: mutmut's walk does not follow symlinks
-        "source_paths": ["caviar", "caviar/service", "caviar/storage", "caviar/trainer"],
+        # one path per module: the package's folder holds every module (naming a subfolder too
+        # would make mutmut collect its files twice)
+        "source_paths": ["caviar"],
         "only_mutate": [m.path for m in MODULES if m.run == run],
         "pytest_add_cli_args_test_selection": list(RUNS[run]),
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "no:xdist"],

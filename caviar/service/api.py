@@ -19,6 +19,7 @@ from caviar.service.db import Database
 from caviar.service.envelope import error_response, error_responses, install_error_handlers
 from caviar.service.metrics import RequestMiddleware
 from caviar.service.metrics import router as metrics_router
+from caviar.service.optuna_api.router import router as optuna_router
 from caviar.service.schedules.router import router as schedules_router
 from caviar.service.schedules.service import scheduler_task
 from caviar.service.security import install_security, open_paths
@@ -182,5 +183,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     api.include_router(schedules_router)
     api.include_router(tokens_router)
     api.include_router(whoami_router)
+    api.include_router(optuna_router)
     app.include_router(api)
     return app

@@ -26,10 +26,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
+import fastapi.routing
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -39,7 +40,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette._utils import get_route_path
-from starlette.routing import compile_path
+from starlette.routing import BaseRoute, Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caviar.service.access_log import log_request
@@ -92,19 +93,20 @@ def prepare_multiprocess(processes: int) -> None:
 class RouteTemplates:
     """Maps a request path onto its route template (a bounded label value, never the raw path).
 
-    The templates are the application's documented paths (its OpenAPI schema, read once) plus
-    the docs pages; the dashboard's paths are labelled ``dashboard``, anything else
-    ``unmatched``.
+    The templates are the path formats of the application's HTTP routes (read once, in routing
+    order, from ``app.routes``: no OpenAPI schema is built), the docs pages included; the
+    dashboard's paths are labelled ``dashboard``, anything else ``unmatched``.
     """
 
     def __init__(self) -> None:
         self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     def _compile(self, app: Any) -> list[tuple[re.Pattern[str], str]]:
-        paths = list(app.openapi().get("paths", {})) if hasattr(app, "openapi") else []
-        extra = [getattr(app, name, None) for name in ("openapi_url", "docs_url", "redoc_url")]
-        paths += [path for path in extra if path]
-        return [(compile_path(path)[0], path) for path in paths]
+        templates: list[str] = []
+        for path in _route_paths(getattr(app, "routes", [])):
+            if path not in templates:
+                templates.append(path)
+        return [(compile_path(path)[0], path) for path in templates]
 
     def match(self, scope: Scope) -> tuple[str, dict[str, str]]:
         """The route template of this request and the values of its path parameters."""
@@ -118,6 +120,18 @@ class RouteTemplates:
             if found:
                 return template, found.groupdict()
         return "unmatched", {}
+
+
+def _route_paths(routes: Sequence[BaseRoute]) -> Iterator[str]:
+    """The path format of every HTTP route, routers included by the app flattened, in routing order."""
+    # FastAPI >= 0.160 keeps an included router as one lazy entry of ``app.routes``; its public
+    # ``iter_route_contexts`` flattens them (older versions list the routes themselves).
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    for route in flatten(routes) if flatten is not None else routes:
+        original = getattr(route, "original_route", route)
+        path = getattr(route, "path_format", None)
+        if isinstance(original, Route) and isinstance(path, str):
+            yield path
 
 
 class RequestMiddleware:

@@ -1,7 +1,7 @@
 """Starting caviar's own processes (``caviar serve``, ``caviar worker``) from Python.
 
 The one launcher that the demo, the tests and the benchmarks share: each process runs the CLI
-(``python -m caviar.service.cli ...``) in its own process session, logs to a file, and is stopped
+(``python -m caviar.cli ...``) in its own process session, logs to a file, and is stopped
 with SIGTERM (then SIGKILL after a grace period), as a supervisor would.
 """
 
@@ -59,7 +59,7 @@ class CaviarProcess:
         environment = {k: v for k, v in os.environ.items() if k not in unset}
         with open(self.log_path, "ab") as handle:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "caviar.service.cli", *args],
+                [sys.executable, "-m", "caviar.cli", *args],
                 env={**environment, **(env or {})},
                 stdout=handle,
                 stderr=subprocess.STDOUT,

@@ -10,23 +10,48 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 import caviar
+from caviar import storage
 from caviar.service import processes
 from caviar.service.processes import CaviarProcess
+from tests.conftest import LONG_RUN, DatabaseFactory
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.fixture
-def service(db_url: str, tmp_path: Path) -> Iterator[caviar.Client]:
+def n_trials(ci: int, long: int) -> int:
+    """The study budget: ``ci`` in CI (every asserted property still holds), ``long`` under
+    ``make test-long`` (``CAVIAR_TEST_LONG=1``)."""
+    return long if LONG_RUN else ci
+
+
+@pytest.fixture(scope="module")
+def service(databases: DatabaseFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[caviar.Client]:
+    """One service for the module: each test has its own studies and ends what it leaves behind."""
+    tmp_path = tmp_path_factory.mktemp("examples")
     env = {"CAVIAR_HEARTBEAT_INTERVAL_S": "2", "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts")}
-    server, url = processes.serve(db_url, env=env, log=tmp_path / "serve.log")
+    server, url = processes.serve(databases.migrated(), env=env, log=tmp_path / "serve.log")
     with server, caviar.Client(url) as client:
         yield client
+    storage.reset_optuna_storages()
+
+
+@pytest.fixture(autouse=True)
+def no_study_left_open(service: caviar.Client) -> Iterator[None]:
+    """After each test, stop its unfinished studies: a later test's worker (no --study, as the
+    README starts it) must find only its own study's trials."""
+    yield
+    listed = httpx.get(f"{service.url}/api/v1/studies", params={"limit": 1000}, timeout=30)
+    assert listed.status_code == 200, listed.text
+    for study in listed.json()["items"]:
+        if study["state"] not in ("completed", "failed", "stopped"):
+            stopped = httpx.post(f"{service.url}/api/v1/studies/{study['name']}/stop", timeout=30)
+            assert stopped.status_code == 200, stopped.text
 
 
 @pytest.fixture
@@ -76,7 +101,7 @@ def run_to_the_end(
 
 
 def test_a_python_function_your_own_pytorch_model(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "python_objective", 6)
+    study = run_to_the_end(service, worker, "python_objective", n_trials(2, 6))
     best = study.best()
     assert best["value"] >= 0.85, best
     files = {a["filename"] for a in study.artifacts(best["number"])}
@@ -90,7 +115,7 @@ def test_a_python_function_your_own_pytorch_model(service: caviar.Client, worker
 
 
 def test_a_training_script_reporting_with_the_sdk(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "command_sdk", 6)
+    study = run_to_the_end(service, worker, "command_sdk", n_trials(2, 6))
     trials = study.trials()
     assert all(len(t["intermediate_values"]) >= 1 for t in trials)
     log = study.download(trials[0]["number"], "trial.log").decode()
@@ -99,7 +124,7 @@ def test_a_training_script_reporting_with_the_sdk(service: caviar.Client, worker
 
 
 def test_a_non_python_program_reporting_on_stdout(service: caviar.Client, worker: Any) -> None:
-    study = run_to_the_end(service, worker, "command_stdout", 8)
+    study = run_to_the_end(service, worker, "command_stdout", n_trials(4, 8))
     trials = study.trials()
     complete = [t for t in trials if t["state"] == "complete"]
     assert complete and all(len(t["intermediate_values"]) == 10 for t in complete)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -14,11 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select, update
-from typer.testing import CliRunner
 
+import caviar
 from caviar.service.api import create_app
 from caviar.service.auth import MAX_TOKEN_CHARS, TokenVerifier, allows, credentials, required_scope
-from caviar.service.cli import app as cli_app
 from caviar.service.security import OPEN_PATHS
 from caviar.service.tokens import service as tokens
 from caviar.storage import ApiToken
@@ -316,37 +314,6 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(settings, db, clie
         assert "access-control-allow-origin" not in other.headers
 
 
-def test_token_cli_create_list_revoke(db_url: str) -> None:
-    runner = CliRunner()
-    created = runner.invoke(
-        cli_app, ["token", "create", "--scope", "worker", "--name", "gpu box", "--database-url", db_url]
-    )
-    assert created.exit_code == 0, created.output
-    secret = created.output.strip().splitlines()[-1]
-    assert secret.startswith("cvr_")
-    listed = runner.invoke(cli_app, ["token", "list", "--json", "--database-url", db_url])
-    assert listed.exit_code == 0 and secret not in listed.output
-    (item,) = json.loads(listed.output)["items"]
-    assert item["scope"] == "worker" and item["name"] == "gpu box"
-    table = runner.invoke(cli_app, ["token", "list", "--database-url", db_url])
-    assert "gpu box" in table.output and secret not in table.output
-    revoked = runner.invoke(cli_app, ["token", "revoke", str(item["id"]), "--database-url", db_url])
-    assert revoked.exit_code == 0, revoked.output
-    missing = runner.invoke(cli_app, ["token", "revoke", "999", "--database-url", db_url])
-    assert missing.exit_code == 1 and "no token" in missing.output
-    bad = runner.invoke(cli_app, ["token", "create", "--scope", "root", "--database-url", db_url])
-    assert bad.exit_code != 0
-
-
-def test_a_cli_token_works_against_the_api(secured: TestClient, db_url: str) -> None:
-    runner = CliRunner()
-    created = runner.invoke(
-        cli_app, ["token", "create", "--scope", "read", "--json", "--database-url", db_url]
-    )
-    token = json.loads(created.output)["token"]
-    assert secured.get(f"{API}/studies", headers=bearer(token)).status_code == 200
-
-
 def test_a_root_path_prefix_does_not_dodge_the_policy(settings, db) -> None:  # type: ignore[no-untyped-def]
     secured = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
     with TestClient(create_app(secured, db=db), root_path="/caviar") as client:
@@ -454,10 +421,15 @@ def test_whoami_says_what_a_token_may_do(secured: TestClient, scope: str, satisf
     token = make_token(secured, scope)
     answer = secured.get("/api/v1/whoami", headers=bearer(token))
     assert answer.status_code == 200
-    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied}
+    assert answer.json() == {"auth": True, "scope": scope, "scopes": satisfied, "version": caviar.__version__}
     assert secured.get("/api/v1/whoami", headers=bearer("wrong")).status_code == 401
 
 
 def test_whoami_without_auth_grants_everything(client: TestClient) -> None:
     answer = client.get("/api/v1/whoami").json()
-    assert answer == {"auth": False, "scope": None, "scopes": ["read", "worker", "write", "admin"]}
+    assert answer == {
+        "auth": False,
+        "scope": None,
+        "scopes": ["read", "worker", "write", "admin"],
+        "version": caviar.__version__,
+    }

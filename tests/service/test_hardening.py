@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
 from caviar.service.api import create_app
-from caviar.service.cli import app as cli_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.definition._factories import _shuffled_grid
@@ -160,17 +158,6 @@ def test_a_grid_is_built_once_per_process_and_visits_every_point_once(client: Te
     after = _shuffled_grid.cache_info()
     assert len(points) == 12  # every grid point once (the shuffle is the study's, not the trial's)
     assert after.misses - before.misses <= 1 and after.hits - before.hits >= 11
-
-
-def test_a_yaml_alias_bomb_is_refused(tmp_path: Path, db_url: str) -> None:
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
-        for i in range(8)
-    )
-    path = tmp_path / "bomb.yaml"
-    path.write_text(bomb)
-    result = CliRunner().invoke(cli_app, ["study", "create", "-f", str(path), "--database-url", db_url])
-    assert result.exit_code == 1 and "not valid YAML" in result.output
 
 
 # ---- numbers out of range: 422/404, never 500 --------------------------------------------------
@@ -324,16 +311,6 @@ def test_short_or_empty_tokens_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
             Settings()
     monkeypatch.setenv("CAVIAR_API_TOKEN", "a" * 32)
     assert Settings().api_token is not None
-
-
-def test_the_cli_prints_escape_sequences_escaped(client: TestClient, db_url: str) -> None:
-    body = external_study("escapes")
-    body["search_space"]["color"] = {"type": "categorical", "choices": ["\u001b[31mred", "[bold]blue"]}
-    client.post(f"{API}/studies", json=body)
-    asked(client, "escapes")
-    result = CliRunner().invoke(cli_app, ["study", "trials", "escapes", "--database-url", db_url])
-    assert result.exit_code == 0, result.output
-    assert "\u001b[31m" not in result.output and "\\x1b" in result.output
 
 
 def test_stored_files_are_private(client: TestClient, settings: Settings) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caviar.service.cli import app
+from caviar.cli import app
 from caviar.trainer._layers import FusedLinear
 
 

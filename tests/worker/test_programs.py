@@ -11,15 +11,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import caviar
+from caviar import storage
 from caviar.service import processes
 from caviar.service.processes import CaviarProcess, wait_until
+from tests.conftest import DatabaseFactory
 
 pytestmark = pytest.mark.slow
 
-# A training script: reports 5 steps (sleeping EPOCH_S between), writes its PID for the test, and
+# A training script: reports 5 steps (sleeping EPOCH_S between; each report is first noted in the
+# file "reports" for the test), writes its PID for the test, and
 # fails on purpose when told to (FAIL_ONCE: only its first attempt, so the retry succeeds).
 SCRIPT = textwrap.dedent(
     """
@@ -33,6 +37,8 @@ SCRIPT = textwrap.dedent(
         handle.write(str(os.getpid()))
     for step in range(5):
         time.sleep(float(os.environ.get("EPOCH_S", "0.2")))
+        with open(os.path.join(pids, "reports"), "a") as handle:
+            handle.write(f"{trial.number} {step}\\n")
         trial.report(trial.params["x"] * step, step)
     print("done", flush=True)
     trial.tell(trial.params["x"])
@@ -69,22 +75,49 @@ def code_dir(tmp_path: Path) -> Path:
     return folder
 
 
+def serve_api(db_url: str, folder: Path, port: int = 0, heartbeat: float = 1.0) -> tuple[CaviarProcess, str]:
+    env = {"CAVIAR_HEARTBEAT_INTERVAL_S": str(heartbeat), "CAVIAR_ARTIFACT_DIR": str(folder / "artifacts")}
+    return processes.serve(db_url, port=port, env=env, log=folder / "serve.log")
+
+
+@pytest.fixture(scope="module")
+def shared_api(
+    databases: DatabaseFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[CaviarProcess, str]]:
+    """One API (heartbeat 1 s) for the tests that need no server of their own: each uses its own
+    studies, and :func:`api` stops what a test leaves unfinished."""
+    server, url = serve_api(databases.migrated(), tmp_path_factory.mktemp("programs"))
+    yield server, url
+    server.stop()
+    storage.reset_optuna_storages()
+
+
 @pytest.fixture
-def api(db_url: str, tmp_path: Path) -> Iterator[Callable[..., tuple[CaviarProcess, str]]]:
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., tuple[CaviarProcess, str]]]:
+    """``api()``: the module's shared API; ``api(port=..., heartbeat=...)`` other than the default:
+    a server of this test's own (on its own database), stopped after it."""
     started: list[CaviarProcess] = []
+    shared: list[str] = []
 
     def start(port: int = 0, heartbeat: float = 1.0) -> tuple[CaviarProcess, str]:
-        env = {
-            "CAVIAR_HEARTBEAT_INTERVAL_S": str(heartbeat),
-            "CAVIAR_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-        }
-        server, url = processes.serve(db_url, port=port, env=env, log=tmp_path / "serve.log")
+        if port == 0 and heartbeat == 1.0:
+            server, url = request.getfixturevalue("shared_api")
+            shared.append(url)
+            return server, url
+        server, url = serve_api(request.getfixturevalue("db_url"), tmp_path, port, heartbeat)
         started.append(server)
         return server, url
 
     yield start
     for server in started:
         server.stop()
+    for url in shared:  # a later test's worker (no --study) must find only its own studies' trials
+        listed = httpx.get(f"{url}/api/v1/studies", params={"limit": 1000}, timeout=30)
+        assert listed.status_code == 200, listed.text
+        for study in listed.json()["items"]:
+            if study["state"] not in ("completed", "failed", "stopped"):
+                stopped = httpx.post(f"{url}/api/v1/studies/{study['name']}/stop", timeout=30)
+                assert stopped.status_code == 200, stopped.text
 
 
 def start_worker(url: str, folder: Path, tmp: Path, *args: str) -> CaviarProcess:
@@ -108,6 +141,12 @@ def start_worker(url: str, folder: Path, tmp: Path, *args: str) -> CaviarProcess
 def pid_of(tmp: Path, number: int, attempt: str = "first") -> int | None:
     path = tmp / "pids" / f"{number}-{attempt}"
     return int(path.read_text()) if path.exists() and path.read_text() else None
+
+
+def reports_tried(tmp: Path) -> int:
+    """How many reports the training scripts have started to send."""
+    path = tmp / "pids" / "reports"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def alive(pid: int) -> bool:
@@ -166,7 +205,9 @@ def test_the_api_restarted_mid_trial_loses_and_duplicates_nothing(
         worker = start_worker(url, code_dir, tmp_path, "--cpu", "2", "--exit-when-idle", "3")
         wait_until(lambda: pid_of(tmp_path, 0) is not None, 60, "no trial started")
         server.stop()
-        time.sleep(2.0)  # trials report into the void: the SDK and the worker back off and retry
+        before = reports_tried(tmp_path)
+        # a trial reports into the void: the SDK and the worker back off and retry
+        wait_until(lambda: reports_tried(tmp_path) > before, 60, "no report tried while the API was down")
         api(port=port, heartbeat=5.0)
         assert worker.wait(180) == 0, worker.output()
         trials = study.trials()

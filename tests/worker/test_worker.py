@@ -286,6 +286,7 @@ def _pg_restart_command() -> list[str] | None:
     return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
 
 
+@pytest.mark.serial  # the restart would break the tests running beside it under pytest-xdist
 @pytest.mark.skipif(
     _pg_restart_command() is None, reason="needs a local PostgreSQL cluster it may restart (root)"
 )

@@ -297,6 +297,8 @@ class StudyTemplate(_Strict):
     def _check_space(cls, space: dict[str, Param], info: ValidationInfo) -> dict[str, Param]:
         objective = info.data.get("objective")
         if not space and (not isinstance(objective, Objective) or objective.kind == "trainer"):
+            # external, python and command objectives may declare none: their code (or an Optuna
+            # storage's client) suggests its parameters as it runs (define-by-run)
             raise ValueError("search_space must define at least one parameter (the trainer needs its space)")
         if len(space) > 256:
             raise ValueError("search_space may define at most 256 parameters")

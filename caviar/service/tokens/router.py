@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 
+import caviar
 from caviar.service.auth import SCOPE_LEVELS
 from caviar.service.deps import DbDep
 from caviar.service.tokens import service
@@ -20,7 +21,7 @@ def whoami(request: Request) -> WhoAmI:
     scope: Scope | None = getattr(request.state, "token_scope", None)
     level = SCOPE_LEVELS[scope] if scope is not None else max(SCOPE_LEVELS.values())
     scopes: list[Scope] = [name for name, rank in SCOPE_LEVELS.items() if rank <= level]  # type: ignore[misc]
-    return WhoAmI(auth=scope is not None, scope=scope, scopes=scopes)
+    return WhoAmI(auth=scope is not None, scope=scope, scopes=scopes, version=caviar.__version__)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Create a token (its secret is shown once)")

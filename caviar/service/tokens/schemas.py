@@ -43,6 +43,7 @@ class WhoAmI(BaseModel):
     auth: bool = Field(description="Whether the service asks for tokens at all.")
     scope: Scope | None = Field(description="The token's scope (null when the service has no auth).")
     scopes: list[Scope] = Field(description="Every scope this credential satisfies (scopes are ordered).")
+    version: str = Field(description="The service's caviar version.")
 
 
 class TokenCreated(TokenRead):

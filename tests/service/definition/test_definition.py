@@ -11,6 +11,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import ValidationError
 
 from caviar.service.definition import StudyDefinition, build_pruner, check_params, decode_params, encode
 from caviar.service.errors import InvalidInput
@@ -127,28 +128,6 @@ def test_defaults_multi_objective_and_json_round_trip() -> None:
     assert definition.sampler.type == "auto" and definition.sampler.options == {}
 
 
-def test_yaml_and_json_files_are_accepted(tmp_path, db_url) -> None:
-    from typer.testing import CliRunner
-
-    from caviar.service.cli import app
-
-    multi = tmp_path / "two.yaml"
-    first, second = copy.deepcopy(BASE), copy.deepcopy(BASE)
-    second["name"] = "digits-mlp-2"
-    multi.write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump(second))
-    runner = CliRunner()
-    result = runner.invoke(app, ["study", "create", "-f", str(multi), "--database-url", db_url, "--json"])
-    assert result.exit_code == 0, result.output
-    listed = runner.invoke(app, ["study", "list", "--database-url", db_url, "--json"])
-    assert {s["name"] for s in json.loads(listed.stdout)["items"]} == {"digits-mlp", "digits-mlp-2"}
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"name": "x", "search_space": {"lr": {"type": "float", "low": 1, "high": 0}}}')
-    result = runner.invoke(app, ["study", "create", "-f", str(bad), "--database-url", db_url])
-    assert result.exit_code == 1 and "search_space" in result.output
-    result = runner.invoke(app, ["study", "show", "nope", "--database-url", db_url])
-    assert result.exit_code == 1 and "no study named" in result.output
-
-
 def test_check_params_snaps_encodes_and_names_every_problem() -> None:
     space = StudyDefinition.model_validate(BASE).search_space
     good = {
@@ -218,3 +197,13 @@ def test_patient_pruner_without_wrapped_prunes_on_stagnation() -> None:
     assert flat.should_prune()
     wrapped = build_pruner("patient", {"patience": 1, "wrapped": {"type": "median"}})
     assert isinstance(wrapped._wrapped_pruner, optuna.pruners.MedianPruner)  # type: ignore[attr-defined]
+
+
+def test_only_an_external_study_may_declare_no_search_space() -> None:
+    """Its clients sample (``caviar.optuna_storage``); every other kind needs parameters to run."""
+    external = StudyDefinition.model_validate(
+        {"name": "ext", "objective": {"kind": "external"}, "search_space": {}}
+    )
+    assert external.search_space == {}
+    with pytest.raises(ValidationError, match="at least one parameter"):
+        StudyDefinition.model_validate(variant("search_space", {}))
