@@ -131,6 +131,8 @@ def start_worker(url: str, folder: Path, tmp: Path, *args: str) -> CaviarProcess
         "0.2",
         "--allow-code",
         "all",
+        "--pass-env",
+        "PYTHONPATH",  # children import the caviar under test, not an installed one
         *args,
     ]
     return CaviarProcess(
