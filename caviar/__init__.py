@@ -6,9 +6,14 @@
 
     study = caviar.Client("http://127.0.0.1:8000").study("my-study")
     with study.ask() as trial:          # heartbeats in the background
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)   # sampled by the service
         for epoch in range(10):
-            trial.report(epoch, score)  # raises caviar.TrialPruned when the pruner says so
+            trial.report(score, epoch)  # Optuna's order: value, step
+            if trial.should_prune():
+                raise caviar.TrialPruned()  # or optuna.TrialPruned(): the trial ends PRUNED
         trial.tell(score)
+
+    study.optimize(objective, n_trials=20)  # an unmodified Optuna objective
 
 The service lives in :mod:`caviar.service` (with :mod:`caviar.storage`), the PyTorch trainer in
 :mod:`caviar.trainer`, the worker processes in :mod:`caviar.worker`.

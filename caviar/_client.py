@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -305,8 +307,10 @@ class Study:
         """Run ``objective(trial)`` on trials of this study until its global budget is used.
 
         The budget is the study's, shared with every other client and worker; ``n_trials`` caps
-        how many this call runs. ``objective`` returns the value (or values); it may call
-        ``trial.report(step, value)``, which raises :class:`TrialPruned` when the pruner says so.
+        how many this call runs. ``objective`` is an Optuna objective: it suggests its parameters,
+        returns the value (or values), may call ``trial.report(value, step)`` and
+        ``trial.should_prune()``, and may raise ``optuna.TrialPruned`` (or :class:`TrialPruned`),
+        which ends the trial PRUNED.
 
         Args:
             objective: the function to tune.
@@ -364,10 +368,15 @@ def _client_id() -> str:
 class Trial:
     """A claimed trial: its parameters, and the calls that report on it and finish it.
 
+    Speaks ``optuna.Trial``: ``suggest_float/int/categorical``, ``report(value, step)``,
+    ``should_prune()``, ``set_user_attr``/``user_attrs``, ``params``, ``number``, ``distributions``;
+    an unmodified Optuna objective runs with it.
+
     Attributes:
         study: the study's name.
         number: the trial's number in the study.
-        params: the decoded parameters (``beta1``, not ``one_minus_beta1``).
+        params: the decoded parameters (``beta1``, not ``one_minus_beta1``): the declared ones the
+            ask sampled, and every one suggested since.
         retry_of: the number of the failed trial this one retries, if any.
     """
 
@@ -395,6 +404,9 @@ class Trial:
         self._lost: LeaseLost | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prune = False
+        self._suggested: dict[str, tuple[dict[str, Any], Any]] = {}
+        self._user_attrs: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Trial(study={self.study!r}, number={self.number}, params={self.params})"
@@ -417,16 +429,105 @@ class Trial:
             self._lost = exc
             raise
 
-    # ---- reporting ---------------------------------------------------------------------
+    # ---- Optuna's Trial interface: suggest, report, should_prune, user attributes -----------
 
-    def should_prune(self, step: int, value: float) -> bool:
-        """Report an intermediate value and return the pruner's decision (renews the lease)."""
-        return bool(self._post("report", {"step": int(step), "value": float(value)})["should_prune"])
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        """A float parameter, as ``optuna.Trial.suggest_float``.
 
-    def report(self, step: int, value: float) -> None:
-        """Report an intermediate value; raise :class:`TrialPruned` when the pruner says so."""
-        if self.should_prune(step, value):
-            raise TrialPruned(f"trial {self.number} pruned at step {step}")
+        A parameter declared in the study's search space answers the value the service sampled at
+        the ask (the call must match the declaration: range, step and log flag); an undeclared one
+        is sampled now by the study's sampler (define-by-run over REST). The same name again answers
+        the same value.
+
+        Raises:
+            CaviarApiError: ``suggest_mismatch`` (the call differs from the declaration; the message
+                names both), ``distribution_mismatch`` (the name was suggested with another range),
+                ``invalid_distribution``, ``reserved_name``.
+        """
+        attributes = {"low": float(low), "high": float(high), "step": None if step is None else float(step)}
+        return float(self._suggest(name, "FloatDistribution", {**attributes, "log": bool(log)}))
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        """An integer parameter, as ``optuna.Trial.suggest_int`` (see :meth:`suggest_float`)."""
+        attributes = {
+            "low": _integer(low, "low"),
+            "high": _integer(high, "high"),
+            "step": _integer(step, "step"),
+        }
+        return int(self._suggest(name, "IntDistribution", {**attributes, "log": bool(log)}))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        """One of ``choices`` (JSON scalars), as ``optuna.Trial.suggest_categorical`` (see
+        :meth:`suggest_float`)."""
+        return self._suggest(name, "CategoricalDistribution", {"choices": list(choices)})
+
+    def _suggest(self, name: str, kind: str, attributes: dict[str, Any]) -> Any:
+        distribution = {"name": kind, "attributes": attributes}
+        known = self._suggested.get(name)
+        if known is not None and known[0] == distribution:
+            return known[1]
+        value = self._post("suggest", {"name": name, "distribution": distribution})["value"]
+        self._suggested[name] = (distribution, value)
+        self.params[name] = value
+        return value
+
+    @property
+    def distributions(self) -> dict[str, Any]:
+        """The Optuna distributions of the parameters suggested so far (imports optuna)."""
+        from optuna.distributions import json_to_distribution  # lazy: import caviar stays light
+
+        return {name: json_to_distribution(json.dumps(d)) for name, (d, _) in self._suggested.items()}
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        """User attributes set on this trial (stored with its outcome)."""
+        return dict(self._user_attrs)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        """Set a user attribute (a JSON scalar), as ``optuna.Trial.set_user_attr``; it is stored with
+        the trial's outcome (complete, pruned or failed)."""
+        if not isinstance(key, str) or key.startswith("caviar"):
+            raise ValueError(f"set_user_attr: {key!r}: keys are strings not starting with 'caviar'")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise TypeError(
+                f"set_user_attr: {key!r}: caviar stores a string, a number, true/false or null "
+                f"(got {type(value).__name__}; json.dumps it for a structure)"
+            )
+        self._user_attrs[key] = value
+
+    def report(self, value: float, step: int) -> None:
+        """Report an intermediate value at ``step``, in Optuna's order (renews the lease).
+
+        The pruner's decision is kept for :meth:`should_prune`; nothing is raised here (as in
+        Optuna: an objective asks ``trial.should_prune()`` and raises ``optuna.TrialPruned``).
+
+        Raises:
+            TypeError: ``step`` is not an int, or ``value`` is an int: both are what a call in the
+                reverse order, ``report(step, value)``, looks like.
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(
+                f"trial.report(value, step): step must be an int (got {step!r}); caviar takes Optuna's "
+                "order, trial.report(value, step)"
+            )
+        if isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"trial.report(value, step): value {value!r} is an int, as in the old order report(step, "
+                "value); call trial.report(value, step), with float(value) if an int is really the value"
+            )
+        answer = self._post("report", {"step": int(step), "value": float(value)})
+        self._prune = bool(answer["should_prune"])
+        if self._prune and self._result_file is not None:
+            # Under a worker: a program that lets TrialPruned escape (or exits non-zero) after this
+            # decision ends PRUNED, not failed (the worker reads this mark).
+            Path(f"{self._result_file}.pruned").write_text(str(int(step)))
+
+    def should_prune(self) -> bool:
+        """The pruner's decision for the last reported value (False before any report); True too
+        when the study is stopping or the trial's lease is lost."""
+        return self._prune
 
     def heartbeat(self) -> None:
         """Renew the lease now (the ``with`` block does this in the background)."""
@@ -465,9 +566,18 @@ class Trial:
         """Finish the trial as pruned."""
         return self._finish({"state": "pruned"}, user_attrs)
 
-    def fail(self, reason: str = "", *, user_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Finish the trial as failed; the service retries it (same parameters) per ``max_retries``."""
-        return self._finish({"state": "fail", "reason": reason[-2000:] or None}, user_attrs)
+    def fail(
+        self, reason: str = "", *, user_attrs: dict[str, Any] | None = None, fatal: bool = False
+    ) -> dict[str, Any]:
+        """Finish the trial as failed; the service retries it (same parameters) per ``max_retries``.
+
+        ``fatal``: the failure is the study's, not this trial's (no retry; the study pauses with the
+        reason), e.g. a program whose output cannot be read at all.
+        """
+        body: dict[str, Any] = {"state": "fail", "reason": reason[-2000:] or None}
+        if fatal:
+            body["fatal"] = True
+        return self._finish(body, user_attrs)
 
     def release(self, reason: str = "handed back") -> None:
         """Hand the trial back unfinished: it is retried without using up a retry."""
@@ -475,6 +585,7 @@ class Trial:
         self._finished = True
 
     def _finish(self, body: dict[str, Any], user_attrs: dict[str, Any] | None) -> dict[str, Any]:
+        user_attrs = {**self._user_attrs, **(user_attrs or {})}
         if user_attrs:
             body["user_attrs"] = user_attrs
         if self._result_file is not None:
@@ -527,7 +638,7 @@ class Trial:
                 f"trial {self.number} of {self.study}: the with-block ended without trial.tell(value); "
                 "it was told failed"
             )
-        if isinstance(exc, TrialPruned):
+        if is_pruned(exc):  # caviar.TrialPruned or optuna.TrialPruned
             self.prune()
             return True
         if isinstance(exc, Exception):
@@ -551,18 +662,67 @@ def current_trial() -> Trial:
         raise RuntimeError(
             "caviar.current_trial(): not running under a caviar worker (CAVIAR_TRIAL is unset)"
         )
+    global _current
     data = json.loads(raw)
-    return Trial(
-        _shared_client(),
-        data,
-        worker_id=data.get("worker_id"),
-        heartbeat=False,
-        result_file=data.get("result_file"),
+    with _shared_lock:
+        if _current is None or _current.number != data.get("number") or _current.study != data.get("study"):
+            _current = Trial(
+                _shared_client(),
+                data,
+                worker_id=data.get("worker_id"),
+                heartbeat=False,
+                result_file=data.get("result_file"),
+            )
+            _install_prune_hook()
+        return _current
+
+
+_current: Trial | None = None
+_hooked = False
+
+
+def _install_prune_hook() -> None:
+    """Let ``TrialPruned`` (caviar's or Optuna's) escape a program: the trial ends PRUNED, not failed."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        trial = _current
+        if trial is not None and is_pruned(exc) and not trial.finished:
+            try:
+                trial.prune()
+            except Exception as error:  # the worker still reads the prune mark
+                print(f"caviar: could not record trial {trial.number} as pruned: {error}", file=sys.stderr)
+            print(f"caviar: trial {trial.number} pruned ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return
+        previous(kind, exc, tb)
+
+    sys.excepthook = hook
+
+
+def is_pruned(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is ``caviar.TrialPruned`` or ``optuna.TrialPruned`` (without importing optuna)."""
+    if exc is None:
+        return False
+    if isinstance(exc, TrialPruned):
+        return True
+    return any(
+        cls.__name__ == "TrialPruned" and cls.__module__.split(".")[0] == "optuna"
+        for cls in type(exc).__mro__
     )
 
 
+def _integer(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"suggest_int: {field} must be an int (got {value!r})")
+    return int(value)
+
+
 _shared: Client | None = None
-_shared_lock = threading.Lock()
+_shared_lock = threading.RLock()
 
 
 def _shared_client() -> Client:

@@ -31,7 +31,8 @@ class LeaseLost(CaviarApiError):
 
 
 class TrialPruned(Exception):
-    """Raised by ``trial.report`` when the study's pruner stops the trial.
+    """Raise it when ``trial.should_prune()`` says so (``optuna.TrialPruned`` works the same).
 
-    Leaving a ``with study.ask() as trial:`` block by this exception tells the trial pruned.
+    Wherever it escapes (a ``with study.ask() as trial:`` block, ``study.optimize``, a ``kind:
+    python`` function, a ``kind: command`` program using the SDK) the trial ends PRUNED.
     """

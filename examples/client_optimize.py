@@ -5,8 +5,8 @@ Against a running service (``caviar serve``, or ``--url`` of a remote one):
     python examples/client_optimize.py [--url http://127.0.0.1:8000] [--token T] [--n-jobs 2]
 
 ``study.optimize`` runs the objective until the study's global budget is used, whoever else works
-on the same study; each trial heartbeats in the background and ``trial.report`` raises
-``caviar.TrialPruned`` when the pruner says so.
+on the same study; each trial heartbeats in the background; ``trial.should_prune()`` answers the
+pruner's decision for the last ``trial.report(value, step)``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def objective(trial: caviar.Trial) -> float:
             optimizer.step()
         with torch.no_grad():
             accuracy = (model(x_val).argmax(dim=1) == y_val).float().mean().item()
-        trial.report(epoch, accuracy)
+        trial.report(accuracy, epoch)  # Optuna's order: value, step
+        if trial.should_prune():
+            raise caviar.TrialPruned()
     return accuracy
 
 

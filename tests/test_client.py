@@ -63,7 +63,7 @@ def test_the_with_block_tells_what_happened(client: caviar.Client) -> None:
     study = client.create_study(external_study("block", n_trials=10, max_retries=0))
     with study.ask() as trial:
         assert set(trial.params) == {"lr", "beta1", "dropout"} and 0.8 <= trial.params["beta1"] <= 0.999
-        trial.report(0, 0.5)
+        trial.report(0.5, 0)
         trial.tell(0.9)
     with study.ask() as pruned:
         raise caviar.TrialPruned()
@@ -79,16 +79,19 @@ def test_the_with_block_tells_what_happened(client: caviar.Client) -> None:
     assert study.best()["number"] == trial.number
 
 
-def test_report_raises_trial_pruned_when_the_pruner_says_so(client: caviar.Client) -> None:
+def test_should_prune_answers_the_pruners_decision_for_the_last_report(client: caviar.Client) -> None:
     body = external_study("prune", n_trials=2)
     body["pruner"] = {"type": "threshold", "options": {"lower": 0.5}}
     study = client.create_study(body)
     with study.ask() as trial:
-        trial.report(0, 0.9)
-        with pytest.raises(caviar.TrialPruned):
-            trial.report(1, 0.1)
+        assert not trial.should_prune()  # nothing reported yet
+        trial.report(0.9, 0)
+        assert not trial.should_prune()
+        trial.report(value=0.1, step=1)  # Optuna's order, by keyword too; nothing raised here
+        assert trial.should_prune()
         raise caviar.TrialPruned()
-    assert study.trials()[0]["state"] == "pruned"
+    [told] = study.trials()
+    assert told["state"] == "pruned" and told["intermediate_values"] == {"0": 0.9, "1": 0.1}
 
 
 def test_the_block_heartbeats_in_the_background(client: caviar.Client, db: Database) -> None:
@@ -113,7 +116,7 @@ def test_a_lost_lease_raises_lease_lost(client: caviar.Client, db: Database) -> 
     trial = study.ask(heartbeat=False)
     assert reap(db, now=utcnow() + timedelta(seconds=60)) == 1
     with pytest.raises(caviar.LeaseLost):
-        trial.report(0, 0.5)
+        trial.report(0.5, 0)
     with pytest.raises(caviar.LeaseLost):
         trial.tell(0.5)  # remembered: nothing this trial says counts any more
 

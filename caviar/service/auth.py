@@ -12,7 +12,7 @@ scope      may
 read       GET/HEAD/OPTIONS anything (API, dashboard, OpenAPI docs) except a trial's
            ``trial.log``; ``objective.env`` values are shown to it as ``<redacted>``
 worker     read + ``trial.log`` + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/{n}/report``,
-           ``.../heartbeat``, ``.../tell``, ``.../release`` and ``.../artifacts``;
+           ``.../suggest``, ``.../heartbeat``, ``.../tell``, ``.../release`` and ``.../artifacts``;
            ``POST /api/v1/workers`` and ``/api/v1/workers/{id}/heartbeat``
 write      everything except token management (studies, schedules, trials, dashboard writes)
 admin      everything, including ``/api/v1/tokens``
@@ -54,7 +54,7 @@ SCOPE_LEVELS: Final[dict[str, int]] = {"read": 0, "worker": 1, "write": 2, "admi
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_PATH: Final = "/api/v1/tokens"
 WORKER_ROUTE: Final = re.compile(
-    r"^/api/v1/(?:studies/[^/]+/trials/(?:ask|[^/]+/(?:report|heartbeat|tell|release|artifacts))"
+    r"^/api/v1/(?:studies/[^/]+/trials/(?:ask|[^/]+/(?:report|suggest|heartbeat|tell|release|artifacts))"
     r"|workers(?:/[^/]+/heartbeat)?)/?$"
 )
 """The POSTs a ``worker`` token may make: the trial lifecycle, artifacts, registration, heartbeats."""

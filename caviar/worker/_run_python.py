@@ -3,7 +3,8 @@
 Run by a worker in a child process (with ``CAVIAR_TRIAL`` set): imports the function from the
 worker's working directory or an installed package, calls it with ``caviar.current_trial()`` and
 hands its return value (the objective value, or one value per objective) back to the worker.
-``TrialPruned`` tells the trial pruned; any other exception fails it with its traceback.
+``caviar.TrialPruned`` or ``optuna.TrialPruned`` tells the trial pruned; any other exception fails it
+with its traceback. The function may be an unmodified Optuna objective.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import caviar
+from caviar._client import is_pruned
 
 
 def load(entrypoint: str) -> Callable[[caviar.Trial], Any]:
@@ -37,8 +39,11 @@ def main(argv: list[str]) -> int:
     trial = caviar.current_trial()
     try:
         result = objective(trial)
-    except caviar.TrialPruned:
-        trial.prune()
+    except Exception as exc:
+        if not is_pruned(exc):  # caviar.TrialPruned or optuna.TrialPruned
+            raise
+        if not trial.finished:
+            trial.prune()
         return 0
     if trial.finished:  # the function told (or pruned) the trial itself
         return 0

@@ -216,7 +216,8 @@ class Slot:
             if key in self.lost or key in self.stopping:
                 return True
         try:
-            return trial.should_prune(step, value)
+            trial.report(float(value), int(step))
+            return trial.should_prune()
         except LeaseLost:
             self._mark_lost(trial)
             return True
@@ -229,8 +230,11 @@ class Slot:
         values: list[float] | None = None,
         reason: str | None = None,
         user_attrs: dict[str, Any] | None = None,
+        fatal: bool = False,
     ) -> None:
-        """Tell a trial's outcome (a trial whose lease was lost is dropped: its retry runs elsewhere)."""
+        """Tell a trial's outcome (a trial whose lease was lost is dropped: its retry runs elsewhere).
+
+        A ``fatal`` failure is not retried and pauses the study (see the tell endpoint)."""
         key = (trial.study, trial.number)
         if not self.is_lost(trial):
             try:
@@ -239,7 +243,7 @@ class Slot:
                 elif state == "pruned":
                     trial.prune(user_attrs=user_attrs)
                 else:
-                    trial.fail(reason or "", user_attrs=user_attrs)
+                    trial.fail(reason or "", user_attrs=user_attrs, fatal=fatal)
             except CaviarApiError as exc:
                 _log.warning("tell %s of trial %d of %s refused: %s", state, trial.number, trial.study, exc)
         with self.held_lock:

@@ -33,6 +33,7 @@ class SlotLike(Protocol):
         values: list[float] | None = None,
         reason: str | None = None,
         user_attrs: dict[str, Any] | None = None,
+        fatal: bool = False,
     ) -> None: ...
 
     def hand_back(self, trial: Trial, reason: str) -> None: ...

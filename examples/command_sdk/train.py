@@ -3,8 +3,8 @@ reports with caviar's SDK.
 
 Run alone, it trains once (``python train.py --lr 0.01``). Run by a caviar worker (the study's
 command fills in ``{lr}`` and ``{weight_decay}``), ``caviar.current_trial()`` is the trial: the
-script reports every epoch (``trial.report`` raises ``caviar.TrialPruned`` to stop it) and tells
-its result.
+script reports every epoch (``trial.report(value, step)``; when ``trial.should_prune()`` it raises
+``caviar.TrialPruned`` and lets it escape: the trial ends PRUNED) and tells its result.
 """
 
 from __future__ import annotations
@@ -53,11 +53,9 @@ def main() -> None:
             ).item()
         print(f"epoch {epoch}: train loss {loss.item():.4f}, val loss {val_loss:.4f}", flush=True)
         if trial is not None:
-            try:
-                trial.report(epoch, val_loss)
-            except caviar.TrialPruned:
-                trial.prune()
-                return
+            trial.report(val_loss, epoch)
+            if trial.should_prune():
+                raise caviar.TrialPruned()  # escapes: the worker records the trial PRUNED
     if trial is not None:
         trial.tell(val_loss)
 

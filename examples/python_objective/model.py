@@ -59,7 +59,9 @@ def objective(trial: caviar.Trial) -> float:
         model.eval()
         with torch.no_grad():
             accuracy = (model(x_val).argmax(dim=1) == y_val).float().mean().item()
-        trial.report(epoch, accuracy)  # raises caviar.TrialPruned when the pruner says so
+        trial.report(accuracy, epoch)  # Optuna's order: value, step
+        if trial.should_prune():
+            raise caviar.TrialPruned()  # the trial ends PRUNED (optuna.TrialPruned works too)
     torch.save(model.state_dict(), "model.pt")
     trial.upload("model.pt")  # stored with the trial: caviar study download NAME model.pt --trial N
     return accuracy

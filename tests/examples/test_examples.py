@@ -81,6 +81,8 @@ ALLOW = {
     "python_objective": ("--allow-code", "python:model"),
     "command_stdout": ("--allow-code", "command:bash train.sh"),
     "command_sdk": ("--allow-code", "command:python train.py"),
+    # children import the caviar under test (a checkout on PYTHONPATH), not an installed one
+    "optuna_objective": ("--allow-code", "python:objective", "--pass-env", "PYTHONPATH"),
 }
 """What each example's header tells the operator to allow (and nothing more)."""
 
@@ -167,3 +169,24 @@ def test_a_worker_without_allow_code_refuses_and_says_why(service: caviar.Client
     assert process.wait(60) == 0
     assert "start the worker with --allow-code" in process.output()
     assert study.info()["trial_counts"]["running"] == 0 and study.info()["state"] == "queued"
+
+
+def test_an_unmodified_optuna_objective_on_workers_and_through_the_client(
+    service: caviar.Client, worker: Any
+) -> None:
+    study = run_to_the_end(service, worker, "optuna_objective", 6)  # kind: python on a worker
+    for trial in study.trials():  # define-by-run: as many n_units_l{i} as n_layers says
+        params = trial["params"]
+        assert sum(name.startswith("n_units_l") for name in params) == params["n_layers"], params
+    assert study.best()["value"] >= 0.9
+    script = EXAMPLES / "optuna_objective" / "objective.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--url", service.url, "--name", "via-client", "--n-trials", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this run finished 4 trials" in result.stdout
+    counts = service.study("via-client").info()["trial_counts"]
+    assert counts["complete"] + counts["pruned"] == 4 and counts["fail"] == 0, counts

@@ -39,7 +39,7 @@ PROBE = textwrap.dedent(
         "create_study": httpx.post(f"{api}/studies", json={"name": "made-by-child"}, headers=headers).status_code,
         "read_studies": httpx.get(f"{api}/studies", headers=headers).status_code,
     }
-    trial.report(0, 0.25)  # its own trial: allowed
+    trial.report(0.25, 0)  # its own trial: allowed
     with open(os.path.join(os.environ["OUT_DIR"], "probe.json"), "w") as handle:
         json.dump({"env": dict(os.environ), "statuses": statuses}, handle)
     print("environment:", json.dumps(dict(os.environ)), flush=True)  # lands in trial.log

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         time.sleep(float(os.environ.get("EPOCH_S", "0.2")))
         with open(os.path.join(pids, "reports"), "a") as handle:
             handle.write(f"{trial.number} {step}\\n")
-        trial.report(step, trial.params["x"] * step)
+        trial.report(trial.params["x"] * step, step)
     print("done", flush=True)
     trial.tell(trial.params["x"])
     """
@@ -131,6 +131,8 @@ def start_worker(url: str, folder: Path, tmp: Path, *args: str) -> CaviarProcess
         "0.2",
         "--allow-code",
         "all",
+        "--pass-env",
+        "PYTHONPATH",  # children import the caviar under test, not an installed one
         *args,
     ]
     return CaviarProcess(

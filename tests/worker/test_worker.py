@@ -465,7 +465,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
     retry: dict[str, Any] = {}
     answers: list[bool] = []  # the slot's prune decisions for trial 0
 
-    for method in ("tell", "prune", "fail", "release", "should_prune"):
+    for method in ("tell", "prune", "fail", "release", "report"):
         original = getattr(Trial, method)
 
         def recording(
@@ -516,7 +516,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
     reaped = trials.get_trial(db, "lease", 0)
     assert reaped.state == "fail" and "lease expired" in (reaped.fail_reason or ""), reaped.fail_reason
     # one report (answered lease_lost), then nothing: training of trial 0 stopped, no result told
-    assert [c for c in calls if c[1] == 0] == [("should_prune", 0)], calls
+    assert [c for c in calls if c[1] == 0] == [("report", 0)], calls
     assert not [c for c in calls if c[1] == retry["number"]], calls
     assert answers == [True]  # stopped at that report, not an epoch later
     taken = trials.get_trial(db, "lease", retry["number"])

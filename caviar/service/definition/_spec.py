@@ -82,6 +82,56 @@ COMMAND_PLACEHOLDERS = ("study", "number")
 """Placeholders every command may use besides its parameters: the study's name, the trial's number."""
 
 
+METRICS_FILE = "metrics.jsonl"
+"""Where a ``metrics: {format: jsonl}`` program writes its JSON lines by default (in its trial directory)."""
+
+
+class MetricsSpec(_Strict):
+    """How a worker reads the metrics of a ``kind: command`` program from its own output.
+
+    ``stdout`` (the default): ``name=value`` or ``name: value`` pairs for the study's metric names
+    (Katib's StdOut convention), with the step from a ``step``/``epoch`` pair on the same line (else
+    a count of reports). ``regex``: ``pattern`` with a named group ``value`` (and optionally
+    ``step``), matched against each line of standard output. ``jsonl``: a JSON-lines ``file`` the
+    program appends to in its working directory, one object per report (``{"step": 3,
+    "val_acc": 0.91}``). Each parsed line is reported (the pruner may stop the program); the trial's
+    value is the last one reported unless the program prints ``caviar-result``.
+    """
+
+    format: Literal["stdout", "regex", "jsonl"] = "stdout"
+    pattern: str | None = Field(
+        default=None, max_length=1024, description="regex: a pattern with named groups value (and step)."
+    )
+    file: str | None = Field(
+        default=None,
+        max_length=256,
+        description=f"jsonl: the file, relative to the trial's directory (default {METRICS_FILE}).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsSpec:
+        if self.format == "regex":
+            if not self.pattern:
+                raise ValueError("metrics.pattern: format regex needs a pattern")
+            try:
+                groups = re.compile(self.pattern).groupindex
+            except re.error as exc:
+                raise ValueError(f"metrics.pattern: not a valid regular expression: {exc}") from None
+            if "value" not in groups:
+                raise ValueError(
+                    "metrics.pattern: needs a named group (?P<value>...) (and optionally (?P<step>...))"
+                )
+        elif self.pattern is not None:
+            raise ValueError("metrics.pattern: only for format regex")
+        if self.format == "jsonl":
+            path = PurePosixPath(self.file or METRICS_FILE)
+            if path.is_absolute() or ".." in path.parts or "\\" in str(path):
+                raise ValueError("metrics.file: a relative path inside the trial's directory")
+        elif self.file is not None:
+            raise ValueError("metrics.file: only for format jsonl")
+        return self
+
+
 def command_placeholders(command: list[str]) -> set[str]:
     """The ``{name}`` placeholders of a command's arguments (``{{`` and ``}}`` are literal braces).
 
@@ -164,6 +214,9 @@ class Objective(_Strict):
     timeout_s: float | None = Field(
         default=None, gt=0, le=30 * 86400, description="kind python/command: kill and fail a trial after this"
     )
+    metrics: MetricsSpec | None = Field(
+        default=None, description="kind command: read the metrics from the program's own output."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Objective:
@@ -199,6 +252,8 @@ class Objective(_Strict):
                 raise ValueError("command: arguments may not contain NUL characters")
         elif self.command is not None:
             raise ValueError("command: only for kind command")
+        if self.metrics is not None and self.kind != "command":
+            raise ValueError("metrics: only for kind command")
         if self.kind not in CODE_KINDS and (self.env or self.timeout_s is not None):
             raise ValueError("env and timeout_s: only for kind python or command")
         for name, value in self.env.items():
@@ -216,7 +271,12 @@ class StudyTemplate(_Strict):
     )
     metric: str | list[str] | None = None
     objective: Objective = Field(default_factory=Objective)
-    search_space: dict[str, Param]
+    search_space: dict[str, Param] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Declared parameters. Optional for external, python and command objectives: their code "
+        "may suggest undeclared ones (define-by-run).",
+    )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     budget: Budget = Field(default_factory=Budget)
@@ -236,9 +296,10 @@ class StudyTemplate(_Strict):
     @classmethod
     def _check_space(cls, space: dict[str, Param], info: ValidationInfo) -> dict[str, Param]:
         objective = info.data.get("objective")
-        if not space and not (isinstance(objective, Objective) and objective.kind == "external"):
-            # an external study may declare none: clients (an Optuna storage, say) sample themselves
-            raise ValueError("search_space must define at least one parameter")
+        if not space and (not isinstance(objective, Objective) or objective.kind == "trainer"):
+            # external, python and command objectives may declare none: their code (or an Optuna
+            # storage's client) suggests its parameters as it runs (define-by-run)
+            raise ValueError("search_space must define at least one parameter (the trainer needs its space)")
         if len(space) > 256:
             raise ValueError("search_space may define at most 256 parameters")
         if sum(len(p.choices) for p in space.values() if isinstance(p, CategoricalParam)) > MAX_CHOICES:
@@ -305,6 +366,10 @@ class StudyTemplate(_Strict):
                     f"(parameters: {', '.join(self.search_space)}; also {', '.join(COMMAND_PLACEHOLDERS)})"
                 )
         if self.sampler.type == "grid":
+            if not self.search_space:
+                raise ValueError(
+                    "sampler: grid needs a declared search_space (it cannot sample undeclared parameters)"
+                )
             points = 1
             for name, param in self.search_space.items():
                 if param.when:
@@ -391,7 +456,8 @@ class StudyTemplate(_Strict):
             Shape(
                 numeric=sum(1 for p in space if not isinstance(p, CategoricalParam)),
                 categorical=sum(1 for p in space if isinstance(p, CategoricalParam)),
-                conditional=sum(1 for p in space if p.when),
+                # no declared space: the code suggests its parameters, maybe conditionally
+                conditional=sum(1 for p in space if p.when) or int(not self.search_space),
                 objectives=len(self.study_directions),
                 n_trials=self.budget.n_trials,
                 max_parallel=self.budget.max_parallel,

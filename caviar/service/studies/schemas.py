@@ -73,7 +73,9 @@ class StudyRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = Field(default=None, description="When the first trial was claimed.")
-    stop_reason: str | None = Field(default=None, description="Why a stopping/stopped study ended.")
+    stop_reason: str | None = Field(
+        default=None, description="Why a stopping/stopped study ended, or why caviar paused it."
+    )
     definition_version: int = Field(default=1, description="Bumped by every edit of the definition.")
     warm_start: WarmStartRead | None = None
 

@@ -368,8 +368,13 @@ def tell(
     reason: str | None = None,
     user_attrs: Mapping[str, Any] | None = None,
     caller: Caller = ANYONE,
+    fatal: bool = False,
 ) -> TrialRead:
     """Finish a trial as ``complete`` (with values), ``pruned`` or ``fail``.
+
+    A ``fatal`` failure is the study's rather than the trial's (a worker could not read the program's
+    output at all): the trial is not retried and the study is paused with the reason as its
+    ``stop_reason``, so the rest of the budget is not spent on programs that would fail the same way.
 
     Repeating a tell with the same final state and values returns the trial; anything else on a
     finished trial is ``trial_finished``, and on a reaped trial ``lease_lost``. A failed trial is
@@ -419,7 +424,11 @@ def tell(
             db.optuna.set_trial_user_attr(tid, FAIL_REASON, reason[:2000])
         finished = study_handle(db, record, definition).tell(number, state=final)
         close_lease(db, tid, reason)
-        requeue_retry(db, record, definition, finished, lease)
+        if fatal:
+            why = f"paused: {reason or 'fatal failure'}"[:2000]
+            transition(db, record, ["queued", "running"], "paused", stop_reason=why)
+        else:
+            requeue_retry(db, record, definition, finished, lease)
         settle_study(db, record)
     if lease is not None:
         lease.status = "finished"

@@ -25,7 +25,7 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.store import artifact_store
 from caviar.service.tokens import trial as trial_tokens
-from caviar.service.trials import artifacts, enqueue, export
+from caviar.service.trials import artifacts, enqueue, export, suggest
 from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
@@ -38,6 +38,8 @@ from caviar.service.trials.schemas import (
     ReleaseRequest,
     ReportRequest,
     ReportResponse,
+    SuggestRequest,
+    SuggestResponse,
     TellRequest,
     TrialAssignment,
     TrialList,
@@ -86,6 +88,24 @@ def report_trial(
     return ReportResponse(should_prune=should_prune)
 
 
+@router.post("/trials/{number}/suggest", summary="Sample one parameter of a running trial (define-by-run)")
+def suggest_param(
+    db: DbDep,
+    policy: LeasePolicyDep,
+    any_trial: AnyTrialDep,
+    name: StudyName,
+    number: TrialNumber,
+    body: SuggestRequest,
+) -> SuggestResponse:
+    """A declared parameter answers its sampled value once the call matches the declaration (422
+    ``suggest_mismatch`` naming both otherwise); an undeclared one is sampled by the study's sampler
+    and stored. The same name again answers the same value (409 ``distribution_mismatch`` for another
+    distribution)."""
+    caller = service.Caller(body.worker_id, any_trial)
+    value = suggest.suggest(db, name, number, body.name, body.distribution, policy=policy, caller=caller)
+    return SuggestResponse(value=value)
+
+
 @router.post(
     "/trials/{number}/heartbeat", status_code=status.HTTP_204_NO_CONTENT, summary="Keep the trial's lease"
 )
@@ -108,6 +128,8 @@ def tell_trial(
 ) -> TrialRead:
     if body.value is not None and body.values is not None:
         raise InvalidInput("value: give value or values, not both")
+    if body.fatal and body.state != "fail":
+        raise InvalidInput("fatal: only with state fail")
     values = body.values if body.values is not None else ([body.value] if body.value is not None else None)
     caller = service.Caller(body.worker_id, any_trial)
     return service.tell(
@@ -119,6 +141,7 @@ def tell_trial(
         reason=body.reason,
         user_attrs=body.user_attrs,
         caller=caller,
+        fatal=body.fatal,
     )
 
 

@@ -60,6 +60,25 @@ class ReportResponse(BaseModel):
     should_prune: bool
 
 
+class SuggestRequest(BaseModel):
+    """Ask for one parameter of a running trial (define-by-run)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, description="The parameter's name.")
+    distribution: dict[str, Any] = Field(
+        description="Optuna's distribution JSON, as optuna.distributions.distribution_to_json writes it: "
+        '{"name": "FloatDistribution", "attributes": {"low": 0.0, "high": 1.0, "log": false, "step": null}}.'
+    )
+    worker_id: WorkerId | None = None
+
+
+class SuggestResponse(BaseModel):
+    """The parameter's value: sampled by the study's sampler, or the one stored before."""
+
+    value: Any
+
+
 class HeartbeatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -106,6 +125,11 @@ class TellRequest(BaseModel):
     reason: Text | None = None
     user_attrs: UserAttrs = None
     worker_id: WorkerId | None = None
+    fatal: bool = Field(
+        default=False,
+        description="state fail only: the failure is the study's, not this trial's (a program whose output "
+        "caviar cannot read): the trial is not retried and the study is paused with the reason.",
+    )
 
 
 class EnqueueItem(BaseModel):
