@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 import caviar  # noqa: E402
-from benchmarks.sql_statements import StatementCounter, database, history, measure  # noqa: E402
+from benchmarks.sql_statements import StatementCounter, alternate, database, history  # noqa: E402
 from caviar.service.api import create_app  # noqa: E402
 from caviar.service.config import Settings  # noqa: E402
 from caviar.service.db import Database  # noqa: E402
@@ -116,24 +115,12 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     counter = StatementCounter()
-    results: dict[str, list[dict[str, float]]] = {"caviar_storage": [], "optuna_rdb": []}
     with database(args.storage) as url, service(url) as base:
         arms = {
             "caviar_storage": arm(caviar.optuna_storage(base), args.history),
             "optuna_rdb": arm(optuna.storages.RDBStorage(url), args.history),
         }
-        for repeat in range(args.repeats):
-            order = list(arms) if repeat % 2 == 0 else list(reversed(arms))
-            for name in order:
-                results[name].append(measure(arms[name], counter, args.cycles))
-    summary = {
-        name: {
-            "statements_per_trial": statistics.median(r["statements_per_cycle"] for r in runs),
-            "ms_p50_median": statistics.median(r["ms_p50"] for r in runs),
-            "ms_p50_spread": [min(r["ms_p50"] for r in runs), max(r["ms_p50"] for r in runs)],
-        }
-        for name, runs in results.items()
-    }
+        summary = alternate(arms, counter, args.cycles, args.repeats)  # a cycle is one trial
     print(
         json.dumps(
             {
@@ -143,8 +130,8 @@ def main() -> None:
                 "cycles": args.cycles,
                 "repeats": args.repeats,
                 **summary,
-                "statements_ratio": summary["caviar_storage"]["statements_per_trial"]
-                / summary["optuna_rdb"]["statements_per_trial"],
+                "statements_ratio": summary["caviar_storage"]["statements_per_cycle"]
+                / summary["optuna_rdb"]["statements_per_cycle"],
                 "latency_ratio": summary["caviar_storage"]["ms_p50_median"]
                 / summary["optuna_rdb"]["ms_p50_median"],
             }

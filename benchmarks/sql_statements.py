@@ -179,6 +179,25 @@ def measure(cycle: Callable[[], None], counter: StatementCounter, cycles: int) -
     }
 
 
+def alternate(
+    arms: dict[str, Callable[[], None]], counter: StatementCounter, cycles: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Measure every arm ``repeats`` times, the order alternating; per arm the medians and spread."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    for repeat in range(repeats):
+        order = list(arms) if repeat % 2 == 0 else list(reversed(arms))
+        for name in order:
+            results[name].append(measure(arms[name], counter, cycles))
+    return {
+        name: {
+            "statements_per_cycle": statistics.median(r["statements_per_cycle"] for r in runs),
+            "ms_p50_median": statistics.median(r["ms_p50"] for r in runs),
+            "ms_p50_spread": [min(r["ms_p50"] for r in runs), max(r["ms_p50"] for r in runs)],
+        }
+        for name, runs in results.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,21 +211,9 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     counter = StatementCounter()
-    results: dict[str, list[dict[str, float]]] = {"caviar": [], "optuna": []}
     with database(args.storage) as url:
         arms = {"caviar": caviar_arm(url, args.history), "optuna": optuna_arm(url, args.history)}
-        for repeat in range(args.repeats):
-            order = ["caviar", "optuna"] if repeat % 2 == 0 else ["optuna", "caviar"]
-            for arm in order:
-                results[arm].append(measure(arms[arm], counter, args.cycles))
-    summary = {
-        arm: {
-            "statements_per_cycle": statistics.median(r["statements_per_cycle"] for r in runs),
-            "ms_p50_median": statistics.median(r["ms_p50"] for r in runs),
-            "ms_p50_spread": [min(r["ms_p50"] for r in runs), max(r["ms_p50"] for r in runs)],
-        }
-        for arm, runs in results.items()
-    }
+        summary = alternate(arms, counter, args.cycles, args.repeats)
     print(
         json.dumps(
             {
