@@ -27,6 +27,7 @@ import caviar
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
+from tests.test_optuna_trial import check_objective_trials, objective
 
 HEARTBEAT_S = 2.0
 ADMIN = "an-admin-token-of-at-least-32-characters"
@@ -121,6 +122,25 @@ def test_optimize_ends_cleanly_at_the_budget(service: str, storage: BaseStorage)
     with pytest.raises(caviar.BudgetExhausted):
         study.ask()
     assert httpx.get(f"{service}/api/v1/studies/budget-5").json()["state"] == "completed"
+
+
+def test_an_unmodified_optuna_objective_runs_through_the_storage(service: str, storage: BaseStorage) -> None:
+    """Define-by-run with an int-parent conditional, report(value, step), should_prune(), raise
+    optuna.TrialPruned: pruned trials end PRUNED, none fail, none is retried."""
+    study = optuna.create_study(
+        study_name="optuna-objective",
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4),
+        pruner=optuna.pruners.ThresholdPruner(lower=0.4),
+    )
+    _budget(service, "optuna-objective", 12)
+    study.optimize(objective)  # no n_trials: the study's budget ends it
+    trials = httpx.get(f"{service}/api/v1/studies/optuna-objective/trials").json()["items"]
+    check_objective_trials(trials, 12)
+    assert [t.state for t in study.trials].count(TrialState.PRUNED) == sum(
+        t["state"] == "pruned" for t in trials
+    )
 
 
 def test_enqueued_trials_count_against_the_budget(service: str, storage: BaseStorage) -> None:
