@@ -213,7 +213,10 @@ def test_a_pinned_worker_refuses_a_study_recreated_under_its_name(
                 trials = recreated.trials()
                 return bool(trials) and "refused by worker" in (trials[0]["fail_reason"] or "")
 
-            wait_until(refused, 60, "the recreated study was not refused")
+            try:
+                wait_until(refused, 60, "the recreated study was not refused")
+            except TimeoutError:  # say what happened instead (trials, and the worker's own account)
+                pytest.fail(f"not refused: {recreated.trials()}\n{worker.output()}")
             reason = recreated.trials()[0]["fail_reason"]
         finally:
             worker.signal(signal.SIGTERM)
