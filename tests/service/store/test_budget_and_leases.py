@@ -162,7 +162,6 @@ def test_renew_leases_renews_only_active_ones(db: Database, make_study: MakeStud
     assert leases[ids[1]].reason == "told"
 
 
-
 def test_renew_leases_renews_the_named_trials_only_not_their_study_mates(
     db: Database, make_study: MakeStudy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,6 +178,7 @@ def test_renew_leases_renews_the_named_trials_only_not_their_study_mates(
     leases = store.leases_for(db, [live, crashed])
     assert leases[live].expires_at == later + timedelta(seconds=20)
     assert before is not None and leases[crashed].expires_at == before.expires_at
+
 
 @pytest.mark.parametrize(
     ("status", "code"),
