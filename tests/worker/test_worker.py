@@ -419,6 +419,8 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     body = digits_study("oom", n_trials=6, max_epochs=2, fuse=4)
     body["sampler"] = {"type": "random", "seed": 0}  # no start-up trials: the first group is fused
     body["pruner"] = {"type": "none"}
+    # a hand-back is no failure and uses no retry: with none allowed, a failed member would end the study
+    body["budget"].update(max_retries=0, max_failed_trials=0)
     store.create_study(db, store.parse_definition(body))
     sizes: list[int] = []
     step = FusedOptimizer.step
