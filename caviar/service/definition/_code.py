@@ -1,5 +1,6 @@
-"""The parts of an objective that run user code: how a program's metrics are read, its command's
-placeholders, and its environment (which names it may set, and what read scope sees)."""
+"""The parts of an objective that run user code: how a worker reads a program's metrics
+(``metrics``), which files of a trial's directory it stores (``outputs``), the command's
+placeholders, and the environment (which names it may set, and what read scope sees)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,22 @@ class MetricsSpec(_Strict):
         elif self.file is not None:
             raise ValueError("metrics.file: only for format jsonl")
         return self
+
+
+def check_output_glob(index: int, pattern: str) -> None:
+    """Refuse an ``outputs`` glob that could reach outside the trial's directory.
+
+    Raises:
+        ValueError: ``outputs.<index>: ...`` for an absolute path, a ``..`` part, a backslash, an
+            empty part or a NUL character.
+    """
+    path = PurePosixPath(pattern)
+    if "\x00" in pattern or "\\" in pattern:
+        raise ValueError(f"outputs.{index}: may not contain NUL characters or backslashes")
+    if path.is_absolute() or pattern.startswith("~"):
+        raise ValueError(f"outputs.{index}: a glob relative to the trial's directory, not {pattern!r}")
+    if ".." in path.parts or path.parts in ((), (".",)):
+        raise ValueError(f"outputs.{index}: a glob of files inside the trial's directory, not {pattern!r}")
 
 
 def command_placeholders(command: list[str]) -> set[str]:

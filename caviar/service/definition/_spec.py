@@ -20,6 +20,7 @@ from caviar.service.definition._auto import WARMUP, AutoChoice, Shape, SobolWarm
 from caviar.service.definition._code import (
     MetricsSpec,
     check_env_names,
+    check_output_glob,
     command_placeholders,
 )
 from caviar.service.definition._codec import stored_name
@@ -126,6 +127,12 @@ class Objective(_Strict):
     metrics: MetricsSpec | None = Field(
         default=None, description="kind command: read the metrics from the program's own output."
     )
+    outputs: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="kind python/command: globs of files in the trial's directory (checkpoint.pt, *.png) "
+        "the worker stores as the trial's artifacts when it ends",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Objective:
@@ -165,6 +172,10 @@ class Objective(_Strict):
             raise ValueError("metrics: only for kind command")
         if self.kind not in CODE_KINDS and (self.env or self.timeout_s is not None):
             raise ValueError("env and timeout_s: only for kind python or command")
+        if self.outputs and self.kind not in CODE_KINDS:
+            raise ValueError("outputs: only for kind python or command")
+        for index, pattern in enumerate(self.outputs):
+            check_output_glob(index, pattern)
         for name, value in self.env.items():
             if "\x00" in value:
                 raise ValueError(f"env.{name}: may not contain NUL characters")
