@@ -48,6 +48,12 @@ class TrialRef(BaseModel):
 
     study: str = Field(min_length=1, max_length=128)
     number: int = Field(ge=0, le=2**31 - 1)
+    credential: str | None = Field(
+        default=None,
+        max_length=512,
+        description="The credential the trial's ask answered: a worker-scope token must send it "
+        "to renew the lease (with tokens on).",
+    )
 
 
 class WorkerHeartbeat(BaseModel):
