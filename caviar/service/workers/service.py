@@ -132,7 +132,7 @@ def beat(
         worker = session.get(WorkerRecord, worker_id)
         if worker is not None:
             worker.status = status
-            worker.current_trials = {"trials": [ref.model_dump() for ref in trials]}
+            worker.current_trials = {"trials": [ref.model_dump(exclude={"credential"}) for ref in trials]}
             worker.last_seen_at = utcnow()
     lost = []
     for ref in trials:
