@@ -425,11 +425,17 @@ class Trial:
             body = {**body, "worker_id": self.worker_id}
         try:
             return self.client.http.post(
-                _path("studies", self.study, "trials", self.number, action), json=body
+                _path("studies", self.study, "trials", self.number, action),
+                json=body,
+                headers=self._proof(),
             )
         except LeaseLost as exc:
             self._lost = exc
             raise
+
+    def _proof(self) -> dict[str, str]:
+        """The header that proves this client claimed the trial (a worker token alone does not)."""
+        return {LEASE_HEADER: self.credential} if self.credential else {}
 
     # ---- Optuna's Trial interface: suggest, report, should_prune, user attributes -----------
 
@@ -543,7 +549,7 @@ class Trial:
                 _path("studies", self.study, "trials", self.number, "artifacts"),
                 params={"filename": filename or path.name},
                 content=path.read_bytes(),
-                headers={"Content-Type": "application/octet-stream"},
+                headers={"Content-Type": "application/octet-stream", **self._proof()},
             )
         )
 
@@ -648,6 +654,10 @@ class Trial:
         else:  # KeyboardInterrupt, SystemExit: not the trial's fault
             self.release(f"interrupted ({type(exc).__name__})")
         return False
+
+
+LEASE_HEADER = "X-Caviar-Lease"
+"""Sent with every call on a claimed trial: the ``credential`` its ask answered (tokens on)."""
 
 
 def current_trial() -> Trial:

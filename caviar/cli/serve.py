@@ -115,6 +115,7 @@ def dashboard(
     from caviar.service.dashboard import create_dashboard_app
     from caviar.service.db import Database
     from caviar.service.server import check_bind_allowed
+    from caviar.service.timeouts import guarded_protocol
 
     settings = settings_from(database_url, host=host, port=port, api_token=token or None)
     check_bind_allowed(settings)
@@ -127,6 +128,12 @@ def dashboard(
             port=settings.port,
             log_level=log_level,
             access_log=False,
+            http=guarded_protocol(
+                keep_alive_s=settings.timeout_keep_alive_s,
+                header_s=settings.timeout_headers_s,
+                body_s=settings.timeout_body_s,
+            ),
+            timeout_keep_alive=settings.timeout_keep_alive_s,
         )
     finally:
         db.dispose()

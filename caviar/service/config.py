@@ -50,6 +50,21 @@ class Settings(BaseSettings):
     )
     scheduler_interval_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    timeout_keep_alive_s: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="A connection idle this long (new, or after a response) is closed.",
+    )
+    timeout_headers_s: float = Field(
+        default=10.0, gt=0, le=3600, description="A request head must arrive within this many seconds."
+    )
+    timeout_body_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="The longest pause between two pieces of a request body before the connection is cut.",
+    )
     data_dir: str | None = Field(
         default=None, description="The only directory `file:` datasets are read from; unset: none over REST."
     )

@@ -10,6 +10,7 @@ from caviar.service.config import Settings
 from caviar.service.db import Database
 from caviar.service.definition import NAME_PATTERN
 from caviar.service.store import LeasePolicy
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.types import INT32_MAX, MAX_OFFSET
 
 
@@ -28,10 +29,43 @@ def get_lease_policy(request: Request) -> LeasePolicy:
     return LeasePolicy.from_settings(get_settings_dep(request))
 
 
-def may_act_on_any_trial(request: Request) -> bool:
-    """Whether the caller may act on trials other workers asked for: write scope, or no auth."""
+LEASE_HEADER = "X-Caviar-Lease"
+"""The header a ``worker``-scope caller proves it holds a trial with: the ``credential`` its ask
+answered (see :mod:`caviar.service.tokens.trial`)."""
+
+
+def may_act_on_trial(request: Request) -> bool:
+    """Whether the caller may act on the trial its path names (``{name}``, ``{number}``).
+
+    Write and admin scope act on any trial, and so does everyone on a service without tokens
+    (loopback only, nothing to bind to). A trial credential sent as the Bearer token was already
+    checked by the auth middleware against this very trial. A ``worker``-scope caller must prove
+    it claimed the trial: :data:`LEASE_HEADER` carries the credential its ask answered. The
+    ``worker_id`` in a body is a label, never proof.
+    """
     scope = getattr(request.state, "token_scope", None)
-    return scope is None or scope in ("write", "admin")
+    if scope is None or scope in ("write", "admin", "trial"):
+        return True
+    proof = request.headers.get(LEASE_HEADER)
+    settings = get_settings_dep(request)
+    if not proof or settings.api_token is None:
+        return False
+    try:
+        number = int(request.path_params["number"])
+    except (KeyError, ValueError):
+        return False
+    key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+    return trial_tokens.names_trial(get_db(request), key, proof, request.path_params.get("name", ""), number)
+
+
+def lease_proof_key(request: Request) -> bytes | None:
+    """The key of trial credentials when the caller must prove its claims (``worker`` scope, or a
+    trial credential), else None (write scope, no tokens: the ``worker_id`` label decides)."""
+    settings = get_settings_dep(request)
+    scope = getattr(request.state, "token_scope", None)
+    if scope is None or scope in ("write", "admin") or settings.api_token is None:
+        return None
+    return trial_tokens.derive_key(settings.api_token.get_secret_value())
 
 
 def may_see_env_values(request: Request) -> bool:
@@ -41,7 +75,8 @@ def may_see_env_values(request: Request) -> bool:
 
 DbDep = Annotated[Database, Depends(get_db)]
 EnvValuesDep = Annotated[bool, Depends(may_see_env_values)]
-AnyTrialDep = Annotated[bool, Depends(may_act_on_any_trial)]
+AnyTrialDep = Annotated[bool, Depends(may_act_on_trial)]
+LeaseProofKeyDep = Annotated[bytes | None, Depends(lease_proof_key)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 LeasePolicyDep = Annotated[LeasePolicy, Depends(get_lease_policy)]
 

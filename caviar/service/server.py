@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import optuna
 import uvicorn
+from starlette.types import ASGIApp
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from caviar import storage
@@ -40,6 +41,7 @@ from caviar._backoff import RestartBackoff
 from caviar._logging import announce, configure_logging
 from caviar.service.api import create_app
 from caviar.service.config import Settings
+from caviar.service.timeouts import guarded_protocol
 
 _log = logging.getLogger("caviar.server")
 
@@ -144,15 +146,25 @@ def _run_one(sock: socket.socket, settings_data: dict[str, Any]) -> None:
     settings = Settings.model_validate(settings_data)
     setup_logging(settings)
     os.environ["CAVIAR_DATABASE_URL"] = settings.database_url
-    config = uvicorn.Config(
-        create_app(settings),
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run(sockets=[sock])
+
+
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """How every server process runs ``app``: its own logging, and the connection timeouts of
+    ``settings`` (idle keep-alive, slow request heads, stalled bodies; see :mod:`caviar.service.timeouts`)."""
+    return uvicorn.Config(
+        app,
+        http=guarded_protocol(
+            keep_alive_s=settings.timeout_keep_alive_s,
+            header_s=settings.timeout_headers_s,
+            body_s=settings.timeout_body_s,
+        ),
         log_config=None,  # records go to the handler setup_logging installed
         log_level=settings.log_level,
         access_log=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _exit_text(code: int | None) -> str:

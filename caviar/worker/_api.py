@@ -78,9 +78,15 @@ class WorkerApi:
         body = {"id": self.worker_id, "host": host, "pid": pid, "device": device}
         return float(self.http.post(_path("workers"), json=body)["heartbeat_interval_s"])
 
-    def beat(self, held: Iterable[tuple[str, int]], *, status: str) -> list[tuple[str, int, str]]:
-        """Renew every held lease in one call; returns the trials to stop, with why."""
-        body = {"status": status, "trials": [{"study": s, "number": n} for s, n in held]}
+    def beat(self, held: Iterable[tuple[str, int, str | None]], *, status: str) -> list[tuple[str, int, str]]:
+        """Renew every held lease in one call; returns the trials to stop, with why.
+
+        Args:
+            held: (study, number, credential) of each held trial: the credential its ask answered
+                proves the claim (None on a service without tokens).
+        """
+        trials = [{"study": s, "number": n, **({"credential": c} if c else {})} for s, n, c in held]
+        body = {"status": status, "trials": trials}
         answer = self.http.post(_path("workers", self.worker_id, "heartbeat"), json=body)
         return [(item["study"], int(item["number"]), str(item["code"])) for item in answer["lost"]]
 

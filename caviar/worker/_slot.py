@@ -166,7 +166,11 @@ class Slot:
         # twice per interval: a lease (two intervals) survives one slow or lost beat and more
         while not self.done.wait(self.heartbeat_interval_s / 2):
             with self.held_lock:
-                held = [key for key in self.held if key not in self.lost]  # stopping ones too: kept
+                held = [  # stopping ones too: kept
+                    (study, number, trial.credential)
+                    for (study, number), trial in self.held.items()
+                    if (study, number) not in self.lost
+                ]
             try:
                 lost = self.api.beat(held, status="busy" if held else "idle")
             except CaviarApiError as exc:

@@ -189,11 +189,13 @@ def test_scope_matrix_over_the_real_api(secured: TestClient) -> None:
     number = assignment.json()["number"]
     trial = f"{API}/studies/m/trials/{number}"
     own = {"worker_id": "w"}
+    holder = bearer(worker) | {"X-Caviar-Lease": assignment.json()["credential"]}
     report = {"step": 0, "value": 0.5}
-    assert secured.post(f"{trial}/report", json=report | own, headers=bearer(worker)).status_code == 200
-    assert secured.post(f"{trial}/heartbeat", json=own, headers=bearer(worker)).status_code == 204
-    # a trial belongs to the worker that asked for it: another worker id (or none) is refused ...
-    for other in ({}, {"worker_id": "intruder"}):
+    assert secured.post(f"{trial}/report", json=report | own, headers=holder).status_code == 200
+    assert secured.post(f"{trial}/heartbeat", json=own, headers=holder).status_code == 204
+    # a trial belongs to the credential that claimed it: without it, any worker id (its own
+    # included: a label, not proof) is refused ...
+    for other in ({}, {"worker_id": "intruder"}, own):
         for action, body in (
             ("report", report),
             ("heartbeat", {}),
@@ -207,9 +209,7 @@ def test_scope_matrix_over_the_real_api(secured: TestClient) -> None:
         secured.post(f"{trial}/report", json={"step": 1, "value": 0.6}, headers=bearer(write)).status_code
         == 200
     )
-    told = secured.post(
-        f"{trial}/tell", json={"state": "complete", "value": 0.9} | own, headers=bearer(worker)
-    )
+    told = secured.post(f"{trial}/tell", json={"state": "complete", "value": 0.9} | own, headers=holder)
     assert told.status_code == 200, told.text
     assert_envelope(secured.post(f"{API}/studies/m/pause", headers=bearer(worker)), 403, "forbidden")
     assert_envelope(secured.delete(f"{API}/studies/m", headers=bearer(worker)), 403, "forbidden")

@@ -480,7 +480,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
     beat = WorkerApi.beat
 
     def beat_without_trial_0(self: WorkerApi, held: Any, *, status: str) -> Any:
-        return beat(self, [(study, number) for study, number in held if number != 0], status=status)
+        return beat(self, [ref for ref in held if ref[1] != 0], status=status)
 
     monkeypatch.setattr(WorkerApi, "beat", beat_without_trial_0)
     should_prune = Slot.should_prune

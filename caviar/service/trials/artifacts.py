@@ -2,30 +2,89 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+import json
+import mimetypes
+import os
+import time
+import uuid
+from dataclasses import asdict
+from typing import BinaryIO, Final
 
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+from optuna.artifacts._upload import ArtifactMeta
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
-from caviar.service.errors import NotFound
-from caviar.service.store import all_trials, definition_of, frozen, load_record, ranked
+from caviar.service.errors import Conflict, NotFound
+from caviar.service.store import all_trials, check_running, definition_of, frozen, load_record, ranked
+from caviar.service.trials.leases import ANYONE, Caller, check_owner
 from caviar.service.trials.schemas import ArtifactRead
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names of files stored with trials: no directories, no hidden files."""
+ARTIFACTS_ATTR_PREFIX: Final = "artifacts:"
+"""Where Optuna's ``upload_artifact`` keeps a file's metadata (a trial system attribute + id)."""
+UPLOADED_ATTR: Final = "caviar:uploaded:"
+"""Trial system attribute (+ artifact id): when the file was stored, in ns since the epoch."""
 
 
-def save_artifact(db: Database, store: FileSystemArtifactStore, name: str, number: int, path: str) -> str:
-    """Attach the file at ``path`` to trial ``number`` of study ``name``; returns the artifact id.
+def check_upload(db: Database, name: str, number: int, caller: Caller = ANYONE) -> None:
+    """Refuse an upload before its body is read: the trial must run and be the caller's.
 
-    The artifact keeps the file's base name (``checkpoint.pt``, ``trial.log``, ...).
+    Raises:
+        Conflict: ``trial_finished``, ``lease_lost``, ``trial_not_running``, ``not_your_trial``.
     """
     record = load_record(db, name)
     trial = frozen(db, record, number)
-    return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial, storage=db.optuna)
+    lease = check_running(db, record, trial)
+    check_owner(record, number, lease, caller)
+
+
+def save_artifact(
+    db: Database,
+    store: FileSystemArtifactStore,
+    name: str,
+    number: int,
+    path: str,
+    caller: Caller = ANYONE,
+) -> str:
+    """Attach the file at ``path`` to running trial ``number`` of study ``name``; returns its id.
+
+    The artifact keeps the file's base name (``checkpoint.pt``, ``trial.log``, ...) and the time
+    it was stored (:data:`UPLOADED_ATTR`), which orders files of the same name. A trial that ended
+    meanwhile keeps nothing: the stored file is removed again.
+
+    Raises:
+        Conflict: as :func:`check_upload`.
+    """
+    check_upload(db, name, number, caller)
+    record = load_record(db, name)
+    trial = frozen(db, record, number)
+    filename = os.path.basename(path)
+    mimetype, encoding = mimetypes.guess_type(filename)
+    meta = ArtifactMeta(
+        artifact_id=str(uuid.uuid4()),
+        filename=filename,
+        mimetype=mimetype or "application/octet-stream",
+        encoding=encoding,
+    )
+    with open(path, "rb") as handle:
+        store.write(meta.artifact_id, handle)
+    try:
+        # Optuna refuses either write (row-locked) once the trial is finished: a tell or the reaper won
+        db.optuna.set_trial_system_attr(trial._trial_id, UPLOADED_ATTR + meta.artifact_id, time.time_ns())
+        db.optuna.set_trial_system_attr(
+            trial._trial_id, ARTIFACTS_ATTR_PREFIX + meta.artifact_id, json.dumps(asdict(meta))
+        )
+    except UpdateFinishedTrialError:
+        store.remove(meta.artifact_id)
+        raise Conflict(
+            f"trial {number} of {name!r} finished while its file was uploaded", code="trial_finished"
+        ) from None
+    return meta.artifact_id
 
 
 def list_artifacts(db: Database, name: str, number: int) -> list[ArtifactRead]:
@@ -58,6 +117,10 @@ def _newest(
     metas = [m for m in get_all_artifact_meta(trial, storage=db.optuna) if m.filename == filename]
     if not metas:
         return None
+    # newest by the time it was stored (Optuna keeps them by random id); files stored before
+    # caviar recorded times come first, in Optuna's order
+    stored = trial.system_attrs
+    metas.sort(key=lambda m: int(stored.get(UPLOADED_ATTR + m.artifact_id, -1)))
     try:
         return store.open_reader(metas[-1].artifact_id)
     except ArtifactNotFound:

@@ -29,7 +29,6 @@ from caviar.service.store import (
     end_lease,
     end_study,
     frozen,
-    held_by_other,
     lease_of,
     leases_for,
     load_record,
@@ -42,11 +41,13 @@ from caviar.storage import StudyRecord, TrialLease, utcnow
 
 @dataclass(frozen=True)
 class Caller:
-    """Who acts on a trial: a trial belongs to the worker that asked for it.
+    """Who acts on a trial.
 
     Attributes:
-        worker_id: the caller's worker id (None: it gave none).
-        any_trial: may act on any trial (write scope, or a service without tokens).
+        worker_id: the worker id the caller gave: a label for logs, never proof of anything.
+        any_trial: may act on this trial: write scope, a service without tokens, the trial's own
+            credential, or a worker that proved it claimed the trial (see
+            :func:`caviar.service.deps.may_act_on_trial`).
     """
 
     worker_id: str | None = None
@@ -57,16 +58,17 @@ ANYONE = Caller()
 
 
 def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, caller: Caller) -> None:
-    """Refuse a heartbeat, report, tell or hand-back from another worker than the one that asked.
+    """Refuse a heartbeat, report, suggest, upload, tell or hand-back from a caller that has not
+    proved it claimed the trial (and has no write scope).
 
     Raises:
         Conflict: ``not_your_trial``.
     """
-    if caller.any_trial or not held_by_other(lease, caller.worker_id):
+    if caller.any_trial:
         return
     raise Conflict(
-        f"trial {number} of {record.name!r} belongs to another worker "
-        "(only its own worker, or a token with write scope, may act on it)",
+        f"trial {number} of {record.name!r} is not yours: send the credential its ask answered "
+        "(header X-Caviar-Lease), or use a token with write scope",
         code="not_your_trial",
     )
 

@@ -168,17 +168,22 @@ async def upload_artifact(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
+    any_trial: AnyTrialDep,
     name: StudyName,
     number: TrialNumber,
     filename: Annotated[str, Query(pattern=FILENAME_PATTERN, description="The file's name.")],
 ) -> ArtifactRead:
+    """Only while the trial runs (409 ``trial_finished`` otherwise, nothing kept), and only by the
+    worker that claimed it (its credential, as Bearer or ``X-Caviar-Lease``) or write scope."""
+    caller = service.Caller(None, any_trial)
+    await anyio.to_thread.run_sync(artifacts.check_upload, db, name, number, caller)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, filename)
         with open(path, "wb") as handle:
             async for chunk in request.stream():
                 handle.write(chunk)
         artifact_id = await anyio.to_thread.run_sync(
-            save_artifact, db, artifact_store(settings.artifact_dir), name, number, path
+            save_artifact, db, artifact_store(settings.artifact_dir), name, number, path, caller
         )
     return ArtifactRead(artifact_id=artifact_id, filename=filename)
 

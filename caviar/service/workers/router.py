@@ -7,17 +7,20 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
-from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep
+from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep, LeaseProofKeyDep
+from caviar.service.tokens import trial as trial_tokens
 from caviar.service.workers import service
 from caviar.service.workers.schemas import (
     WORKER_ID_PATTERN,
     HeartbeatResult,
     QueueList,
+    TrialRef,
     WorkerHeartbeat,
     WorkerList,
     WorkerRegister,
     WorkerRegistered,
 )
+from caviar.storage import TrialLease
 
 router = APIRouter(tags=["workers"])
 
@@ -32,8 +35,14 @@ def list_workers(db: DbDep, policy: LeasePolicyDep, live_only: bool = False) -> 
 
 
 @router.post("/workers", status_code=status.HTTP_201_CREATED, summary="Register a worker slot")
-def register_worker(db: DbDep, policy: LeasePolicyDep, body: WorkerRegister) -> WorkerRegistered:
-    worker = service.register_worker(db, body.id, host=body.host, pid=body.pid, device=body.device)
+def register_worker(
+    db: DbDep, policy: LeasePolicyDep, proof_key: LeaseProofKeyDep, body: WorkerRegister
+) -> WorkerRegistered:
+    """A worker token cannot take over a live worker's id (409 ``worker_id_taken``)."""
+    taken = policy if proof_key is not None else None
+    worker = service.register_worker(
+        db, body.id, host=body.host, pid=body.pid, device=body.device, live_taken=taken
+    )
     return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=policy.heartbeat_interval_s)
 
 
@@ -41,9 +50,27 @@ def register_worker(db: DbDep, policy: LeasePolicyDep, body: WorkerRegister) -> 
     "/workers/{worker_id}/heartbeat", summary="Renew the leases of all the worker's trials in one call"
 )
 def heartbeat_worker(
-    db: DbDep, policy: LeasePolicyDep, worker_id: WorkerIdPath, body: WorkerHeartbeat
+    db: DbDep,
+    policy: LeasePolicyDep,
+    proof_key: LeaseProofKeyDep,
+    worker_id: WorkerIdPath,
+    body: WorkerHeartbeat,
 ) -> HeartbeatResult:
-    lost = service.beat(db, worker_id, body.trials, status=body.status, policy=policy)
+    """With a worker token each trial must carry its ``credential``; one it does not prove is
+    answered ``not_your_trial`` and its lease is left alone."""
+    proves = None
+    if proof_key is not None:
+        key = proof_key
+
+        def proves(ref: TrialRef, lease: TrialLease) -> bool:
+            grant = trial_tokens.verify(key, ref.credential) if ref.credential else None
+            return grant is not None and (grant.trial_id, grant.study_id, grant.number) == (
+                lease.trial_id,
+                lease.study_id,
+                lease.number,
+            )
+
+    lost = service.beat(db, worker_id, body.trials, status=body.status, policy=policy, proves=proves)
     return HeartbeatResult(lost=lost)
 
 

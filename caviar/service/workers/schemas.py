@@ -43,11 +43,22 @@ class WorkerRegister(BaseModel):
     device: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9:_-]+$")
 
 
-class TrialRef(BaseModel):
+class TrialKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     study: str = Field(min_length=1, max_length=128)
     number: int = Field(ge=0, le=2**31 - 1)
+
+
+class TrialRef(TrialKey):
+    """A trial a worker holds, with the proof of its claim."""
+
+    credential: str | None = Field(
+        default=None,
+        max_length=512,
+        description="The credential the trial's ask answered: a worker-scope token must send it "
+        "to renew the lease (with tokens on).",
+    )
 
 
 class WorkerHeartbeat(BaseModel):
@@ -59,7 +70,7 @@ class WorkerHeartbeat(BaseModel):
     trials: list[TrialRef] = Field(default_factory=list, max_length=10_000)
 
 
-class LostTrial(TrialRef):
+class LostTrial(TrialKey):
     code: str = Field(
         description="lease_lost, trial_finished, not_your_trial, trial_not_found or study_stopped (prune it)"
     )

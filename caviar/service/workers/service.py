@@ -5,13 +5,14 @@ Plain functions over a :class:`~caviar.service.db.Database`; workers reach them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from caviar.service.db import Database
+from caviar.service.errors import Conflict
 from caviar.service.store import (
     STOPPED_STATES,
     LeasePolicy,
@@ -33,11 +34,38 @@ from caviar.service.workers.schemas import (
 from caviar.storage import StudyRecord, TrialLease, WorkerRecord, utcnow
 
 
-def register_worker(db: Database, worker_id: str, *, host: str, pid: int, device: str) -> WorkerRead:
-    """Record (or re-record) a worker slot as started now."""
+def register_worker(
+    db: Database,
+    worker_id: str,
+    *,
+    host: str,
+    pid: int,
+    device: str,
+    live_taken: LeasePolicy | None = None,
+) -> WorkerRead:
+    """Record (or re-record) a worker slot as started now.
+
+    Args:
+        live_taken: when given (a ``worker``-scope caller), an id that is live under this policy
+            (seen within one lease period, not stopped) is refused: another worker cannot take over
+            a running worker's registration (a slot that starts again gets a new id: its pid).
+
+    Raises:
+        Conflict: ``worker_id_taken``.
+    """
     now = utcnow()
     with db.session() as session, session.begin():
         record = session.get(WorkerRecord, worker_id)
+        if (
+            record is not None
+            and live_taken is not None
+            and record.status != "stopped"
+            and record.last_seen_at >= now - timedelta(seconds=live_taken.lease_s)
+        ):
+            raise Conflict(
+                f"worker {worker_id!r} is registered and live: pick another id",
+                code="worker_id_taken",
+            )
         if record is None:
             record = WorkerRecord(id=worker_id, host=host, pid=pid, device=device)
             session.add(record)
@@ -56,6 +84,7 @@ def beat(
     *,
     status: str = "busy",
     policy: LeasePolicy,
+    proves: Callable[[TrialRef, TrialLease], bool] | None = None,
 ) -> list[LostTrial]:
     """Renew the leases of ``trials`` (all of one worker's) in one statement; mark the worker seen.
 
@@ -65,7 +94,16 @@ def beat(
         it), ``trial_not_found`` (none of these leases is renewed), or ``study_stopped`` (its study
         is stopping: the lease is still renewed so the worker can prune the trial at its next
         report and tell it).
+
+    Args:
+        proves: when given (a ``worker``-scope caller), whether a reference proves its claim on
+            a lease (the trial's credential); a trial it does not prove is ``not_your_trial`` and
+            its lease is left alone. Without it the ``worker_id`` decides (write scope, no tokens).
     """
+
+    def foreign(ref: TrialRef, lease: TrialLease) -> bool:
+        return held_by_other(lease, worker_id) if proves is None else not proves(ref, lease)
+
     names = sorted({ref.study for ref in trials})
     with db.session() as session, session.begin():
         rows = session.execute(
@@ -87,21 +125,21 @@ def beat(
         }
         renewable = [
             lease.trial_id
-            for lease in leases.values()
-            if lease_error(lease) is None and not held_by_other(lease, worker_id)
+            for key, lease in leases.items()
+            if lease_error(lease) is None and not foreign(wanted[key], lease)
         ]
         renew_leases(session, renewable, policy)
         worker = session.get(WorkerRecord, worker_id)
         if worker is not None:
             worker.status = status
-            worker.current_trials = {"trials": [ref.model_dump() for ref in trials]}
+            worker.current_trials = {"trials": [ref.model_dump(exclude={"credential"}) for ref in trials]}
             worker.last_seen_at = utcnow()
     lost = []
     for ref in trials:
         lease = leases.get((ids.get(ref.study, -1), ref.number))
         if lease is None:
             code = "trial_not_found"
-        elif held_by_other(lease, worker_id):
+        elif foreign(ref, lease):
             code = "not_your_trial"
         elif (ended := lease_error(lease)) is not None:
             code = ended

@@ -171,7 +171,8 @@ def test_a_trial_log_needs_the_scope_that_reads_env_values(secured: TestClient) 
     base = f"{API}/studies/code/trials/{trial['number']}/artifacts"
     for name in ("trial.log", "other.txt"):
         stored = secured.post(base, params={"filename": name}, content=SECRET.encode(),
-                              headers={**bearer(worker), "Content-Type": "application/octet-stream"})  # fmt: skip
+                              headers={**bearer(worker), "Content-Type": "application/octet-stream",
+                                       "X-Caviar-Lease": trial["credential"]})  # fmt: skip
         assert stored.status_code == 201, stored.text
     denied = secured.get(f"{base}/trial.log", headers=bearer(read))
     assert denied.status_code == 403 and SECRET not in denied.text

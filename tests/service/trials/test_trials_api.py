@@ -493,31 +493,34 @@ def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db
     assert counts["waiting"] == 1  # one retry, of the reaped trial only
 
 
-def test_only_the_asking_worker_acts_on_its_trial_without_write_scope(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_id_is_a_label_not_proof_of_holding_a_trial(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
     from caviar.service.errors import Conflict
     from caviar.service.trials import leases, lifecycle
 
     name = create(client, n_trials=5)
     ask(client, name, worker_id="w1")
-    ask(client, name)  # asked without a worker id: anyone may act on it
-    own, other = leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)
+    ask(client, name)
+    # without proof (the trial's credential) or write scope, no worker id acts: not even the asker's
+    unproven = [leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)]
     for act in (
         lambda caller: leases.heartbeat(db, name, 0, caller=caller, policy=POLICY),
         lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller, policy=POLICY),
         lambda caller: leases.release(db, name, 0, caller=caller),
         lambda caller: lifecycle.tell(db, name, 0, "pruned", caller=caller),
     ):
-        with pytest.raises(Conflict) as raised:
-            act(other)
-        assert raised.value.code == "not_your_trial"
-        assert str(raised.value) == (
-            f"trial 0 of {name!r} belongs to another worker "
-            "(only its own worker, or a token with write scope, may act on it)"
-        )
-    leases.heartbeat(db, name, 0, caller=own, policy=POLICY)
-    leases.heartbeat(db, name, 0, caller=leases.Caller("w2"), policy=POLICY)  # write scope: any trial
-    leases.heartbeat(db, name, 1, caller=other, policy=POLICY)
-    assert lifecycle.tell(db, name, 0, "pruned", caller=own).state == "pruned"
+        for caller in unproven:
+            with pytest.raises(Conflict) as raised:
+                act(caller)
+            assert raised.value.code == "not_your_trial"
+            assert str(raised.value) == (
+                f"trial 0 of {name!r} is not yours: send the credential its ask answered "
+                "(header X-Caviar-Lease), or use a token with write scope"
+            )
+    assert client.get(f"{API}/{name}/trials/0").json()["state"] == "running"
+    proven = leases.Caller("w2", any_trial=True)  # the trial's credential, or write scope: any label
+    leases.heartbeat(db, name, 0, caller=proven, policy=POLICY)
+    leases.heartbeat(db, name, 1, caller=proven, policy=POLICY)
+    assert lifecycle.tell(db, name, 0, "pruned", caller=proven).state == "pruned"
 
 
 def test_a_tell_stores_the_user_attributes_it_carries(client: TestClient) -> None:
