@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import caviar
 from caviar.service.processes import wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc and subreapers")
@@ -169,3 +170,39 @@ def test_a_huge_stderr_line_fails_the_trial_with_its_reason(tmp_path: Path) -> N
     assert reason.startswith("exit code 3; stderr:"), reason
     assert "(a line of 20000001 bytes: see trial.log)\nbroke" in reason
     assert len(reason) < 2000
+
+
+@pytest.mark.slow
+def test_a_real_worker_ends_the_setsid_grandchildren_of_timed_out_trials(db_url: str, tmp_path: Path) -> None:
+    """Through the service and a real worker (the issue's finding: every timeout left a process)."""
+    from tests.worker.test_programs import serve_api, start_worker
+
+    # every attempt (the trial's retries too) starts a grandchild and notes its pid
+    command = "setsid sh -c 'echo $$ >> grandchildren; exec sleep 300' & sleep 300"
+    server, url = serve_api(db_url, tmp_path)
+    try:
+        with caviar.Client(url) as client:
+            study = client.create_study(
+                {
+                    "name": "orphans",
+                    "direction": "maximize",
+                    "search_space": {"x": {"type": "float", "low": 0.0, "high": 1.0}},
+                    "objective": {"kind": "command", "command": ["sh", "-c", command], "timeout_s": 2},
+                    "sampler": {"type": "random", "seed": 0},
+                    "budget": {"n_trials": 1},
+                }
+            )
+            with start_worker(url, tmp_path, tmp_path, "--cpu", "1", "--exit-when-idle", "1") as worker:
+                assert worker.wait(120) == 0, worker.output()
+            trials = study.trials()
+        pids = [int(line) for line in (tmp_path / "grandchildren").read_text().split()]
+        ran = [(t["state"], t["fail_reason"]) for t in trials if t["state"] != "waiting"]  # retries
+        assert ran and all(s == "fail" and "timeout" in (r or "") for s, r in ran), ran
+        assert len(pids) == len(ran)
+        assert [pid for pid in pids if not gone(pid)] == []
+    finally:
+        server.stop()
+        noted = tmp_path / "grandchildren"
+        for pid in [int(line) for line in noted.read_text().split()] if noted.exists() else []:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
