@@ -19,6 +19,10 @@ The worker heartbeats for the child; a prune decision stops it (an SDK program r
 ``TrialPruned`` and ends PRUNED even when it lets the exception escape; a printing program gets
 SIGTERM, then SIGKILL after a grace period); a non-zero exit, a crash or a timeout fails the trial
 with the end of its stderr.
+
+Whatever the child starts ends with the trial, however it ends (``setsid`` grandchildren too: the
+slot is a child subreaper on Linux, see :class:`_Child`); its output is read in bounded pieces
+and the log keeps the last :data:`LOG_LIMIT` bytes.
 """
 
 from __future__ import annotations
