@@ -30,6 +30,8 @@ _log = logging.getLogger("caviar.client")
 
 STOP_CODES = frozenset({"budget_exhausted", "study_failed", "study_paused", "study_stopped"})
 """Ask refusals that mean the study hands out no more trials (to this loop, for now)."""
+TRIALS_PAGE = 1000
+"""How many trials :meth:`Study.trials` reads per request (the API's largest page)."""
 
 
 class Client:
@@ -194,7 +196,7 @@ class Study:
         """Every trial (optionally of one state), ordered by number."""
         items: list[dict[str, Any]] = []
         while True:
-            params: dict[str, Any] = {"limit": 1000, "offset": len(items)}
+            params: dict[str, Any] = {"limit": TRIALS_PAGE, "offset": len(items)}
             if state:
                 params["state"] = state
             page = self.client.http.get(_path("studies", self.name, "trials"), params=params)

@@ -232,3 +232,30 @@ def test_current_trial_outside_a_worker_says_so(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("CAVIAR_TRIAL", raising=False)
     with pytest.raises(RuntimeError, match="not running under a caviar worker"):
         caviar.current_trial()
+
+
+def test_a_ctrl_c_in_the_block_hands_the_trial_back(client: caviar.Client) -> None:
+    """A KeyboardInterrupt is not the trial's fault: it is retried without using a retry, and the
+    study does not fail (mutant: the block fails the trial instead)."""
+    study = client.create_study(external_study("ctrl-c", n_trials=5, max_retries=0, max_failed_trials=0))
+    with pytest.raises(KeyboardInterrupt), study.ask() as interrupted:
+        raise KeyboardInterrupt
+    [handed_back] = study.trials("fail")
+    assert (handed_back["state"], handed_back["fail_reason"]) == ("fail", "interrupted (KeyboardInterrupt)")
+    info = study.info()
+    assert info["state"] == "running" and info["trial_counts"]["waiting"] == 1
+    with study.ask() as retry:
+        retry.tell(1.0)
+    assert retry.params == interrupted.params
+    assert study.trials("complete")[0]["retry_of"] == interrupted.number
+
+
+def test_trials_reads_every_page_once(client: caviar.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutant: each page asks for the first page again (the first trials repeated, the rest lost)."""
+    study = client.create_study(external_study("pages", n_trials=5))
+    study.enqueue(
+        [{"params": {"lr": 0.01, "beta1": 0.9, "dropout": 0.1}, "value": float(i)} for i in range(5)]
+    )
+    monkeypatch.setattr(caviar._client, "TRIALS_PAGE", 2)
+    assert [t["number"] for t in study.trials()] == [0, 1, 2, 3, 4]
+    assert [t["number"] for t in study.trials("complete")] == [0, 1, 2, 3, 4]

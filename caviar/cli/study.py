@@ -104,6 +104,8 @@ def _study_line(study: dict[str, Any]) -> None:
 
 def _show_study(study: dict[str, Any]) -> None:
     print_studies([study])
+    if study.get("stop_reason"):  # why it paused, stopped or failed (a setup error, ...)
+        say(f"reason: {safe(study['stop_reason'])}")
     console.print_json(data=study["definition"])
 
 

@@ -54,6 +54,25 @@ def worker(
             "(repeatable; HOME, LANG, LC_*, TZ, TMPDIR, PATH, CUDA_* pass by default; never CAVIAR_*).",
         ),
     ] = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(
+            "--workdir",
+            help="Make each trial's own working directory (CAVIAR_TRIAL_DIR) here "
+            "(default: the system's temporary directory).",
+        ),
+    ] = None,
+    keep_trial_dirs: Annotated[
+        bool, typer.Option("--keep-trial-dirs", help="Leave each trial's directory after the trial.")
+    ] = False,
+    code_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--code-dir",
+            help="Where entrypoints and a command's relative script are found (on the children's "
+            "PYTHONPATH; default: the directory the worker is started in).",
+        ),
+    ] = None,
     log_format: LogFormatOption = None,
     log_level: LogLevelOption = None,
 ) -> None:
@@ -74,6 +93,9 @@ def worker(
         pass_env=tuple(pass_env or ()),
         log_format=log_format or "text",
         log_level=log_level or "info",
+        workdir=workdir,
+        keep_trial_dirs=keep_trial_dirs,
+        code_dir=code_dir,
     )
     try:
         code = run_workers(options)

@@ -33,6 +33,11 @@ class WorkerOptions:
         worker_prefix: the first part of each slot's worker id (default: the host name).
         log_format: slot log lines as ``text`` or ``json`` (one object a line).
         log_level: the least severe level the slots log.
+        workdir: where each trial's own working directory is made (``None``: the system's temporary
+            directory); see :mod:`caviar.worker._program`.
+        keep_trial_dirs: leave each trial's directory in place after the trial (default: removed).
+        code_dir: where a ``kind: python`` entrypoint and a command's relative script are found
+            (``None``: the directory the worker was started in).
     """
 
     url: str | None = None
@@ -53,3 +58,6 @@ class WorkerOptions:
     worker_prefix: str = field(default_factory=socket.gethostname)
     log_format: str = "text"
     log_level: str = "info"
+    workdir: str | None = None
+    keep_trial_dirs: bool = False
+    code_dir: str | None = None

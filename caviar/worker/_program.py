@@ -23,6 +23,18 @@ with the end of its stderr.
 Whatever the child starts ends with the trial, however it ends (``setsid`` grandchildren too: the
 slot is a child subreaper on Linux, see :class:`_Child`); its output is read in bounded pieces
 and the log keeps the last :data:`LOG_LIMIT` bytes.
+
+Each trial's child runs in a fresh directory of its own (``CAVIAR_TRIAL_DIR``), made under the
+worker's ``--workdir`` and removed after the trial unless ``--keep-trial-dirs``; a ``jsonl`` metrics
+file is read there. Code is found in the worker's code directory (``--code-dir``, default the
+directory the worker was started in; see :func:`resolve_code_paths`), which is also put first on the
+child's ``PYTHONPATH``. The files the objective's ``outputs`` globs match in the trial's directory
+are uploaded as the trial's artifacts when it ends (any state), each at most
+:data:`OUTPUT_FILE_LIMIT` bytes and :data:`OUTPUT_TOTAL_LIMIT` in all.
+
+A program that cannot start is a setup error (:func:`setup_error`): the trial fails with a reason
+starting ``setup error:``, ``fatal`` (not retried; the study pauses with the reason until
+``caviar study resume``), so a typo does not spend ``max_failed_trials``.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +63,7 @@ from caviar._errors import CaviarApiError
 from caviar._http import api_path
 from caviar.worker._allow import child_environment, interpreter_path
 from caviar.worker._api import Stopped
+from caviar.worker._run_python import SETUP_ERROR_EXIT
 
 if TYPE_CHECKING:
     from caviar.worker._types import SlotLike
@@ -73,6 +87,17 @@ STALE_PREFIX_BYTES = 4096
 """How much of a JSON-lines file left by an earlier trial is kept to tell an append from a rewrite."""
 STDOUT_TAIL_LINES = 10
 """How many of the last lines a program printed an unreadable-output failure shows."""
+OUTPUT_FILE_LIMIT = 512 * 1024 * 1024
+"""A file an objective's ``outputs`` match that is larger than this is not uploaded (logged)."""
+OUTPUT_TOTAL_LIMIT = 2 * 1024 * 1024 * 1024
+"""At most this many bytes of ``outputs`` are uploaded per trial (the files past it are logged)."""
+OUTPUT_FILE_COUNT = 100
+"""At most this many files of ``outputs`` are uploaded per trial."""
+SETUP_ERROR = "setup error: "
+"""How the reason of a trial whose program could not start begins."""
+_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+_PYTHON_OPTIONS_WITH_VALUE = frozenset({"-W", "-X", "-Q"})
 _LINE = re.compile(r"^caviar-(report|result)\s+(.*)$")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _STEP = re.compile(r"(?<![\w.])(?:step|epoch|iteration|iter)\s*(?:=|:)?\s*(\d+)\b", re.IGNORECASE)
@@ -275,6 +300,56 @@ class _TailLog:
             self.fd = -1
 
 
+def resolve_code_paths(argv: list[str], code_dir: Path) -> tuple[list[str], Path | None]:
+    """A command whose program and script are found in the code directory, not the trial's.
+
+    The child's working directory is its trial directory, so relative paths that name *code* are
+    resolved against ``code_dir``: the program when it is a relative path with a ``/``
+    (``./train.sh``, ``bin/train``; a bare name is looked up on ``PATH``), and, when the program
+    is a Python interpreter (``python``, ``python3``, ``python3.12``), its script (the first
+    argument that is not an option, unless ``-m`` or ``-c`` comes first). Every other argument is
+    left as it is: relative to the trial's directory, where the program writes its files.
+
+    Returns:
+        The command, and the script's path when the program is Python running a script.
+    """
+    resolved = list(argv)
+    program = resolved[0]
+    if "/" in program and not os.path.isabs(program):
+        resolved[0] = str(code_dir / program)
+    if not _PYTHON.match(os.path.basename(program)):
+        return resolved, None
+    skip = False
+    for index in range(1, len(resolved)):
+        argument = resolved[index]
+        if skip:
+            skip = False
+        elif argument.startswith(("-m", "-c")):
+            return resolved, None
+        elif argument in _PYTHON_OPTIONS_WITH_VALUE:
+            skip = True
+        elif argument == "-":
+            return resolved, None
+        elif not argument.startswith("-"):
+            script = Path(argument) if os.path.isabs(argument) else code_dir / argument
+            resolved[index] = str(script)
+            return resolved, script
+    return resolved, None
+
+
+def setup_error(code: int, stderr_tail: str, *, kind: str) -> bool:
+    """Whether a child that exited ``code`` (without telling a result) never got to run its code.
+
+    ``kind: python``: the entrypoint could not be loaded (:data:`SETUP_ERROR_EXIT`, see
+    :mod:`caviar.worker._run_python`). ``kind: command``: the Python interpreter could not open
+    its script (exit status 2 and ``can't open file`` on stderr); a missing program or script is
+    caught before the start (see :meth:`ProgramRunner._run`).
+    """
+    if kind == "python":
+        return code == SETUP_ERROR_EXIT
+    return code == 2 and "can't open file" in stderr_tail
+
+
 class _Child:
     """A running child process: its output goes to a log file; stdout lines are parsed.
 
@@ -284,7 +359,9 @@ class _Child:
     all of it (:meth:`reap`).
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, on_line: Any) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], log_path: Path, on_line: Any, cwd: Path | None = None
+    ) -> None:
         self.log_path = log_path
         self.log = _TailLog(log_path, LOG_LIMIT)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -292,7 +369,7 @@ class _Child:
         # child at a time; this keeps it right should it ever run more)
         self.before = {pid for pid, proc in _processes().items() if proc.ppid == os.getpid()}
         self.process = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd
         )
         found = _processes().get(self.process.pid)
         self.started = found.started if found is not None else 0
@@ -484,22 +561,38 @@ class ProgramRunner:
         self.slot = slot
         if not become_subreaper():  # runners live in slot processes: the whole slot becomes one
             _log.info("not a child subreaper: a trial's processes that leave its session may outlive it")
+        self.code_dir = Path(slot.options.code_dir or os.getcwd()).resolve()
 
     def run(self, study: dict[str, Any]) -> bool:
         """Claim one trial of ``study`` and run it; False when there was nothing to claim."""
         trial = self.slot.ask(study["name"])
         if trial is None:
             return False
-        with tempfile.TemporaryDirectory(prefix="caviar-trial-") as tmp:
-            self._run(study, trial, Path(tmp))
+        options = self.slot.options
+        workdir = options.workdir
+        if workdir is not None:
+            os.makedirs(workdir, exist_ok=True)
+        trial_dir = Path(tempfile.mkdtemp(prefix=f"{trial.study}-{trial.number}-", dir=workdir))
+        try:
+            with tempfile.TemporaryDirectory(prefix="caviar-trial-") as tmp:
+                self._run(study, trial, Path(tmp), trial_dir)
+        finally:
+            if options.keep_trial_dirs:
+                _log.info("trial %d of %s: its directory is kept: %s", trial.number, trial.study, trial_dir)
+            else:
+                shutil.rmtree(trial_dir, ignore_errors=True)
         return True
 
-    def _argv(self, objective: dict[str, Any], trial: Trial) -> list[str]:
+    def _argv(self, objective: dict[str, Any], trial: Trial) -> tuple[list[str], Path | None]:
+        """The child's command, and the script it runs when that is ``python SCRIPT``."""
         if objective["kind"] == "python":
-            return [sys.executable, "-m", "caviar.worker._run_python", objective["entrypoint"]]
-        return command_argv(objective["command"], trial.params, trial.study, trial.number)
+            return [sys.executable, "-m", "caviar.worker._run_python", objective["entrypoint"]], None
+        argv = command_argv(objective["command"], trial.params, trial.study, trial.number)
+        return resolve_code_paths(argv, self.code_dir)
 
-    def _env(self, objective: dict[str, Any], trial: Trial, result_file: Path) -> dict[str, str]:
+    def _env(
+        self, objective: dict[str, Any], trial: Trial, result_file: Path, trial_dir: Path
+    ) -> dict[str, str]:
         slot = self.slot
         payload = {
             "study": trial.study,
@@ -514,8 +607,12 @@ class ProgramRunner:
         env.update(objective.get("env", {}))  # checked: no loader, interpreter or caviar variable
         # `python` in a command means the worker's own interpreter (its environment has caviar)
         env["PATH"] = interpreter_path(env.get("PATH"), sys.executable)
+        # the code directory first: entrypoints and `python -m` modules are found there
+        python_path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join([str(self.code_dir), *([python_path] if python_path else [])])
         env.update(
             CAVIAR_TRIAL=json.dumps(payload),
+            CAVIAR_TRIAL_DIR=str(trial_dir),
             CAVIAR_URL=slot.client.url,
             CUDA_VISIBLE_DEVICES=device_env(slot.device),
             PYTHONUNBUFFERED="1",
@@ -524,7 +621,63 @@ class ProgramRunner:
             env["CAVIAR_API_TOKEN"] = trial.credential
         return env
 
-    def _run(self, study: dict[str, Any], trial: Trial, tmp: Path) -> None:
+    def _setup_failed(self, trial: Trial, why: str, *, attrs: dict[str, Any] | None = None) -> None:
+        """Fail a trial whose program could not start: fatal (no retry, the study pauses), said once."""
+        reason = f"{SETUP_ERROR}{why}"[:2000]
+        _log.error(
+            "trial %d of %s: %s (the study pauses: fix it, then `caviar study resume %s`)",
+            trial.number,
+            trial.study,
+            reason.splitlines()[0] if reason else reason,
+            trial.study,
+            extra={"study": trial.study},
+        )
+        self.slot.finish(trial, "fail", reason=reason, user_attrs=attrs, fatal=True)
+
+    def _upload_outputs(self, objective: dict[str, Any], trial: Trial, trial_dir: Path) -> None:
+        """Upload the files the objective's ``outputs`` globs match in the trial's directory."""
+        patterns = objective.get("outputs") or []
+        if not patterns or self.slot.is_lost(trial):
+            return
+        found: dict[Path, None] = {}
+        inside = trial_dir.resolve()
+        for pattern in patterns:
+            for path in sorted(trial_dir.glob(pattern)):
+                # no links: a file stored is one the trial wrote in its own directory
+                if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(inside):
+                    found.setdefault(path)
+        total, names = 0, set[str]()
+        for path in found:
+            relative = path.relative_to(trial_dir).as_posix()
+            name = relative.replace("/", "-")
+            size = path.stat().st_size
+            why = ""
+            if not _ARTIFACT_NAME.match(name) or name == "trial.log":
+                why = f"its name {name!r} cannot be stored (letters, digits, . _ -; not trial.log)"
+            elif name in names:
+                why = f"another output is stored as {name!r}"
+            elif size > OUTPUT_FILE_LIMIT:
+                why = f"{size} bytes, over the {OUTPUT_FILE_LIMIT} bytes a file may have"
+            elif total + size > OUTPUT_TOTAL_LIMIT:
+                why = f"the outputs would pass {OUTPUT_TOTAL_LIMIT} bytes in all"
+            elif len(names) >= OUTPUT_FILE_COUNT:
+                why = f"more than {OUTPUT_FILE_COUNT} files"
+            if why:
+                _log.warning(
+                    "trial %d of %s: output %s not uploaded: %s", trial.number, trial.study, relative, why
+                )
+                continue
+            try:
+                trial.upload(path, filename=name)
+            except Exception as exc:  # the outcome still counts without its files
+                _log.warning(
+                    "trial %d of %s: output %s not uploaded: %s", trial.number, trial.study, relative, exc
+                )
+                continue
+            names.add(name)
+            total += size
+
+    def _run(self, study: dict[str, Any], trial: Trial, tmp: Path, trial_dir: Path) -> None:
         slot = self.slot
         objective = study["definition"]["objective"]
         result_file = tmp / "result.json"
@@ -577,19 +730,29 @@ class ProgramRunner:
 
         started = time.monotonic()
         timeout = objective.get("timeout_s")
-        metrics.start(Path.cwd())  # the child runs in the worker's working directory
+        metrics.start(trial_dir)  # the child runs in its trial's directory
+        try:
+            argv, script = self._argv(objective, trial)
+        except KeyError as exc:  # a placeholder of a parameter this trial does not have (conditional)
+            self._setup_failed(trial, f"cannot start the command: no value for placeholder {exc}")
+            return
+        if script is not None and not script.is_file():
+            self._setup_failed(
+                trial,
+                f"cannot start the command: no script {script} (a relative script is found in the "
+                f"worker's code directory {self.code_dir}: start the worker there or pass --code-dir)",
+            )
+            return
         try:
             child = _Child(
-                self._argv(objective, trial),
-                self._env(objective, trial, result_file),
+                argv,
+                self._env(objective, trial, result_file, trial_dir),
                 tmp / "trial.log",
                 on_line,
+                trial_dir,
             )
         except OSError as exc:  # not found, not executable
-            slot.finish(trial, "fail", reason=f"cannot start the command: {type(exc).__name__}: {exc}")
-            return
-        except KeyError as exc:  # a placeholder of a parameter this trial does not have (conditional)
-            slot.finish(trial, "fail", reason=f"cannot start the command: no value for placeholder {exc}")
+            self._setup_failed(trial, f"cannot start the command: {type(exc).__name__}: {exc}")
             return
         why = ""
         while child.process.poll() is None:
@@ -621,6 +784,8 @@ class ProgramRunner:
                 trial.upload(child.log_path, filename="trial.log")
             except Exception as exc:  # the outcome still counts without its log
                 _log.warning("log upload of trial %d failed: %s", trial.number, exc)
+        if why != "lost":
+            self._upload_outputs(objective, trial, trial_dir)
         attrs: dict[str, Any] = {"device": slot.device, "worker": slot.worker_id, "seconds": seconds}
         told = _read_result(result_file)
         tail = "\n".join(child.stderr_tail)[-1500:]
@@ -645,6 +810,9 @@ class ProgramRunner:
                 reason=told.get("reason"),
                 user_attrs={**attrs, **told.get("user_attrs", {})},
             )
+        elif code > 0 and not printed and not measured and setup_error(code, tail, kind=objective["kind"]):
+            what = "cannot load the entrypoint" if objective["kind"] == "python" else "cannot run the script"
+            self._setup_failed(trial, f"{what} (exit code {code}); stderr: {tail}", attrs=attrs)
         elif code != 0:
             exit_text = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             slot.finish(

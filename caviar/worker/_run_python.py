@@ -5,6 +5,10 @@ worker's working directory or an installed package, calls it with ``caviar.curre
 hands its return value (the objective value, or one value per objective) back to the worker.
 ``caviar.TrialPruned`` or ``optuna.TrialPruned`` tells the trial pruned; any other exception fails it
 with its traceback. The function may be an unmodified Optuna objective.
+
+An entrypoint that cannot be loaded (its module fails to import, or has no such function) is a
+setup error: the traceback goes to stderr and the exit status is :data:`SETUP_ERROR_EXIT`, which
+the worker turns into a ``setup error:`` failure that pauses the study.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import caviar
 from caviar._client import is_pruned
+
+SETUP_ERROR_EXIT = 86
+"""The exit status of a trial whose entrypoint could not be loaded (a setup error, not the trial's)."""
 
 
 def load(entrypoint: str) -> Callable[[caviar.Trial], Any]:
@@ -35,7 +43,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m caviar.worker._run_python package.module:function", file=sys.stderr)
         return 2
-    objective = load(argv[0])
+    try:
+        objective = load(argv[0])
+    except SystemExit as exc:  # no such function
+        print(f"caviar: setup error: {exc}", file=sys.stderr)
+        return SETUP_ERROR_EXIT
+    except Exception as exc:  # the module (or one it imports) fails to import
+        traceback.print_exc()
+        print(f"caviar: setup error: cannot import {argv[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return SETUP_ERROR_EXIT
     trial = caviar.current_trial()
     try:
         result = objective(trial)

@@ -75,6 +75,7 @@ def _checked_code_options(options: WorkerOptions) -> WorkerOptions:
     """
     allow = AllowList.parse(options.allow_code)
     pass_env = check_pass_env(options.pass_env)
+    options = _checked_directories(options)
     if not options.allow_code:
         return options
     if allow.any_code:
@@ -107,6 +108,26 @@ def _checked_code_options(options: WorkerOptions) -> WorkerOptions:
                     pins[name]["objective"],
                 )
     return dataclasses.replace(options, pass_env=pass_env, pins=pins)
+
+
+def _checked_directories(options: WorkerOptions) -> WorkerOptions:
+    """``--code-dir`` (default: the directory the worker starts in) and ``--workdir`` as absolute
+    paths, the same in every slot; ``--workdir`` is made when missing.
+
+    Raises:
+        ValueError: the code directory is not a directory, or the work directory cannot be made.
+    """
+    code_dir = os.path.abspath(options.code_dir or os.getcwd())
+    if not os.path.isdir(code_dir):
+        raise ValueError(f"--code-dir {code_dir}: not a directory")
+    workdir = None
+    if options.workdir is not None:
+        workdir = os.path.abspath(options.workdir)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--workdir {workdir}: cannot make it: {exc.strerror}") from None
+    return dataclasses.replace(options, code_dir=code_dir, workdir=workdir)
 
 
 def run_workers(options: WorkerOptions) -> int:

@@ -37,7 +37,9 @@ SLOT = textwrap.dedent(
             upload=lambda path, filename: shutil.copyfile(path, os.path.join(out, filename)),
         )
     slot = types.SimpleNamespace(
-        options=types.SimpleNamespace(pass_env=[], token="worker-secret"),
+        options=types.SimpleNamespace(
+            pass_env=[], token="worker-secret", code_dir=os.getcwd(), workdir=None, keep_trial_dirs=False
+        ),
         client=types.SimpleNamespace(url="http://127.0.0.1:9", http=None),
         device="cpu", worker_id="w", stop=threading.Event(), ask=ask,
         should_prune=lambda trial, step, value: objective.get("prune", False),
@@ -63,7 +65,7 @@ GRANDCHILD = (
 
 def run_slot(tmp: Path, command: str, *, on_start: Any = None, **objective: Any) -> dict[str, Any]:
     """Run one trial of ``sh -c command`` (in ``tmp``) in a slot process; what the slot told."""
-    spec = {"kind": "command", "command": ["sh", "-c", command], **objective}
+    spec = {"kind": "command", "command": ["sh", "-c", f"cd {tmp}; {command}"], **objective}
     slot = subprocess.Popen(
         [sys.executable, "-c", SLOT, json.dumps(spec), str(tmp)], cwd=tmp, stdout=subprocess.PIPE, text=True
     )
@@ -178,7 +180,7 @@ def test_a_real_worker_ends_the_setsid_grandchildren_of_timed_out_trials(db_url:
     from tests.worker.test_programs import serve_api, start_worker
 
     # every attempt (the trial's retries too) starts a grandchild and notes its pid
-    command = "setsid sh -c 'echo $$ >> grandchildren; exec sleep 300' & sleep 300"
+    command = f"cd {tmp_path} && (setsid sh -c 'echo $$ >> grandchildren; exec sleep 300' &) && sleep 300"
     server, url = serve_api(db_url, tmp_path)
     try:
         with caviar.Client(url) as client:

@@ -184,7 +184,12 @@ def test_the_child_gets_a_clean_environment_and_a_credential_for_its_trial_only(
     assert not any(worker_token in value for value in child.values())
     assert "MY_TEST_SECRET" not in child and not any(LEAK in value for value in child.values())
     assert child["PASSED_VAR"] == "passed-ok" and child["OUT_DIR"] == str(tmp_path)
-    assert {k for k in child if k.startswith("CAVIAR_")} == {"CAVIAR_TRIAL", "CAVIAR_URL", "CAVIAR_API_TOKEN"}
+    assert {k for k in child if k.startswith("CAVIAR_")} == {
+        "CAVIAR_TRIAL",
+        "CAVIAR_TRIAL_DIR",
+        "CAVIAR_URL",
+        "CAVIAR_API_TOKEN",
+    }
     assert probe["statuses"] == {"other_trial": 403, "create_study": 403, "read_studies": 403}
     assert "passed-ok" in log  # the log holds the child's environment...
     assert worker_token not in log and LEAK not in log  # ...and nothing the child did not get
@@ -213,7 +218,10 @@ def test_a_pinned_worker_refuses_a_study_recreated_under_its_name(
                 trials = recreated.trials()
                 return bool(trials) and "refused by worker" in (trials[0]["fail_reason"] or "")
 
-            wait_until(refused, 60, "the recreated study was not refused")
+            try:
+                wait_until(refused, 60, "the recreated study was not refused")
+            except TimeoutError:  # say what happened instead (trials, and the worker's own account)
+                pytest.fail(f"not refused: {recreated.trials()}\n{worker.output()}")
             reason = recreated.trials()[0]["fail_reason"]
         finally:
             worker.signal(signal.SIGTERM)

@@ -235,11 +235,13 @@ def test_code_that_cannot_run_fails_its_trial_with_the_reason(
         client.create_study(good)
         worker = start_worker(url, code_dir, tmp_path, "--cpu", "1", "--exit-when-idle", "2")
         assert worker.wait(120) == 0, worker.output()
-        (not_found,) = client.study("no-command").trials()  # the study failed at its first failure
+        (not_found,) = client.study("no-command").trials()  # a setup error: the study paused at once
         (not_imported,) = client.study("no-module").trials()
-        assert client.study("no-module").info()["state"] == "failed"
+        assert client.study("no-module").info()["state"] == "failed"  # max_failed_trials 0
         good_trials = client.study("good").trials()
-    assert not_found["state"] == "fail" and "cannot start the command" in not_found["fail_reason"]
+    assert (
+        not_found["state"] == "fail" and "setup error: cannot start the command" in not_found["fail_reason"]
+    )
     assert not_imported["state"] == "fail" and "No module named 'not_a_module'" in not_imported["fail_reason"]
     assert [t["state"] for t in good_trials] == ["complete", "complete"]
     assert all(t["value"] == t["params"]["x"] for t in good_trials)

@@ -419,6 +419,8 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     body = digits_study("oom", n_trials=6, max_epochs=2, fuse=4)
     body["sampler"] = {"type": "random", "seed": 0}  # no start-up trials: the first group is fused
     body["pruner"] = {"type": "none"}
+    # a hand-back is no failure and uses no retry: with none allowed, a failed member would end the study
+    body["budget"].update(max_retries=0, max_failed_trials=0)
     store.create_study(db, store.parse_definition(body))
     sizes: list[int] = []
     step = FusedOptimizer.step
@@ -556,7 +558,9 @@ def test_a_crashed_slot_is_restarted_and_finishes_the_study(
 ) -> None:
     """The only slot of `caviar worker --cpu 1` is killed mid-trial: the supervisor starts a new slot
     process (a new pid registers), which runs the reaped trial's retry and the rest of the study."""
-    service = serve(heartbeat=0.3)
+    # leases of 2 s: short enough to reap the killed slot's trial at once, long enough that a
+    # loaded machine (CI runs two test processes) does not reap the live slot's trials too
+    service = serve(heartbeat=1.0)
     body = digits_study("crash", n_trials=3, max_epochs=3)
     body["pruner"] = {"type": "none"}
     store.create_study(db, store.parse_definition(body))

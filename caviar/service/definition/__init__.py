@@ -1,5 +1,6 @@
 """Study definitions: search spaces, samplers, pruners, budgets, and their Optuna mapping."""
 
+from caviar.service.definition._code import redact_env
 from caviar.service.definition._codec import (
     REVERSE_PREFIX,
     decode,
@@ -43,7 +44,6 @@ from caviar.service.definition._spec import (
     StudyTemplate,
     check_finite,
     is_valid_name,
-    redact_env,
 )
 
 __all__ = [

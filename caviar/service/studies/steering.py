@@ -117,6 +117,9 @@ def _retime_leases(db: Database, record: StudyRecord, timeout_s: float | None) -
 def resume_study(db: Database, name: str) -> StudyRecord:
     """Hand out trials again after a pause (and settle: a budget lowered meanwhile may be done).
 
+    Clears ``stop_reason``: the reason of a pause a worker made (``paused: setup error: ...``)
+    is gone once the study runs again.
+
     Raises:
         Conflict: ``invalid_state`` unless the study is paused.
     """
@@ -124,7 +127,7 @@ def resume_study(db: Database, name: str) -> StudyRecord:
     with db.study_lock(record.id):
         record = reload(db, record)
         state = "running" if record.started_at is not None else "queued"
-        if not transition(db, record, ["paused"], state):
+        if not transition(db, record, ["paused"], state, stop_reason=None):
             raise Conflict(f"study {name!r} is {record.state}, not paused", code="invalid_state")
         settle_study(db, record)
         return reload(db, record)

@@ -162,6 +162,24 @@ def test_renew_leases_renews_only_active_ones(db: Database, make_study: MakeStud
     assert leases[ids[1]].reason == "told"
 
 
+def test_renew_leases_renews_the_named_trials_only_not_their_study_mates(
+    db: Database, make_study: MakeStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live worker's heartbeat must not keep a crashed worker's lease of the same study alive."""
+    record = make_study("mates", n_trials=3)
+    for worker in ("live", "crashed"):
+        trials.ask(db, "mates", worker_id=worker, policy=POLICY)
+    live, crashed = (store.trial_id(db, record, n) for n in range(2))
+    before = store.lease_of(db, crashed)
+    later = utcnow() + timedelta(seconds=5)
+    monkeypatch.setattr(_leases, "utcnow", lambda: later)
+    with db.session() as session, session.begin():
+        assert store.renew_leases(session, [live], POLICY) == 1
+    leases = store.leases_for(db, [live, crashed])
+    assert leases[live].expires_at == later + timedelta(seconds=20)
+    assert before is not None and leases[crashed].expires_at == before.expires_at
+
+
 @pytest.mark.parametrize(
     ("status", "code"),
     [("active", None), ("finished", "trial_finished"), ("reaped", "lease_lost"), ("released", "lease_lost")],
