@@ -20,6 +20,10 @@ The worker heartbeats for the child; a prune decision stops it (an SDK program r
 SIGTERM, then SIGKILL after a grace period); a non-zero exit, a crash or a timeout fails the trial
 with the end of its stderr.
 
+Whatever the child starts ends with the trial, however it ends (``setsid`` grandchildren too: the
+slot is a child subreaper on Linux, see :class:`_Child`); its output is read in bounded pieces
+and the log keeps the last :data:`LOG_LIMIT` bytes.
+
 Each trial's child runs in a fresh directory of its own (``CAVIAR_TRIAL_DIR``), made under the
 worker's ``--workdir`` and removed after the trial unless ``--keep-trial-dirs``; a ``jsonl`` metrics
 file is read there. Code is found in the worker's code directory (``--code-dir``, default the
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -49,7 +55,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from caviar import _code_rules
 from caviar._client import Trial
@@ -68,6 +74,14 @@ GRACE_S = 10.0
 """How long a child has to exit after SIGTERM before it is killed."""
 LOG_LIMIT = 10 * 1024 * 1024
 """At most this much of a child's output is kept as the trial's log (the end, if longer)."""
+READ_CHUNK = 64 * 1024
+"""A child's output is read in pieces of at most this many bytes."""
+LINE_LIMIT = 1024 * 1024
+"""A longer output line is only logged: not parsed, and never held whole in memory."""
+REAP_S = 5.0
+"""How long ending what is left of a trial's processes may take."""
+_COPY_PIECE = 1024 * 1024
+_PR_SET_CHILD_SUBREAPER = 36
 STDERR_TAIL_LINES = 20
 STALE_PREFIX_BYTES = 4096
 """How much of a JSON-lines file left by an earlier trial is kept to tell an append from a rewrite."""
@@ -240,6 +254,52 @@ def command_argv(command: list[str], params: dict[str, Any], study: str, number:
     return [_code_rules.fill(argument, values) for argument in command]
 
 
+class _TailLog:
+    """A log file that keeps the last ``limit`` bytes written to it.
+
+    Everything is appended; once the file holds twice the limit, its last ``limit`` bytes are
+    copied to its start (in 1 MiB pieces) and it is cut there, and :meth:`close` does the same.
+    So the disk holds at most ``2 * limit`` bytes, memory a piece, and the log ends as the end of
+    the output (its first line may be cut).
+    """
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self.lock = threading.Lock()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (thread-safe)."""
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self.fd, view, self.size)
+                self.size += written
+                view = view[written:]
+            if self.size > 2 * self.limit:
+                self._keep_tail()
+
+    def _keep_tail(self) -> None:
+        start = self.size - self.limit
+        for offset in range(0, self.limit, _COPY_PIECE):
+            piece = os.pread(self.fd, min(_COPY_PIECE, self.limit - offset), start + offset)
+            os.pwrite(self.fd, piece, offset)
+        os.ftruncate(self.fd, self.limit)
+        self.size = self.limit
+
+    def close(self) -> None:
+        """Cut the file to its last ``limit`` bytes and close it."""
+        with self.lock:
+            if self.fd < 0:
+                return
+            if self.size > self.limit:
+                self._keep_tail()
+            os.close(self.fd)
+            self.fd = -1
+
+
 def resolve_code_paths(argv: list[str], code_dir: Path) -> tuple[list[str], Path | None]:
     """A command whose program and script are found in the code directory, not the trial's.
 
@@ -291,19 +351,28 @@ def setup_error(code: int, stderr_tail: str, *, kind: str) -> bool:
 
 
 class _Child:
-    """A running child process: its output goes to a log file; stdout lines are parsed."""
+    """A running child process: its output goes to a log file; stdout lines are parsed.
+
+    The child leads a new session (so its own process group). On Linux its slot is a child
+    subreaper (:func:`become_subreaper`), so whatever the child starts stays below the slot even
+    when it leaves the group (``setsid``, a double fork): :meth:`terminate` and :meth:`close` end
+    all of it (:meth:`reap`).
+    """
 
     def __init__(
         self, argv: list[str], env: dict[str, str], log_path: Path, on_line: Any, cwd: Path | None = None
     ) -> None:
         self.log_path = log_path
-        self.log = open(log_path, "ab")  # noqa: SIM115 (closed in close())
-        self.log_lock = threading.Lock()
-        self.logged = 0
+        self.log = _TailLog(log_path, LOG_LIMIT)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        # the slot's children from before this trial are not the trial's (today a slot runs one
+        # child at a time; this keeps it right should it ever run more)
+        self.before = {pid for pid, proc in _processes().items() if proc.ppid == os.getpid()}
         self.process = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd
         )
+        found = _processes().get(self.process.pid)
+        self.started = found.started if found is not None else 0
         assert self.process.stdout is not None and self.process.stderr is not None
         self.readers = [
             threading.Thread(target=self._read, args=(self.process.stdout, on_line), daemon=True),
@@ -313,34 +382,176 @@ class _Child:
             reader.start()
 
     def _read(self, stream: IO[bytes], on_line: Any) -> None:
-        for raw in iter(stream.readline, b""):
-            with self.log_lock:
-                if self.logged < LOG_LIMIT:
-                    self.log.write(raw)
-                    self.logged += len(raw)
-            line = raw.decode("utf-8", "replace")
+        """Read ``stream`` in pieces of at most :data:`READ_CHUNK` bytes and split its lines here.
+
+        Each line goes to the log; one of at most :data:`LINE_LIMIT` bytes is also given to
+        ``on_line`` (stdout) or kept for the stderr tail. A longer line is written to the log as it
+        comes and is never held whole, nor parsed.
+        """
+        fd = stream.fileno()
+        partial = bytearray()
+        overlong = 0  # bytes of the current line, once it is longer than LINE_LIMIT
+        while chunk := os.read(fd, READ_CHUNK):
+            start = 0
+            while start < len(chunk):
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start : end + 1]
+                start += len(piece)
+                if not overlong and len(partial) + len(piece) > LINE_LIMIT:
+                    overlong = len(partial)
+                    self.log.write(bytes(partial))
+                    partial.clear()
+                    overlong += len(piece)
+                    self.log.write(piece)
+                elif overlong:
+                    overlong += len(piece)
+                    self.log.write(piece)
+                else:
+                    partial += piece
+                if end >= 0:
+                    self._line(bytes(partial), overlong, on_line)
+                    partial.clear()
+                    overlong = 0
+        if partial or overlong:
+            self._line(bytes(partial), overlong, on_line)
+
+    def _line(self, raw: bytes, overlong: int, on_line: Any) -> None:
+        if overlong:
             if on_line is None:
-                self.stderr_tail.append(line.rstrip("\n"))
-            else:
-                on_line(line)
+                self.stderr_tail.append(f"(a line of {overlong} bytes: see trial.log)")
+            return
+        self.log.write(raw)
+        line = raw.decode("utf-8", "replace")
+        if on_line is None:
+            self.stderr_tail.append(line.rstrip("\n"))
+        else:
+            on_line(line)
+
+    def _signal_all(self, signum: int) -> None:
+        """Send ``signum`` to the child's process group and to every process of this trial."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)
+        for pid in self.descendants():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    def descendants(self) -> set[int]:
+        """The live processes of this trial but the child itself (Linux, from ``/proc``).
+
+        They are those below the slot that started with or after the child (and were not the
+        slot's before it), and everything below them, plus any left in the child's session.
+        """
+        table = _processes()
+        me = os.getpid()
+        below: dict[int, list[int]] = {}
+        for pid, proc in table.items():
+            below.setdefault(proc.ppid, []).append(pid)
+        todo = [
+            pid
+            for pid, proc in table.items()
+            if (proc.ppid == me and proc.started >= self.started and pid not in self.before)
+            or proc.session == self.process.pid
+        ]
+        found: set[int] = set()
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(below.get(pid, ()))
+        found.discard(self.process.pid)
+        return {pid for pid in found if table[pid].state != "Z"}
+
+    def reap(self) -> None:
+        """SIGKILL whatever is left of the trial, until nothing is, and collect the zombies the
+        slot inherited (a few rounds: a process may start another while it is being killed)."""
+        deadline = time.monotonic() + REAP_S
+        while True:
+            left = self.descendants()
+            if self.process.poll() is None:
+                left.add(self.process.pid)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self._collect()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if left:
+            _log.warning("could not end every process of a trial: %s still run", sorted(left))
+
+    def _collect(self) -> None:
+        """Wait for the slot's exited children of this trial (orphans re-parented to the slot)."""
+        me = os.getpid()
+        for pid, proc in _processes().items():
+            if proc.ppid == me and proc.state == "Z" and pid != self.process.pid and pid not in self.before:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def terminate(self) -> None:
-        """SIGTERM to the child's process group, SIGKILL after the grace period."""
+        """SIGTERM to the child's process group and everything it started, SIGKILL after the grace
+        period (and all of it ends in :meth:`close`)."""
         if self.process.poll() is not None:
             return
+        self._signal_all(signal.SIGTERM)
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            self._signal_all(signal.SIGKILL)
         self.process.wait()
 
     def close(self) -> None:
+        """End everything the trial started, then finish reading its output and cut its log."""
+        self.reap()
         for reader in self.readers:
             reader.join(timeout=5)
         self.log.close()
+
+
+class _Proc(NamedTuple):
+    ppid: int
+    session: int
+    state: str
+    started: int
+
+
+def _processes() -> dict[int, _Proc]:
+    """Every process's parent, session, state and start time (clock ticks since boot), read from
+    ``/proc``; empty where there is none (not Linux)."""
+    table: dict[int, _Proc] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        try:
+            table[int(name)] = _Proc(int(fields[1]), int(fields[3]), fields[0].decode(), int(fields[19]))
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux ``prctl(PR_SET_CHILD_SUBREAPER)``): a process
+    orphaned below it (its parent exited, e.g. after ``setsid``) becomes its child instead of
+    init's, so a trial cannot leave processes the slot does not see. False where it is not
+    available (not Linux): there only the child's process group and session are ended."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 class ProgramRunner:
@@ -348,6 +559,8 @@ class ProgramRunner:
 
     def __init__(self, slot: SlotLike) -> None:
         self.slot = slot
+        if not become_subreaper():  # runners live in slot processes: the whole slot becomes one
+            _log.info("not a child subreaper: a trial's processes that leave its session may outlive it")
         self.code_dir = Path(slot.options.code_dir or os.getcwd()).resolve()
 
     def run(self, study: dict[str, Any]) -> bool:
