@@ -307,8 +307,10 @@ def resolve_code_paths(argv: list[str], code_dir: Path) -> tuple[list[str], Path
     resolved against ``code_dir``: the program when it is a relative path with a ``/``
     (``./train.sh``, ``bin/train``; a bare name is looked up on ``PATH``), and, when the program
     is a Python interpreter (``python``, ``python3``, ``python3.12``), its script (the first
-    argument that is not an option, unless ``-m`` or ``-c`` comes first). Every other argument is
-    left as it is: relative to the trial's directory, where the program writes its files.
+    argument that is not an option, unless ``-m`` or ``-c`` comes first); for any other program
+    (``bash train.sh``, ``Rscript fit.R``), its first argument that is not an option when that names
+    a file in ``code_dir``. Every other argument is left as it is: relative to the trial's
+    directory, where the program writes its files.
 
     Returns:
         The command, and the script's path when the program is Python running a script.
@@ -318,6 +320,15 @@ def resolve_code_paths(argv: list[str], code_dir: Path) -> tuple[list[str], Path
     if "/" in program and not os.path.isabs(program):
         resolved[0] = str(code_dir / program)
     if not _PYTHON.match(os.path.basename(program)):
+        # another interpreter (bash train.sh, Rscript fit.R, node train.js): its script is its first
+        # argument that is not an option, taken from the code directory when it is a file there
+        for index in range(1, len(resolved)):
+            argument = resolved[index]
+            if argument.startswith("-"):
+                continue
+            if not os.path.isabs(argument) and (code_dir / argument).is_file():
+                resolved[index] = str(code_dir / argument)
+            break
         return resolved, None
     skip = False
     for index in range(1, len(resolved)):

@@ -70,12 +70,22 @@ def dashboard_ids(client: TestClient, study: str) -> tuple[int, dict[int, int]]:
     return study_id, {t["number"]: t["trial_id"] for t in detail["trials"]}
 
 
-def upload(client: TestClient, study: str, number: int, filename: str, body: bytes, auth: str) -> str:
+def upload(
+    client: TestClient,
+    study: str,
+    number: int,
+    filename: str,
+    body: bytes,
+    auth: str,
+    lease: str | None = None,
+) -> str:
+    """Store a file with a trial (a worker token proves the trial with its ask's credential)."""
+    proof = {"X-Caviar-Lease": lease} if lease else {}
     stored = client.post(
         f"{API}/studies/{study}/trials/{number}/artifacts",
         params={"filename": filename},
         content=body,
-        headers={**bearer(auth), "Content-Type": "application/octet-stream"},
+        headers={**bearer(auth), "Content-Type": "application/octet-stream", **proof},
     )
     assert stored.status_code == 201, stored.text
     return str(stored.json()["artifact_id"])
@@ -99,15 +109,16 @@ def test_stored_html_and_svg_from_a_worker_token_are_downloads_on_every_route(se
     assert (
         secured.post(f"{API}/studies", json=external_study("xss"), headers=bearer(ADMIN)).status_code == 201
     )
-    number = secured.post(f"{API}/studies/xss/trials/ask", json={}, headers=bearer(worker)).json()["number"]
+    asked = secured.post(f"{API}/studies/xss/trials/ask", json={}, headers=bearer(worker)).json()
+    number, lease = asked["number"], asked["credential"]
     ids = {
-        name: upload(secured, "xss", number, name, body, worker)
+        name: upload(secured, "xss", number, name, body, worker, lease)
         for name, body in (("x.html", SCRIPT_HTML), ("x.svg", SCRIPT_SVG), ("checkpoint.pt", SCRIPT_HTML))
     }
     told = secured.post(
         f"{API}/studies/xss/trials/{number}/tell",
         json={"state": "complete", "value": 0.5},
-        headers=bearer(worker),
+        headers={**bearer(worker), "X-Caviar-Lease": lease},
     )
     assert told.status_code == 200, told.text
     study_id, trials = dashboard_ids(secured, "xss")

@@ -225,6 +225,18 @@ def test_a_command_finds_its_program_and_script_in_the_code_directory(tmp_path: 
     assert resolve_code_paths(["train", "data.csv"], code) == (["train", "data.csv"], None)  # on PATH
 
 
+def test_another_interpreters_script_is_found_in_the_code_directory(tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.sh").write_text("echo hi\n")
+    assert resolve_code_paths(["bash", "-e", "train.sh", "out.txt"], code) == (
+        ["bash", "-e", str(code / "train.sh"), "out.txt"],
+        None,
+    )
+    # only a file that is there: an argument naming the trial's own files stays relative
+    assert resolve_code_paths(["bash", "make-output.sh"], code) == (["bash", "make-output.sh"], None)
+
+
 def test_what_counts_as_a_setup_error() -> None:
     assert setup_error(SETUP_ERROR_EXIT, "", kind="python")
     assert not setup_error(1, "ModuleNotFoundError", kind="python")  # raised by the function itself

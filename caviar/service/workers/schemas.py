@@ -67,7 +67,9 @@ class WorkerHeartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["idle", "busy", "stopped"] = "busy"
-    trials: list[TrialRef] = Field(default_factory=list, max_length=10_000)
+    # a slot holds one trial, or one fused group: 1,000 is far above any; it keeps the largest valid
+    # body (each credential up to 512 characters) under the request size cap, so too many is a 422
+    trials: list[TrialRef] = Field(default_factory=list, max_length=1_000)
 
 
 class LostTrial(TrialKey):
