@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
-from caviar.service.api import create_app
 from caviar.service.errors import Conflict
 from caviar.service.store import artifact_store, lease_of, load_record, trial_id
 from caviar.service.trials import artifacts
 from tests.service.helpers import external_study
+from tests.service.security.conftest import ADMIN, API, bearer, token_of
 
-ADMIN = "admin-" + "1dent1ty-" * 4
-API = "/api/v1"
 LEASE = "X-Caviar-Lease"
 OCTETS = {"Content-Type": "application/octet-stream"}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def secured(settings, db) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    secured_settings = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
-    with TestClient(create_app(secured_settings, db=db)) as client:
-        yield client
-
-
-def token_of(client: TestClient, scope: str) -> str:
-    response = client.post(f"{API}/tokens", json={"scope": scope}, headers=bearer(ADMIN))
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
 
 
 def ask(client: TestClient, study: str, token: str, worker: str) -> dict[str, Any]:

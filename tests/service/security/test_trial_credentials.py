@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
-from caviar.service.api import create_app
 from caviar.service.auth import required_scope
 from caviar.service.security import OPEN_PATHS
 from caviar.service.tokens import trial as trial_tokens
 from tests.service.helpers import external_study
+from tests.service.security.conftest import ADMIN, API, bearer, token_of
 
-ADMIN = "admin-" + "tr1al-" * 5
-API = "/api/v1"
 SECRET = "hunter2-do-not-show"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def secured(settings, db) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    secured_settings = settings.model_copy(update={"api_token": SecretStr(ADMIN)})
-    with TestClient(create_app(secured_settings, db=db)) as client:
-        yield client
-
-
-def token_of(client: TestClient, scope: str) -> str:
-    response = client.post(f"{API}/tokens", json={"scope": scope}, headers=bearer(ADMIN))
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
 
 
 def ask(client: TestClient, study: str, token: str, worker: str = "w-1") -> dict[str, Any]:
