@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,16 +31,10 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 import caviar  # noqa: E402
-from benchmarks.sql_statements import StatementCounter, alternate, database, history  # noqa: E402
+from benchmarks.sql_statements import StatementCounter, alternate, database, seeded_study  # noqa: E402
 from caviar.service.api import create_app  # noqa: E402
 from caviar.service.config import Settings  # noqa: E402
 from caviar.service.db import Database  # noqa: E402
-
-DISTRIBUTIONS = {
-    "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-    "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
-    "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
-}
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -80,27 +73,7 @@ def service(url: str) -> Iterator[str]:
 
 def arm(storage: optuna.storages.BaseStorage, n_history: int) -> Callable[[], None]:
     """One ``study.optimize(objective, n_trials=1)`` on a study with ``n_history`` results."""
-    study = optuna.create_study(
-        study_name=f"bench-{uuid.uuid4().hex[:8]}",
-        storage=storage,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=0),
-        pruner=optuna.pruners.MedianPruner(),
-    )
-    study.add_trials(
-        [
-            optuna.trial.create_trial(
-                params={
-                    "lr": p["params"]["lr"],
-                    "one_minus_beta1": 1 - p["params"]["beta1"],
-                    "dropout": p["params"]["dropout"],
-                },
-                distributions=DISTRIBUTIONS,
-                value=p["value"],
-            )
-            for p in history(n_history)
-        ]
-    )
+    study = seeded_study(storage, "bench", n_history)
     return lambda: study.optimize(objective, n_trials=1)
 
 

@@ -124,20 +124,23 @@ def caviar_arm(url: str, n_history: int) -> Callable[[], None]:
     return cycle
 
 
-def optuna_arm(url: str, n_history: int) -> Callable[[], None]:
-    """The same cycle with raw Optuna: ask, report, should_prune, tell."""
+DISTRIBUTIONS = {
+    "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+    "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
+    "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
+}
+"""The space of :func:`history` as raw Optuna stores it (beta1 as ``one_minus_beta1``)."""
+
+
+def seeded_study(storage: optuna.storages.BaseStorage | str, prefix: str, n_history: int) -> optuna.Study:
+    """A new raw Optuna study (TPE, median pruner) holding :func:`history`'s ``n_history`` results."""
     study = optuna.create_study(
-        study_name=f"raw-{uuid.uuid4().hex[:8]}",
-        storage=optuna.storages.RDBStorage(url),
+        study_name=f"{prefix}-{uuid.uuid4().hex[:8]}",
+        storage=storage,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=0),
         pruner=optuna.pruners.MedianPruner(),
     )
-    distributions = {
-        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-        "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
-        "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
-    }
     study.add_trials(
         [
             optuna.trial.create_trial(
@@ -146,15 +149,21 @@ def optuna_arm(url: str, n_history: int) -> Callable[[], None]:
                     "one_minus_beta1": 1 - p["params"]["beta1"],
                     "dropout": p["params"]["dropout"],
                 },
-                distributions=distributions,
+                distributions=DISTRIBUTIONS,
                 value=p["value"],
             )
             for p in history(n_history)
         ]
     )
+    return study
+
+
+def optuna_arm(url: str, n_history: int) -> Callable[[], None]:
+    """The same cycle with raw Optuna: ask, report, should_prune, tell."""
+    study = seeded_study(optuna.storages.RDBStorage(url), "raw", n_history)
 
     def cycle() -> None:
-        trial = study.ask(distributions)
+        trial = study.ask(DISTRIBUTIONS)
         trial.report(0.5, 0)
         trial.should_prune()
         study.tell(trial, 0.5)
