@@ -11,6 +11,7 @@ from caviar.service.db import Database
 from caviar.service.definition import NAME_PATTERN
 from caviar.service.store import LeasePolicy
 from caviar.service.tokens import trial as trial_tokens
+from caviar.service.tokens import worker as worker_tokens
 from caviar.service.types import INT32_MAX, MAX_OFFSET
 
 
@@ -68,6 +69,24 @@ def lease_proof_key(request: Request) -> bytes | None:
     return trial_tokens.derive_key(settings.api_token.get_secret_value())
 
 
+def worker_key(request: Request) -> bytes | None:
+    """The key of worker credentials (:mod:`caviar.service.tokens.worker`); None without tokens."""
+    settings = get_settings_dep(request)
+    if settings.api_token is None:
+        return None
+    return worker_tokens.derive_key(settings.api_token.get_secret_value())
+
+
+def worker_proof_key(request: Request) -> bytes | None:
+    """The key of worker credentials when the caller must prove it registered the worker id it
+    names (``worker`` scope), else None (write and admin scope act on any worker; without tokens
+    there is nothing to bind to)."""
+    scope = getattr(request.state, "token_scope", None)
+    if scope is None or scope in ("write", "admin"):
+        return None
+    return worker_key(request)
+
+
 def may_see_env_values(request: Request) -> bool:
     """Whether the caller sees ``objective.env`` values (a read-scope caller sees only the names)."""
     return getattr(request.state, "token_scope", None) != "read"
@@ -77,6 +96,8 @@ DbDep = Annotated[Database, Depends(get_db)]
 EnvValuesDep = Annotated[bool, Depends(may_see_env_values)]
 AnyTrialDep = Annotated[bool, Depends(may_act_on_trial)]
 LeaseProofKeyDep = Annotated[bytes | None, Depends(lease_proof_key)]
+WorkerKeyDep = Annotated[bytes | None, Depends(worker_key)]
+WorkerProofKeyDep = Annotated[bytes | None, Depends(worker_proof_key)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 LeasePolicyDep = Annotated[LeasePolicy, Depends(get_lease_policy)]
 

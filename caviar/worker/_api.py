@@ -60,6 +60,8 @@ class WorkerApi:
         self.client = client
         self.http = client.http
         self.worker_id = worker_id
+        self.credential: str | None = None
+        """What the registration answered (with tokens on): every heartbeat of this id sends it."""
 
     def check_access(self) -> None:
         """Ask what this token may do, so a bad token ends the worker before any slot starts.
@@ -74,9 +76,15 @@ class WorkerApi:
             raise CaviarApiError(403, "forbidden", message)
 
     def register(self, *, host: str, pid: int, device: str) -> float:
-        """Announce this slot; returns the service's heartbeat interval."""
+        """Announce this slot; returns the service's heartbeat interval.
+
+        The answer's ``credential`` (with tokens on) is kept: it proves, with every heartbeat,
+        that this slot is the one that registered its id.
+        """
         body = {"id": self.worker_id, "host": host, "pid": pid, "device": device}
-        return float(self.http.post(_path("workers"), json=body)["heartbeat_interval_s"])
+        answer = self.http.post(_path("workers"), json=body)
+        self.credential = answer.get("credential")
+        return float(answer["heartbeat_interval_s"])
 
     def beat(self, held: Iterable[tuple[str, int, str | None]], *, status: str) -> list[tuple[str, int, str]]:
         """Renew every held lease in one call; returns the trials to stop, with why.
@@ -86,7 +94,9 @@ class WorkerApi:
                 proves the claim (None on a service without tokens).
         """
         trials = [{"study": s, "number": n, **({"credential": c} if c else {})} for s, n, c in held]
-        body = {"status": status, "trials": trials}
+        body: dict[str, Any] = {"status": status, "trials": trials}
+        if self.credential:
+            body["credential"] = self.credential
         answer = self.http.post(_path("workers", self.worker_id, "heartbeat"), json=body)
         return [(item["study"], int(item["number"]), str(item["code"])) for item in answer["lost"]]
 

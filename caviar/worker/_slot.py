@@ -57,6 +57,7 @@ class Slot:
         self.held_lock = threading.Lock()
         self.finished = 0
         self.heartbeat_interval_s = 30.0  # the service's own, once registered
+        self.displaced = False  # another registration took this slot's worker id
         self.runners: dict[str, TrainerRunner | ProgramRunner] = {"trainer": TrainerRunner(self)}
         self.allow = AllowList.parse(options.allow_code)
         self.pins = {name: dict(pin) for name, pin in options.pins.items()}
@@ -99,9 +100,12 @@ class Slot:
             self.stop.set()
             self.done.set()
             beat.join(timeout=self.heartbeat_interval_s)
-            with contextlib.suppress(CaviarApiError):
-                self.api.beat([], status="stopped")
+            if not self.displaced:
+                with contextlib.suppress(CaviarApiError):
+                    self.api.beat([], status="stopped")
             self.client.close()
+        if self.displaced:
+            raise RuntimeError(f"worker id {self.worker_id} was registered again by another worker")
 
     def _say_what_is_refused(self) -> None:
         """A worker asked for studies it will not run says so once, instead of idling silently."""
@@ -174,7 +178,16 @@ class Slot:
             try:
                 lost = self.api.beat(held, status="busy" if held else "idle")
             except CaviarApiError as exc:
-                _log.warning("heartbeat failed: %s", exc)
+                if exc.code == "not_your_worker" and not self.displaced:
+                    # our registration lapsed and another took the id: our leases are not renewed
+                    # any more; hand the trials back and restart the slot (a new pid: a new id)
+                    _log.error(
+                        "worker id %s was registered again elsewhere; restarting the slot", self.worker_id
+                    )
+                    self.displaced = True
+                    self.stop.set()
+                else:
+                    _log.warning("heartbeat failed: %s", exc)
                 continue
             if lost:
                 with self.held_lock:

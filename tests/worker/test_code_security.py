@@ -178,6 +178,11 @@ def test_the_child_gets_a_clean_environment_and_a_credential_for_its_trial_only(
         (trial,) = study.trials()
         assert trial["state"] == "complete", (trial, worker.output())
         log = study.download(trial["number"], "trial.log").decode()
+        # every heartbeat proved the slot's registration (with its credential): none was refused,
+        # and the last one, "stopped", was recorded
+        (slot,) = client.workers()["items"]
+        assert slot["status"] == "stopped", slot
+        assert "heartbeat failed" not in worker.output() and "not_your_worker" not in worker.output()
     probe = json.loads((tmp_path / "probe.json").read_text())
     child = probe["env"]
     assert child["CAVIAR_API_TOKEN"].startswith("cvt_")

@@ -7,9 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
-from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep, LeaseProofKeyDep
+from caviar.service.deps import (
+    DbDep,
+    EnvValuesDep,
+    LeasePolicyDep,
+    LeaseProofKeyDep,
+    WorkerKeyDep,
+    WorkerProofKeyDep,
+)
 from caviar.service.tokens import trial as trial_tokens
-from caviar.service.workers import service
+from caviar.service.tokens import worker as worker_tokens
+from caviar.service.workers import identity, service
 from caviar.service.workers.schemas import (
     WORKER_ID_PATTERN,
     HeartbeatResult,
@@ -36,14 +44,23 @@ def list_workers(db: DbDep, policy: LeasePolicyDep, live_only: bool = False) -> 
 
 @router.post("/workers", status_code=status.HTTP_201_CREATED, summary="Register a worker slot")
 def register_worker(
-    db: DbDep, policy: LeasePolicyDep, proof_key: LeaseProofKeyDep, body: WorkerRegister
+    db: DbDep,
+    policy: LeasePolicyDep,
+    proof_key: WorkerProofKeyDep,
+    key: WorkerKeyDep,
+    body: WorkerRegister,
 ) -> WorkerRegistered:
-    """A worker token cannot take over a live worker's id (409 ``worker_id_taken``)."""
+    """A worker token cannot take over a live worker's id (409 ``worker_id_taken``). With tokens
+    on, the answer's ``credential`` proves this registration holds the id (send it with every
+    heartbeat)."""
     taken = policy if proof_key is not None else None
     worker = service.register_worker(
         db, body.id, host=body.host, pid=body.pid, device=body.device, live_taken=taken
     )
-    return WorkerRegistered(**worker.model_dump(), heartbeat_interval_s=policy.heartbeat_interval_s)
+    credential = worker_tokens.mint(key, worker.id, worker.started_at) if key is not None else None
+    return WorkerRegistered(
+        **worker.model_dump(), heartbeat_interval_s=policy.heartbeat_interval_s, credential=credential
+    )
 
 
 @router.post(
@@ -53,11 +70,15 @@ def heartbeat_worker(
     db: DbDep,
     policy: LeasePolicyDep,
     proof_key: LeaseProofKeyDep,
+    worker_key: WorkerProofKeyDep,
     worker_id: WorkerIdPath,
     body: WorkerHeartbeat,
 ) -> HeartbeatResult:
-    """With a worker token each trial must carry its ``credential``; one it does not prove is
-    answered ``not_your_trial`` and its lease is left alone."""
+    """With a worker token the body carries the ``credential`` the worker's registration answered
+    (else 409 ``not_your_worker``, nothing renewed), and each trial its own ``credential``; one it
+    does not prove is answered ``not_your_trial`` and its lease is left alone."""
+    if worker_key is not None:
+        identity.check_holder(db, worker_key, worker_id, body.credential)
     proves = None
     if proof_key is not None:
         key = proof_key

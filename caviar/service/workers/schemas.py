@@ -25,6 +25,11 @@ class WorkerRead(BaseModel):
 
 class WorkerRegistered(WorkerRead):
     heartbeat_interval_s: float = Field(description="Beat at least this often to keep leases.")
+    credential: str | None = Field(
+        default=None,
+        description="With tokens on: the proof that this registration holds the worker id; a "
+        "worker-scope token sends it with every heartbeat of the id (never shown again).",
+    )
 
 
 class WorkerList(BaseModel):
@@ -67,6 +72,12 @@ class WorkerHeartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["idle", "busy", "stopped"] = "busy"
+    credential: str | None = Field(
+        default=None,
+        max_length=512,
+        description="The credential the worker's registration answered: a worker-scope token must "
+        "send it (with tokens on), else 409 not_your_worker.",
+    )
     # a slot holds one trial, or one fused group: 1,000 is far above any; it keeps the largest valid
     # body (each credential up to 512 characters) under the request size cap, so too many is a 422
     trials: list[TrialRef] = Field(default_factory=list, max_length=1_000)

@@ -44,7 +44,9 @@ def test_replaying_another_workers_id_with_a_worker_token_changes_nothing(
     )
     theirs = ask(secured, "s", victim, "w-victim")
     register = {"id": "w-victim", "host": "h", "pid": 1, "device": "cpu"}
-    assert secured.post(f"{API}/workers", json=register, headers=bearer(victim)).status_code == 201
+    registered = secured.post(f"{API}/workers", json=register, headers=bearer(victim))
+    assert registered.status_code == 201, registered.text
+    victim_worker = registered.json()["credential"]
     mine = ask(secured, "s", intruder, "w-intruder")
     number = theirs["number"]
     trial = f"{API}/studies/s/trials/{number}"
@@ -79,11 +81,16 @@ def test_replaying_another_workers_id_with_a_worker_token_changes_nothing(
         assert planted.status_code == 409 and planted.json()["error"]["code"] == "not_your_trial", (
             planted.text
         )
-    # the bulk heartbeat under the victim's id: its lease is not renewed, the trial is not the intruder's
+    # the bulk heartbeat under the victim's id: refused (not the intruder's registration)
+    listed = {"trials": [{"study": "s", "number": number, "credential": mine["credential"]}]}
+    beat = secured.post(f"{API}/workers/w-victim/heartbeat", json=listed, headers=bearer(intruder))
+    assert beat.status_code == 409 and beat.json()["error"]["code"] == "not_your_worker", beat.text
+    # under its own id: the victim's lease is not renewed, the trial is not the intruder's
+    own = secured.post(
+        f"{API}/workers", json=register | {"id": "w-intruder"}, headers=bearer(intruder)
+    ).json()["credential"]
     beat = secured.post(
-        f"{API}/workers/w-victim/heartbeat",
-        json={"trials": [{"study": "s", "number": number, "credential": mine["credential"]}]},
-        headers=bearer(intruder),
+        f"{API}/workers/w-intruder/heartbeat", json=listed | {"credential": own}, headers=bearer(intruder)
     )
     assert beat.status_code == 200, beat.text
     assert beat.json()["lost"] == [{"study": "s", "number": number, "code": "not_your_trial"}]
@@ -92,7 +99,7 @@ def test_replaying_another_workers_id_with_a_worker_token_changes_nothing(
     assert taken.status_code == 409 and taken.json()["error"]["code"] == "worker_id_taken", taken.text
     assert {
         w["id"]: w["host"] for w in secured.get(f"{API}/workers", headers=bearer(ADMIN)).json()["items"]
-    } == {"w-victim": "h"}
+    } == {"w-victim": "h", "w-intruder": "h"}
 
     # nothing changed: still running, no value, no parameter, no file, the same lease
     read = secured.get(trial, headers=bearer(ADMIN)).json()
@@ -108,13 +115,17 @@ def test_replaying_another_workers_id_with_a_worker_token_changes_nothing(
     assert secured.post(f"{trial}/heartbeat", json={}, headers=holder).status_code == 204
     renewed = secured.post(
         f"{API}/workers/w-victim/heartbeat",
-        json={"trials": [{"study": "s", "number": number, "credential": theirs["credential"]}]},
+        json={
+            "credential": victim_worker,
+            "trials": [{"study": "s", "number": number, "credential": theirs["credential"]}],
+        },
         headers=bearer(victim),
     )
     assert renewed.json()["lost"] == []
-    listed = secured.get(f"{API}/workers", headers=bearer(intruder))
-    assert theirs["credential"] not in listed.text  # the proof is never shown
-    assert listed.json()["items"][0]["current_trials"] == [{"study": "s", "number": number}]
+    workers = secured.get(f"{API}/workers", headers=bearer(intruder))
+    assert theirs["credential"] not in workers.text and victim_worker not in workers.text  # never shown
+    current = {w["id"]: w["current_trials"] for w in workers.json()["items"]}
+    assert current["w-victim"] == [{"study": "s", "number": number}]
     told = secured.post(f"{trial}/tell", json={"state": "complete", "value": 0.5}, headers=holder)
     assert told.status_code == 200 and told.json()["values"] == [0.5], told.text
     # write scope acts on any trial
