@@ -16,6 +16,8 @@ answers 500 for most of them). Stored files (``GET /artifacts/...``) are served 
 with :func:`~caviar.service.web_security.file_headers` (optuna-dashboard would serve an uploaded
 ``.html`` as a page of this origin, with ``Access-Control-Allow-Origin: *``). The dashboard's CSV
 export has its formula-like cells escaped (:func:`~caviar.service.trials.export.escape_csv`).
+A caviar study's page shows its state and why caviar paused or stopped it (``caviar:state``,
+``caviar:reason``) first among its user attributes.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ _ARTIFACT_TRIAL_ID = {
 _FILE = re.compile(r"^/artifacts/(\d+)/(?:(\d+)/)?([0-9a-fA-F-]+)/?$")
 """optuna-dashboard's file downloads: ``/artifacts/{study}[/{trial}]/{artifact}``."""
 _CSV = re.compile(r"^/csv/\d+/?$")
+_DETAIL = re.compile(r"^/api/studies/(\d+)/?$")
+"""A study's detail: what the study page shows (caviar adds its state and pause reason)."""
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -137,6 +141,11 @@ class DashboardMount:
                 return
             if method == "GET" and _CSV.match(path):
                 send = _escaping_csv(send)
+            detail = _DETAIL.match(path) if method == "GET" else None
+            if detail is not None:
+                shown = await anyio.to_thread.run_sync(self._caviar_state, int(detail.group(1)))
+                if shown:
+                    send = _with_user_attrs(send, shown)
             study_id = _guarded_study(scope["method"], get_route_path(scope))
             if study_id is not None and await anyio.to_thread.run_sync(self._is_caviar_study, study_id):
                 response = error_response(
@@ -247,6 +256,22 @@ class DashboardMount:
             )
         return None
 
+    def _caviar_state(self, optuna_study_id: int) -> list[dict[str, str]]:
+        """What the study page shows of a caviar study's state: the state, and why caviar paused or
+        stopped it (a setup error, say), as the first rows of "Study User Attributes"."""
+        with self.db.session() as session:
+            row = session.execute(
+                select(StudyRecord.state, StudyRecord.stop_reason).where(
+                    StudyRecord.optuna_study_id == optuna_study_id
+                )
+            ).first()
+        if row is None:
+            return []
+        shown = [{"key": "caviar:state", "value": str(row.state)}]
+        if row.stop_reason:
+            shown.append({"key": "caviar:reason", "value": str(row.stop_reason)})
+        return shown
+
     def _is_caviar_study(self, optuna_study_id: int) -> bool:
         with self.db.session() as session:
             found = session.scalar(
@@ -302,6 +327,39 @@ def _escaping_csv(send: Send) -> Send:
         await send(message)
 
     return escaping_send
+
+
+def _with_user_attrs(send: Send, shown: list[dict[str, str]]) -> Send:
+    """A ``send`` that puts ``shown`` first in a study detail's ``user_attrs`` (a 2xx JSON answer)."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def adding_send(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if 200 <= message["status"] < 300 and content_type.startswith(b"application/json"):
+                start = message
+                return
+        elif start is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            try:
+                detail = json.loads(body)
+                detail["user_attrs"] = [*shown, *detail.get("user_attrs", [])]
+                body = json.dumps(detail).encode("utf-8")
+            except (ValueError, TypeError, AttributeError):
+                pass  # not a study detail: passed on as it came
+            headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send(message)
+
+    return adding_send
 
 
 def _replay(body: bytes) -> Receive:

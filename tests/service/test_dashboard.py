@@ -223,3 +223,38 @@ def test_dashboard_renders_caviar_studies_in_a_headless_browser(settings, db) ->
         assert "Best Trial (number=3)" in dom and "0.99" in dom
         trials_dom = dump_dom(f"{base}/dashboard/studies/1/trials")
         assert all(f"Trial {n}" in trials_dom for n in range(4))
+
+
+SHOWN = {"caviar:state", "caviar:reason"}
+
+
+def test_the_study_page_shows_why_caviar_paused_a_study(client: TestClient) -> None:
+    """A study paused after a setup error shows its state and reason on its dashboard page (the
+    study detail's user attributes, which the page lists under "Study User Attributes")."""
+    assert client.post("/api/v1/studies", json=external_study("setup")).status_code == 201
+    number = client.post("/api/v1/studies/setup/trials/ask", json={}).json()["number"]
+    why = "setup error: python: can't open file 'trian.py'"
+    told = client.post(
+        f"/api/v1/studies/setup/trials/{number}/tell", json={"state": "fail", "reason": why, "fatal": True}
+    )
+    assert told.status_code == 200, told.text
+    info = client.get("/api/v1/studies/setup").json()
+    assert info["state"] == "paused" and why in info["stop_reason"]
+    (summary,) = client.get("/api/studies").json()["study_summaries"]
+    detail = client.get(f"/api/studies/{summary['study_id']}")
+    assert detail.status_code == 200 and detail.headers["content-type"].startswith("application/json")
+    assert detail.json()["user_attrs"][:2] == [
+        {"key": "caviar:state", "value": "paused"},
+        {"key": "caviar:reason", "value": info["stop_reason"]},
+    ]
+    assert len(detail.json()["trials"]) == 1  # the rest of the page is as optuna-dashboard made it
+    # resumed: the reason is gone, the state says so
+    assert client.post("/api/v1/studies/setup/resume").status_code == 200
+    again = client.get(f"/api/studies/{summary['study_id']}?after=1").json()
+    assert [a for a in again["user_attrs"] if a["key"] in SHOWN] == [
+        {"key": "caviar:state", "value": client.get("/api/v1/studies/setup").json()["state"]}
+    ]
+    # a plain Optuna study (made from the dashboard) has no caviar rows
+    created = client.post("/api/studies", json={"study_name": "plain", "directions": ["minimize"]})
+    plain = client.get(f"/api/studies/{created.json()['study_summary']['study_id']}").json()
+    assert not [a for a in plain["user_attrs"] if a["key"] in SHOWN]
