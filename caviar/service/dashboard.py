@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caviar.service.config import Settings
+from caviar.service.dashboard_guard import MAX_DASHBOARD_BODY, PLOT, body_model, body_refusal, plots_available
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.security import secure
@@ -50,25 +51,25 @@ DASHBOARD_ARTIFACTS_ATTR_PREFIX = "dashboard:artifacts:"
 
 _DASHBOARD_PREFIXES = ("/dashboard/", "/static/", "/csv/", "/artifacts/", "/api/")
 _DASHBOARD_EXACT = frozenset({"/dashboard", "/favicon.ico"})
-_STUDY_WRITE = re.compile(r"^/api/studies/(\d+)(/rename)?/?$")
-_TELL = re.compile(r"^/api/trials/(\d+)/tell/?$")
-_MAX_TELL_BYTES = 64 * 1024
+_STUDY_WRITE = re.compile(r"^/api/studies/(-?\d+)(/rename)?/?$")
+_TRIAL_WRITE = re.compile(r"^/api/trials/(-?\d+)/(tell|user-attrs)/?$")
 _MAX_ID = 2**31 - 1
-"""Optuna's ids are 32-bit integers: a larger one names nothing (and PostgreSQL refuses to compare it)."""
+"""Optuna's ids are 32-bit integers: a larger one names nothing (and PostgreSQL refuses to compare it);
+optuna-dashboard's routes take negative ones too, which name nothing either."""
 
-_STUDY_ID = re.compile(r"^/(?:api/studies|api/artifacts|artifacts|csv)/(\d+)(?:/|$)")
+_STUDY_ID = re.compile(r"^/(?:api/studies|api/artifacts|artifacts|csv)/(-?\d+)(?:/|$)")
 """Every optuna-dashboard route whose first number is a study id."""
-_TRIAL_ID = re.compile(r"^/(?:api/trials/(\d+)(?:/|$)|api/studies/\d+/(\d+)/(?:skip|note)/?$)")
+_TRIAL_ID = re.compile(r"^/(?:api/trials/(-?\d+)(?:/|$)|api/studies/-?\d+/(-?\d+)/(?:skip|note)/?$)")
 """Routes that name a trial: ``/api/trials/{trial}/...``, ``/api/studies/{study}/{trial}/skip|note``."""
 _ARTIFACT_TRIAL_ID = {
-    "GET": re.compile(r"^/artifacts/\d+/(\d+)/[0-9a-fA-F-]+/?$"),
-    "POST": re.compile(r"^/api/artifacts/\d+/(\d+)/?$"),
-    "DELETE": re.compile(r"^/api/artifacts/\d+/(\d+)/[0-9a-fA-F-]+/?$"),
+    "GET": re.compile(r"^/artifacts/-?\d+/(-?\d+)/[0-9a-fA-F-]+/?$"),
+    "POST": re.compile(r"^/api/artifacts/-?\d+/(-?\d+)/?$"),
+    "DELETE": re.compile(r"^/api/artifacts/-?\d+/(-?\d+)/[0-9a-fA-F-]+/?$"),
 }
 """Artifact routes that name a trial (``/api/artifacts/{study}/{x}`` is a study's file for DELETE)."""
-_FILE = re.compile(r"^/artifacts/(\d+)/(?:(\d+)/)?([0-9a-fA-F-]+)/?$")
+_FILE = re.compile(r"^/artifacts/(-?\d+)/(?:(-?\d+)/)?([0-9a-fA-F-]+)/?$")
 """optuna-dashboard's file downloads: ``/artifacts/{study}[/{trial}]/{artifact}``."""
-_CSV = re.compile(r"^/csv/\d+/?$")
+_CSV = re.compile(r"^/csv/-?\d+/?$")
 _DETAIL = re.compile(r"^/api/studies/(\d+)/?$")
 """A study's detail: what the study page shows (caviar adds its state and pause reason)."""
 
@@ -159,10 +160,13 @@ class DashboardMount:
             if not any(key == b"accept-encoding" for key, _ in scope["headers"]):
                 # optuna-dashboard reads this header unconditionally (a KeyError, i.e. a 500, without it)
                 scope = {**scope, "headers": [*scope["headers"], (b"accept-encoding", b"identity")]}
-            tell = _TELL.match(get_route_path(scope)) if scope["method"] == "POST" else None
-            if tell is not None:
-                body = await _read_body(receive, _MAX_TELL_BYTES)
-                refusal = await anyio.to_thread.run_sync(self._check_tell, int(tell.group(1)), body)
+            if method == "GET" and PLOT.match(path) and not plots_available():
+                message = "server-side plots need plotly, which this service lacks"
+                await error_response(404, "plot_unavailable", message)(scope, receive, send)
+                return
+            if body_model(method, path) is not None:
+                body = await _read_body(receive, MAX_DASHBOARD_BODY)
+                refusal = await anyio.to_thread.run_sync(self._check_write, method, path, body)
                 if refusal is not None:
                     await refusal(scope, receive, send)
                     return
@@ -186,7 +190,7 @@ class DashboardMount:
         return None
 
     def _study_exists(self, study_id: int) -> bool:
-        if study_id > _MAX_ID:
+        if not 0 <= study_id <= _MAX_ID:
             return False
         try:
             self.db.optuna.get_study_name_from_id(study_id)
@@ -195,7 +199,7 @@ class DashboardMount:
         return True
 
     def _trial_exists(self, trial_id: int) -> bool:
-        if trial_id > _MAX_ID:
+        if not 0 <= trial_id <= _MAX_ID:
             return False
         try:
             self.db.optuna.get_trial(trial_id)
@@ -233,21 +237,35 @@ class DashboardMount:
             return error_response(404, "artifact_not_found", f"no stored file with id {artifact_id[:64]!r}")
         return StreamingResponse(reader, headers=file_headers(filename))
 
-    def _check_tell(self, trial_id: int, body: bytes | None) -> JSONResponse | None:
-        """A dashboard tell must give one value per objective (Optuna raises, a 500, otherwise)."""
+    def _check_write(self, method: str, path: str, body: bytes | None) -> JSONResponse | None:
+        """A dashboard write's body as its route takes it (:mod:`caviar.service.dashboard_guard`),
+        and a trial's tell or user attributes only while it runs (Optuna raises, a 500, otherwise)."""
         if body is None:
-            return error_response(413, "payload_too_large", "the tell's body is too large")
+            return error_response(413, "payload_too_large", "the body is too large")
+        refused = body_refusal(method, path, body)
+        if refused is not None:
+            field, message = refused
+            return error_response(422, "validation_error", message, [{"field": field}])
+        trial_write = _TRIAL_WRITE.match(path) if method == "POST" else None
+        if trial_write is None:
+            return None
+        trial_id = int(trial_write.group(1))
         try:
-            data = json.loads(body)
-            values = data.get("values") if isinstance(data, dict) else None
-            state = str(data.get("state", "")).lower() if isinstance(data, dict) else ""
-            with self.db.session() as session:  # Optuna's storage API has no trial -> study lookup
-                study_id = study_of_trial(session, trial_id)
-            if study_id is None:
-                return None  # the dashboard answers 404 itself
-            n_objectives = len(self.db.optuna.get_study_directions(study_id))
-        except (ValueError, KeyError, AttributeError):
-            return None  # a malformed body: the dashboard answers 400 itself
+            if self.db.optuna.get_trial(trial_id).state.is_finished():
+                return error_response(409, "trial_finished", f"trial {trial_id} has finished")
+        except KeyError:
+            return None  # answered 404 before
+        return self._check_tell(trial_id, body) if trial_write.group(2) == "tell" else None
+
+    def _check_tell(self, trial_id: int, body: bytes) -> JSONResponse | None:
+        """A dashboard tell must give one value per objective (Optuna raises, a 500, otherwise)."""
+        data = json.loads(body)
+        values, state = data.get("values"), str(data.get("state", "")).lower()
+        with self.db.session() as session:  # Optuna's storage API has no trial -> study lookup
+            study_id = study_of_trial(session, trial_id)
+        if study_id is None:
+            return None  # the dashboard answers 404 itself
+        n_objectives = len(self.db.optuna.get_study_directions(study_id))
         if state == "complete" and isinstance(values, list) and len(values) != n_objectives:
             return error_response(
                 422,

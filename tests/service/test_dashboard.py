@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -258,3 +259,54 @@ def test_the_study_page_shows_why_caviar_paused_a_study(client: TestClient) -> N
     created = client.post("/api/studies", json={"study_name": "plain", "directions": ["minimize"]})
     plain = client.get(f"/api/studies/{created.json()['study_summary']['study_id']}").json()
     assert not [a for a in plain["user_attrs"] if a["key"] in SHOWN]
+
+
+def test_malformed_dashboard_writes_and_ids_are_4xx_never_500(client: TestClient) -> None:
+    """Found by the scope fuzzer: optuna-dashboard answered each of these with a 500."""
+    make_study(client, "guard", trials=2)
+    (summary,) = client.get("/api/studies").json()["study_summaries"]
+    study = summary["study_id"]
+    finished = client.get(f"/api/studies/{study}").json()["trials"][0]["trial_id"]
+    refused = [
+        ("POST", "/api/studies", b"", "body"),
+        ("POST", "/api/studies", b"[1]", "body"),
+        ("POST", "/api/studies", b'{"study_name": 1, "directions": ["minimize"]}', "study_name"),
+        ("POST", "/api/studies", b'{"study_name": "x", "directions": [1]}', "directions.0"),
+        ("PUT", f"/api/studies/{study}/note", b'{"version": "1", "body": "x"}', "version"),
+        ("PUT", f"/api/studies/{study}/{finished}/note", b'{"version": 1, "body": 2}', "body"),
+        ("POST", f"/api/trials/{finished}/user-attrs", b'{"user_attrs": []}', "user_attrs"),
+        ("POST", f"/api/artifacts/{study}", b'{"file": "not a data uri"}', "file"),
+        ("POST", f"/api/artifacts/{study}", b'{"file": "data:text/plain;base64,%%%"}', "file"),
+    ]
+    json_type = {"Content-Type": "application/json"}
+    for method, path, body, field in refused:
+        answer = client.request(method, path, content=body, headers=json_type)
+        assert answer.status_code == 422, (method, path, body, answer.text)
+        assert answer.json()["error"]["details"] == [{"field": field}], answer.text
+    # a finished trial takes no tell and no user attributes
+    for path, body in (
+        (f"/api/trials/{finished}/user-attrs", {"user_attrs": {"a": 1}}),
+        (f"/api/trials/{finished}/tell", {"state": "Complete", "values": [1.0]}),
+    ):
+        answer = client.post(path, json=body)
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "trial_finished", answer.text
+    # negative ids name nothing
+    for method, path in (
+        ("GET", "/api/studies/-1"),
+        ("PUT", "/api/studies/-1/note"),
+        ("GET", "/csv/-3"),
+        ("POST", "/api/trials/-2/user-attrs"),
+        ("POST", "/api/artifacts/-1/-1"),
+    ):
+        answer = client.request(method, path, json={"version": 1, "body": "x", "user_attrs": {"a": 1}})
+        assert answer.status_code == 404, (method, path, answer.text)
+    # server-side plots need plotly: without it, a 404 that says so
+    plot = client.get(f"/api/studies/{study}/plot/slice")
+    if importlib.util.find_spec("plotly") is None:
+        assert plot.status_code == 404 and plot.json()["error"]["code"] == "plot_unavailable", plot.text
+    else:
+        assert plot.status_code == 200, plot.text
+    # what the dashboard's frontend sends still goes through
+    assert client.put(f"/api/studies/{study}/note", json={"version": 1, "body": "# notes"}).status_code == 204
+    created = client.post("/api/studies", json={"study_name": "plain2", "directions": ["maximize"]})
+    assert created.status_code == 201, created.text
