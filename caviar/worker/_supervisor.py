@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -130,6 +131,20 @@ def _checked_directories(options: WorkerOptions) -> WorkerOptions:
     return dataclasses.replace(options, code_dir=code_dir, workdir=workdir)
 
 
+def slot_threads(cpu_slots: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Torch threads per slot: the cores this process may use, shared out among its CPU slots.
+
+    ``OMP_NUM_THREADS``, when set to a positive number, caps it (as it caps torch itself), so
+    several workers or test processes on one machine do not each take every core.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, cpu_slots))
+    cap = environ.get("OMP_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) > 0:
+        threads = min(threads, int(cap))
+    return threads
+
+
 def run_workers(options: WorkerOptions) -> int:
     """Start one process per slot and supervise them until they finish or SIGTERM arrives.
 
@@ -154,8 +169,7 @@ def run_workers(options: WorkerOptions) -> int:
     if refusal is not None:
         _log.error("caviar worker: %s", refusal)
         return 2
-    cpu_slots = sum(1 for s in slots if s == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_slots))
+    threads = slot_threads(sum(1 for s in slots if s == "cpu"))
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
