@@ -18,7 +18,10 @@ def test_rungs_are_geometric_steps() -> None:
 
 
 def test_rungs_of_a_definition() -> None:
-    asha = {"type": "asha", "options": {"min_resource": 2, "reduction_factor": 4, "min_early_stopping_rate": 0}}
+    asha = {
+        "type": "asha",
+        "options": {"min_resource": 2, "reduction_factor": 4, "min_early_stopping_rate": 0},
+    }
     assert Rungs.of({"direction": "minimize", "pruner": asha}) == Rungs(2, 4, 0, maximize=False)
     assert Rungs.of({"direction": "maximize", "pruner": {"type": "asha"}}) == Rungs(maximize=True)
     assert Rungs.of({"direction": "maximize", "pruner": {"type": "median"}}) is None
