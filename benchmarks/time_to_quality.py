@@ -656,7 +656,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds, each one caviar + one plain run (3)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds, each one caviar + one plain run (3; quick 1)"
+    )
     parser.add_argument("--n-trials", type=int, default=None, help="trials per run (60; quick 12)")
     parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (15; quick 4)")
     parser.add_argument("--fuse", type=int, default=None, help="fused group size (default 8; quick 4)")
@@ -672,10 +674,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=0.005, help="loose target = plain final best - this")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per arm before giving up")
     parser.add_argument("--timeline", action="store_true", help="add every trial's start/end to arm lines")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 12 trials, 4 epochs, 6,000 rows")
+    parser.add_argument(
+        "--quick", action="store_true", help="6,000 rows; unless given: 1 seed, 12 trials, 4 epochs, fuse 4"
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds = 1
+    args.seeds = args.seeds or (1 if args.quick else 3)
     args.n_trials = args.n_trials or (12 if args.quick else 60)
     args.max_epochs = args.max_epochs or (4 if args.quick else 15)
     args.fuse = args.fuse or (4 if args.quick else 8)
