@@ -42,8 +42,16 @@ seeds with min and max (the last, ``summary``, line):
   best, and at 25%, 50% and 100% of the plain loop's wall time;
 * wall time, start-up, epochs trained, pruned trials.
 
-Usage: ``python benchmarks/time_to_quality.py [--seeds 3] [--n-trials 60] [--fuse 8]
-[--pruner asha|hyperband|median|none] [--quick] [--storage postgres|sqlite]``
+Two modes (``--mode``; ``both``, the default, runs each per seed and prints a summary line for each):
+
+* ``defaults``: what each side gets by naming nothing. caviar: a definition with no sampler and no
+  pruner (the ``auto`` sampler, the ``asha`` pruner with its in-group rung ranking, budget defaults
+  but ``n_trials``) and ``caviar worker --fuse K``; plain Optuna: ``TPESampler()`` and
+  ``MedianPruner()`` with their default options.
+* ``same``: the same sampler (TPE) and pruner (``--pruner``) in both arms, as described above.
+
+Usage: ``python benchmarks/time_to_quality.py [--mode both|defaults|same] [--seeds 3]
+[--n-trials 60] [--fuse 8] [--pruner asha|hyperband|median|none] [--quick] [--storage postgres|sqlite]``
 """
 
 from __future__ import annotations
@@ -120,9 +128,12 @@ def pruner_spec(kind: str, max_epochs: int) -> dict[str, Any]:
 
 
 def plain_pruner(kind: str, max_epochs: int) -> Any:
-    """The same pruner, built directly with Optuna, for the plain arm."""
+    """The same pruner, built directly with Optuna, for the plain arm (``default``: Optuna's
+    ``MedianPruner()`` with its default options, what ``optuna.create_study()`` uses)."""
     import optuna
 
+    if kind == "default":
+        return optuna.pruners.MedianPruner()
     if kind == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if kind == "hyperband":
@@ -175,6 +186,20 @@ def postgres_available() -> bool:
 
 
 def caviar_definition(
+    name: str, seed: int, n_trials: int, max_epochs: int, fuse: int, pruner: str, defaults: bool = False
+) -> dict[str, Any]:
+    """The study; with ``defaults`` no sampler, pruner or budget but ``n_trials`` is named (the
+    sampler's seed aside, which chooses no algorithm) and the fused size comes from the worker."""
+    definition = _definition(name, seed, n_trials, max_epochs, fuse, pruner)
+    if defaults:
+        definition["sampler"] = {"seed": seed}
+        del definition["pruner"]
+        del definition["objective"]["fuse"]
+        definition["budget"] = {"n_trials": n_trials}
+    return definition
+
+
+def _definition(
     name: str, seed: int, n_trials: int, max_epochs: int, fuse: int, pruner: str
 ) -> dict[str, Any]:
     return {
@@ -226,27 +251,30 @@ def run_caviar(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict
 
     storage.upgrade(url)
     db = Database(url)
-    name = f"ttq-caviar-{seed}"
-    create_study(
-        db,
-        parse_definition(
-            caviar_definition(name, seed, args.n_trials, args.max_epochs, args.fuse, args.pruner)
-        ),
+    name = f"ttq-caviar-{args.mode}-{seed}"
+    definition = caviar_definition(
+        name, seed, args.n_trials, args.max_epochs, args.fuse, args.pruner, defaults=args.mode == "defaults"
     )
+    parsed = parse_definition(definition)
+    create_study(db, parsed)
     db.dispose()
     env = {"CAVIAR_ARTIFACT_DIR": str(tmp / f"artifacts-{seed}"), "CAVIAR_DATA_DIR": str(tmp / "data")}
-    server, base = processes.serve(url, env=env, log=tmp / f"serve-{seed}.log")
+    server, base = processes.serve(url, env=env, log=tmp / f"serve-{args.mode}-{seed}.log")
     command = ["worker", "--url", base, "--gpus", "none", "--cpu", str(args.slots), "--study", name]
     command += ["--fuse", str(args.fuse), "--exit-when-idle", "0.5", "--poll-interval", "0.2"]
     with server:
         t0 = time.time()
-        worker = processes.CaviarProcess(command, env=env, log=tmp / f"caviar-{seed}.log", cwd=tmp)
+        worker = processes.CaviarProcess(
+            command, env=env, log=tmp / f"caviar-{args.mode}-{seed}.log", cwd=tmp
+        )
         code = worker.wait(timeout=args.timeout)
         exited = time.time() - t0
     if code != 0:
         raise RuntimeError(f"caviar worker exited {code}: {worker.output(3000)}")
     arm = analyse(url, name, t0)
     arm["processes_exited_s"] = exited
+    arm["sampler"] = parsed.sampler_description()
+    arm["pruner"] = parsed.pruner.model_dump(mode="json")
     return arm
 
 
@@ -305,17 +333,17 @@ def run_plain(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = f"ttq-plain-{seed}"
+    name = f"ttq-plain-{args.mode}-{seed}"
     optuna.create_study(study_name=name, storage=url, direction="maximize")
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "TTQ_MAX_EPOCHS": str(args.max_epochs),
         "TTQ_DATA": str(tmp / "data" / DATA_FILE),
-        "TTQ_PRUNER": args.pruner,
+        "TTQ_PRUNER": "default" if args.mode == "defaults" else args.pruner,
         "TTQ_SLOTS": str(args.slots),
     }
-    logs = [open(tmp / f"plain-{seed}-{i}.log", "wb") for i in range(args.slots)]  # noqa: SIM115
+    logs = [open(tmp / f"plain-{args.mode}-{seed}-{i}.log", "wb") for i in range(args.slots)]  # noqa: SIM115
     try:
         t0 = time.time()
         processes = [
@@ -346,6 +374,8 @@ def run_plain(url: str, tmp: Path, seed: int, args: argparse.Namespace) -> dict[
         raise RuntimeError(f"plain worker exited {codes}: {Path(logs[0].name).read_text()[-3000:]}")
     arm = analyse(url, name, t0)
     arm["processes_exited_s"] = exited
+    arm["sampler"] = {"type": "tpe", "options": "Optuna's defaults", "seed": f"{seed} * 1000 + process"}
+    arm["pruner"] = repr(plain_pruner(env["TTQ_PRUNER"], args.max_epochs).__class__.__name__)
     return arm
 
 
@@ -455,6 +485,7 @@ def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace
             **{f"best_at_{f:g}_plain_wall": curve.best_at(f * plain_wall) for f in FRACTIONS},
         }
         line = {
+            "mode": args.mode,
             "seed": seed,
             "arm": arm_name,
             "plain_final_best": round(target, 4),
@@ -471,6 +502,8 @@ def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace
             "complete": arm["complete"],
             "pruned": arm["pruned"],
             "failed": arm["failed"],
+            "sampler": arm.get("sampler"),
+            "pruner": arm.get("pruner"),
         }
         if args.timeline:
             line["timeline"] = arm["_timeline"]
@@ -479,6 +512,7 @@ def compare(seed: int, arms: dict[str, dict[str, Any]], args: argparse.Namespace
     plain_line = lines[[a for a in arms].index("plain")]
     lines.append(
         {
+            "mode": args.mode,
             "seed": seed,
             "arm": "comparison",
             "plain_final_best": round(target, 4),
@@ -547,7 +581,9 @@ def summary(lines: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
         return spread([line[key] for line in lines if line["arm"] == arm], missing_as)
 
     task = QUICK_TASK if args.quick else TASK
+    defaults = args.mode == "defaults"
     out: dict[str, Any] = {
+        "mode": args.mode,
         "arm": "summary",
         "seeds": args.seeds,
         "storage": args.storage,
@@ -557,8 +593,17 @@ def summary(lines: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
             f"batch {BATCH}, adam; lr {LR[0]:g}..{LR[1]:g} log; {args.n_trials} trials, "
             f"{args.max_epochs} epochs"
         ),
-        "sampler": "TPE (Optuna defaults) in both arms",
-        "pruner": f"{args.pruner} in both arms: {pruner_spec(args.pruner, args.max_epochs)}",
+        "sampler": (
+            "caviar: auto (named nothing); plain: TPESampler() (Optuna's defaults)"
+            if defaults
+            else "TPE (Optuna defaults) in both arms"
+        ),
+        "pruner": (
+            "caviar: asha (named nothing: in-group rung ranking + SuccessiveHalvingPruner, eta 3); "
+            "plain: MedianPruner() (Optuna's defaults)"
+            if defaults
+            else f"{args.pruner} in both arms: {pruner_spec(args.pruner, args.max_epochs)}"
+        ),
         "slots": args.slots,
         "torch_threads_per_process": 1,
         "fuse": args.fuse,
@@ -611,40 +656,56 @@ def main(argv: list[str] | None = None) -> None:
         return
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds, each one caviar + one plain run (3)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds, each one caviar + one plain run (3; quick 1)"
+    )
     parser.add_argument("--n-trials", type=int, default=None, help="trials per run (60; quick 12)")
     parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (15; quick 4)")
     parser.add_argument("--fuse", type=int, default=None, help="fused group size (default 8; quick 4)")
     parser.add_argument("--pruner", choices=("asha", "hyperband", "median", "none"), default="asha")
+    parser.add_argument(
+        "--mode",
+        choices=("both", "defaults", "same"),
+        default="both",
+        help="defaults: each side's defaults; same: TPE and --pruner in both arms; both (default)",
+    )
     parser.add_argument("--slots", type=int, default=2, help="processes per arm, one per core (2)")
     parser.add_argument("--storage", choices=("postgres", "sqlite", "auto"), default="auto")
     parser.add_argument("--epsilon", type=float, default=0.005, help="loose target = plain final best - this")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per arm before giving up")
     parser.add_argument("--timeline", action="store_true", help="add every trial's start/end to arm lines")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 12 trials, 4 epochs, 6,000 rows")
+    parser.add_argument(
+        "--quick", action="store_true", help="6,000 rows; unless given: 1 seed, 12 trials, 4 epochs, fuse 4"
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds = 1
+    args.seeds = args.seeds or (1 if args.quick else 3)
     args.n_trials = args.n_trials or (12 if args.quick else 60)
     args.max_epochs = args.max_epochs or (4 if args.quick else 15)
     args.fuse = args.fuse or (4 if args.quick else 8)
     if args.storage == "auto":
         args.storage = "postgres" if postgres_available() else "sqlite"
     tmp = Path(tempfile.mkdtemp(prefix="caviar-ttq-"))
-    lines: list[dict[str, Any]] = []
+    modes = ("defaults", "same") if args.mode == "both" else (args.mode,)
+    lines: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     try:
         make_task(tmp / "data", args.quick)
         for seed in range(args.seeds):
-            arms: dict[str, dict[str, Any]] = {}
-            order = ("caviar", "plain") if seed % 2 == 0 else ("plain", "caviar")  # alternate for drift
-            for arm_name in order:
-                with database(args.storage, tmp, f"{arm_name}{seed}") as url:
-                    runner = run_caviar if arm_name == "caviar" else run_plain
-                    arms[arm_name] = runner(url, tmp, seed, args)
-            for line in compare(seed, arms, args):
-                print(json.dumps(line), flush=True)
-                lines.append(line)
-        print(json.dumps(summary(lines, args)), flush=True)
+            for mode in modes:
+                run_args = argparse.Namespace(**{**vars(args), "mode": mode})
+                arms: dict[str, dict[str, Any]] = {}
+                order = ("caviar", "plain") if seed % 2 == 0 else ("plain", "caviar")  # alternate for drift
+                for arm_name in order:
+                    with database(args.storage, tmp, f"{arm_name}{mode}{seed}") as url:
+                        runner = run_caviar if arm_name == "caviar" else run_plain
+                        arms[arm_name] = runner(url, tmp, seed, run_args)
+                for line in compare(seed, arms, run_args):
+                    print(json.dumps(line), flush=True)
+                    lines[mode].append(line)
+        for mode in modes:
+            print(
+                json.dumps(summary(lines[mode], argparse.Namespace(**{**vars(args), "mode": mode}))),
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,7 +9,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from ._rng import (
 from .spec import METRICS, TrialConfig, check_group, lr_at
 
 __all__ = [
+    "EpochReport",
     "GroupReport",
     "Interrupted",
     "Report",
@@ -52,6 +53,8 @@ Report = Callable[[int, float], bool]
 """``report(step, val_accuracy) -> prune?`` for :func:`train`."""
 GroupReport = Callable[[int, int, float], bool]
 """``report(member_index, step, val_accuracy) -> prune?`` for :func:`train_group`."""
+EpochReport = Callable[[list[tuple[int, int, float]]], Collection[int]]
+"""``report_epoch([(member_index, step, value), ...]) -> members to prune`` for :func:`train_group`."""
 
 _EVAL_CHUNK = 4096
 
@@ -277,6 +280,7 @@ def train_group(
     on_result: Callable[[int, TrialResult], None] | None = None,
     refill: Callable[[int], Sequence[TrialConfig]] | None = None,
     interrupt: threading.Event | None = None,
+    report_epoch: EpochReport | None = None,
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
@@ -298,6 +302,9 @@ def train_group(
             their own ``max_epochs`` from their own epoch 0, exactly as if trained alone.
         interrupt: When set, training stops at the next mini-batch with :class:`Interrupted` (a
             stopping worker hands its trials back without waiting for the epoch to end).
+        report_epoch: Called once per epoch with every live member's ``(member_index, step,
+            value)``, before ``report``; the members it returns are pruned. It sees the group's
+            members side by side (e.g. to rank those at the same step, as the worker's ASHA does).
 
     Returns:
         One result per config (the refilled ones after ``configs``), in order.
@@ -387,10 +394,17 @@ def train_group(
             else:
                 stale[member] += 1
         group.keep_best(improved)
+        decided: Collection[int] = ()
+        if report_epoch is not None:
+            decided = report_epoch(
+                [(m, epoch - group.first_epoch[m], histories[m][-1][metric]) for m in group.members]
+            )
         keep: list[int] = []
         for slot, member in enumerate(group.members):
             own_epoch = epoch - group.first_epoch[member]
-            pruned = report is not None and bool(report(member, own_epoch, histories[member][-1][metric]))
+            pruned = member in decided or (
+                report is not None and bool(report(member, own_epoch, histories[member][-1][metric]))
+            )
             stopped = shared.patience > 0 and stale[member] >= shared.patience
             if not (pruned or stopped or own_epoch == shared.max_epochs - 1):
                 keep.append(slot)

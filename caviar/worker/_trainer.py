@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from caviar import trainer
 from caviar._client import Trial
 from caviar.trainer.spec import FUSIBLE, TrialConfig
 from caviar.worker._api import Stopped
+from caviar.worker._asha import Rungs, decide_epoch
 
 if TYPE_CHECKING:
     from caviar.worker._types import SlotLike
@@ -224,9 +226,24 @@ class TrainerRunner:
                 joining.append(config)
             return joining
 
+        # asha: members at a rung are ranked together (the group is a cohort), see caviar.worker._asha
+        rungs = Rungs.of(study["definition"])
+        report_epoch: Callable[[list[tuple[int, int, float]]], set[int]] | None = None
+        if rungs is not None:
+
+            def report_epoch(entries: list[tuple[int, int, float]]) -> set[int]:
+                return decide_epoch(entries, rungs, report)
+
         try:
             trainer.train_group(
-                configs, data, report, metric=metrics[0], on_result=record, refill=refill, interrupt=slot.stop
+                configs,
+                data,
+                None if report_epoch is not None else report,
+                metric=metrics[0],
+                on_result=record,
+                refill=refill,
+                interrupt=slot.stop,
+                report_epoch=report_epoch,
             )
         except (Stopped, trainer.Interrupted):
             return  # everything held is handed back when the slot stops

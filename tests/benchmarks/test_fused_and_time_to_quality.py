@@ -48,7 +48,7 @@ def arm(times: list[float], values: list[float], wall: float) -> dict[str, Any]:
 
 
 def test_time_to_quality_measures_against_the_plain_final_best() -> None:
-    args = argparse.Namespace(epsilon=0.005, slots=2, timeline=False, seeds=1, storage="sqlite")
+    args = argparse.Namespace(epsilon=0.005, slots=2, timeline=False, seeds=1, storage="sqlite", mode="same")
     args.quick, args.n_trials, args.max_epochs, args.fuse, args.pruner = True, 4, 4, 2, "asha"
     arms = {
         "caviar": arm([2.0, 4.0, 5.0], [0.5, 0.61, 0.62], wall=6.0),
@@ -75,3 +75,14 @@ def test_a_seed_that_never_reaches_the_bar_counts_against_the_median() -> None:
     assert speedups == {"median": 1.0, "min": 0.0, "max": 3.6, "missing": 1}
     times = time_to_quality.spread([70.0, None, None], missing_as=float("inf"))
     assert times == {"median": None, "min": 70.0, "max": None, "missing": 2}
+
+
+def test_the_defaults_mode_names_nothing_but_the_budget() -> None:
+    """caviar's arm of ``--mode defaults`` is what a user gets by naming no sampler and no pruner."""
+    from caviar.service.store import parse_definition
+
+    body = time_to_quality.caviar_definition("d", 0, 40, 15, 8, "median", defaults=True)
+    assert "pruner" not in body and body["sampler"] == {"seed": 0} and body["budget"] == {"n_trials": 40}
+    parsed = parse_definition(body)
+    assert parsed.pruner.type == "asha" and parsed.sampler.type == "auto"
+    assert time_to_quality.plain_pruner("default", 15).__class__.__name__ == "MedianPruner"

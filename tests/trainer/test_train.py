@@ -243,3 +243,26 @@ def test_a_group_emptied_by_pruning_restarts_with_refills(digits: Dataset) -> No
     )
     assert [r.pruned for r in results] == [True, False]
     np.testing.assert_allclose(_history(results[1]), _history(train(joiner, digits)), rtol=1e-5, atol=1e-6)
+
+
+def test_report_epoch_sees_the_group_side_by_side_and_its_prunes_are_refilled(small_tabular) -> None:
+    """``report_epoch`` gets every live member's (member, own step, value) once per epoch; the members
+    it returns leave at once and refills take their places at their own step 0."""
+    configs = [TrialConfig(hidden_units=16, max_epochs=3, batch_size=64, seed=s, lr=1e-3) for s in range(3)]
+    joiner = TrialConfig(hidden_units=16, max_epochs=3, batch_size=64, seed=9, lr=2e-3)
+    seen: list[list[tuple[int, int]]] = []
+    queue = [joiner]
+
+    def report_epoch(entries: list[tuple[int, int, float]]) -> set[int]:
+        seen.append([(member, step) for member, step, _ in entries])
+        assert all(0.0 <= value <= 1.0 for _, _, value in entries)  # val_accuracy
+        return {0, 2} if len(seen) == 1 else set()
+
+    results = train_group(
+        configs,
+        small_tabular,
+        report_epoch=report_epoch,
+        refill=lambda free: [queue.pop()] if queue else [],
+    )
+    assert seen == [[(0, 0), (1, 0), (2, 0)], [(1, 1), (3, 0)], [(1, 2), (3, 1)], [(3, 2)]]
+    assert [(r.pruned, r.epochs) for r in results] == [(True, 1), (False, 3), (True, 1), (False, 3)]

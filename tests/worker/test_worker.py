@@ -374,6 +374,17 @@ def live(settings, db, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-unty
         yield base
 
 
+@pytest.fixture
+def steady(settings, db, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A live service in this process whose leases (20 s) outlast any epoch on a loaded machine."""
+    from caviar.service.api import create_app
+    from tests.service.test_dashboard import free_port, live_server
+
+    update = {"heartbeat_interval_s": 10.0, "artifact_dir": str(tmp_path / "artifacts")}
+    with live_server(create_app(settings.model_copy(update=update), db=db), free_port()) as base:
+        yield base
+
+
 def run_slot_in_thread(url: str, timeout: float, **options: Any) -> Any:
     """Run one CPU slot (``caviar.worker._slot.Slot``) until it idles out; stop it after ``timeout``."""
     import threading
@@ -445,6 +456,52 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     )
     assert sum(1 for t in items if t.state == "complete") == 6
     assert store.load_record(db, "oom").state == "completed"
+
+
+def test_asha_stops_the_bottom_of_a_fused_cohort_and_refills_its_places(
+    db: Database, steady: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no pruner named (asha), a fused group of 4 ranks its members at each rung: at step 1 the
+    bottom three of the first cohort stop before any trial has finished, and every stopped member's
+    place is taken by a new trial at once, so the group trains 4 members while the budget lasts."""
+    from caviar.worker import _trainer
+    from caviar.worker._slot import Slot
+
+    body = digits_study("asha", n_trials=16, max_epochs=4, fuse=4)
+    body["search_space"] = {k: body["search_space"][k] for k in ("lr", "dropout")}  # all fusible
+    body["objective"]["fixed"] = {"layers": 1, "hidden_units": 16, "batch_size": 64, "optimizer": "adam"}
+    body["sampler"] = {"type": "random", "seed": 0}  # no start-up trials: the first group is fused
+    del body["pruner"]
+    store.create_study(db, store.parse_definition(body))
+    claimed = [0]
+    ask = Slot.ask
+
+    def counting_ask(self: Slot, study: str, **kwargs: Any) -> Any:
+        trial = ask(self, study, **kwargs)
+        claimed[0] += trial is not None
+        return trial
+
+    epochs: list[tuple[int, int, list[int], set[int]]] = []  # (claimed, complete, steps, stopped)
+    decide = _trainer.decide_epoch
+
+    def recording_decide(entries: list[tuple[int, int, float]], *args: Any) -> set[int]:
+        stopped = decide(entries, *args)
+        done = finished_counts(db, "asha")["complete"]
+        epochs.append((claimed[0], done, [step for _, step, _ in entries], stopped))
+        return stopped
+
+    monkeypatch.setattr(Slot, "ask", counting_ask)
+    monkeypatch.setattr(_trainer, "decide_epoch", recording_decide)
+    run_slot_in_thread(steady, 300, fuse=4)
+    first_rung = next(e for e in epochs if 1 in e[2])
+    assert first_rung[2] == [1, 1, 1, 1] and first_rung[1] == 0  # the first cohort, nothing finished yet
+    assert len(first_rung[3]) >= 3  # 4 // 3 = 1 goes on
+    while_budget_lasts = [e for e in epochs if e[0] < 16]
+    assert while_budget_lasts and all(len(steps) == 4 for _, _, steps, _ in while_budget_lasts), epochs
+    assert any(len(set(steps)) > 1 for _, _, steps, _ in epochs)  # refills train beside the rest
+    counts = finished_counts(db, "asha")
+    assert counts["complete"] + counts["pruned"] == 16 and counts["pruned"] >= 3, counts
+    assert store.load_record(db, "asha").state == "completed"
 
 
 def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_nothing(

@@ -34,7 +34,30 @@ SAMPLERS: dict[str, Callable[..., BaseSampler]] = {
     "nsga2": optuna.samplers.NSGAIISampler,
 }
 
+ASHA_DEFAULTS = {"min_resource": 1, "reduction_factor": 3, "min_early_stopping_rate": 0}
+"""The rungs of the default pruner ``asha`` (epochs 1, 3, 9, ... as 0-based steps; the top third goes on)."""
+
+
+def asha_pruner(
+    min_resource: int = 1, reduction_factor: int = 3, min_early_stopping_rate: int = 0
+) -> BasePruner:
+    """The ``asha`` pruner, caviar's default: asynchronous successive halving.
+
+    Service-side it is Optuna's ``SuccessiveHalvingPruner`` (rung bookkeeping across every trial of
+    the study: a trial reaching rung ``k`` at step ``min_resource * reduction_factor **
+    (min_early_stopping_rate + k)`` goes on only in the top ``1 / reduction_factor`` of the values
+    recorded at that rung so far). Workers training fused groups also rank each group's members that
+    reach a rung together (a cohort), so the first groups are pruned before any trial has finished.
+    """
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=min_resource,
+        reduction_factor=reduction_factor,
+        min_early_stopping_rate=min_early_stopping_rate,
+    )
+
+
 PRUNERS: dict[str, Callable[..., BasePruner]] = {
+    "asha": asha_pruner,
     "none": optuna.pruners.NopPruner,
     "median": optuna.pruners.MedianPruner,
     "percentile": optuna.pruners.PercentilePruner,

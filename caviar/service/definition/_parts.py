@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from caviar.service.definition._factories import PRUNERS, SAMPLERS, build_pruner, check_options
+from caviar.service.definition._factories import ASHA_DEFAULTS, PRUNERS, SAMPLERS, build_pruner, check_options
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -40,12 +40,24 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    """Which Optuna pruner stops bad trials early from their per-epoch reports."""
+    """Which pruner stops bad trials early from their per-epoch reports.
+
+    ``asha`` (the default) is asynchronous successive halving: Optuna's SuccessiveHalvingPruner in the
+    service, plus in-group ranking on workers that train fused groups; the others are Optuna's.
+    """
 
     type: Literal[
-        "none", "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon"
-    ] = "median"
-    options: dict[str, Any] = Field(default_factory=dict)
+        "asha",
+        "none",
+        "median",
+        "percentile",
+        "successive_halving",
+        "hyperband",
+        "threshold",
+        "patient",
+        "wilcoxon",
+    ] = "asha"
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("options")
     @classmethod
@@ -60,6 +72,8 @@ class PrunerSpec(_Strict):
                 build_pruner(kind, options)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"invalid {kind} pruner options: {exc}") from exc
+        if kind == "asha":  # the rungs in effect, as the API shows them and workers read them
+            return {**ASHA_DEFAULTS, **options}
         return options
 
 

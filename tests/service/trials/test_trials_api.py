@@ -239,6 +239,31 @@ def test_pruning_reaches_rest_clients(client: TestClient) -> None:
     assert pruned["state"] == "pruned"
 
 
+def test_a_study_that_names_no_pruner_gets_asha(client: TestClient) -> None:
+    """The default pruner is ``asha``: the API shows its rungs, and reports at a rung step (1, 3, 9, ...)
+    go on only in the top third of the values recorded at that rung (the first ones: only the best)."""
+    body = external_study("asha", n_trials=10)
+    del body["pruner"]
+    study = client.post(API, json=body).json()
+    assert study["definition"]["pruner"] == {
+        "type": "asha",
+        "options": {"min_resource": 1, "reduction_factor": 3, "min_early_stopping_rate": 0},
+    }
+    for _ in range(3):
+        ask(client, "asha")
+
+    def report(number: int, step: int, value: float) -> bool:
+        answer = client.post(f"{API}/asha/trials/{number}/report", json={"step": step, "value": value})
+        assert answer.status_code == 200, answer.text
+        return bool(answer.json()["should_prune"])
+
+    assert [report(n, 0, 0.1) for n in range(3)] == [False] * 3  # step 0: no rung yet
+    assert report(0, 1, 0.8) is False  # the first value at rung 0 goes on
+    assert report(1, 1, 0.5) is True  # below it
+    assert report(2, 1, 0.9) is False  # the best so far
+    assert report(0, 2, 0.8) is False  # between rungs
+
+
 @pytest.mark.parametrize(
     ("body", "code", "message"),
     [
