@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._pbt import PBT, Dimension, Exploit, Population
 from .spec import DATASETS, FUSIBLE, HYPERPARAMETERS, METRICS, MODELS, TrialConfig, lr_at
 
 if TYPE_CHECKING:
@@ -41,8 +42,11 @@ __all__ = [
     "HYPERPARAMETERS",
     "METRICS",
     "MODELS",
+    "PBT",
     "Dataset",
     "DatasetError",
+    "Dimension",
+    "Exploit",
     "Interrupted",
     "TrainedModel",
     "TrialConfig",
@@ -50,6 +54,7 @@ __all__ = [
     "gradcheck",
     "load_dataset",
     "load_model",
+    "Population",
     "lr_at",
     "train",
     "train_group",
