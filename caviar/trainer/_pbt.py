@@ -24,14 +24,10 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .spec import FUSIBLE, TrialConfig
+from .spec import PERTURBABLE, REVERSED, TrialConfig
 
-__all__ = ["PBT", "PERTURBABLE", "REVERSED", "Dimension", "Exploit", "Population", "explore", "quantiles"]
+__all__ = ["PBT", "Dimension", "Exploit", "Population", "explore", "quantiles"]
 
-PERTURBABLE: frozenset[str] = FUSIBLE - {"seed"}
-"""Hyperparameters PBT may perturb: the fusible ones (members of a group may differ in them)."""
-REVERSED: frozenset[str] = frozenset({"beta1", "beta2", "momentum"})
-"""Decay rates near 1, perturbed on the reverse-log scale (``1 - value`` is multiplied)."""
 SCALES = ("linear", "log", "reverse_log")
 
 
@@ -78,6 +74,7 @@ class PBT:
         factors: Perturbation factors, one chosen at random per hyperparameter.
         resample_probability: Chance of drawing a hyperparameter afresh instead of perturbing it.
         seed: Seed of the choices (donor, factors, resamples).
+        maximize: Whether a higher score is better; ``None``: only for ``val_accuracy``.
     """
 
     dimensions: tuple[Dimension, ...]
@@ -86,6 +83,7 @@ class PBT:
     factors: tuple[float, ...] = (0.8, 1.2)
     resample_probability: float = 0.25
     seed: int = 0
+    maximize: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, int) or self.interval < 1:

@@ -275,7 +275,7 @@ class _Group:
             [epoch + 1 - self.first_epoch[m] for m in members],
             scores,
             [self.configs[m] for m in members],
-            higher_is_better=metric == "val_accuracy",
+            higher_is_better=metric == "val_accuracy" if population.config.maximize is None else population.config.maximize,
         )
         for position, parent, config, event in plans:
             self.clone(slots[position], slots[parent], config)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from caviar.service.definition._factories import PRUNERS, SAMPLERS, build_pruner, check_options
+from caviar.service.definition._pbt import parse_options
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -40,10 +41,22 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    """Which Optuna pruner stops bad trials early from their per-epoch reports."""
+    """Which Optuna pruner stops bad trials early from their per-epoch reports.
+
+    ``pbt`` is population-based training inside the built-in trainer's fused groups (options:
+    ``interval``, ``quantile``, ``resample_probability``, ``perturb``); it prunes nothing.
+    """
 
     type: Literal[
-        "none", "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon"
+        "none",
+        "median",
+        "percentile",
+        "successive_halving",
+        "hyperband",
+        "threshold",
+        "patient",
+        "wilcoxon",
+        "pbt",
     ] = "median"
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -51,7 +64,9 @@ class PrunerSpec(_Strict):
     @classmethod
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         kind = info.data.get("type")
-        if kind is not None:
+        if kind == "pbt":  # population-based training: the worker's, checked in full by _pbt
+            parse_options(options)
+        elif kind is not None:
             check_options(
                 PRUNERS[kind],
                 {k: v for k, v in options.items() if not (kind == "patient" and k == "wrapped")},
