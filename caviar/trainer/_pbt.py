@@ -18,7 +18,6 @@ This module is pure Python (no torch), so the policy is testable on its own.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -119,7 +118,9 @@ class Exploit:
     new: dict[str, float]
 
 
-def quantiles(scores: Sequence[float], quantile: float, higher_is_better: bool) -> tuple[list[int], list[int]]:
+def quantiles(
+    scores: Sequence[float], quantile: float, higher_is_better: bool
+) -> tuple[list[int], list[int]]:
     """Positions of the bottom and top ``quantile`` of ``scores`` (Ray Tune's rule).
 
     ``ceil(n * quantile)`` members each, at most ``floor(n / 2)``; none when ``n <= 1``. A
@@ -258,10 +259,11 @@ class Population:
                 cfg.resample_probability,
                 self.rng,
             )
+            own = {**source.to_params(), "seed": configs[pos].seed}
             try:
-                new_config = dataclasses.replace(source, **values, seed=configs[pos].seed)
+                new_config = TrialConfig.from_params({**own, **values})
             except ValueError:  # a value the trainer refuses (a range wider than its own): no explore
-                new_config = dataclasses.replace(source, seed=configs[pos].seed)
+                new_config = TrialConfig.from_params(own)
             event = Exploit(
                 member=members[pos],
                 parent=members[parent],

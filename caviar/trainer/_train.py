@@ -262,12 +262,16 @@ class _Group:
         optimizer state and step count in place, and ``config``'s fusible hyperparameters."""
         for t in self.model.state_dict().values():
             t[slot].copy_(t[source])
-        self.optimizer.copy_member(slot, source, {name: float(getattr(config, name)) for name in COEFFICIENTS})
+        self.optimizer.copy_member(
+            slot, source, {name: float(getattr(config, name)) for name in COEFFICIENTS}
+        )
         self.dropout[slot] = config.dropout
         self.augment[slot] = config.augment
         self.configs[self.members[slot]] = config
 
-    def exploit(self, population: Population, slots: list[int], epoch: int, scores: list[float], metric: str) -> None:
+    def exploit(
+        self, population: Population, slots: list[int], epoch: int, scores: list[float], metric: str
+    ) -> None:
         """PBT's exploit/explore step over the live ``slots`` that go on training (their ``scores``)."""
         members = [self.members[s] for s in slots]
         plans = population.plan(
@@ -275,7 +279,9 @@ class _Group:
             [epoch + 1 - self.first_epoch[m] for m in members],
             scores,
             [self.configs[m] for m in members],
-            higher_is_better=metric == "val_accuracy" if population.config.maximize is None else population.config.maximize,
+            higher_is_better=metric == "val_accuracy"
+            if population.config.maximize is None
+            else population.config.maximize,
         )
         for position, parent, config, event in plans:
             self.clone(slots[position], slots[parent], config)
@@ -443,7 +449,9 @@ def train_group(
             if on_result is not None:
                 on_result(member, result)
         if population is not None:  # PBT: exploit/explore among the members that go on
-            group.exploit(population, keep, epoch, [histories[group.members[s]][-1][metric] for s in keep], metric)
+            group.exploit(
+                population, keep, epoch, [histories[group.members[s]][-1][metric] for s in keep], metric
+            )
         joining: list[TrialConfig] = []
         if refill is not None and len(keep) < capacity:
             joining = list(refill(capacity - len(keep)))[: capacity - len(keep)]

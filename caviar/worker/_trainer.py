@@ -100,7 +100,9 @@ def pbt_settings(definition: dict[str, Any], seed: int) -> trainer.PBT | None:
             low, high = float(param["low"]), float(param["high"])
             step = param.get("step")
             scale = str(param.get("scale", "linear"))
-            dimensions.append(trainer.Dimension(name, low, high, scale, None if step is None else float(step)))
+            dimensions.append(
+                trainer.Dimension(name, low, high, scale, None if step is None else float(step))
+            )
     return trainer.PBT(
         tuple(dimensions),
         interval=int(options.get("interval", 4)),
@@ -108,11 +110,14 @@ def pbt_settings(definition: dict[str, Any], seed: int) -> trainer.PBT | None:
         factors=tuple(float(f) for f in perturb.get("factors", (0.8, 1.2))),
         resample_probability=float(options.get("resample_probability", 0.25)),
         seed=seed,
-        maximize=(definition.get("directions") or [definition.get("direction") or "maximize"])[0] == "maximize",
+        maximize=(definition.get("directions") or [definition.get("direction") or "maximize"])[0]
+        == "maximize",
     )
 
 
-def lineage_attrs(entries: list[dict[str, Any]], config: TrialConfig, settings: trainer.PBT) -> dict[str, Any]:
+def lineage_attrs(
+    entries: list[dict[str, Any]], config: TrialConfig, settings: trainer.PBT
+) -> dict[str, Any]:
     """A trial's PBT lineage as user attributes (JSON scalars: entries are JSON text)."""
     if not entries:
         return {}
@@ -120,7 +125,9 @@ def lineage_attrs(entries: list[dict[str, Any]], config: TrialConfig, settings: 
         "pbt_exploits": len(entries),
         "pbt_parent": entries[-1]["parent"],
         "pbt_step": entries[-1]["step"],
-        "pbt_params": json.dumps({d.name: float(f"{getattr(config, d.name):.6g}") for d in settings.dimensions}),
+        "pbt_params": json.dumps(
+            {d.name: float(f"{getattr(config, d.name):.6g}") for d in settings.dimensions}
+        ),
     }
     first = max(0, len(entries) - MAX_LINEAGE_ATTRS)
     for number, entry in enumerate(entries[first:], start=first + 1):
@@ -274,7 +281,9 @@ class TrainerRunner:
 
         def record(member: int, result: trainer.TrialResult) -> None:
             # told the moment it leaves the group: the sampler and pruner see it at once
-            extra = {} if settings is None else lineage_attrs(lineage.get(member, []), result.config, settings)
+            extra = (
+                {} if settings is None else lineage_attrs(lineage.get(member, []), result.config, settings)
+            )
             self._tell(trials[member], metrics, result, extra)
 
         key = group_key(configs[0])
@@ -338,7 +347,11 @@ class TrainerRunner:
             self._train(study, data, leftovers)
 
     def _tell(
-        self, trial: Trial, metrics: list[str], result: trainer.TrialResult, extra: dict[str, Any] | None = None
+        self,
+        trial: Trial,
+        metrics: list[str],
+        result: trainer.TrialResult,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         slot = self.slot
         attrs: dict[str, Any] = {

@@ -99,7 +99,7 @@ def test_explore_scales_and_clamps() -> None:
     assert explore({"weight_decay": 1e-4}, (choices,), (0.8,), 0.0, rng) == {"weight_decay": 0.0}
     draws = [explore({"lr": 0.01, "beta2": 0.99}, (LR, BETA2), (1.2,), 1.0, rng) for _ in range(400)]
     lrs = sorted(d["lr"] for d in draws)
-    assert 1e-4 <= lrs[0] and lrs[-1] <= 1e-1
+    assert lrs[0] >= 1e-4 and lrs[-1] <= 1e-1
     assert sum(lr < 1e-2 for lr in lrs) > 200  # log-uniform: 2/3 of the draws below 1e-2
     betas = [d["beta2"] for d in draws]
     assert all(0.9 <= b <= 0.9999 for b in betas)

@@ -26,7 +26,12 @@ def test_a_pbt_study_records_its_lineage_and_its_best_checkpoint_downloads(db: D
     del body["search_space"]["optimizer"], body["search_space"]["momentum"]  # Adam (the default)
     body["pruner"] = {
         "type": "pbt",
-        "options": {"interval": 2, "quantile": 0.5, "resample_probability": 0.0, "perturb": {"params": ["lr"]}},
+        "options": {
+            "interval": 2,
+            "quantile": 0.5,
+            "resample_probability": 0.0,
+            "perturb": {"params": ["lr"]},
+        },
     }
     store.create_study(db, store.parse_definition(body))
     run_slot_in_thread(live, 120, fuse=4)

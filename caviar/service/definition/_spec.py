@@ -40,6 +40,7 @@ from caviar.service.definition._parts import (
     WarmStart,
     _Strict,
 )
+from caviar.service.definition._pbt import check_pbt
 from caviar.service.definition._space import (
     MAX_GRID_POINTS,
     PARAM_NAME_PATTERN,
@@ -52,7 +53,6 @@ from caviar.service.definition._space import (
     sampling_order,
 )
 from caviar.service.types import TagText, nul_path
-from caviar.service.definition._pbt import check_pbt
 from caviar.trainer.spec import DATASETS, METRICS, MODELS, TUNABLE, TrialConfig
 
 _NAME_RE = re.compile(NAME_PATTERN)
