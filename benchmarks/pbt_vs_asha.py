@@ -28,6 +28,7 @@ Usage: ``python benchmarks/pbt_vs_asha.py [--seeds 3] [--population 8] [--max-ep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -163,12 +164,10 @@ def run_asha(data: Any, seed: int, population: int, max_epochs: int, budget: int
             tpe.tell(held[member], result.metrics["val_accuracy"])
 
     start = time.perf_counter()
-    try:
+    with contextlib.suppress(trainer.Interrupted):  # the budget ran out mid-epoch
         trainer.train_group(
             ask(population), data, report, metric="val_accuracy", on_result=record, refill=ask, interrupt=stop
         )
-    except trainer.Interrupted:
-        pass
     complete = [t for t in tpe.trials if t.state == optuna.trial.TrialState.COMPLETE]
     return {
         "arm": "asha",
