@@ -181,14 +181,14 @@ def run_asha(data: Any, seed: int, population: int, max_epochs: int, budget: int
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=15)
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the 6,000-row task")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
