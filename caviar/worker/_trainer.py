@@ -266,12 +266,15 @@ class TrainerRunner:
             def short(values: dict[str, float]) -> dict[str, float]:
                 return {k: float(f"{v:.6g}") for k, v in values.items()}
 
+            def score(value: float) -> float | None:  # JSON has no NaN: a diverged member's is null
+                return float(f"{value:.6g}") if math.isfinite(value) else None
+
             lineage.setdefault(event.member, []).append(
                 {
                     "step": event.step,
                     "parent": trials[event.parent].number,
-                    "score": float(f"{event.score:.6g}"),
-                    "parent_score": float(f"{event.parent_score:.6g}"),
+                    "score": score(event.score),
+                    "parent_score": score(event.parent_score),
                     "old": short(event.old),
                     "new": short(event.new),
                 }
