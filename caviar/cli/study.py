@@ -75,9 +75,21 @@ def _trial_value(trial: dict[str, Any]) -> str:
     return "" if trial.get("value") is None else f"{trial['value']:.6g}"
 
 
+def _lineage(trial: dict[str, Any]) -> str:
+    """A PBT trial's lineage in short: ``#<parent>@<step>`` of its last exploit, ``(n x)`` if several."""
+    attrs = trial.get("user_attrs") or {}
+    if "pbt_parent" not in attrs:
+        return ""
+    text = f"#{attrs['pbt_parent']}@{attrs.get('pbt_step', '?')}"
+    count = attrs.get("pbt_exploits", 1)
+    return text if count == 1 else f"{text} ({count}x)"
+
+
 def print_trials(trials: list[dict[str, Any]]) -> None:
-    """Trials as a table: number, state, value(s), decoded parameters, worker, retry of."""
-    table = Table("#", "state", "value", "params", "worker", "retry of")
+    """Trials as a table: number, state, value(s), decoded parameters, worker, retry of; and for
+    population-based training, the ``pbt parent`` column (the trial copied last, at which epoch)."""
+    pbt = any(_lineage(trial) for trial in trials)
+    table = Table("#", "state", "value", "params", "worker", "retry of", *(["pbt parent"] if pbt else []))
     for trial in trials:
         params = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["params"].items()
@@ -90,6 +102,7 @@ def print_trials(trials: list[dict[str, Any]]) -> None:
             safe(params),
             safe(trial.get("worker_id") or ""),
             retry,
+            *([safe(_lineage(trial))] if pbt else []),
         )
     console.print(table)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._pbt import PBT, Dimension, Exploit, Population
 from .spec import DATASETS, FUSIBLE, HYPERPARAMETERS, METRICS, MODELS, TrialConfig, lr_at
 
 if TYPE_CHECKING:
@@ -41,9 +42,13 @@ __all__ = [
     "HYPERPARAMETERS",
     "METRICS",
     "MODELS",
+    "PBT",
     "Dataset",
     "DatasetError",
+    "Dimension",
+    "Exploit",
     "Interrupted",
+    "Population",
     "TrainedModel",
     "TrialConfig",
     "TrialResult",

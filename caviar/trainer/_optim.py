@@ -130,6 +130,24 @@ class FusedOptimizer:
         self._refresh()
 
     @torch.no_grad()
+    def copy_member(self, slot: int, source: int, coefficients: Mapping[str, float]) -> None:
+        """Give member ``slot`` a copy of member ``source``'s state (moments, step count) and new
+        ``coefficients`` (population-based training's exploit and explore).
+
+        Args:
+            slot: The member that copies.
+            source: The member copied.
+            coefficients: ``slot``'s new value for each name in :data:`COEFFICIENTS`.
+        """
+        for tensors in self.state.values():
+            for t in tensors:
+                t[slot].copy_(t[source])
+        self.steps[slot] = self.steps[source]
+        for name in COEFFICIENTS:
+            self.coef[name][slot] = float(coefficients[name])
+        self._refresh()
+
+    @torch.no_grad()
     def step(self) -> None:
         """Apply one update to all members."""
         params = self.params

@@ -21,6 +21,7 @@ from ._checkpoint import save_checkpoint
 from ._data import Dataset
 from ._layers import FusedModel, build_model
 from ._optim import COEFFICIENTS, FusedOptimizer
+from ._pbt import Population
 from ._rng import (
     STREAM_AUGMENT,
     STREAM_DROPOUT,
@@ -258,6 +259,38 @@ class _Group:
             return {name: t[slot].to("cpu", copy=True) for name, t in zip(names, self.best, strict=True)}
         return self.model.member_state(slot)
 
+    @torch.no_grad()
+    def clone(self, slot: int, source: int, config: TrialConfig) -> None:
+        """PBT's exploit: ``slot`` takes ``source``'s parameters, buffers (batch-norm statistics),
+        optimizer state and step count in place, and ``config``'s fusible hyperparameters."""
+        for t in self.model.state_dict().values():
+            t[slot].copy_(t[source])
+        self.optimizer.copy_member(
+            slot, source, {name: float(getattr(config, name)) for name in COEFFICIENTS}
+        )
+        self.dropout[slot] = config.dropout
+        self.augment[slot] = config.augment
+        self.configs[self.members[slot]] = config
+
+    def exploit(
+        self, population: Population, slots: list[int], epoch: int, scores: list[float], metric: str
+    ) -> None:
+        """PBT's exploit/explore step over the live ``slots`` that go on training (their ``scores``)."""
+        members = [self.members[s] for s in slots]
+        plans = population.plan(
+            members,
+            [epoch + 1 - self.first_epoch[m] for m in members],
+            scores,
+            [self.configs[m] for m in members],
+            higher_is_better=metric == "val_accuracy"
+            if population.config.maximize is None
+            else population.config.maximize,
+        )
+        for position, parent, config, event in plans:
+            self.clone(slots[position], slots[parent], config)
+            if population.on_exploit is not None:
+                population.on_exploit(event)
+
     def keep(self, slots: list[int]) -> None:
         """Compact the group to the given slots (parameters, buffers, optimizer state, coefficients)."""
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
@@ -281,6 +314,7 @@ def train_group(
     refill: Callable[[int], Sequence[TrialConfig]] | None = None,
     interrupt: threading.Event | None = None,
     report_epoch: EpochReport | None = None,
+    population: Population | None = None,
 ) -> list[TrialResult]:
     """Train K configs as one fused group; member ``k`` behaves as ``train(configs[k])`` alone.
 
@@ -305,6 +339,9 @@ def train_group(
         report_epoch: Called once per epoch with every live member's ``(member_index, step,
             value)``, before ``report``; the members it returns are pruned. It sees the group's
             members side by side (e.g. to rank those at the same step, as the worker's ASHA does).
+        population: Population-based training: after each epoch, the members that go on training
+            exploit and explore as its :class:`~caviar.trainer.PBT` settings say (a member's
+            config in its result is then its last one).
 
     Returns:
         One result per config (the refilled ones after ``configs``), in order.
@@ -425,6 +462,10 @@ def train_group(
             )
             if on_result is not None:
                 on_result(member, result)
+        if population is not None:  # PBT: exploit/explore among the members that go on
+            group.exploit(
+                population, keep, epoch, [histories[group.members[s]][-1][metric] for s in keep], metric
+            )
         joining: list[TrialConfig] = []
         if refill is not None and len(keep) < capacity:
             joining = list(refill(capacity - len(keep)))[: capacity - len(keep)]

@@ -21,6 +21,8 @@ __all__ = [
     "HYPERPARAMETERS",
     "METRICS",
     "MODELS",
+    "PERTURBABLE",
+    "REVERSED",
     "SHARED",
     "TUNABLE",
     "TrialConfig",
@@ -209,6 +211,12 @@ FUSIBLE: frozenset[str] = frozenset(
     }
 )
 """Fields in which the members of one fused group may differ."""
+
+PERTURBABLE: frozenset[str] = FUSIBLE - {"seed"}
+"""Hyperparameters population-based training may perturb within a fused group."""
+
+REVERSED: frozenset[str] = frozenset({"beta1", "beta2", "momentum"})
+"""Decay rates near 1: population-based training perturbs ``1 - value`` (the reverse-log scale)."""
 
 SHARED: frozenset[str] = HYPERPARAMETERS - FUSIBLE
 """Fields the members of one fused group must agree on."""

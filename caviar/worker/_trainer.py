@@ -10,6 +10,7 @@ starts the next group, so architecture, batch size and optimizer stay under sear
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 
 from caviar import trainer
 from caviar._client import Trial
-from caviar.trainer.spec import FUSIBLE, TrialConfig
+from caviar.trainer.spec import FUSIBLE, PERTURBABLE, TrialConfig
 from caviar.worker._api import Stopped
 from caviar.worker._asha import Rungs, decide_epoch
 
@@ -71,6 +72,71 @@ def _attr(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
+MAX_LINEAGE_ATTRS = 16
+"""Lineage entries kept per trial as ``pbt_<n>`` attributes (the latest; ``pbt_exploits`` counts all)."""
+
+
+def pbt_settings(definition: dict[str, Any], seed: int) -> trainer.PBT | None:
+    """The PBT settings of a ``pruner: {type: pbt}`` study (ranges from its search space), else None."""
+    pruner = definition.get("pruner") or {}
+    if pruner.get("type") != "pbt":
+        return None
+    options = pruner.get("options") or {}
+    perturb = options.get("perturb") or {}
+    space: dict[str, Any] = definition.get("search_space") or {}
+
+    def numeric(param: dict[str, Any]) -> bool:
+        choices = param.get("choices") or []
+        return param.get("type") == "float" or (
+            param.get("type") == "categorical"
+            and all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices)
+        )
+
+    names = perturb.get("params") or [n for n, p in space.items() if n in PERTURBABLE and numeric(p)]
+    dimensions = []
+    for name in names:
+        param = space.get(name) or {}
+        if param.get("type") == "categorical":
+            dimensions.append(trainer.Dimension(name, choices=tuple(float(c) for c in param["choices"])))
+        elif param.get("type") == "float":
+            low, high = float(param["low"]), float(param["high"])
+            step = param.get("step")
+            scale = str(param.get("scale", "linear"))
+            dimensions.append(
+                trainer.Dimension(name, low, high, scale, None if step is None else float(step))
+            )
+    return trainer.PBT(
+        tuple(dimensions),
+        interval=int(options.get("interval", 4)),
+        quantile=float(options.get("quantile", 0.25)),
+        factors=tuple(float(f) for f in perturb.get("factors", (0.8, 1.2))),
+        resample_probability=float(options.get("resample_probability", 0.25)),
+        seed=seed,
+        maximize=(definition.get("directions") or [definition.get("direction") or "maximize"])[0]
+        == "maximize",
+    )
+
+
+def lineage_attrs(
+    entries: list[dict[str, Any]], config: TrialConfig, settings: trainer.PBT
+) -> dict[str, Any]:
+    """A trial's PBT lineage as user attributes (JSON scalars: entries are JSON text)."""
+    if not entries:
+        return {}
+    attrs: dict[str, Any] = {
+        "pbt_exploits": len(entries),
+        "pbt_parent": entries[-1]["parent"],
+        "pbt_step": entries[-1]["step"],
+        "pbt_params": json.dumps(
+            {d.name: float(f"{getattr(config, d.name):.6g}") for d in settings.dimensions}
+        ),
+    }
+    first = max(0, len(entries) - MAX_LINEAGE_ATTRS)
+    for number, entry in enumerate(entries[first:], start=first + 1):
+        attrs[f"pbt_{number}"] = json.dumps(entry, separators=(",", ":"))[:1000]
+    return attrs
+
+
 def non_fusible(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in FUSIBLE}
 
@@ -113,7 +179,8 @@ class TrainerRunner:
         return True
 
     def _fuse_size(self, study: dict[str, Any]) -> int:
-        if study.get("trials_started", 0) < study.get("warmup_trials", 0):
+        pbt = (study["definition"].get("pruner") or {}).get("type") == "pbt"  # a population from the start
+        if not pbt and study.get("trials_started", 0) < study.get("warmup_trials", 0):
             # the sampler's start-up points: each trial keeps its own draw of every hyperparameter
             return 1
         size = self.slot.options.fuse or study["definition"]["objective"].get("fuse") or 1
@@ -194,9 +261,35 @@ class TrainerRunner:
         def report(member: int, step: int, value: float) -> bool:
             return slot.should_prune(trials[member], step, value)
 
+        settings = pbt_settings(study["definition"], seed=trials[0].number)
+        lineage: dict[int, list[dict[str, Any]]] = {}
+
+        def exploited(event: trainer.Exploit) -> None:
+            def short(values: dict[str, float]) -> dict[str, float]:
+                return {k: float(f"{v:.6g}") for k, v in values.items()}
+
+            def score(value: float) -> float | None:  # JSON has no NaN: a diverged member's is null
+                return float(f"{value:.6g}") if math.isfinite(value) else None
+
+            lineage.setdefault(event.member, []).append(
+                {
+                    "step": event.step,
+                    "parent": trials[event.parent].number,
+                    "score": score(event.score),
+                    "parent_score": score(event.parent_score),
+                    "old": short(event.old),
+                    "new": short(event.new),
+                }
+            )
+
+        population = None if settings is None else trainer.Population(settings, exploited)
+
         def record(member: int, result: trainer.TrialResult) -> None:
             # told the moment it leaves the group: the sampler and pruner see it at once
-            self._tell(trials[member], metrics, result)
+            extra = (
+                {} if settings is None else lineage_attrs(lineage.get(member, []), result.config, settings)
+            )
+            self._tell(trials[member], metrics, result, extra)
 
         key = group_key(configs[0])
         leftovers: list[Trial] = []
@@ -244,6 +337,7 @@ class TrainerRunner:
                 refill=refill,
                 interrupt=slot.stop,
                 report_epoch=report_epoch,
+                population=population,
             )
         except (Stopped, trainer.Interrupted):
             return  # everything held is handed back when the slot stops
@@ -266,9 +360,16 @@ class TrainerRunner:
         if leftovers and not slot.stop.is_set():
             self._train(study, data, leftovers)
 
-    def _tell(self, trial: Trial, metrics: list[str], result: trainer.TrialResult) -> None:
+    def _tell(
+        self,
+        trial: Trial,
+        metrics: list[str],
+        result: trainer.TrialResult,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         slot = self.slot
         attrs: dict[str, Any] = {
+            **(extra or {}),
             "epochs": result.epochs,
             "train_seconds": round(result.seconds, 3),
             "device": slot.device,

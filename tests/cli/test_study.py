@@ -53,6 +53,20 @@ def test_trials_best_show_and_list(service: Service, finished: str) -> None:
     assert "3/3" in service.run("study", "list")
 
 
+def test_trials_show_the_pbt_lineage(service: Service, finished: str) -> None:
+    with service.http() as http:  # as a worker tells a trial that copied trial 0 at epoch 4 (its 2nd copy)
+        assert http.post("/api/v1/studies", json=external_study("lineage", n_trials=2)).status_code == 201
+        attrs = {"pbt_parent": 0, "pbt_step": 4, "pbt_exploits": 2, "pbt_2": '{"parent":0,"step":4}'}
+        for user_attrs in ({}, attrs):
+            number = http.post("/api/v1/studies/lineage/trials/ask", json={}).json()["number"]
+            body = {"state": "complete", "value": 0.8, "user_attrs": user_attrs}
+            assert http.post(f"/api/v1/studies/lineage/trials/{number}/tell", json=body).status_code == 200
+    table = service.run("study", "trials", "lineage")
+    assert "pbt parent" in table and "#0@4 (2x)" in table
+    assert service.json("study", "trials", "lineage")[1]["user_attrs"]["pbt_parent"] == 0
+    assert "pbt parent" not in service.run("study", "trials", finished)  # only studies with a lineage
+
+
 def test_export_csv_and_json(service: Service, finished: str, tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(service.run("study", "export", finished, "--format", "csv"))))
     assert [row["number"] for row in rows] == ["0", "1", "2"]

@@ -218,6 +218,8 @@ def _shuffled_grid(grid_json: str, seed: int | None) -> optuna.samplers.GridSamp
 def build_pruner(kind: str, options: dict[str, Any], *, max_resource: int | None = None) -> BasePruner:
     """A pruner of ``kind``; ``patient`` wraps another pruner given as ``options.wrapped`` (or none:
     then it prunes a trial whose reports stopped improving for ``patience`` steps)."""
+    if kind == "pbt":  # population-based training runs in the worker's fused groups: no pruning here
+        return optuna.pruners.NopPruner()
     kwargs = dict(options)
     if kind == "patient":
         # Without ``wrapped`` it is Optuna's PatientPruner(None, patience): it prunes on stagnation.

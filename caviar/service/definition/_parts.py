@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from caviar.service.definition._factories import ASHA_DEFAULTS, PRUNERS, SAMPLERS, build_pruner, check_options
+from caviar.service.definition._pbt import parse_options
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -43,7 +44,9 @@ class PrunerSpec(_Strict):
     """Which pruner stops bad trials early from their per-epoch reports.
 
     ``asha`` (the default) is asynchronous successive halving: Optuna's SuccessiveHalvingPruner in the
-    service, plus in-group ranking on workers that train fused groups; the others are Optuna's.
+    service, plus in-group ranking on workers that train fused groups. ``pbt`` is population-based
+    training inside the built-in trainer's fused groups (options: ``interval``, ``quantile``,
+    ``resample_probability``, ``perturb``); it prunes nothing. The others are Optuna's.
     """
 
     type: Literal[
@@ -56,6 +59,7 @@ class PrunerSpec(_Strict):
         "threshold",
         "patient",
         "wilcoxon",
+        "pbt",
     ] = "asha"
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
@@ -63,7 +67,9 @@ class PrunerSpec(_Strict):
     @classmethod
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         kind = info.data.get("type")
-        if kind is not None:
+        if kind == "pbt":  # population-based training: the worker's, checked in full by _pbt
+            parse_options(options)
+        elif kind is not None:
             check_options(
                 PRUNERS[kind],
                 {k: v for k, v in options.items() if not (kind == "patient" and k == "wrapped")},

@@ -40,6 +40,7 @@ from caviar.service.definition._parts import (
     WarmStart,
     _Strict,
 )
+from caviar.service.definition._pbt import check_pbt
 from caviar.service.definition._space import (
     MAX_GRID_POINTS,
     PARAM_NAME_PATTERN,
@@ -299,6 +300,9 @@ class StudyTemplate(_Strict):
                 points *= grid_size(param)
                 if points > MAX_GRID_POINTS:
                     raise ValueError(f"sampler: the grid has more than {MAX_GRID_POINTS} points")
+        if self.pruner.type == "pbt":
+            o = self.objective
+            check_pbt(self.pruner.options, o.kind, o.fuse, o.max_epochs, self.search_space, n)
         try:
             self.sampler_for(0)
         except (TypeError, ValueError) as exc:
