@@ -290,9 +290,14 @@ class MemberOptimizer:
                     tensor[member].zero_()
         fused.steps[member] = 0
 
-    def zero_grad(self) -> None:
-        """Drop the gradients (``set_to_none``)."""
-        self._fused.zero_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (or zero them, with ``set_to_none=False``), as ``torch.optim`` does."""
+        if set_to_none:
+            self._fused.zero_grad()
+            return
+        for p in self._fused.params:
+            if p.grad is not None:
+                p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
