@@ -195,7 +195,7 @@ def test_an_unmodified_optuna_objective_on_workers_and_through_the_client(
 
 
 def test_your_own_pytorch_model_k_trials_trained_as_one(service: caviar.Client, worker: Any) -> None:
-    budget = n_trials(10, 20)
+    budget = n_trials(8, 20)
     study = run_to_the_end(service, worker, "fused_python_objective", budget)
     trials = study.trials()
     groups = {t["user_attrs"]["fused_with"] for t in trials}
