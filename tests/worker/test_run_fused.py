@@ -42,7 +42,10 @@ def test_each_member_gets_its_value_and_a_pruned_one_ends_pruned(tmp_path: Path)
 def test_none_for_a_member_the_pruner_did_not_stop_fails_it(tmp_path: Path) -> None:
     trials = [member(tmp_path, 0), member(tmp_path, 1)]
     assert _run_fused.finish(trials, (0.9, None)) is None
-    assert told(tmp_path, 1) == {"state": "fail", "reason": "the objective returned None for member 1 (trial 1)"}
+    assert told(tmp_path, 1) == {
+        "state": "fail",
+        "reason": "the objective returned None for member 1 (trial 1)",
+    }
 
 
 @pytest.mark.parametrize("result", [0.9, [0.9], None])
