@@ -90,9 +90,9 @@ ALLOW = {
 
 
 def run_to_the_end(
-    client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int
+    client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int, **changes: Any
 ) -> caviar.Study:
-    study = client.create_study(study_from(folder, n_trials))
+    study = client.create_study(study_from(folder, n_trials, **changes))
     process = start(EXAMPLES / folder, *ALLOW[folder], "--cpu", "2", "--exit-when-idle", "2")
     assert process.wait(300) == 0, process.output()
     info = study.info()
@@ -195,12 +195,13 @@ def test_an_unmodified_optuna_objective_on_workers_and_through_the_client(
 
 
 def test_your_own_pytorch_model_k_trials_trained_as_one(service: caviar.Client, worker: Any) -> None:
-    budget = n_trials(8, 20)
-    study = run_to_the_end(service, worker, "fused_python_objective", budget)
+    # two start-up trials (in groups of one), then groups of up to 4: two rounds of the 2 slots
+    sampler = {"type": "tpe", "seed": 0, "options": {"n_startup_trials": 2}}
+    study = run_to_the_end(service, worker, "fused_python_objective", n_trials(6, 20), sampler=sampler)
     trials = study.trials()
     groups = {t["user_attrs"]["fused_with"] for t in trials}
     fused = [g for g in groups if "," in g]
-    assert fused, groups  # after the sampler's 4 start-up trials, trials ran in groups
+    assert fused, groups  # after the sampler's start-up trials, trials ran in groups
     for group in fused:  # each member of a group shares the architecture and has its own lr
         members = [t for t in trials if t["user_attrs"]["fused_with"] == group]
         assert len({(t["params"]["hidden"], t["params"]["dropout"]) for t in members}) == 1, members
