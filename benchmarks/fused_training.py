@@ -11,7 +11,12 @@ configs for the same epochs on the same cores:
   trials one after another,
 * ``plain_dataloader`` (secondary, opt-in via ``--methods``): the same loop fed by a DataLoader,
   as Optuna's PyTorch example writes it; many people write this, it is not the bar,
-* ``sequential`` (opt-in): K ``trainer.train`` calls (caviar's trainer, unfused).
+* ``sequential`` (opt-in): K ``trainer.train`` calls (caviar's trainer, unfused),
+* ``user_fused`` (opt-in): the plain arm's own ``nn.Sequential`` (``baseline.build_mlp``, same
+  seeds, so the same initial weights), K of them stacked by ``caviar.FusedModels`` (``torch.func``)
+  with per-member Adam: what a ``kind: python`` objective with ``fuse`` gets for its own model.
+  Members share one batch order and ``nn.Dropout``'s rate (the first config's): a module's
+  dropout rate is its architecture.
 
 Both arms use ``--procs`` long-lived processes (default: one per core) with ``--threads`` torch
 threads each (default 1): the K configs are dealt round-robin to the processes, so the plain arm
@@ -53,7 +58,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
 from caviar.trainer import TrialConfig  # noqa: E402
 
 LAYERS, HIDDEN = 2, 128
-METHODS = ("fused", "plain", "plain_dataloader", "sequential")
+METHODS = ("fused", "plain", "plain_dataloader", "sequential", "user_fused")
 
 
 def sample_configs(k: int, epochs: int, seed: int, batch: int = 64) -> list[TrialConfig]:
@@ -85,12 +90,57 @@ def sample_configs(k: int, epochs: int, seed: int, batch: int = 64) -> list[Tria
 # ---- the per-core processes ----------------------------------------------------------------
 
 
+def train_user_fused(configs: list[TrialConfig], data: Any) -> list[float]:
+    """The plain arm's models and loop, the K members fused by :class:`caviar.FusedModels`."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    import caviar
+    from benchmarks.baseline import build_mlp
+
+    first = configs[0]
+    models = []
+    for config in configs:
+        torch.manual_seed(config.seed)  # as train_plain: the same initial weights
+        shared = dataclasses.replace(config, dropout=first.dropout)
+        models.append(build_mlp(shared, data.n_features, data.n_classes))
+    fused = caviar.FusedModels(models)
+    optimizer = fused.optimizer(
+        first.optimizer,
+        lr=[c.lr for c in configs],
+        betas=([c.beta1 for c in configs], [c.beta2 for c in configs]),
+        eps=[c.eps for c in configs],
+        weight_decay=[c.weight_decay for c in configs],
+    )
+    generator = torch.Generator().manual_seed(first.seed)
+    x_train, y_train, x_val, y_val = data.X_train, data.y_train, data.X_val, data.y_val
+    n, batch = len(x_train), first.batch_size
+    accuracy: list[float] = []
+    for _ in range(first.max_epochs):
+        fused.train()
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch):
+            index = order[start : start + batch]
+            losses = fused.losses(F.cross_entropy, fused(x_train[index]), y_train[index])
+            optimizer.zero_grad()
+            losses.sum().backward()
+            optimizer.step()
+        fused.eval()
+        with torch.no_grad():
+            accuracy = (fused(x_val).argmax(dim=-1) == y_val).float().mean(dim=1).tolist()
+    return accuracy
+
+
 def _train(method: str, configs: list[TrialConfig], data: Any) -> list[float]:
     from benchmarks.baseline import train_plain
     from caviar.trainer import train, train_group
 
     if not configs:
         return []
+    if method == "user_fused":
+        return train_user_fused(configs, data)
     if method == "fused":
         return [r.metrics["val_accuracy"] for r in train_group(configs, data)]
     if method == "sequential":
@@ -178,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods",
         default="fused",
-        help="arms besides plain: fused, plain_dataloader, sequential (comma-separated; default fused)",
+        help="arms besides plain: fused, plain_dataloader, sequential, user_fused (comma-separated; "
+        "default fused)",
     )
     args = parser.parse_args(argv)
     procs = args.procs or min(2, os.cpu_count() or 1)
@@ -222,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                         "role": {
                             "plain": "baseline (tight tensor loop)",
                             "plain_dataloader": "secondary baseline (DataLoader, Optuna-example style)",
+                            "user_fused": "caviar.FusedModels over the plain arm's nn.Sequential",
                         }.get(method, "caviar"),
                         "epochs": epochs,
                         "batch_size": batch,

@@ -26,18 +26,25 @@ from caviar._errors import CaviarApiError, LeaseLost, TrialPruned
 
 if TYPE_CHECKING:
     from caviar._optuna_storage import BudgetExhausted, OptunaStorage, optuna_storage
+    from caviar.trainer._user_fused import FusedModels, fused
 
 __version__ = "0.1.0"
 
 _LAZY = {"optuna_storage", "OptunaStorage", "BudgetExhausted"}
+_LAZY_TORCH = {"FusedModels", "fused"}
 
 
 def __getattr__(name: str) -> Any:
-    """``caviar.optuna_storage`` and its types, imported on first use (they import optuna)."""
+    """``caviar.optuna_storage`` and its types, imported on first use (they import optuna), and
+    ``caviar.fused``/``caviar.FusedModels`` (they import torch)."""
     if name in _LAZY:
         from caviar import _optuna_storage  # lazy: optuna is heavy; `import caviar` stays light
 
         return getattr(_optuna_storage, name)
+    if name in _LAZY_TORCH:
+        from caviar.trainer import _user_fused  # lazy: torch is heavy; `import caviar` stays light
+
+        return getattr(_user_fused, name)
     raise AttributeError(f"module 'caviar' has no attribute {name!r}")
 
 
@@ -45,6 +52,7 @@ __all__ = [
     "BudgetExhausted",
     "CaviarApiError",
     "Client",
+    "FusedModels",
     "LeaseLost",
     "OptunaStorage",
     "Study",
@@ -52,5 +60,6 @@ __all__ = [
     "TrialPruned",
     "__version__",
     "current_trial",
+    "fused",
     "optuna_storage",
 ]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._data import Dataset, DatasetError, load_dataset
     from ._gradcheck import gradcheck
     from ._train import Interrupted, TrialResult, train, train_group
+    from ._user_fused import FusedModels, MemberOptimizer, fused
 
 # lazy: the torch-backed API, imported on first attribute access (keeps torch off the service's path)
 _TORCH_API = {
@@ -34,6 +35,9 @@ _TORCH_API = {
     "TrialResult": "._train",
     "train": "._train",
     "train_group": "._train",
+    "FusedModels": "._user_fused",
+    "MemberOptimizer": "._user_fused",
+    "fused": "._user_fused",
 }
 
 __all__ = [
@@ -47,11 +51,14 @@ __all__ = [
     "DatasetError",
     "Dimension",
     "Exploit",
+    "FusedModels",
     "Interrupted",
+    "MemberOptimizer",
     "Population",
     "TrainedModel",
     "TrialConfig",
     "TrialResult",
+    "fused",
     "gradcheck",
     "load_dataset",
     "load_model",

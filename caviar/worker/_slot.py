@@ -26,6 +26,7 @@ from caviar._errors import CaviarApiError, LeaseLost
 from caviar._logging import configure_logging
 from caviar.worker._allow import CODE_KINDS, AllowList, pin_of, pin_refusal
 from caviar.worker._api import EXIT_PERMANENT, Stopped, WorkerApi, is_permanent, one_line
+from caviar.worker._fused_program import FusedProgramRunner
 from caviar.worker._options import WorkerOptions
 from caviar.worker._program import ProgramRunner
 from caviar.worker._trainer import TrainerRunner
@@ -63,7 +64,7 @@ class Slot:
         self.pins = {name: dict(pin) for name, pin in options.pins.items()}
         self.refused: dict[tuple[str, str, str], bool] = {}  # (study, created_at, objective) -> told
         if options.allow_code:
-            programs = ProgramRunner(self)
+            programs = FusedProgramRunner(self)  # kind python with fuse: fused groups
             for kind in CODE_KINDS:  # a kind not on the list is fetched too: its studies are refused
                 self.runners[kind] = programs
 

@@ -79,6 +79,8 @@ def study_from(folder: str, n_trials: int, **changes: Any) -> dict[str, Any]:
 
 ALLOW = {
     "python_objective": ("--allow-code", "python:model"),
+    # as optuna_objective: its child runs caviar.worker._run_fused from the caviar under test
+    "fused_python_objective": ("--allow-code", "python:model", "--pass-env", "PYTHONPATH"),
     "command_stdout": ("--allow-code", "command:bash train.sh"),
     "command_sdk": ("--allow-code", "command:python train.py"),
     # children import the caviar under test (a checkout on PYTHONPATH), not an installed one
@@ -88,13 +90,13 @@ ALLOW = {
 
 
 def run_to_the_end(
-    client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int
+    client: caviar.Client, start: Callable[..., CaviarProcess], folder: str, n_trials: int, **changes: Any
 ) -> caviar.Study:
-    study = client.create_study(study_from(folder, n_trials))
+    study = client.create_study(study_from(folder, n_trials, **changes))
     process = start(EXAMPLES / folder, *ALLOW[folder], "--cpu", "2", "--exit-when-idle", "2")
     assert process.wait(300) == 0, process.output()
     info = study.info()
-    assert info["state"] == "completed", (info, process.output())
+    assert info["state"] == "completed", (info, study.trials(), process.output())
     counts = info["trial_counts"]
     assert counts["complete"] + counts["pruned"] == n_trials and counts["fail"] == 0, counts
     return study
@@ -190,3 +192,26 @@ def test_an_unmodified_optuna_objective_on_workers_and_through_the_client(
     assert "this run finished 4 trials" in result.stdout
     counts = service.study("via-client").info()["trial_counts"]
     assert counts["complete"] + counts["pruned"] == 4 and counts["fail"] == 0, counts
+
+
+def test_your_own_pytorch_model_k_trials_trained_as_one(service: caviar.Client, worker: Any) -> None:
+    # two start-up trials (in groups of one), then groups of up to 4: two rounds of the 2 slots
+    sampler = {"type": "tpe", "seed": 0, "options": {"n_startup_trials": 2}}
+    study = run_to_the_end(service, worker, "fused_python_objective", n_trials(6, 20), sampler=sampler)
+    trials = study.trials()
+    groups = {t["user_attrs"]["fused_with"] for t in trials}
+    fused = [g for g in groups if "," in g]
+    assert fused, groups  # after the sampler's start-up trials, trials ran in groups
+    for group in fused:  # each member of a group shares the architecture and has its own lr
+        members = [t for t in trials if t["user_attrs"]["fused_with"] == group]
+        assert len({(t["params"]["hidden"], t["params"]["dropout"]) for t in members}) == 1, members
+        assert len({t["params"]["lr"] for t in members}) == len(members), members
+    assert all(len(t["intermediate_values"]) >= 1 for t in trials)
+    best = study.best()
+    assert best["value"] >= 0.85, best
+    import torch
+
+    state = torch.load(
+        __import__("io").BytesIO(study.download(best["number"], "model.pt")), weights_only=True
+    )
+    assert state["layers.0.weight"].shape == (best["params"]["hidden"], 13)

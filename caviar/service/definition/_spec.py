@@ -112,7 +112,18 @@ class Objective(_Strict):
     ] = Field(
         default_factory=dict, max_length=256, description="Hyperparameters held constant (JSON scalars)."
     )
-    fuse: int | None = Field(default=None, ge=1, le=1024, description="Train up to this many trials fused.")
+    fuse: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Train up to this many trials fused (kind python: the entrypoint gets a list of trials).",
+    )
+    shared: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=256,
+        description="kind python with fuse: the parameters every member of a fused group shares (the "
+        "architecture); default: every declared int and categorical parameter",
+    )
     entrypoint: str | None = Field(
         default=None, max_length=256, description="kind python: the function to call, package.module:function"
     )
@@ -162,6 +173,8 @@ class Objective(_Strict):
                 )
         elif self.entrypoint is not None:
             raise ValueError("entrypoint: only for kind python")
+        if self.shared is not None and (self.kind != "python" or self.fuse is None):
+            raise ValueError("shared: only for kind python with fuse")
         if self.kind == "command":
             if not self.command:
                 raise ValueError("command: kind command needs a command (a list of arguments)")
