@@ -61,8 +61,26 @@ TESTS = "tests/service"
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "trials": ("studies",),  # stops (end_study, cancel_waiting) are driven by the steering tests
     "tokens": ("auth",),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
-    # the store's budget, leases and settling are driven end to end by the trial and steering tests
-    "store": ("trials", "studies"),
+}
+# features mutated in another feature's run, whose tests they share (one stats pass for both): the
+# store's budget, leases and settling are driven end to end by the trial and steering tests, and
+# the store's own contract tests join that run
+RUN_OF_FEATURE: dict[str, str] = {"store": "trials"}
+# modules outside caviar/service: their run and its tests, named here. Only tests that run the
+# module in the test's own process count (mutmut records which test calls which function, and the
+# mutant is active only in that process): the worker's end-to-end tests start worker processes
+# from the editable install and are left out.
+OUTSIDE_SERVICE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "caviar/worker/": (
+        "worker",
+        (
+            "tests/worker/test_worker.py::test_discover_slots",
+            "tests/worker/test_worker.py::test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish",
+            "tests/worker/test_worker.py::test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_nothing",
+            "tests/worker/test_data_files.py",
+        ),
+    ),
+    "caviar/_client.py": ("client", ("tests/test_client.py",)),
 }
 # property-based and race tests take minutes per mutant; `make test-long` runs them at length
 SLOW_TEST_FILES = ("*_stateful.py", "*_concurrency.py", "*_race.py")
@@ -88,11 +106,24 @@ def feature_tests(feature: str, root: Path = ROOT) -> list[str]:
     ]
 
 
+def outside_service(path: str) -> tuple[str, tuple[str, ...]] | None:
+    """The run and tests of a module outside caviar/service (:data:`OUTSIDE_SERVICE`), else None."""
+    for prefix, found in OUTSIDE_SERVICE.items():
+        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+            return found
+    return None
+
+
 def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
     """The test files a mutant of the module at ``path`` runs against (from the tests layout)."""
+    named = outside_service(path)
+    if named:
+        return named[1]
     feature = feature_of(path)
+    feature = RUN_OF_FEATURE.get(feature, feature)
     files: list[str] = []
-    for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
+    runs_here = [name for name, into in RUN_OF_FEATURE.items() if into == feature]
+    for name in (feature, *ALSO_TESTED_BY.get(feature, ()), *runs_here):
         files += [f for f in feature_tests(name, root) if f not in files]
     if not files:
         raise SystemExit(
@@ -103,7 +134,12 @@ def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
 
 def run_of(path: str, root: Path = ROOT) -> str:
     """The run of a module: the first feature whose tests it runs against (its own, usually)."""
+    named = outside_service(path)
+    if named:
+        return named[0]
     feature = feature_of(path)
+    if feature in RUN_OF_FEATURE:
+        return RUN_OF_FEATURE[feature]
     for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
         if feature_tests(name, root):
             return name
@@ -114,9 +150,16 @@ MODULES: tuple[Module, ...] = (
     Module("caviar/service/trials/lifecycle.py"),
     Module("caviar/service/trials/leases.py"),
     Module("caviar/service/trials/outcomes.py"),
+    # the whole store: the budget rule, leases, settling, records, creation, ranking and states
+    Module("caviar/service/store/__init__.py"),
+    Module("caviar/service/store/_artifacts.py"),
     Module("caviar/service/store/_budget.py"),
+    Module("caviar/service/store/_create.py"),
     Module("caviar/service/store/_leases.py"),
+    Module("caviar/service/store/_ranking.py"),
+    Module("caviar/service/store/_records.py"),
     Module("caviar/service/store/_settle.py"),
+    Module("caviar/service/store/_states.py"),
     # the firing and next-run part of schedules (not CRUD, not validation)
     Module(
         "caviar/service/schedules/service.py",
@@ -136,6 +179,12 @@ MODULES: tuple[Module, ...] = (
     ),
     Module("caviar/service/auth.py"),
     Module("caviar/service/tokens/service.py"),
+    # the worker: a slot's loop, leases and hand-backs; the supervisor; fused training and its
+    # out-of-memory halving
+    Module("caviar/worker/_slot.py"),
+    Module("caviar/worker/_supervisor.py"),
+    Module("caviar/worker/_trainer.py"),
+    Module("caviar/_client.py"),
 )
 
 # run -> its test files (modules of one feature share a run: one mutmut stats pass for them)
@@ -148,11 +197,13 @@ NO_TESTS = {5, 33}
 
 
 def module_name(path: str) -> str:
-    return path.removesuffix(".py").replace("/", ".")
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def mutant_globs(module: Module) -> list[str]:
-    return [f"{module_name(module.path)}.{fn}__mutmut_*" for fn in module.functions]
+    # every mangled name starts with "x" (``x_function``, ``xǁClassǁmethod``): "x*" keeps a
+    # package's __init__ (``caviar.service.store``) from matching its submodules' mutants
+    return [f"{module_name(module.path)}.{'x*' if fn == '*' else fn}__mutmut_*" for fn in module.functions]
 
 
 def selected(module: Module, key: str) -> bool:
