@@ -62,7 +62,9 @@ def test_the_store_shares_the_trials_run_and_the_worker_and_client_have_named_te
     assert tool.tests_for("caviar/service/store/_budget.py", tmp_path) == tool.tests_for(
         "caviar/service/trials/lifecycle.py", tmp_path
     )
-    assert "tests/service/store/test_records.py" in tool.tests_for("caviar/service/trials/lifecycle.py", tmp_path)
+    assert "tests/service/store/test_records.py" in tool.tests_for(
+        "caviar/service/trials/lifecycle.py", tmp_path
+    )
     assert tool.run_of("caviar/worker/_slot.py") == "worker"
     assert tool.run_of("caviar/_client.py") == "client"
     assert tool.tests_for("caviar/_client.py") == ("tests/test_client.py",)
