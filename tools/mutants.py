@@ -69,15 +69,18 @@ RUN_OF_FEATURE: dict[str, str] = {"store": "trials"}
 # modules outside caviar/service: their run and its tests, named here. Only tests that run the
 # module in the test's own process count (mutmut records which test calls which function, and the
 # mutant is active only in that process): the worker's end-to-end tests start worker processes
-# from the editable install and are left out.
+# from the editable install and are left out, and so are its in-process runs of a slot against a
+# live service (a minute each: too slow per mutant); the worker's fast subset drives the slot and
+# the trainer runner with stand-in trials instead.
 OUTSIDE_SERVICE: dict[str, tuple[str, tuple[str, ...]]] = {
     "caviar/worker/": (
         "worker",
         (
-            "tests/worker/test_worker.py::test_discover_slots",
-            "tests/worker/test_worker.py::test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish",
-            "tests/worker/test_worker.py::test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_nothing",
+            "tests/worker/test_slot.py",
+            "tests/worker/test_trainer_runner.py",
+            "tests/worker/test_supervisor.py",
             "tests/worker/test_data_files.py",
+            "tests/worker/test_worker.py::test_discover_slots",
         ),
     ),
     "caviar/_client.py": ("client", ("tests/test_client.py",)),
