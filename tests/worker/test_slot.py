@@ -312,3 +312,149 @@ def test_an_idle_slot_beats_idle() -> None:
     slot, api = make_slot()
     run_heartbeats(slot, api, 1)
     assert api.beats[0] == ([], "idle")
+
+
+class LoopApi(FakeApi):
+    """A worker API with a queue: ``queue`` answers the queued studies (each call, the next answer)."""
+
+    def __init__(self, queues: list[Any], trials: list[FakeTrial] | None = None) -> None:
+        super().__init__(trials)
+        self.queues = list(queues)
+        self.queue_calls: list[tuple[list[str], Any]] = []
+        self.registered: list[dict[str, Any]] = []
+
+    def register(self, **about: Any) -> float:
+        self.registered.append(about)
+        return 60.0
+
+    def queue(self, *, kinds: list[str], studies: Any = ()) -> list[dict[str, Any]]:
+        self.queue_calls.append((list(kinds), studies))
+        answer = self.queues.pop(0) if self.queues else []
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+
+class FakeRunner:
+    """A runner that claims one trial per study and holds it (or finishes it)."""
+
+    def __init__(self, slot: Slot, *, finish: bool) -> None:
+        self.slot = slot
+        self.finish = finish
+        self.ran: list[str] = []
+
+    def run(self, item: dict[str, Any]) -> bool:
+        self.ran.append(item["name"])
+        trial = self.slot.ask(item["name"])
+        if trial is None:
+            return False
+        if self.finish:
+            self.slot.finish(trial, "complete", values=[1.0])  # type: ignore[arg-type]
+        return True
+
+
+def loop_slot(
+    queues: list[Any], trials: list[FakeTrial], *, finish: bool, **options: Any
+) -> tuple[Slot, LoopApi, FakeRunner]:
+    slot = Slot(
+        WorkerOptions(url="http://127.0.0.1:9", gpus="none", cpu=1, poll_interval_s=0.001, **options), "cpu"
+    )
+    api = LoopApi(queues, trials)
+    slot.api = api  # type: ignore[assignment]
+    runner = FakeRunner(slot, finish=finish)
+    slot.runners = {"trainer": runner}  # type: ignore[dict-item]
+    return slot, api, runner
+
+
+def trainer_item(name: str) -> dict[str, Any]:
+    return {"name": name, "objective_kind": "trainer", "definition": {"objective": {"kind": "trainer"}}}
+
+
+def test_the_loop_works_until_max_trials_then_says_it_stopped() -> None:
+    trials = [FakeTrial("a", 0), FakeTrial("a", 1), FakeTrial("a", 2)]
+    slot, api, runner = loop_slot(
+        [[trainer_item("a")]] * 5, list(trials), finish=True, max_trials=2, exit_when_idle_s=30
+    )
+    slot.run()
+    assert slot.finished == 2 and runner.ran == ["a", "a"]
+    assert api.registered and api.registered[0]["device"] == "cpu"
+    assert api.queue_calls[0] == (["trainer"], ())
+    assert api.beats[-1] == ([], "stopped")  # the last beat says the slot stopped
+    assert slot.stop.is_set() and slot.done.is_set()
+
+
+def test_a_stopping_loop_hands_back_what_it_holds() -> None:
+    trials = [FakeTrial("a", 0)]
+    slot, _api, _ = loop_slot([[trainer_item("a")]], list(trials), finish=False, max_trials=1)
+    slot.run()  # holds one trial, no room left: the loop ends and hands it back
+    assert trials[0].calls == [("release", "handed back by a stopping worker")]
+    assert slot.held == {} and slot.finished == 0
+
+
+def test_an_idle_slot_exits_after_exit_when_idle_and_goes_on_through_service_errors() -> None:
+    slot, api, runner = loop_slot(
+        [CaviarApiError(503, "unavailable", "down"), [trainer_item("a")], []],
+        [],
+        finish=True,
+        exit_when_idle_s=0.05,
+    )
+    slot.run()
+    assert runner.ran == ["a"]  # the study had nothing to claim
+    assert len(api.queue_calls) >= 3
+
+
+def test_a_permanent_service_error_ends_the_loop() -> None:
+    slot, _, _ = loop_slot(
+        [CaviarApiError(401, "unauthorized", "bad token")], [], finish=True, exit_when_idle_s=5
+    )
+    with pytest.raises(CaviarApiError):
+        slot.run()
+    assert slot.stop.is_set()
+
+
+def test_a_slot_stopped_between_studies_runs_no_more() -> None:
+    slot, _, runner = loop_slot([[trainer_item("a"), trainer_item("b")]], [], finish=True)
+    slot.stop.set()
+    assert slot._work_once() is False
+    assert runner.ran == []
+
+
+def test_the_first_study_with_work_ends_the_pass() -> None:
+    slot, _, runner = loop_slot(
+        [[trainer_item("a"), trainer_item("b"), trainer_item("c")]], [FakeTrial("b", 0)], finish=True
+    )
+    slot.api.trials = []  # type: ignore[attr-defined]
+    assert slot._work_once() is False
+    assert runner.ran == ["a", "b", "c"]
+    slot2, _, runner2 = loop_slot([[trainer_item("a"), trainer_item("b")]], [FakeTrial("a", 0)], finish=True)
+    assert slot2._work_once() is True
+    assert runner2.ran == ["a"]
+
+
+def code_item(name: str, created: str = "2026-01-01", objective: str = "o1") -> dict[str, Any]:
+    return {
+        "name": name,
+        "objective_kind": "command",
+        "created_at": created,
+        "objective_fingerprint": objective,
+        "definition": {"objective": {"kind": "command", "command": ["evil", "--now"]}},
+    }
+
+
+def test_a_refused_code_study_gets_one_trial_handed_back_with_the_reason_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = FakeTrial("c", 0)
+    slot, api, _ = loop_slot([], [refused, FakeTrial("c", 1)], finish=True, allow_code=("command:ls",))
+    item = code_item("c")
+    assert slot._refuse_code(item) is True
+    ((name, reason),) = refused.calls
+    assert name == "release" and reason.startswith(f"refused by worker {slot.worker_id}: ")
+    assert slot.held == {}
+    caplog.clear()
+    assert slot._refuse_code(item) is True  # said once: nothing claimed again
+    assert len(api.asked) == 1 and "refusing" not in caplog.text
+    # an allowed program is not refused
+    ok = code_item("ok")
+    ok["definition"]["objective"]["command"] = ["ls", "-l"]
+    assert slot._refuse_code(ok) is False

@@ -4,6 +4,7 @@ fast; the end-to-end out-of-memory run is in test_worker.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,93 @@ def test_a_stop_during_training_leaves_the_group_held_for_the_hand_back(
     runner._train(study(2), None, runner._claim(study(2), 2))  # type: ignore[arg-type]
     assert [t.calls for t in group] == [[], []]
     assert len(slot.held) == 2 and runner.max_fuse is None
+
+
+def result(metrics: dict[str, float], *, pruned: bool = False, saved: list[str] | None = None) -> Any:
+    class Result:
+        epochs = 3
+        seconds = 1.23456
+
+        def save(self, path: str) -> None:
+            Path(path).write_bytes(b"weights")
+            if saved is not None:
+                saved.append(path)
+
+    made = Result()
+    made.metrics = metrics  # type: ignore[attr-defined]
+    made.pruned = pruned  # type: ignore[attr-defined]
+    return made
+
+
+class UploadingTrial(FakeTrial):
+    def __init__(self, number: int, *, fail_upload: bool = False) -> None:
+        super().__init__("s", number)
+        self.fail_upload = fail_upload
+
+    def upload(self, path: str) -> None:
+        self.calls.append(("upload", Path(path).name, Path(path).read_bytes()))
+        if self.fail_upload:
+            raise OSError("disk full")
+
+
+def test_a_result_is_told_with_its_values_in_metric_order_and_its_weights_uploaded() -> None:
+    told = UploadingTrial(0)
+    runner, slot = runner_with([told])
+    slot.ask("s")
+    runner._tell(told, ["val_loss", "val_accuracy"], result({"val_accuracy": 0.9, "val_loss": 0.2}))  # type: ignore[arg-type]
+    upload, tell = told.calls
+    assert upload == ("upload", "checkpoint.pt", b"weights")
+    assert tell[:2] == ("tell", [0.2, 0.9])
+    assert tell[2] == {
+        "epochs": 3,
+        "train_seconds": 1.235,
+        "device": "cpu",
+        "worker": slot.worker_id,
+        "final_val_accuracy": 0.9,
+        "final_val_loss": 0.2,
+    }
+
+
+def test_a_failed_upload_still_tells_the_result_and_a_lost_trial_uploads_nothing() -> None:
+    failing, lost = UploadingTrial(0, fail_upload=True), UploadingTrial(1)
+    runner, slot = runner_with([failing, lost])
+    slot.ask("s")
+    slot.ask("s")
+    runner._tell(failing, ["val_accuracy"], result({"val_accuracy": 0.5}))  # type: ignore[arg-type]
+    assert [c[0] for c in failing.calls] == ["upload", "tell"]
+    slot.lost.add(("s", 1))
+    runner._tell(lost, ["val_accuracy"], result({"val_accuracy": 0.5}))  # type: ignore[arg-type]
+    assert lost.calls == []
+
+
+def test_pruned_and_diverged_results() -> None:
+    pruned, diverged = UploadingTrial(0), UploadingTrial(1)
+    runner, slot = runner_with([pruned, diverged])
+    slot.ask("s")
+    slot.ask("s")
+    runner._tell(pruned, ["val_accuracy"], result({"val_accuracy": float("nan")}, pruned=True))  # type: ignore[arg-type]
+    ((name, attrs),) = pruned.calls
+    assert name == "prune" and attrs["final_val_accuracy"] == "nan"
+    runner._tell(diverged, ["val_accuracy"], result({"val_accuracy": 0.5, "val_loss": float("inf")}))  # type: ignore[arg-type]
+    ((name, reason, attrs, fatal),) = diverged.calls
+    assert (name, fatal) == ("fail", False)
+    assert reason == "training diverged: {'val_loss': inf}"
+    assert attrs["final_val_loss"] == "inf" and attrs["final_val_accuracy"] == 0.5
+
+
+def test_a_dataset_that_cannot_be_read_fails_the_claimed_group_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    group = [trial(n) for n in range(2)]
+    runner, slot = runner_with(list(group))
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("bad csv at line 3")
+
+    monkeypatch.setattr(trainer, "load_dataset", unreadable)
+    assert runner.run(study(2)) is True
+    reasons = [t.calls[0][1] for t in group]
+    assert reasons == ["dataset digits could not be read (ValueError)"] * 2
+    assert slot.held == {}
+    # nothing to claim: False, and nothing told
+    assert runner.run(study(2)) is False
