@@ -256,3 +256,61 @@ def test_a_dataset_that_cannot_be_read_fails_the_claimed_group_with_its_reason(
     assert slot.held == {}
     # nothing to claim: False, and nothing told
     assert runner.run(study(2)) is False
+
+
+def pruned_result(config: Any) -> Any:
+    return trainer.TrialResult(
+        config=config,
+        metrics={"val_accuracy": 0.5},
+        history=[],
+        pruned=True,
+        epochs=1,
+        best_epoch=0,
+        seconds=0.1,
+        _state={},
+        _meta={},
+    )
+
+
+def test_training_gets_the_data_metric_and_stop_and_refills_from_the_sampler_free_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Members report through the slot, each leaves the group told, free places are refilled by
+    trials of the same non-fusible values, and the first trial of other values seeds the next group."""
+    group = [trial(0, hidden_units=64), trial(1, lr=0.2, hidden_units=64)]
+    refills = [trial(2, lr=0.3, hidden_units=64), trial(3, hidden_units=32), trial(4, hidden_units=64)]
+    runner, slot = runner_with(group + refills)
+    data = object()
+    calls: list[dict[str, Any]] = []
+
+    def train_group(configs: list[Any], given: Any, report: Any, **kwargs: Any) -> None:
+        calls.append({"configs": list(configs), "data": given, **kwargs})
+        assert report(len(configs) - 1, 3, 0.25) is False
+        joined = kwargs["refill"](3)
+        for member, config in enumerate([*configs, *joined]):
+            kwargs["on_result"](member, pruned_result(config))
+        assert kwargs["refill"](1) == []  # a leftover seeds the next group: no more refills
+
+    monkeypatch.setattr(trainer, "train_group", train_group)
+    claimed = runner._claim(study(2), 2)
+    runner._train({**study(2), "metrics": ["val_accuracy"]}, data, claimed)  # type: ignore[arg-type]
+    first, second = calls
+    assert first["data"] is data and second["data"] is data
+    assert first["metric"] == "val_accuracy" and first["interrupt"] is slot.stop
+    assert [c.lr for c in first["configs"]] == [0.01, 0.2]
+    # the last member reported through the slot; trial 2 joined the first group, trial 3 (other
+    # hidden units) seeded the second, topped up to the fused size pinned to its values
+    assert ("report", 0.25, 3) in group[1].calls
+    assert [c.lr for c in first["configs"]] == [0.01, 0.2]
+    assert [c.hidden_units for c in second["configs"]][0] == 32
+    assert all(t.calls and t.calls[-1][0] == "prune" for t in [*group, *refills])
+    assert slot.api.asked == [  # type: ignore[attr-defined]
+        ("s", None),
+        ("s", {"hidden_units": 64}),
+        ("s", None),
+        ("s", None),
+        ("s", {"hidden_units": 32}),
+        ("s", None),  # the second group's refills: nothing left to claim
+        ("s", None),
+    ]
+    assert slot.held == {} and slot.finished == 5
