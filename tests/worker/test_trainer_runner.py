@@ -302,7 +302,7 @@ def test_training_gets_the_data_metric_and_stop_and_refills_from_the_sampler_fre
     # hidden units) seeded the second, topped up to the fused size pinned to its values
     assert ("report", 0.25, 3) in group[1].calls
     assert [c.lr for c in first["configs"]] == [0.01, 0.2]
-    assert [c.hidden_units for c in second["configs"]][0] == 32
+    assert second["configs"][0].hidden_units == 32
     assert all(t.calls and t.calls[-1][0] == "prune" for t in [*group, *refills])
     assert slot.api.asked == [  # type: ignore[attr-defined]
         ("s", None),
