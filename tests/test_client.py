@@ -300,3 +300,16 @@ def test_current_trial_is_the_workers_assignment_one_object_per_trial(
     error = ValueError("x")
     sys.excepthook(ValueError, error, None)
     assert seen == [error]
+
+
+def test_a_definition_file_is_json_by_its_suffix_and_must_be_one_mapping(tmp_path: Path) -> None:
+    from caviar._client import _load_definition
+
+    definition = external_study("from-json")
+    tabbed = tmp_path / "study.json"
+    tabbed.write_text(json.dumps(definition, indent="\t"))  # tabs: valid JSON, not valid YAML
+    assert _load_definition(tabbed) == definition
+    listed = tmp_path / "two.yaml"
+    listed.write_text("- name: a\n- name: b\n")
+    with pytest.raises(ValueError, match=r"two\.yaml: expected one study definition \(a mapping\)$"):
+        _load_definition(listed)
