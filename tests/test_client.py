@@ -232,7 +232,10 @@ def test_upload_and_download_a_file(client: caviar.Client, tmp_path: Path) -> No
 
 def test_current_trial_outside_a_worker_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAVIAR_TRIAL", raising=False)
-    with pytest.raises(RuntimeError, match="not running under a caviar worker"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^caviar\.current_trial\(\): not running under a caviar worker \(CAVIAR_TRIAL is unset\)$",
+    ):
         caviar.current_trial()
 
 
