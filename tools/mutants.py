@@ -348,6 +348,34 @@ def report(show: bool) -> int:
     return 0
 
 
+def check(run: str, test_file: str, expression: str, mutants: list[str]) -> int:
+    """Run the tests of ``test_file`` matching ``expression`` against each named mutant of the
+    last ``run`` (the current test file copied into its ``mutants`` folder first), in one process:
+    mutmut's trampoline reads ``MUTANT_UNDER_TEST`` at each call. A mutant is killed when the
+    tests fail; the tests must pass on the real code first."""
+    folder = SCRATCH / run / "mutants"
+    shutil.copyfile(ROOT / test_file, folder / test_file)
+    script = (
+        "import os, sys, pytest\n"
+        "file, expr, *names = sys.argv[1:]\n"
+        "args = ['-p', 'no:cacheprovider', '-p', 'no:warnings', '-q', '-x', file, '-k', expr]\n"
+        "os.environ.pop('MUTANT_UNDER_TEST', None)\n"
+        "if int(pytest.main(args)) != 0: sys.exit('the tests fail on the real code')\n"
+        "missed = 0\n"
+        "for name in names:\n"
+        "    os.environ['MUTANT_UNDER_TEST'] = name\n"
+        "    code = int(pytest.main(args))\n"
+        "    missed += code != 1\n"
+        "    print('MUTANT', name, 'killed' if code == 1 else f'NOT KILLED (exit {code})', flush=True)\n"
+        "sys.exit(1 if missed else 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, test_file, expression, *mutants], cwd=folder, env=env, check=False
+    )
+    return done.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", choices=sorted(RUNS), help="only this run (repeatable)")
@@ -360,7 +388,17 @@ def main() -> int:
         default=float(os.environ.get("MUTANTS_MINUTES", "0")) or None,
         help="time budget per run (default: none); unchecked mutants are reported as such",
     )
+    parser.add_argument(
+        "--check",
+        nargs="+",
+        metavar=("RUN TEST_FILE K_EXPRESSION", "MUTANT"),
+        help="run the tests of TEST_FILE matching K_EXPRESSION against each MUTANT of RUN's last run",
+    )
     args = parser.parse_args()
+    if args.check:
+        if len(args.check) < 4:
+            parser.error("--check RUN TEST_FILE K_EXPRESSION MUTANT [MUTANT ...]")
+        return check(args.check[0], args.check[1], args.check[2], args.check[3:])
     if not args.report:
         total = 0.0
         for run in args.run or list(RUNS):
