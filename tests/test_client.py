@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -230,7 +232,10 @@ def test_upload_and_download_a_file(client: caviar.Client, tmp_path: Path) -> No
 
 def test_current_trial_outside_a_worker_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAVIAR_TRIAL", raising=False)
-    with pytest.raises(RuntimeError, match="not running under a caviar worker"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^caviar\.current_trial\(\): not running under a caviar worker \(CAVIAR_TRIAL is unset\)$",
+    ):
         caviar.current_trial()
 
 
@@ -259,3 +264,55 @@ def test_trials_reads_every_page_once(client: caviar.Client, monkeypatch: pytest
     monkeypatch.setattr(caviar._client, "TRIALS_PAGE", 2)
     assert [t["number"] for t in study.trials()] == [0, 1, 2, 3, 4]
     assert [t["number"] for t in study.trials("complete")] == [0, 1, 2, 3, 4]
+
+
+def test_current_trial_is_the_workers_assignment_one_object_per_trial(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under a worker, ``current_trial()`` builds the trial from ``CAVIAR_TRIAL`` (no heartbeat of
+    its own: the worker beats), returns the same object while the trial is the same, and lets a
+    ``TrialPruned`` end the program as pruned instead of failed."""
+    import caviar._client as module
+
+    monkeypatch.setattr(module, "_current", None)
+    monkeypatch.setattr(module, "_shared", None)
+    monkeypatch.setattr(module, "_hooked", False)
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[1]))
+    monkeypatch.setenv("CAVIAR_URL", "http://127.0.0.1:9")
+    assignment = {"study": "s", "number": 4, "params": {"lr": 0.1}, "worker_id": "w-1", "result_file": "/r"}
+    monkeypatch.setenv("CAVIAR_TRIAL", json.dumps(assignment))
+    trial = caviar.current_trial()
+    assert (trial.study, trial.number, trial.params, trial.worker_id) == ("s", 4, {"lr": 0.1}, "w-1")
+    assert trial._result_file == "/r" and trial._heartbeat is False
+    assert caviar.current_trial() is trial
+    assert trial.client is module._shared_client()
+    # another trial (number or study): another object
+    monkeypatch.setenv("CAVIAR_TRIAL", json.dumps({**assignment, "number": 5}))
+    fifth = caviar.current_trial()
+    assert fifth is not trial and fifth.number == 5
+    monkeypatch.setenv("CAVIAR_TRIAL", json.dumps({**assignment, "number": 5, "study": "t"}))
+    other = caviar.current_trial()
+    assert other is not fifth and other.study == "t"
+    # the prune hook: TrialPruned prunes the current trial; anything else goes to the old hook
+    pruned: list[int] = []
+    monkeypatch.setattr(other, "prune", lambda **_: pruned.append(other.number))
+    sys.excepthook(caviar.TrialPruned, caviar.TrialPruned("step 3"), None)
+    assert pruned == [5] and seen == []
+    assert "trial 5 pruned (TrialPruned: step 3)" in capsys.readouterr().err
+    error = ValueError("x")
+    sys.excepthook(ValueError, error, None)
+    assert seen == [error]
+
+
+def test_a_definition_file_is_json_by_its_suffix_and_must_be_one_mapping(tmp_path: Path) -> None:
+    from caviar._client import _load_definition
+
+    definition = external_study("from-json")
+    tabbed = tmp_path / "study.json"
+    tabbed.write_text(json.dumps(definition, indent="\t"))  # tabs: valid JSON, not valid YAML
+    assert _load_definition(tabbed) == definition
+    listed = tmp_path / "two.yaml"
+    listed.write_text("- name: a\n- name: b\n")
+    with pytest.raises(ValueError, match=r"two\.yaml: expected one study definition \(a mapping\)$"):
+        _load_definition(listed)

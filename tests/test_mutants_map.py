@@ -22,7 +22,7 @@ def test_every_mutated_module_has_the_tests_of_its_feature() -> None:
     tool = load_tool()
     for module in tool.MODULES:
         files = tool.RUNS[module.run]
-        assert files and all((ROOT / f).is_file() for f in files)
+        assert files and all((ROOT / f.partition("::")[0]).is_file() for f in files)
     assert tool.RUNS["trials"][0] == "tests/service/trials/test_trials_api.py"
     assert "tests/service/test_auth.py" in tool.RUNS["auth"]
 
@@ -50,3 +50,25 @@ def test_the_map_follows_the_layout(tmp_path: Path) -> None:
     # a flat module is tested by tests/service/test_<name>.py; tokens by auth's tests
     assert tool.tests_for("caviar/service/auth.py", tmp_path) == ("tests/service/test_auth.py",)
     assert tool.run_of("caviar/service/tokens/service.py", tmp_path) == "auth"
+
+
+def test_the_store_shares_the_trials_run_and_the_worker_and_client_have_named_tests(tmp_path: Path) -> None:
+    tool = load_tool()
+    for path in ("tests/service/trials/test_trials_api.py", "tests/service/store/test_records.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    # the store's modules are mutated in the trials run, whose tests include the store's own
+    assert tool.run_of("caviar/service/store/_budget.py", tmp_path) == "trials"
+    assert tool.tests_for("caviar/service/store/_budget.py", tmp_path) == tool.tests_for(
+        "caviar/service/trials/lifecycle.py", tmp_path
+    )
+    assert "tests/service/store/test_records.py" in tool.tests_for(
+        "caviar/service/trials/lifecycle.py", tmp_path
+    )
+    assert tool.run_of("caviar/worker/_slot.py") == "worker"
+    assert tool.run_of("caviar/_client.py") == "client"
+    assert tool.tests_for("caviar/_client.py") == ("tests/test_client.py",)
+    # a package's __init__ is matched apart from its submodules
+    init = tool.Module("caviar/service/store/__init__.py")
+    assert tool.selected(init, "caviar.service.store.x_add_trial__mutmut_1")
+    assert not tool.selected(init, "caviar.service.store._budget.x_used_count__mutmut_1")

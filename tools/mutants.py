@@ -61,8 +61,29 @@ TESTS = "tests/service"
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "trials": ("studies",),  # stops (end_study, cancel_waiting) are driven by the steering tests
     "tokens": ("auth",),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
-    # the store's budget, leases and settling are driven end to end by the trial and steering tests
-    "store": ("trials", "studies"),
+}
+# features mutated in another feature's run, whose tests they share (one stats pass for both): the
+# store's budget, leases and settling are driven end to end by the trial and steering tests, and
+# the store's own contract tests join that run
+RUN_OF_FEATURE: dict[str, str] = {"store": "trials"}
+# modules outside caviar/service: their run and its tests, named here. Only tests that run the
+# module in the test's own process count (mutmut records which test calls which function, and the
+# mutant is active only in that process): the worker's end-to-end tests start worker processes
+# from the editable install and are left out, and so are its in-process runs of a slot against a
+# live service (a minute each: too slow per mutant); the worker's fast subset drives the slot and
+# the trainer runner with stand-in trials instead.
+OUTSIDE_SERVICE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "caviar/worker/": (
+        "worker",
+        (
+            "tests/worker/test_slot.py",
+            "tests/worker/test_trainer_runner.py",
+            "tests/worker/test_supervisor.py",
+            "tests/worker/test_data_files.py",
+            "tests/worker/test_worker.py::test_discover_slots",
+        ),
+    ),
+    "caviar/_client.py": ("client", ("tests/test_client.py",)),
 }
 # property-based and race tests take minutes per mutant; `make test-long` runs them at length
 SLOW_TEST_FILES = ("*_stateful.py", "*_concurrency.py", "*_race.py")
@@ -88,11 +109,24 @@ def feature_tests(feature: str, root: Path = ROOT) -> list[str]:
     ]
 
 
+def outside_service(path: str) -> tuple[str, tuple[str, ...]] | None:
+    """The run and tests of a module outside caviar/service (:data:`OUTSIDE_SERVICE`), else None."""
+    for prefix, found in OUTSIDE_SERVICE.items():
+        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+            return found
+    return None
+
+
 def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
     """The test files a mutant of the module at ``path`` runs against (from the tests layout)."""
+    named = outside_service(path)
+    if named:
+        return named[1]
     feature = feature_of(path)
+    feature = RUN_OF_FEATURE.get(feature, feature)
     files: list[str] = []
-    for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
+    runs_here = [name for name, into in RUN_OF_FEATURE.items() if into == feature]
+    for name in (feature, *ALSO_TESTED_BY.get(feature, ()), *runs_here):
         files += [f for f in feature_tests(name, root) if f not in files]
     if not files:
         raise SystemExit(
@@ -103,7 +137,12 @@ def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
 
 def run_of(path: str, root: Path = ROOT) -> str:
     """The run of a module: the first feature whose tests it runs against (its own, usually)."""
+    named = outside_service(path)
+    if named:
+        return named[0]
     feature = feature_of(path)
+    if feature in RUN_OF_FEATURE:
+        return RUN_OF_FEATURE[feature]
     for name in (feature, *ALSO_TESTED_BY.get(feature, ())):
         if feature_tests(name, root):
             return name
@@ -114,9 +153,16 @@ MODULES: tuple[Module, ...] = (
     Module("caviar/service/trials/lifecycle.py"),
     Module("caviar/service/trials/leases.py"),
     Module("caviar/service/trials/outcomes.py"),
+    # the whole store: the budget rule, leases, settling, records, creation, ranking and states
+    Module("caviar/service/store/__init__.py"),
+    Module("caviar/service/store/_artifacts.py"),
     Module("caviar/service/store/_budget.py"),
+    Module("caviar/service/store/_create.py"),
     Module("caviar/service/store/_leases.py"),
+    Module("caviar/service/store/_ranking.py"),
+    Module("caviar/service/store/_records.py"),
     Module("caviar/service/store/_settle.py"),
+    Module("caviar/service/store/_states.py"),
     # the firing and next-run part of schedules (not CRUD, not validation)
     Module(
         "caviar/service/schedules/service.py",
@@ -136,6 +182,12 @@ MODULES: tuple[Module, ...] = (
     ),
     Module("caviar/service/auth.py"),
     Module("caviar/service/tokens/service.py"),
+    # the worker: a slot's loop, leases and hand-backs; the supervisor; fused training and its
+    # out-of-memory halving
+    Module("caviar/worker/_slot.py"),
+    Module("caviar/worker/_supervisor.py"),
+    Module("caviar/worker/_trainer.py"),
+    Module("caviar/_client.py"),
 )
 
 # run -> its test files (modules of one feature share a run: one mutmut stats pass for them)
@@ -148,11 +200,13 @@ NO_TESTS = {5, 33}
 
 
 def module_name(path: str) -> str:
-    return path.removesuffix(".py").replace("/", ".")
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def mutant_globs(module: Module) -> list[str]:
-    return [f"{module_name(module.path)}.{fn}__mutmut_*" for fn in module.functions]
+    # every mangled name starts with "x" (``x_function``, ``xǁClassǁmethod``): "x*" keeps a
+    # package's __init__ (``caviar.service.store``) from matching its submodules' mutants
+    return [f"{module_name(module.path)}.{'x*' if fn == '*' else fn}__mutmut_*" for fn in module.functions]
 
 
 def selected(module: Module, key: str) -> bool:
@@ -294,6 +348,34 @@ def report(show: bool) -> int:
     return 0
 
 
+def check(run: str, test_file: str, expression: str, mutants: list[str]) -> int:
+    """Run the tests of ``test_file`` matching ``expression`` against each named mutant of the
+    last ``run`` (the current test file copied into its ``mutants`` folder first), in one process:
+    mutmut's trampoline reads ``MUTANT_UNDER_TEST`` at each call. A mutant is killed when the
+    tests fail; the tests must pass on the real code first."""
+    folder = SCRATCH / run / "mutants"
+    shutil.copyfile(ROOT / test_file, folder / test_file)
+    script = (
+        "import os, sys, pytest\n"
+        "file, expr, *names = sys.argv[1:]\n"
+        "args = ['-p', 'no:cacheprovider', '-p', 'no:warnings', '-q', '-x', file, '-k', expr]\n"
+        "os.environ.pop('MUTANT_UNDER_TEST', None)\n"
+        "if int(pytest.main(args)) != 0: sys.exit('the tests fail on the real code')\n"
+        "missed = 0\n"
+        "for name in names:\n"
+        "    os.environ['MUTANT_UNDER_TEST'] = name\n"
+        "    code = int(pytest.main(args))\n"
+        "    missed += code != 1\n"
+        "    print('MUTANT', name, 'killed' if code == 1 else f'NOT KILLED (exit {code})', flush=True)\n"
+        "sys.exit(1 if missed else 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, test_file, expression, *mutants], cwd=folder, env=env, check=False
+    )
+    return done.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", choices=sorted(RUNS), help="only this run (repeatable)")
@@ -306,7 +388,17 @@ def main() -> int:
         default=float(os.environ.get("MUTANTS_MINUTES", "0")) or None,
         help="time budget per run (default: none); unchecked mutants are reported as such",
     )
+    parser.add_argument(
+        "--check",
+        nargs="+",
+        metavar=("RUN TEST_FILE K_EXPRESSION", "MUTANT"),
+        help="run the tests of TEST_FILE matching K_EXPRESSION against each MUTANT of RUN's last run",
+    )
     args = parser.parse_args()
+    if args.check:
+        if len(args.check) < 4:
+            parser.error("--check RUN TEST_FILE K_EXPRESSION MUTANT [MUTANT ...]")
+        return check(args.check[0], args.check[1], args.check[2], args.check[3:])
     if not args.report:
         total = 0.0
         for run in args.run or list(RUNS):
