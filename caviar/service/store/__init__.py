@@ -32,23 +32,29 @@ from caviar.service.store._leases import (
     renew,
     renew_leases,
 )
+from caviar.service.store._oneread import prune_reported, started_trial
 from caviar.service.store._ranking import best_first, pareto_front, ranked
 from caviar.service.store._records import (
     QUEUE_ORDER,
+    StudyRef,
     all_trials,
     complete_trials,
     count_studies_by_state,
     definition_of,
+    forget,
     frozen,
     get_record,
     load_record,
     parse_definition,
     reload,
+    remember,
     runnable_studies,
     set_state,
     study_handle,
+    study_ref,
     transition,
     trial_id,
+    trial_number,
     utc,
 )
 from caviar.service.store._settle import cancel_waiting, deadline_passed, end_reason, end_study, settle_study
@@ -73,7 +79,13 @@ from caviar.service.store._states import (
     WORKER,
     states_named,
 )
-from caviar.service.store._tables import count_states, study_of_trial, trial_total, trials_by_state
+from caviar.service.store._tables import (
+    count_states,
+    record_with_counts,
+    study_of_trial,
+    trial_total,
+    trials_by_state,
+)
 
 __all__ = [
     "ACTIVE_STATES",
@@ -100,6 +112,7 @@ __all__ = [
     "WORKER",
     "LeasePolicy",
     "PrivateArtifactStore",
+    "StudyRef",
     "add_trial",
     "all_trials",
     "artifact_ids",
@@ -121,6 +134,7 @@ __all__ = [
     "end_reason",
     "end_study",
     "fail_count",
+    "forget",
     "frozen",
     "get_record",
     "held_by_other",
@@ -131,19 +145,25 @@ __all__ = [
     "load_record",
     "pareto_front",
     "parse_definition",
+    "prune_reported",
     "ranked",
+    "record_with_counts",
     "reload",
+    "remember",
     "renew",
     "renew_leases",
     "runnable_studies",
     "set_state",
     "settle_study",
+    "started_trial",
     "state_counts",
     "states_named",
     "study_handle",
     "study_of_trial",
+    "study_ref",
     "transition",
     "trial_id",
+    "trial_number",
     "trial_total",
     "trials_by_state",
     "used_count",
