@@ -7,7 +7,7 @@ Each of ``--repeat`` rounds runs both arms on fresh studies, in alternating orde
 even rounds, raw Optuna first in odd ones), so drift on a shared machine hits both; the summary
 gives medians over rounds with min and max, and the ratio of each round. CPU is measured too: the
 server's (every process of its process group, from /proc) per trial it served, and the clients'
-(``getrusage`` of the finished client processes) per trial, for both arms. Then single-client ask
+(``time.process_time`` around each client's loop) per trial, for both arms. Then single-client ask
 latency is measured at 100, 1,000 and 5,000 trials of history for both (arms alternating per ask),
 and the SQL statements per ask + report + tell of both (``benchmarks/sql_statements.py``, in this
 process, on the same server). Prints one JSON object per result and a final summary.
@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 import uuid
@@ -77,6 +76,7 @@ def raw_suggest(trial: optuna.Trial) -> dict[str, float]:
 
 def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
     latencies: list[tuple[float, float]] = []
+    cpu = time.process_time()
     with httpx.Client(base_url=base, timeout=60) as client:
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -92,13 +92,14 @@ def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
                 json={"state": "complete", "value": value},
             ).raise_for_status()
             latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put(latencies)
+    out.put((latencies, time.process_time() - cpu))
 
 
 def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=url, sampler=optuna.samplers.TPESampler())
     latencies: list[tuple[float, float]] = []
+    cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
         t1 = time.perf_counter()
         study.tell(trial, objective_value(params))
         latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put(latencies)
+    out.put((latencies, time.process_time() - cpu))
 
 
 def group_cpu_s(pgid: int) -> float:
@@ -128,30 +129,24 @@ def group_cpu_s(pgid: int) -> float:
     return total / tick
 
 
-def children_cpu_s() -> float:
-    """CPU seconds used by this process's finished (joined) children."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_clients(
     target: Any, args: tuple[Any, ...], clients: int, seconds: float, server_pgid: int | None = None
 ) -> dict[str, float]:
     """Run ``clients`` client processes for ``seconds``; throughput, latency and CPU per trial."""
     server_cpu = group_cpu_s(server_pgid) if server_pgid is not None else 0.0
-    client_cpu = children_cpu_s()
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     processes = [ctx.Process(target=target, args=(*args, seconds, queue)) for _ in range(clients)]
     start = time.perf_counter()
     for process in processes:
         process.start()
-    results = [queue.get(timeout=seconds + 600) for _ in processes]
+    answers = [queue.get(timeout=seconds + 600) for _ in processes]
+    results = [latencies for latencies, _ in answers]
+    client_cpu = sum(cpu for _, cpu in answers)  # the loops' own CPU (no interpreter start-up)
     wall = time.perf_counter() - start
     for process in processes:
         process.join(30)
     server_cpu = group_cpu_s(server_pgid) - server_cpu if server_pgid is not None else 0.0
-    client_cpu = children_cpu_s() - client_cpu
     asks = np.array([a for result in results for a, _ in result])
     total = np.array([t for result in results for _, t in result])
     n = len(total)
@@ -330,6 +325,9 @@ def main() -> None:
             "service_server_cpu_ms_per_trial": spread([r["server_cpu_ms_per_trial"] for r in service]),
             "service_client_cpu_ms_per_trial": spread([r["client_cpu_ms_per_trial"] for r in service]),
             "raw_client_cpu_ms_per_trial": spread([r["client_cpu_ms_per_trial"] for r in raw]),
+            "service_total_cpu_ms_per_trial": spread(
+                [r["server_cpu_ms_per_trial"] + r["client_cpu_ms_per_trial"] for r in service]
+            ),
             "statements_per_ask_report_tell": statements,
             "ask_ms_by_history": {
                 str(row["history"]): {

@@ -23,7 +23,7 @@ from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import NotFound, parse_model
 from caviar.service.store._states import QUEUE_STATES
-from caviar.storage import StudyRecord, utcnow
+from caviar.storage import StudyRecord, TrialLease, utcnow
 
 QUEUE_ORDER = (StudyRecord.priority.desc(), StudyRecord.created_at, StudyRecord.id)
 """The order workers take studies in: highest priority first, then the oldest."""
@@ -92,6 +92,7 @@ class StudyRef:
     id: int
     name: str
     created_at: datetime
+    optuna_study_id: int
 
 
 _refs: dict[tuple[str, str], StudyRef] = {}
@@ -112,7 +113,9 @@ def remember(db: Database, record: StudyRecord) -> None:
     with _refs_guard:
         if len(_refs) > 4096:
             _refs.clear()
-        _refs[(db.url, record.name)] = StudyRef(record.id, record.name, record.created_at)
+        _refs[(db.url, record.name)] = StudyRef(
+            record.id, record.name, record.created_at, record.optuna_study_id
+        )
 
 
 def forget(db: Database, name: str) -> None:
@@ -187,12 +190,54 @@ def complete_trials(db: Database, name: str) -> tuple[StudyRecord, StudyDefiniti
     return record, definition_of(record), complete
 
 
-def trial_id(db: Database, record: StudyRecord, number: int) -> int:
+def trial_id(db: Database, record: StudyRecord | StudyRef, number: int) -> int:
     """Optuna's id of trial ``number``, or NotFound (``trial_not_found``)."""
     try:
         return db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
     except KeyError:
         raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
+
+
+def record_and_lease(db: Database, ref: StudyRef, trial_id: int) -> tuple[StudyRecord, TrialLease | None]:
+    """The study's row as it is now and the lease of one of its trials, in one statement.
+
+    Raises:
+        NotFound: ``study_not_found`` when the row is gone or is another study's now (``ref`` is stale).
+    """
+    with db.session() as session:
+        row = session.execute(
+            select(StudyRecord, TrialLease)
+            .outerjoin(
+                TrialLease, (TrialLease.trial_id == trial_id) & (TrialLease.study_id == StudyRecord.id)
+            )
+            .where(StudyRecord.id == ref.id)
+        ).first()
+    if row is None or row[0].created_at != ref.created_at or row[0].name != ref.name:
+        raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
+    return row[0], row[1]
+
+
+def row_and_lease(db: Database, name: str, number: int) -> tuple[StudyRecord, int, TrialLease | None]:
+    """A study's row, the id of its trial ``number`` and the trial's lease: one statement when this
+    process knows the study (its identity remembered, validated by the row read; a stale one is
+    forgotten and the study looked up again).
+
+    Raises:
+        NotFound: ``study_not_found`` or ``trial_not_found``.
+    """
+    for fresh in (False, True):
+        if fresh:
+            forget(db, name)
+        ref = study_ref(db, name)
+        try:
+            tid = trial_id(db, ref, number)
+            record, lease = record_and_lease(db, ref, tid)
+        except NotFound:
+            if fresh:
+                raise
+            continue
+        return record, tid, lease
+    raise AssertionError("unreachable")  # the second pass returns or raises
 
 
 def trial_number(db: Database, trial_id: int) -> int:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
 from caviar.service.errors import NotFound
+from caviar.service.store._records import StudyRef
 from caviar.storage import StudyRecord
 
 
@@ -35,7 +36,9 @@ def count_states(db: Database, record: StudyRecord) -> dict[TrialState, int]:
     return counts
 
 
-def record_with_counts(db: Database, record: StudyRecord) -> tuple[StudyRecord, dict[TrialState, int]]:
+def record_with_counts(
+    db: Database, record: StudyRecord | StudyRef
+) -> tuple[StudyRecord, dict[TrialState, int]]:
     """The study's row as it is now and how many of its trials are in each state, in ONE statement.
 
     One statement is one snapshot (SQLite, and PostgreSQL under read committed alike): the state and
@@ -57,7 +60,7 @@ def record_with_counts(db: Database, record: StudyRecord) -> tuple[StudyRecord, 
             current = row
             if state is not None:
                 counts[TrialState(state)] += int(count)
-    if current is None or current.created_at != record.created_at:
+    if current is None or current.created_at != record.created_at or current.name != record.name:
         raise NotFound(f"no study named {record.name!r}", code="study_not_found")
     return current, counts
 

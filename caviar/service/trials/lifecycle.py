@@ -48,7 +48,6 @@ from caviar.service.store import (
     all_trials,
     check_running,
     close_lease,
-    count_states,
     definition_of,
     end_reason,
     end_study,
@@ -56,9 +55,10 @@ from caviar.service.store import (
     lease_of,
     load_record,
     prune_reported,
-    reload,
+    record_with_counts,
     remember,
     renew,
+    row_and_lease,
     settle_study,
     started_trial,
     study_handle,
@@ -133,7 +133,7 @@ def _ask(
     # sampler's constant liar sees the other running trials.
     with db.study_lock(ref.id):
         try:
-            record = reload(db, ref)  # the one read of the study row in an ask
+            record, counts = record_with_counts(db, ref)  # the ask's one read of the row (and counts)
         except NotFound:
             raise _StaleRef from None
         remember(db, record)
@@ -145,7 +145,7 @@ def _ask(
         )
         replayed = _lease_by_request(db, ref, request_id) if request_id is not None else None
         if replayed is None:
-            record, definition, started, lease = _claim(db, record, worker_id, request_id, policy)
+            record, definition, started, lease = _claim(db, record, counts, worker_id, request_id, policy)
     if replayed is not None:  # the same request retried concurrently: one trial for both
         return _replay(db, record, replayed, policy)
     study = study_handle(db, record, definition, trial_number=started.number)
@@ -168,28 +168,29 @@ def _ask(
 def _claim(
     db: Database,
     record: StudyRecord,
+    counts: dict[TrialState, int],
     worker_id: str | None,
     request_id: str | None,
     policy: LeasePolicy,
 ) -> tuple[StudyRecord, StudyDefinition, _Started, TrialLease]:
     """Under the study lock: check the study and the budget, start a trial, write its lease.
 
-    ``record`` was read under the lock: an edit of the budget (PATCH) or a stop takes the same lock,
-    so no ask overshoots a budget that was just lowered.
+    ``record`` and its trial ``counts`` were read under the lock (one aggregate: the history is never
+    loaded here): an edit of the budget (PATCH) or a stop takes the same lock, so no ask overshoots a
+    budget that was just lowered.
     """
     name = record.name
     definition = definition_of(record)
     if record.state in ACTIVE_STATES:
         reason = end_reason(db, definition, record)
         if reason is not None and end_study(db, record, reason):
-            record = reload(db, record)
+            record, counts = record_with_counts(db, record)
     if record.state == "paused":
         raise Conflict(f"study {name!r} is paused", code="study_paused")
     if record.state in STOPPED_STATES:
         raise study_stopped(record)
     if record.state == "failed":
         raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
-    counts = count_states(db, record)  # one aggregate: the history is never loaded here
     if counts[TrialState.WAITING] == 0 and (
         record.state == "completed" or used_count(counts) >= definition.budget.n_trials
     ):
@@ -358,7 +359,7 @@ def report(
     Returns:
         True when the trial should be pruned, or its study is stopping.
     """
-    record = load_record(db, name)
+    record, tid, lease = row_and_lease(db, name, number)
     definition = definition_of(record)
     if definition.multi_objective:
         raise InvalidInput(
@@ -366,8 +367,6 @@ def report(
             code="multi_objective_report",
         )
     check_value(value, "value")
-    tid = trial_id(db, record, number)
-    lease = lease_of(db, tid)
     if lease is None or lease.status != "active":  # the trial itself says why (or runs unleased)
         lease = check_running(db, record, db.optuna.get_trial(tid))
     check_owner(record, number, lease, caller)
