@@ -328,7 +328,8 @@ def main() -> None:
                 try:
                     clients.join()
                 except KeyboardInterrupt:
-                    os.killpg(clients.pid, signal.SIGTERM)
+                    if clients.pid is not None:
+                        os.killpg(clients.pid, signal.SIGTERM)
                     clients.join(30)
             totals = queue.get(timeout=60)
             stop.set()

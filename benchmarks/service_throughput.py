@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import uuid
@@ -131,7 +132,7 @@ def group_cpu_s(pgid: int) -> float:
 
 def run_clients(
     target: Any, args: tuple[Any, ...], clients: int, seconds: float, server_pgid: int | None = None
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Run ``clients`` client processes for ``seconds``; throughput, latency and CPU per trial."""
     server_cpu = group_cpu_s(server_pgid) if server_pgid is not None else 0.0
     ctx = multiprocessing.get_context("spawn")
@@ -169,7 +170,7 @@ def run_clients(
 def add_history(url: str, name: str, n: int, seed: int = 0) -> None:
     """Give a study ``n`` complete trials (through Optuna's storage API, in bulk)."""
     rng = np.random.default_rng(seed)
-    dists = {
+    dists: dict[str, optuna.distributions.BaseDistribution] = {
         "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
         "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
         "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
@@ -272,6 +273,7 @@ def main() -> None:
         args.clients, args.seconds, args.history, args.history_asks = 4, 5.0, "100,1000", 10
         args.repeat = 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout still stops the server
 
     from caviar import storage
 
