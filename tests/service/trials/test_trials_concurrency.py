@@ -547,7 +547,9 @@ def test_a_retry_being_queued_is_not_outrun_by_an_ask(
     race = Interleaving()
     module = lifecycle if ending == "fail_tell" else leases
     monkeypatch.setattr(module, "requeue_retry", race.point(module.requeue_retry, role="first"))
-    monkeypatch.setattr(lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second"))
+    monkeypatch.setattr(
+        lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second")
+    )
     first: Callable[[], Any] = {
         "fail_tell": lambda: trials.tell(db, "retry", trial.number, "fail", reason="boom"),
         "reap": lambda: reap(db, now=utcnow() + timedelta(hours=1)),
@@ -577,7 +579,9 @@ def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, 
     trials.ask(db, "lower-one", policy=POLICY)
     race = Interleaving()
     monkeypatch.setattr(steering, "all_trials", race.point(steering.all_trials, role="first", after=True))
-    monkeypatch.setattr(lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second"))
+    monkeypatch.setattr(
+        lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second")
+    )
     other = _other(db_url)
     try:
         results = race.run(
