@@ -476,8 +476,8 @@ class Interleaving:
             target=call, args=("second", second), name="second"
         )
         self.second_waits = lambda: waits_on_study_lock(second_thread)
+        second_thread.start()  # returns once the thread runs: before that is_alive() is False
         self.second_alive = second_thread.is_alive
-        second_thread.start()
         one.join(120)
         second_thread.join(120)
         assert not one.is_alive() and not second_thread.is_alive()
