@@ -5,9 +5,12 @@ C client processes loop ask + tell for a fixed time, (a) over REST against a run
 TPE defaults and search space, the same number of client processes) on the same database server.
 Each of ``--repeat`` rounds runs both arms on fresh studies, in alternating order (REST first in
 even rounds, raw Optuna first in odd ones), so drift on a shared machine hits both; the summary
-gives medians over rounds with min and max, and the ratio of each round. Then single-client ask
-latency is measured at 100, 1,000 and 5,000 trials of history for both (arms alternating per ask).
-Prints one JSON object per result and a final summary.
+gives medians over rounds with min and max, and the ratio of each round. CPU is measured too: the
+server's (every process of its process group, from /proc) per trial it served, and the clients'
+(``time.process_time`` around each client's loop) per trial, for both arms. Then single-client ask
+latency is measured at 100, 1,000 and 5,000 trials of history for both (arms alternating per ask),
+and the SQL statements per ask + report + tell of both (``benchmarks/sql_statements.py``, in this
+process, on the same server). Prints one JSON object per result and a final summary.
 
     python benchmarks/service_throughput.py [--clients 8] [--seconds 20] [--processes 2] [--repeat 3]
     python benchmarks/service_throughput.py --quick     # smoke test: 4 clients, 5 s, 1 round
@@ -19,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import uuid
@@ -73,6 +77,7 @@ def raw_suggest(trial: optuna.Trial) -> dict[str, float]:
 
 def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
     latencies: list[tuple[float, float]] = []
+    cpu = time.process_time()
     with httpx.Client(base_url=base, timeout=60) as client:
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -88,13 +93,14 @@ def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
                 json={"state": "complete", "value": value},
             ).raise_for_status()
             latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put(latencies)
+    out.put((latencies, time.process_time() - cpu))
 
 
 def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=url, sampler=optuna.samplers.TPESampler())
     latencies: list[tuple[float, float]] = []
+    cpu = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
@@ -103,20 +109,45 @@ def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
         t1 = time.perf_counter()
         study.tell(trial, objective_value(params))
         latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put(latencies)
+    out.put((latencies, time.process_time() - cpu))
 
 
-def run_clients(target: Any, args: tuple[Any, ...], clients: int, seconds: float) -> dict[str, float]:
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                data = handle.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = data[data.rindex(")") + 2 :].split()  # from the state on: pgrp is [2], utime/stime [11]/[12]
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def run_clients(
+    target: Any, args: tuple[Any, ...], clients: int, seconds: float, server_pgid: int | None = None
+) -> dict[str, float | None]:
+    """Run ``clients`` client processes for ``seconds``; throughput, latency and CPU per trial."""
+    server_cpu = group_cpu_s(server_pgid) if server_pgid is not None else 0.0
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     processes = [ctx.Process(target=target, args=(*args, seconds, queue)) for _ in range(clients)]
     start = time.perf_counter()
     for process in processes:
         process.start()
-    results = [queue.get(timeout=seconds + 600) for _ in processes]
+    answers = [queue.get(timeout=seconds + 600) for _ in processes]
+    results = [latencies for latencies, _ in answers]
+    client_cpu = sum(cpu for _, cpu in answers)  # the loops' own CPU (no interpreter start-up)
     wall = time.perf_counter() - start
     for process in processes:
         process.join(30)
+    server_cpu = group_cpu_s(server_pgid) - server_cpu if server_pgid is not None else 0.0
     asks = np.array([a for result in results for a, _ in result])
     total = np.array([t for result in results for _, t in result])
     n = len(total)
@@ -128,6 +159,8 @@ def run_clients(target: Any, args: tuple[Any, ...], clients: int, seconds: float
         "ask_p99_ms": float(np.percentile(asks, 99) * 1e3) if n else float("nan"),
         "ask_tell_p50_ms": float(np.percentile(total, 50) * 1e3) if n else float("nan"),
         "ask_tell_p99_ms": float(np.percentile(total, 99) * 1e3) if n else float("nan"),
+        "server_cpu_ms_per_trial": 1e3 * server_cpu / n if n and server_pgid is not None else None,
+        "client_cpu_ms_per_trial": 1e3 * client_cpu / n if n else float("nan"),
     }
 
 
@@ -137,7 +170,7 @@ def run_clients(target: Any, args: tuple[Any, ...], clients: int, seconds: float
 def add_history(url: str, name: str, n: int, seed: int = 0) -> None:
     """Give a study ``n`` complete trials (through Optuna's storage API, in bulk)."""
     rng = np.random.default_rng(seed)
-    dists = {
+    dists: dict[str, optuna.distributions.BaseDistribution] = {
         "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
         "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
         "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),
@@ -197,6 +230,16 @@ def history_latency(base: str, url: str, sizes: list[int], asks: int) -> list[di
     return rows
 
 
+def count_statements(url: str, cycles: int) -> dict[str, float]:
+    """SQL statements per ask + report + tell, caviar's REST path and raw Optuna (see sql_statements)."""
+    from benchmarks import sql_statements  # lazy: it imports this module (the study definition)
+
+    counter = sql_statements.StatementCounter()
+    arms = {"caviar": sql_statements.caviar_arm(url, 100), "optuna": sql_statements.optuna_arm(url, 100)}
+    result = sql_statements.alternate(arms, counter, cycles, 2)
+    return {arm: result[arm]["statements_per_cycle"] for arm in arms}
+
+
 # ---- orchestration -------------------------------------------------------------------------
 
 
@@ -221,12 +264,16 @@ def main() -> None:
     parser.add_argument("--history", default="100,1000,5000")
     parser.add_argument("--history-asks", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of both arms (alternating order)")
+    parser.add_argument(
+        "--statement-cycles", type=int, default=10, help="ask+report+tell cycles counted (0: skip)"
+    )
     parser.add_argument("--quick", action="store_true", help="4 clients, 5 s, 1 round, history 100,1000")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.seconds, args.history, args.history_asks = 4, 5.0, "100,1000", 10
         args.repeat = 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout still stops the server
 
     from caviar import storage
 
@@ -251,7 +298,7 @@ def main() -> None:
                     httpx.post(
                         f"{base}/api/v1/studies", json=definition(name, 1_000_000), timeout=30
                     ).raise_for_status()
-                    result = run_clients(rest_client, (base, name), args.clients, args.seconds)
+                    result = run_clients(rest_client, (base, name), args.clients, args.seconds, server.pid)
                 else:
                     optuna.create_study(study_name=name, storage=url, direction="maximize")
                     result = run_clients(raw_client, (url, name), args.clients, args.seconds)
@@ -261,6 +308,7 @@ def main() -> None:
                 rounds[arm].append(result)
         sizes = [int(s) for s in args.history.split(",") if s]
         history = history_latency(base, url, sizes, args.history_asks)
+        statements = count_statements(url, args.statement_cycles) if args.statement_cycles else None
         service, raw = rounds["caviar_rest"], rounds["raw_optuna"]
         summary = {
             "result": "summary",
@@ -276,6 +324,13 @@ def main() -> None:
             "raw_ask_p50_ms": spread([r["ask_p50_ms"] for r in raw]),
             "service_ask_p99_ms": spread([r["ask_p99_ms"] for r in service]),
             "raw_ask_p99_ms": spread([r["ask_p99_ms"] for r in raw]),
+            "service_server_cpu_ms_per_trial": spread([r["server_cpu_ms_per_trial"] for r in service]),
+            "service_client_cpu_ms_per_trial": spread([r["client_cpu_ms_per_trial"] for r in service]),
+            "raw_client_cpu_ms_per_trial": spread([r["client_cpu_ms_per_trial"] for r in raw]),
+            "service_total_cpu_ms_per_trial": spread(
+                [r["server_cpu_ms_per_trial"] + r["client_cpu_ms_per_trial"] for r in service]
+            ),
+            "statements_per_ask_report_tell": statements,
             "ask_ms_by_history": {
                 str(row["history"]): {
                     "service_p50": row["service_ask_p50_ms"],

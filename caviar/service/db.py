@@ -96,18 +96,16 @@ class Database:
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, study_id)
         else:
+            # A transaction-level lock: it ends with the transaction (the rollback below, or the
+            # connection closing), so releasing it sends no statement of its own.
             with self.engine.connect() as connection:
                 connection.execute(
-                    text("SELECT pg_advisory_lock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
+                    text("SELECT pg_advisory_xact_lock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
                 )
-                connection.commit()
                 try:
                     yield
                 finally:
-                    connection.execute(
-                        text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _PG_LOCK_CLASS, "o": study_id}
-                    )
-                    connection.commit()
+                    connection.rollback()
 
     def _sqlite_lock_fd(self) -> int | None:
         database = make_url(self.url).database

@@ -8,7 +8,9 @@ Plain functions over a :class:`~caviar.service.db.Database`. caviar's study row
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +23,7 @@ from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import NotFound, parse_model
 from caviar.service.store._states import QUEUE_STATES
-from caviar.storage import StudyRecord, utcnow
+from caviar.storage import StudyRecord, TrialLease, utcnow
 
 QUEUE_ORDER = (StudyRecord.priority.desc(), StudyRecord.created_at, StudyRecord.id)
 """The order workers take studies in: highest priority first, then the oldest."""
@@ -68,13 +70,58 @@ def load_record(db: Database, name: str) -> StudyRecord:
         return get_record(session, name)
 
 
-def reload(db: Database, record: StudyRecord) -> StudyRecord:
+def reload(db: Database, record: StudyRecord | StudyRef) -> StudyRecord:
     """The study's row as it is now (another process may have edited it), or NotFound."""
     with db.session() as session:
         current = session.get(StudyRecord, record.id)
-    if current is None or current.created_at != record.created_at:
+    if current is None or current.created_at != record.created_at or current.name != record.name:
         raise NotFound(f"no study named {record.name!r}", code="study_not_found")
     return current
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """What never changes about a study row: its id, name and creation time.
+
+    A process remembers it per name (:func:`study_ref`), so a call that reads the row by id under the
+    study lock anyway (an ask) need not look the name up first. It is never trusted alone: the read
+    by id checks the name and creation time (:func:`reload`), and a study deleted and created again
+    under the same name (in any process) fails that check, which forgets the ref.
+    """
+
+    id: int
+    name: str
+    created_at: datetime
+    optuna_study_id: int
+
+
+_refs: dict[tuple[str, str], StudyRef] = {}
+_refs_guard = threading.Lock()
+
+
+def study_ref(db: Database, name: str) -> StudyRef:
+    """The study's immutable identity by name: from this process's memory, else one read."""
+    ref = _refs.get((db.url, name))
+    if ref is None:
+        remember(db, load_record(db, name))
+        ref = _refs[(db.url, name)]
+    return ref
+
+
+def remember(db: Database, record: StudyRecord) -> None:
+    """Keep a row's identity for :func:`study_ref` (any fresh read of the row may call this)."""
+    with _refs_guard:
+        if len(_refs) > 4096:
+            _refs.clear()
+        _refs[(db.url, record.name)] = StudyRef(
+            record.id, record.name, record.created_at, record.optuna_study_id
+        )
+
+
+def forget(db: Database, name: str) -> None:
+    """Drop a study's remembered identity (its row is gone or is another study's now)."""
+    with _refs_guard:
+        _refs.pop((db.url, name), None)
 
 
 def transition(db: Database, record: StudyRecord, from_states: Sequence[str], to: str, **values: Any) -> bool:
@@ -143,12 +190,66 @@ def complete_trials(db: Database, name: str) -> tuple[StudyRecord, StudyDefiniti
     return record, definition_of(record), complete
 
 
-def trial_id(db: Database, record: StudyRecord, number: int) -> int:
+def trial_id(db: Database, record: StudyRecord | StudyRef, number: int) -> int:
     """Optuna's id of trial ``number``, or NotFound (``trial_not_found``)."""
     try:
         return db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
     except KeyError:
         raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
+
+
+def record_and_lease(db: Database, ref: StudyRef, trial_id: int) -> tuple[StudyRecord, TrialLease | None]:
+    """The study's row as it is now and the lease of one of its trials, in one statement.
+
+    Raises:
+        NotFound: ``study_not_found`` when the row is gone or is another study's now (``ref`` is stale).
+    """
+    with db.session() as session:
+        row = session.execute(
+            select(StudyRecord, TrialLease)
+            .outerjoin(
+                TrialLease, (TrialLease.trial_id == trial_id) & (TrialLease.study_id == StudyRecord.id)
+            )
+            .where(StudyRecord.id == ref.id)
+        ).first()
+    if row is None or row[0].created_at != ref.created_at or row[0].name != ref.name:
+        raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
+    return row[0], row[1]
+
+
+def row_and_lease(db: Database, name: str, number: int) -> tuple[StudyRecord, int, TrialLease | None]:
+    """A study's row, the id of its trial ``number`` and the trial's lease: one statement when this
+    process knows the study (its identity remembered, validated by the row read; a stale one is
+    forgotten and the study looked up again).
+
+    Raises:
+        NotFound: ``study_not_found`` or ``trial_not_found``.
+    """
+    for fresh in (False, True):
+        if fresh:
+            forget(db, name)
+        ref = study_ref(db, name)
+        try:
+            tid = trial_id(db, ref, number)
+            record, lease = record_and_lease(db, ref, tid)
+        except NotFound:
+            if fresh:
+                raise
+            continue
+        return record, tid, lease
+    raise AssertionError("unreachable")  # the second pass returns or raises
+
+
+def trial_number(db: Database, trial_id: int) -> int:
+    """The number of a trial by id: from Optuna's trial cache when this process created or read it.
+
+    A trial's number never changes once created, so the cache of Optuna's ``_CachedStorage`` answers
+    it without a read (``get_trial_number_from_id`` would load the whole trial, six statements).
+    """
+    known = getattr(db.optuna, "_trial_id_to_study_id_and_number", {}).get(trial_id)
+    if known is not None:
+        return int(known[1])
+    return db.optuna.get_trial_number_from_id(trial_id)
 
 
 def frozen(db: Database, record: StudyRecord, number: int) -> FrozenTrial:

@@ -19,7 +19,7 @@ from caviar.service.definition import StudyDefinition
 from caviar.service.store._budget import budget_spent, fail_count
 from caviar.service.store._records import all_trials, definition_of, reload, transition
 from caviar.service.store._states import ACTIVE_STATES, CANCELLED, FAIL_REASON, FINAL_STATES
-from caviar.service.store._tables import count_states
+from caviar.service.store._tables import record_with_counts
 from caviar.storage import StudyRecord, utcnow
 
 
@@ -28,16 +28,15 @@ def settle_study(db: Database, record: StudyRecord) -> None:
     or completed.
 
     Safe with or without the study lock (every move is a compare-and-set on the state; ending by
-    goal or deadline takes the lock itself). The state is read before the trials, so a stop that
-    races the last running trial's tell is settled by one of the two. The trials are counted by
-    the database; only failures beyond ``max_failed_trials`` are loaded (to leave out hand-backs
-    and cancelled trials).
+    goal or deadline takes the lock itself). The state and the trial counts are read in one
+    statement (one snapshot), so a stop that races the last running trial's tell is settled by one
+    of the two. The trials are counted by the database; only failures beyond ``max_failed_trials``
+    are loaded (to leave out hand-backs and cancelled trials).
     """
-    current = reload(db, record)
+    current, counts = record_with_counts(db, record)  # one statement: the state and the counts agree
     if current.state in FINAL_STATES:
         return
     definition = definition_of(current)
-    counts = count_states(db, current)
     if current.state == "stopping":
         if counts[TrialState.RUNNING] == 0 and counts[TrialState.WAITING] == 0:
             transition(db, current, ["stopping"], "stopped")

@@ -13,6 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
+from caviar.service.errors import NotFound
+from caviar.service.store._records import StudyRef
 from caviar.storage import StudyRecord
 
 
@@ -32,6 +34,35 @@ def count_states(db: Database, record: StudyRecord) -> dict[TrialState, int]:
         for state, count in rows:
             counts[TrialState(state)] += int(count)
     return counts
+
+
+def record_with_counts(
+    db: Database, record: StudyRecord | StudyRef
+) -> tuple[StudyRecord, dict[TrialState, int]]:
+    """The study's row as it is now and how many of its trials are in each state, in ONE statement.
+
+    One statement is one snapshot (SQLite, and PostgreSQL under read committed alike): the state and
+    the counts agree with each other, which is what settling a study needs.
+
+    Raises:
+        NotFound: ``study_not_found`` when the row is gone (or is another study's now).
+    """
+    counts = dict.fromkeys(TrialState, 0)
+    current: StudyRecord | None = None
+    with db.session() as session:
+        rows = session.execute(
+            select(StudyRecord, TrialModel.state, func.count(TrialModel.trial_id))
+            .outerjoin(TrialModel, TrialModel.study_id == StudyRecord.optuna_study_id)
+            .where(StudyRecord.id == record.id)
+            .group_by(StudyRecord.id, TrialModel.state)
+        )
+        for row, state, count in rows:
+            current = row
+            if state is not None:
+                counts[TrialState(state)] += int(count)
+    if current is None or current.created_at != record.created_at or current.name != record.name:
+        raise NotFound(f"no study named {record.name!r}", code="study_not_found")
+    return current, counts
 
 
 def trial_total(db: Database, record: StudyRecord) -> int:

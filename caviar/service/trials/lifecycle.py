@@ -8,7 +8,6 @@ processes and machines.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from caviar.service.definition import (
     sampling_order,
     stored_name,
 )
-from caviar.service.errors import Conflict, InvalidInput, RateLimited
+from caviar.service.errors import Conflict, InvalidInput, NotFound, RateLimited
 from caviar.service.store import (
     ACTIVE_STATES,
     ASKED,
@@ -42,31 +41,35 @@ from caviar.service.store import (
     FINISHED_BY_NAME,
     READY,
     RETRY_OF,
-    STATE_NAMES,
     STOPPED_STATES,
     WORKER,
     LeasePolicy,
+    StudyRef,
     all_trials,
     check_running,
     close_lease,
-    count_states,
     definition_of,
     end_reason,
     end_study,
-    frozen,
-    lease_error,
+    forget,
     lease_of,
     load_record,
-    reload,
+    prune_reported,
+    record_with_counts,
+    remember,
     renew,
+    row_and_lease,
     settle_study,
+    started_trial,
     study_handle,
+    study_ref,
     transition,
     trial_id,
+    trial_number,
     used_count,
 )
 from caviar.service.trials.leases import ANYONE, Caller, check_owner, study_stopped
-from caviar.service.trials.outcomes import requeue_retry
+from caviar.service.trials.outcomes import record_attrs, requeue_retry, told_before
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialAssignment, TrialRead
 from caviar.storage import StudyRecord, TrialLease, utcnow
@@ -101,28 +104,57 @@ def ask(
         InvalidInput: a ``fixed`` value that does not fit the search space (see
             :func:`~caviar.service.definition.check_params`).
     """
-    record = load_record(db, name)
+    try:
+        return _ask(db, study_ref(db, name), worker_id, request_id, policy, fixed)
+    except _StaleRef:  # the remembered id is another study's now (deleted and created again)
+        forget(db, name)
+        return _ask(db, study_ref(db, name), worker_id, request_id, policy, fixed)
+
+
+class _StaleRef(Exception):
+    """The study row read by a remembered id is gone or is another study's now."""
+
+
+def _ask(
+    db: Database,
+    ref: StudyRef,
+    worker_id: str | None,
+    request_id: str | None,
+    policy: LeasePolicy,
+    fixed: Mapping[str, Any] | None,
+) -> TrialAssignment:
+    """:func:`ask` for a study known by its remembered identity: the row is read once, under the lock."""
     if request_id is not None:
-        earlier = _lease_by_request(db, record, request_id)
+        earlier = _lease_by_request(db, ref, request_id)
         if earlier is not None:
-            return _replay(db, record, earlier, policy)
-    definition = definition_of(record)
-    encoded_fixed = (
-        check_params(definition.search_space, fixed, partial=True, where="fixed").stored if fixed else None
-    )
+            return _replay(db, load_record(db, ref.name), earlier, policy)
     # Under the lock only what the budget depends on: the checks, the running trial and its
     # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
     # sampler's constant liar sees the other running trials.
-    with db.study_lock(record.id):
-        replayed = _lease_by_request(db, record, request_id) if request_id is not None else None
+    with db.study_lock(ref.id):
+        try:
+            record, counts = record_with_counts(db, ref)  # the ask's one read of the row (and counts)
+        except NotFound:
+            raise _StaleRef from None
+        remember(db, record)
+        definition = definition_of(record)
+        encoded_fixed = (
+            check_params(definition.search_space, fixed, partial=True, where="fixed").stored
+            if fixed
+            else None
+        )
+        replayed = _lease_by_request(db, ref, request_id) if request_id is not None else None
         if replayed is None:
-            record, definition, started, lease = _claim(db, record, worker_id, request_id, policy)
+            record, definition, started, lease = _claim(db, record, counts, worker_id, request_id, policy)
     if replayed is not None:  # the same request retried concurrently: one trial for both
         return _replay(db, record, replayed, policy)
     study = study_handle(db, record, definition, trial_number=started.number)
     if encoded_fixed and not started.waiting:
         study.sampler = optuna.samplers.PartialFixedSampler(encoded_fixed, study.sampler)
-    trial = optuna.Trial(study, started.trial_id)
+    if started.created is not None:
+        trial = started_trial(study, started.created)  # no read of the trial just created
+    else:
+        trial = optuna.Trial(study, started.trial_id)
     _sample(trial, definition)
     decoded = decode_params(definition.search_space, dict(trial.params))
     for key, param in definition.search_space.items():
@@ -136,29 +168,29 @@ def ask(
 def _claim(
     db: Database,
     record: StudyRecord,
+    counts: dict[TrialState, int],
     worker_id: str | None,
     request_id: str | None,
     policy: LeasePolicy,
 ) -> tuple[StudyRecord, StudyDefinition, _Started, TrialLease]:
     """Under the study lock: check the study and the budget, start a trial, write its lease.
 
-    The study is read again under the lock: an edit of the budget (PATCH) or a stop takes the
-    same lock, so no ask overshoots a budget that was just lowered.
+    ``record`` and its trial ``counts`` were read under the lock (one aggregate: the history is never
+    loaded here): an edit of the budget (PATCH) or a stop takes the same lock, so no ask overshoots a
+    budget that was just lowered.
     """
     name = record.name
-    record = reload(db, record)
     definition = definition_of(record)
     if record.state in ACTIVE_STATES:
         reason = end_reason(db, definition, record)
         if reason is not None and end_study(db, record, reason):
-            record = reload(db, record)
+            record, counts = record_with_counts(db, record)
     if record.state == "paused":
         raise Conflict(f"study {name!r} is paused", code="study_paused")
     if record.state in STOPPED_STATES:
         raise study_stopped(record)
     if record.state == "failed":
         raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
-    counts = count_states(db, record)  # one aggregate: the history is never loaded here
     if counts[TrialState.WAITING] == 0 and (
         record.state == "completed" or used_count(counts) >= definition.budget.n_trials
     ):
@@ -210,6 +242,7 @@ class _Started:
     number: int
     waiting: bool
     user_attrs: dict[str, Any]
+    created: FrozenTrial | None = None  # a new trial as stored (its template, numbered)
 
 
 def _start_trial(
@@ -243,7 +276,8 @@ def _start_trial(
         trial_id=-1,
     )
     new_id = db.optuna.create_new_trial(record.optuna_study_id, template_trial=template)
-    return _Started(new_id, db.optuna.get_trial_number_from_id(new_id), False, attrs)
+    template.number, template._trial_id = trial_number(db, new_id), new_id
+    return _Started(new_id, template.number, False, attrs, template)
 
 
 def _sample(trial: optuna.Trial, definition: StudyDefinition) -> None:
@@ -273,7 +307,7 @@ REPLAY_WAIT_S = 5.0
 """How long a repeated ask waits for the first one to finish sampling before answering 409."""
 
 
-def _lease_by_request(db: Database, record: StudyRecord, request_id: str) -> TrialLease | None:
+def _lease_by_request(db: Database, record: StudyRecord | StudyRef, request_id: str) -> TrialLease | None:
     with db.session() as session:
         return session.scalar(
             select(TrialLease).where(TrialLease.study_id == record.id, TrialLease.request_id == request_id)
@@ -325,7 +359,7 @@ def report(
     Returns:
         True when the trial should be pruned, or its study is stopping.
     """
-    record = load_record(db, name)
+    record, tid, lease = row_and_lease(db, name, number)
     definition = definition_of(record)
     if definition.multi_objective:
         raise InvalidInput(
@@ -333,21 +367,22 @@ def report(
             code="multi_objective_report",
         )
     check_value(value, "value")
-    trial = frozen(db, record, number)
-    lease = check_running(db, record, trial)
+    if lease is None or lease.status != "active":  # the trial itself says why (or runs unleased)
+        lease = check_running(db, record, db.optuna.get_trial(tid))
     check_owner(record, number, lease, caller)
-    if lease is not None and not renew(db, trial._trial_id, policy):
-        check_running(db, record, db.optuna.get_trial(trial._trial_id))
-    db.optuna.set_trial_intermediate_value(trial._trial_id, step, value)
+    if lease is not None and not renew(db, tid, policy):
+        check_running(db, record, db.optuna.get_trial(tid))
+    try:  # an active lease means a running trial; Optuna refuses a finished one (told elsewhere)
+        db.optuna.set_trial_intermediate_value(tid, step, value)
+    except UpdateFinishedTrialError:
+        check_running(db, record, db.optuna.get_trial(tid))
+        raise
     if record.state in STOPPED_STATES:
         return True  # the study is stopping: every running trial ends at its next report
     study = study_handle(db, record, definition)
     if isinstance(study.pruner, optuna.pruners.NopPruner):
         return False
-    # the trial as the pruner must see it, without reading it back: what was read plus this value
-    reported = copy.copy(trial)
-    reported.intermediate_values = {**trial.intermediate_values, step: value}
-    return bool(study.pruner.prune(study, reported))
+    return prune_reported(db, study, tid)
 
 
 def check_value(value: float, field: str) -> None:
@@ -407,7 +442,7 @@ def tell(
     if not caller.any_trial:
         check_owner(record, number, lease_of(db, tid), caller)
     if user_attrs:
-        _record_attrs(db, record, tid, user_attrs)
+        record_attrs(db, record, tid, user_attrs)
     if final != TrialState.FAIL:
         # No study lock: Optuna's row-locked state update decides a race with the reaper (or a
         # repeated tell), and each tell settles the study after its own commit.
@@ -417,7 +452,7 @@ def tell(
         trial = db.optuna.get_trial(tid)
         lease = lease_of(db, tid)
         if trial.state.is_finished():
-            return _told_before(definition, record, trial, lease, final, values)
+            return told_before(definition, record, trial, lease, final, values)
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {number} of {name!r} is not running", code="trial_not_running")
         if reason:
@@ -433,18 +468,6 @@ def tell(
     if lease is not None:
         lease.status = "finished"
     return to_read(definition, finished, lease)
-
-
-def _record_attrs(db: Database, record: StudyRecord, tid: int, attrs: Mapping[str, Any]) -> None:
-    """Store user attributes on a running trial (a finished one keeps what it has)."""
-    trial = db.optuna.get_trial(tid)
-    if trial.state.is_finished():
-        return
-    for key, value in attrs.items():
-        try:
-            db.optuna.set_trial_user_attr(tid, key, value)
-        except UpdateFinishedTrialError:
-            return  # finished meanwhile (the reaper, or a concurrent tell): the tell decides below
 
 
 def _finish(
@@ -464,7 +487,7 @@ def _finish(
     except (UpdateFinishedTrialError, ValueError):
         trial = db.optuna.get_trial(tid)
         if trial.state.is_finished():
-            return _told_before(definition, record, trial, lease_of(db, tid), final, values)
+            return told_before(definition, record, trial, lease_of(db, tid), final, values)
         if trial.state != TrialState.RUNNING:
             raise Conflict(
                 f"trial {number} of {record.name!r} is not running", code="trial_not_running"
@@ -473,27 +496,3 @@ def _finish(
     close_lease(db, tid, None)
     settle_study(db, record)
     return to_read(definition, finished)
-
-
-def _told_before(
-    definition: StudyDefinition,
-    record: StudyRecord,
-    trial: FrozenTrial,
-    lease: TrialLease | None,
-    final: TrialState,
-    values: Sequence[float] | None,
-) -> TrialRead:
-    """The answer to a tell on a finished trial: the same trial, lease_lost or trial_finished."""
-    if lease is not None and lease_error(lease) == "lease_lost":
-        raise Conflict(
-            f"trial {trial.number} of {record.name!r} lost its lease; its retry runs instead",
-            code="lease_lost",
-        )
-    if trial.state == final and (
-        final != TrialState.COMPLETE or list(trial.values or []) == list(values or [])
-    ):
-        return to_read(definition, trial, lease)
-    raise Conflict(
-        f"trial {trial.number} of {record.name!r} already finished as {STATE_NAMES[trial.state]}",
-        code="trial_finished",
-    )

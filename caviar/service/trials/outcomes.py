@@ -1,4 +1,5 @@
-"""What a failed trial does: it is retried with the same parameters while it has retries left.
+"""What a failed trial does (it is retried with the same parameters while it has retries left), and
+what a tell on a finished trial answers.
 
 Called under the study lock by every path that ends a trial badly (a fail tell, the reaper, a
 hand-back); the study then settles (:func:`caviar.service.store.settle_study`).
@@ -6,12 +7,19 @@ hand-back); the study then settles (:func:`caviar.service.store.settle_study`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
-from caviar.service.store import ATTEMPT, RETRY_OF, STOPPED_STATES, reload
+from caviar.service.errors import Conflict
+from caviar.service.store import ATTEMPT, RETRY_OF, STATE_NAMES, STOPPED_STATES, lease_error, reload
+from caviar.service.trials.reads import to_read
+from caviar.service.trials.schemas import TrialRead
 from caviar.storage import StudyRecord, TrialLease
 
 
@@ -38,4 +46,40 @@ def requeue_retry(
     study = optuna.Study(study_name=record.name, storage=db.optuna)
     study.enqueue_trial(
         dict(trial.params), user_attrs={RETRY_OF: trial.number, ATTEMPT: next_attempt}, skip_if_exists=False
+    )
+
+
+def record_attrs(db: Database, record: StudyRecord, tid: int, attrs: Mapping[str, Any]) -> None:
+    """Store user attributes on a running trial (a finished one keeps what it has)."""
+    trial = db.optuna.get_trial(tid)
+    if trial.state.is_finished():
+        return
+    for key, value in attrs.items():
+        try:
+            db.optuna.set_trial_user_attr(tid, key, value)
+        except UpdateFinishedTrialError:
+            return  # finished meanwhile (the reaper, or a concurrent tell): the tell decides below
+
+
+def told_before(
+    definition: StudyDefinition,
+    record: StudyRecord,
+    trial: FrozenTrial,
+    lease: TrialLease | None,
+    final: TrialState,
+    values: Sequence[float] | None,
+) -> TrialRead:
+    """The answer to a tell on a finished trial: the same trial, lease_lost or trial_finished."""
+    if lease is not None and lease_error(lease) == "lease_lost":
+        raise Conflict(
+            f"trial {trial.number} of {record.name!r} lost its lease; its retry runs instead",
+            code="lease_lost",
+        )
+    if trial.state == final and (
+        final != TrialState.COMPLETE or list(trial.values or []) == list(values or [])
+    ):
+        return to_read(definition, trial, lease)
+    raise Conflict(
+        f"trial {trial.number} of {record.name!r} already finished as {STATE_NAMES[trial.state]}",
+        code="trial_finished",
     )

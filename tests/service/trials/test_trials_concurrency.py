@@ -476,8 +476,8 @@ class Interleaving:
             target=call, args=("second", second), name="second"
         )
         self.second_waits = lambda: waits_on_study_lock(second_thread)
+        second_thread.start()  # returns once the thread runs: before that is_alive() is False
         self.second_alive = second_thread.is_alive
-        second_thread.start()
         one.join(120)
         second_thread.join(120)
         assert not one.is_alive() and not second_thread.is_alive()
@@ -516,7 +516,7 @@ def test_two_asks_for_the_last_trial_hand_out_one(db: Database, db_url: str, mon
 
     create_study(db, parse_definition(external_study("last", n_trials=1)))
     race = Interleaving()
-    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, after=True))
+    monkeypatch.setattr(lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, after=True))
     other = _other(db_url)
     try:
         results = race.run(
@@ -547,7 +547,9 @@ def test_a_retry_being_queued_is_not_outrun_by_an_ask(
     race = Interleaving()
     module = lifecycle if ending == "fail_tell" else leases
     monkeypatch.setattr(module, "requeue_retry", race.point(module.requeue_retry, role="first"))
-    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, role="second"))
+    monkeypatch.setattr(
+        lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second")
+    )
     first: Callable[[], Any] = {
         "fail_tell": lambda: trials.tell(db, "retry", trial.number, "fail", reason="boom"),
         "reap": lambda: reap(db, now=utcnow() + timedelta(hours=1)),
@@ -577,7 +579,9 @@ def test_lowering_the_budget_is_not_outrun_by_an_ask(db: Database, db_url: str, 
     trials.ask(db, "lower-one", policy=POLICY)
     race = Interleaving()
     monkeypatch.setattr(steering, "all_trials", race.point(steering.all_trials, role="first", after=True))
-    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, role="second"))
+    monkeypatch.setattr(
+        lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, role="second")
+    )
     other = _other(db_url)
     try:
         results = race.run(
@@ -699,13 +703,13 @@ def _ask_in_another_process(url: str, name: str, reached: Any, out: Any) -> None
     """A second server process's ask: marks ``reached`` where it counts the budget."""
     from caviar.service.trials import lifecycle
 
-    real_count = lifecycle.count_states
+    real_count = lifecycle.record_with_counts
 
-    def count_states(*args: Any, **kwargs: Any) -> Any:
+    def record_with_counts(*args: Any, **kwargs: Any) -> Any:
         reached.set()
         return real_count(*args, **kwargs)
 
-    lifecycle.count_states = count_states
+    lifecycle.record_with_counts = record_with_counts
     db = Database(url, pool_size=1)
     try:
         out.put(("ok", trials.ask(db, name, policy=POLICY).number))
@@ -746,7 +750,7 @@ def test_an_ask_in_another_process_waits_for_the_lock(db: Database, db_url: str,
     create_study(db, parse_definition(external_study("procs-last", n_trials=1)))
     study_id = load_record(db, "procs-last").id
     race = Interleaving()
-    monkeypatch.setattr(lifecycle, "count_states", race.point(lifecycle.count_states, after=True))
+    monkeypatch.setattr(lifecycle, "record_with_counts", race.point(lifecycle.record_with_counts, after=True))
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
 

@@ -1,0 +1,149 @@
+"""The lean REST path: how many SQL statements an ask, a report and a tell send, and that what a
+process remembers about a study never hides a change made elsewhere (SQLite and PostgreSQL).
+
+The counts are deterministic (no timing): statements are counted with a SQLAlchemy event on every
+engine of this process while one call runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+from caviar.service.db import Database
+from tests.conftest import IS_POSTGRES
+from tests.service.helpers import external_study
+
+API = "/api/v1/studies"
+
+# Raw Optuna's ask + report + should_prune + tell on the same space and history sends 65
+# (benchmarks/sql_statements.py); caviar's REST path, its lease and budget included, sends no more.
+# PostgreSQL's ask takes the study lock with one statement more (pg_advisory_xact_lock).
+ASK_AT_MOST, REPORT_AT_MOST, TELL_AT_MOST = 32 + IS_POSTGRES, 12, 19
+RAW_OPTUNA = 65
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+        self.on = False
+
+    def __call__(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if self.on:
+            self.statements.append(" ".join(statement.split())[:120])
+
+    @contextmanager
+    def counting(self) -> Iterator[list[str]]:
+        self.statements = []
+        self.on = True
+        try:
+            yield self.statements
+        finally:
+            self.on = False
+
+
+@pytest.fixture
+def counter() -> Iterator[Counter]:
+    seen = Counter()
+    event.listen(Engine, "before_cursor_execute", seen)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", seen)
+
+
+def app(db_url: str, tmp_path: Path, label: str) -> TestClient:
+    """One service instance of its own (its own engine and pools), no background tasks."""
+    settings = Settings(
+        database_url=db_url,
+        heartbeat_interval_s=30,
+        artifact_dir=str(tmp_path / f"artifacts-{label}"),
+        api_token=None,
+        background_tasks=False,
+    )
+    return TestClient(create_app(settings, db=Database(db_url)))
+
+
+def cycle(client: TestClient, name: str) -> int:
+    number = client.post(f"{API}/{name}/trials/ask", json={}).json()["number"]
+    report = client.post(f"{API}/{name}/trials/{number}/report", json={"step": 0, "value": 0.5})
+    assert report.status_code == 200, report.text
+    tell = client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": 0.5})
+    assert tell.status_code == 200, tell.text
+    return number
+
+
+def test_ask_report_tell_send_no_more_statements_than_raw_optuna(
+    db_url: str, tmp_path: Path, counter: Counter
+) -> None:
+    client = app(db_url, tmp_path, "one")
+    body = external_study("lean", n_trials=1000)
+    body |= {"sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "median"}}
+    assert client.post(API, json=body).status_code == 201
+    history = [
+        {"params": {"lr": 10 ** (-4 + 3 * i / 20), "beta1": 0.9, "dropout": 0.1}, "value": i % 5}
+        for i in range(20)
+    ]
+    assert client.post(f"{API}/lean/trials/enqueue", json={"trials": history}).status_code == 201
+    cycle(client, "lean")  # the process's caches and pools warm up once
+    with counter.counting() as ask_statements:
+        number = client.post(f"{API}/lean/trials/ask", json={}).json()["number"]
+    with counter.counting() as report_statements:
+        client.post(f"{API}/lean/trials/{number}/report", json={"step": 0, "value": 0.5}).raise_for_status()
+    with counter.counting() as tell_statements:
+        client.post(
+            f"{API}/lean/trials/{number}/tell", json={"state": "complete", "value": 0.5}
+        ).raise_for_status()
+    assert len(ask_statements) <= ASK_AT_MOST, ask_statements
+    assert len(report_statements) <= REPORT_AT_MOST, report_statements
+    assert len(tell_statements) <= TELL_AT_MOST, tell_statements
+    assert len(ask_statements) + len(report_statements) + len(tell_statements) <= RAW_OPTUNA
+    # caviar's study row: read once by an ask (under the study lock, with the trial counts) and a
+    # report (with the lease); a tell reads it before Optuna's tell and once more with the trial
+    # counts to settle the study
+    rows = [
+        sum(s.startswith("SELECT caviar_studies.id") for s in statements)
+        for statements in (ask_statements, report_statements, tell_statements)
+    ]
+    assert rows == [1, 1, 2], (ask_statements, report_statements, tell_statements)
+
+
+def test_a_change_through_one_app_is_seen_by_another_at_once(db_url: str, tmp_path: Path) -> None:
+    """Caches are validated by their readers, never invalidated by the writer: what app 2 (its own
+    engine, as another process has) remembers never hides what app 1 changed a moment ago."""
+    one, two = app(db_url, tmp_path, "one"), app(db_url, tmp_path, "two")
+    assert one.post(API, json=external_study("s", n_trials=10)).status_code == 201
+    first = cycle(two, "s")  # app 2 remembers the study (its id, definition, Optuna handle)
+    assert first == 0
+    # a pause through app 1: app 2's next ask is refused
+    assert one.post(f"{API}/s/pause").status_code == 200
+    paused = two.post(f"{API}/s/trials/ask", json={})
+    assert paused.status_code == 409 and paused.json()["error"]["code"] == "study_paused"
+    assert one.post(f"{API}/s/resume").status_code == 200
+    # a budget edit through app 1 (a new definition revision): app 2 applies it at once
+    assert one.patch(f"{API}/s", json={"budget": {"n_trials": 1}}).status_code == 200
+    spent = two.post(f"{API}/s/trials/ask", json={})
+    assert spent.status_code == 409 and spent.json()["error"]["code"] == "budget_exhausted"
+    # deleted and created again under the same name, with another space: app 2 asks the new study
+    assert one.delete(f"{API}/s").status_code == 204
+    again = external_study("s", n_trials=10)
+    again["search_space"] = {"width": {"type": "int", "low": 1, "high": 8}}
+    assert one.post(API, json=again).status_code == 201
+    fresh = two.post(f"{API}/s/trials/ask", json={})
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["number"] == 0 and set(fresh.json()["params"]) == {"width"}
+    report = two.post(f"{API}/s/trials/0/report", json={"step": 0, "value": 1.0})
+    assert report.status_code == 200, report.text
+    told = two.post(f"{API}/s/trials/0/tell", json={"state": "complete", "value": 1.0})
+    assert told.status_code == 200 and told.json()["params"] == fresh.json()["params"], told.text
+    # and deleted for good: app 2 answers 404, not a stale trial
+    assert one.delete(f"{API}/s").status_code == 204
+    gone = two.post(f"{API}/s/trials/ask", json={})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "study_not_found"
