@@ -21,7 +21,7 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def engine_kwargs(url: str, *, pool_size: int = 4) -> dict[str, Any]:
+def engine_kwargs(url: str, *, pool_size: int = 4, max_overflow: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``create_engine`` (shared with Optuna's own engine).
 
     SQLite waits on a locked database instead of failing at once. PostgreSQL gets a bounded,
@@ -31,7 +31,7 @@ def engine_kwargs(url: str, *, pool_size: int = 4) -> dict[str, Any]:
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
     return {
         "pool_size": pool_size,
-        "max_overflow": pool_size,
+        "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_timeout": 30,
         "pool_pre_ping": True,
         "pool_recycle": 1800,
@@ -47,9 +47,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, *, pool_size: int = 4) -> Engine:
-    """Create an engine: WAL, busy timeout and foreign keys on SQLite; a bounded pool on PostgreSQL."""
-    engine = create_engine(url, **engine_kwargs(url, pool_size=pool_size))
+def make_engine(url: str, *, pool_size: int = 4, max_overflow: int | None = None) -> Engine:
+    """Create an engine: WAL, busy timeout and foreign keys on SQLite; a bounded pool on PostgreSQL.
+
+    ``max_overflow``: connections beyond ``pool_size`` (default: as many again).
+    """
+    engine = create_engine(url, **engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow))
     if is_sqlite(url):
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

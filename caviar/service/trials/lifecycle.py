@@ -59,6 +59,8 @@ from caviar.service.store import (
     load_record,
     reload,
     renew,
+    renew_one,
+    sampling_holds,
     settle_study,
     study_handle,
     transition,
@@ -123,7 +125,10 @@ def ask(
     if encoded_fixed and not started.waiting:
         study.sampler = optuna.samplers.PartialFixedSampler(encoded_fixed, study.sampler)
     trial = optuna.Trial(study, started.trial_id)
-    _sample(trial, definition)
+    with sampling_holds(db).hold(started.trial_id, policy):  # a slow sampler never loses the lease
+        _sample(trial, definition)
+        renewed = renew_one(db, started.trial_id, policy)  # the lease proper starts now
+        lease.expires_at = renewed or lease.expires_at
     decoded = decode_params(definition.search_space, dict(trial.params))
     for key, param in definition.search_space.items():
         if is_reversed(param) and key in decoded and started.user_attrs.get(key) != decoded[key]:

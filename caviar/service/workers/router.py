@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, status
 
 from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
 from caviar.service.deps import DbDep, EnvValuesDep, LeasePolicyDep, LeaseProofKeyDep
+from caviar.service.store import LeaseRow
 from caviar.service.tokens import trial as trial_tokens
 from caviar.service.workers import service
 from caviar.service.workers.schemas import (
@@ -20,7 +21,6 @@ from caviar.service.workers.schemas import (
     WorkerRegister,
     WorkerRegistered,
 )
-from caviar.storage import TrialLease
 
 router = APIRouter(tags=["workers"])
 
@@ -62,7 +62,7 @@ def heartbeat_worker(
     if proof_key is not None:
         key = proof_key
 
-        def proves(ref: TrialRef, lease: TrialLease) -> bool:
+        def proves(ref: TrialRef, lease: LeaseRow) -> bool:
             grant = trial_tokens.verify(key, ref.credential) if ref.credential else None
             return grant is not None and (grant.trial_id, grant.study_id, grant.number) == (
                 lease.trial_id,
