@@ -25,7 +25,7 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.store import artifact_store
 from caviar.service.tokens import trial as trial_tokens
-from caviar.service.trials import artifacts, enqueue, export, suggest
+from caviar.service.trials import admission, artifacts, enqueue, export, suggest
 from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
@@ -51,27 +51,41 @@ from caviar.service.web_security import file_headers
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
 
-@router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
-def ask_trial(
+@router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429, 503))
+async def ask_trial(
+    request: Request,
     db: DbDep,
     policy: LeasePolicyDep,
     settings: SettingsDep,
     name: StudyName,
     body: Annotated[AskRequest | None, Body()] = None,
 ) -> TrialAssignment:
+    """At most ``max_concurrent_asks`` asks run at once in one server process: one more is answered
+    429 ``too_many_asks`` with a jittered ``Retry-After``. An ask whose sampler outruns
+    ``ask_timeout_s`` is answered 503 ``sampler_slow``; its trial is handed back (not failed) and
+    the next ask gets it."""
     body = body or AskRequest()
-    assignment = service.ask(
-        db,
-        name,
-        worker_id=body.worker_id,
-        request_id=body.request_id,
-        policy=policy,
-        fixed=body.fixed,
-    )
-    if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
-        key = trial_tokens.derive_key(settings.api_token.get_secret_value())
-        assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
-    return assignment
+
+    def work() -> TrialAssignment:
+        assignment = service.ask(
+            db,
+            name,
+            worker_id=body.worker_id,
+            request_id=body.request_id,
+            policy=policy,
+            fixed=body.fixed,
+        )
+        if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
+            key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+            assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
+        return assignment
+
+    def hand_back(assignment: TrialAssignment) -> None:
+        reason = f"sampled after the ask's limit ({settings.ask_timeout_s:g}s, ask_timeout_s)"
+        service.release(db, name, assignment.number, reason=reason)
+
+    gate: admission.AskGate = request.app.state.ask_gate
+    return await admission.admitted(gate, work, timeout_s=settings.ask_timeout_s, hand_back=hand_back)
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
