@@ -207,11 +207,12 @@ async def upload_artifact(
     status_code=status.HTTP_201_CREATED,
     summary="Enqueue parameter sets (handed out first) or import known results",
 )
-def enqueue_trials(db: DbDep, name: StudyName, body: EnqueueRequest) -> TrialList:
+def enqueue_trials(db: DbDep, settings: SettingsDep, name: StudyName, body: EnqueueRequest) -> TrialList:
     """Parameters in decoded names (``beta1: 0.95``), checked against the search space (422 naming the
     field). With ``value``/``values`` a set is imported as a complete trial the sampler learns from.
-    The sets count against ``budget.n_trials`` (409 budget_exhausted when they would overshoot it)."""
-    items = enqueue.enqueue(db, name, body.trials)
+    The sets count against ``budget.n_trials`` (409 budget_exhausted when they would overshoot it).
+    They are written ``import_chunk_size`` at a time (asks and heartbeats go on between chunks)."""
+    items = enqueue.enqueue(db, name, body.trials, chunk_size=settings.import_chunk_size)
     return TrialList(items=items, total=len(items))
 
 
