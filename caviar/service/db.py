@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from optuna.storages import BaseStorage
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from caviar.storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker
+from caviar.storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker, renewal_gate
 
 _PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
 
@@ -57,8 +57,16 @@ class Database:
         if self._lease_engine is None:
             with self._lease_engine_guard:
                 if self._lease_engine is None:
-                    self._lease_engine = make_engine(self.url, pool_size=self.lease_pool_size, max_overflow=0)
+                    self._lease_engine = make_engine(
+                        self.url, pool_size=self.lease_pool_size, max_overflow=0, for_renewals=True
+                    )
         return self._lease_engine
+
+    @contextlib.contextmanager
+    def renewing(self) -> Iterator[Connection]:
+        """One transaction on :attr:`lease_engine` (SQLite: this process's other writes wait for it)."""
+        with renewal_gate(self.url).renewal(), self.lease_engine.begin() as connection:
+            yield connection
 
     @property
     def optuna(self) -> BaseStorage:

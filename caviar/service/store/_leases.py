@@ -201,7 +201,7 @@ def renew_many(db: Database, trial_ids: Sequence[int], policy: LeasePolicy) -> i
     if not trial_ids:
         return 0
     engine = db.lease_engine
-    with engine.begin() as connection:
+    with db.renewing() as connection:
         result = connection.execute(
             update(_LEASES)
             .where(_LEASES.c.trial_id.in_(sorted(set(trial_ids))), _LEASES.c.status == "active")
@@ -213,7 +213,7 @@ def renew_many(db: Database, trial_ids: Sequence[int], policy: LeasePolicy) -> i
 def renew_one(db: Database, trial_id: int, policy: LeasePolicy) -> datetime | None:
     """:func:`renew_many` for one trial, answering its new expiry (None: no active lease)."""
     engine = db.lease_engine
-    with engine.begin() as connection:
+    with db.renewing() as connection:
         expires_at = connection.execute(
             update(_LEASES)
             .where(_LEASES.c.trial_id == trial_id, _LEASES.c.status == "active")

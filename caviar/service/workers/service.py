@@ -120,7 +120,7 @@ def beat(
     ]
     engine = db.lease_engine
     workers = WorkerRecord.__table__
-    with engine.begin() as connection:  # starts with its write: SQLite waits for the writer lock
+    with db.renewing() as connection:  # starts with its write: SQLite waits for the writer lock
         if renewable:
             connection.execute(
                 update(TrialLease.__table__)
