@@ -23,7 +23,6 @@ from caviar.service.optuna_api.router import router as optuna_router
 from caviar.service.schedules.router import router as schedules_router
 from caviar.service.schedules.service import scheduler_task
 from caviar.service.security import install_security, open_paths
-from caviar.service.store import LeasePolicy
 from caviar.service.studies.router import router as studies_router
 from caviar.service.tokens.router import router as tokens_router
 from caviar.service.tokens.router import whoami_router
@@ -40,7 +39,7 @@ def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
     """The periodic work each server process runs (each is safe to run in every replica)."""
     tasks: list[PeriodicTask] = []
     if settings.background_tasks:
-        margin_s = LeasePolicy.from_settings(settings).reap_margin_s
+        margin_s = settings.reap_margin_s
         tasks.append(PeriodicTask("reaper", settings.reap_every_s, lambda: reap(db, margin_s=margin_s)))
         tasks.append(scheduler_task(db, settings))
     return tasks

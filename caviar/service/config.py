@@ -164,6 +164,11 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @property
+    def reap_margin_s(self) -> float:
+        """The reaper's grace past a lease's expiry (``lease_margin_s``, default heartbeat / 2)."""
+        return self.heartbeat_interval_s / 2 if self.lease_margin_s is None else self.lease_margin_s
+
+    @property
     def ask_limit(self) -> int:
         """Asks one server process runs at once (``max_concurrent_asks``, default ``db_pool_size``)."""
         return self.max_concurrent_asks or self.db_pool_size

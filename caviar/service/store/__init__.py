@@ -37,6 +37,8 @@ from caviar.service.store._leases import (
     renew_leases,
     renew_many,
     renew_one,
+    renewal,
+    sampling,
     sampling_holds,
 )
 from caviar.service.store._ranking import best_first, pareto_front, ranked
@@ -148,7 +150,9 @@ __all__ = [
     "renew_leases",
     "renew_many",
     "renew_one",
+    "renewal",
     "runnable_studies",
+    "sampling",
     "sampling_holds",
     "set_state",
     "settle_study",

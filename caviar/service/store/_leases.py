@@ -21,10 +21,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import ColumnElement, String, func, literal, select, tuple_, update
+from sqlalchemy import ColumnElement, String, Table, Update, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
@@ -44,7 +44,7 @@ class LeasePolicy:
     Attributes:
         heartbeat_interval_s: how often holders of a lease are asked to renew it.
         margin_s: how long past its expiry (by the database's clock) the reaper still spares a
-            lease (None: half a heartbeat interval).
+            lease (``Settings.reap_margin_s``; None: none).
     """
 
     heartbeat_interval_s: float
@@ -53,12 +53,7 @@ class LeasePolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> LeasePolicy:
         """The service's lease policy, from its settings."""
-        return cls(heartbeat_interval_s=settings.heartbeat_interval_s, margin_s=settings.lease_margin_s)
-
-    @property
-    def reap_margin_s(self) -> float:
-        """The reaper's grace past a lease's expiry (``lease_margin_s``, default heartbeat / 2)."""
-        return self.heartbeat_interval_s / 2 if self.margin_s is None else self.margin_s
+        return cls(heartbeat_interval_s=settings.heartbeat_interval_s, margin_s=settings.reap_margin_s)
 
     @property
     def lease_s(self) -> float:
@@ -173,8 +168,8 @@ def end_lease(db: Database, trial_id: int, status: str, reason: str) -> None:
 
 # ---- the lease path: the database's clock, its own pool, Core statements ----------------------
 
-_LEASES = TrialLease.__table__
-_STUDIES = StudyRecord.__table__
+_LEASES = cast(Table, TrialLease.__table__)
+_STUDIES = cast(Table, StudyRecord.__table__)
 
 
 def db_now(dialect: str, offset_s: float = 0.0) -> ColumnElement[Any]:
@@ -190,6 +185,21 @@ def db_now(dialect: str, offset_s: float = 0.0) -> ColumnElement[Any]:
     return func.now() + timedelta(seconds=offset_s)
 
 
+def new_expiry(dialect: str, policy: LeasePolicy) -> ColumnElement[Any] | datetime:
+    """The expiry a renewal stamps: one lease period past the database's now (tests may replace it
+    with a clock of their own)."""
+    return db_now(dialect, policy.lease_s)
+
+
+def renewal(dialect: str, trial_ids: Sequence[int], policy: LeasePolicy) -> Update:
+    """THE renewal: one UPDATE extending the active leases of ``trial_ids`` (see :func:`new_expiry`)."""
+    return (
+        update(_LEASES)
+        .where(_LEASES.c.trial_id.in_(sorted(set(trial_ids))), _LEASES.c.status == "active")
+        .values(expires_at=new_expiry(dialect, policy))
+    )
+
+
 def renew_many(db: Database, trial_ids: Sequence[int], policy: LeasePolicy) -> int:
     """Extend the active leases of ``trial_ids`` to one lease period from the database's now.
 
@@ -200,26 +210,16 @@ def renew_many(db: Database, trial_ids: Sequence[int], policy: LeasePolicy) -> i
     """
     if not trial_ids:
         return 0
-    engine = db.lease_engine
     with db.renewing() as connection:
-        result = connection.execute(
-            update(_LEASES)
-            .where(_LEASES.c.trial_id.in_(sorted(set(trial_ids))), _LEASES.c.status == "active")
-            .values(expires_at=db_now(engine.dialect.name, policy.lease_s))
-        )
+        result = connection.execute(renewal(connection.dialect.name, trial_ids, policy))
     return int(result.rowcount)
 
 
 def renew_one(db: Database, trial_id: int, policy: LeasePolicy) -> datetime | None:
     """:func:`renew_many` for one trial, answering its new expiry (None: no active lease)."""
-    engine = db.lease_engine
     with db.renewing() as connection:
-        expires_at = connection.execute(
-            update(_LEASES)
-            .where(_LEASES.c.trial_id == trial_id, _LEASES.c.status == "active")
-            .values(expires_at=db_now(engine.dialect.name, policy.lease_s))
-            .returning(_LEASES.c.expires_at)
-        ).scalar()
+        statement = renewal(connection.dialect.name, [trial_id], policy)
+        expires_at: datetime | None = connection.execute(statement.returning(_LEASES.c.expires_at)).scalar()
     return expires_at
 
 
@@ -335,6 +335,19 @@ class SamplingHolds:
 
 
 _holds_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def sampling(db: Database, lease: TrialLease, policy: LeasePolicy) -> Iterator[None]:
+    """Hold ``lease`` while its trial is sampled; then start it afresh (``lease.expires_at`` too).
+
+    The lease proper starts once the trial's parameters are stored: a sampler slower than a lease
+    never costs the trial (see :class:`SamplingHolds`).
+    """
+    with sampling_holds(db).hold(lease.trial_id, policy):
+        yield
+        renewed = renew_one(db, lease.trial_id, policy)
+        lease.expires_at = renewed or lease.expires_at
 
 
 def sampling_holds(db: Database) -> SamplingHolds:

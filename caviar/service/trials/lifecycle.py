@@ -59,8 +59,7 @@ from caviar.service.store import (
     load_record,
     reload,
     renew,
-    renew_one,
-    sampling_holds,
+    sampling,
     settle_study,
     study_handle,
     transition,
@@ -112,9 +111,8 @@ def ask(
     encoded_fixed = (
         check_params(definition.search_space, fixed, partial=True, where="fixed").stored if fixed else None
     )
-    # Under the lock only what the budget depends on: the checks, the running trial and its
-    # lease. Sampling (the expensive part) runs after it, concurrently with other asks; the
-    # sampler's constant liar sees the other running trials.
+    # Under the lock only what the budget depends on: the checks, the running trial, its lease.
+    # Sampling runs after it, concurrently with other asks (the constant liar sees running trials).
     with db.study_lock(record.id):
         replayed = _lease_by_request(db, record, request_id) if request_id is not None else None
         if replayed is None:
@@ -125,10 +123,8 @@ def ask(
     if encoded_fixed and not started.waiting:
         study.sampler = optuna.samplers.PartialFixedSampler(encoded_fixed, study.sampler)
     trial = optuna.Trial(study, started.trial_id)
-    with sampling_holds(db).hold(started.trial_id, policy):  # a slow sampler never loses the lease
+    with sampling(db, lease, policy):  # holds the lease while sampling; it starts once sampled
         _sample(trial, definition)
-        renewed = renew_one(db, started.trial_id, policy)  # the lease proper starts now
-        lease.expires_at = renewed or lease.expires_at
     decoded = decode_params(definition.search_space, dict(trial.params))
     for key, param in definition.search_space.items():
         if is_reversed(param) and key in decoded and started.user_attrs.get(key) != decoded[key]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
@@ -17,9 +17,9 @@ from caviar.service.store import (
     STOPPED_STATES,
     LeasePolicy,
     LeaseRow,
-    db_now,
     definition_of,
     lease_rows,
+    renewal,
     runnable_studies,
     trial_total,
 )
@@ -31,7 +31,7 @@ from caviar.service.workers.schemas import (
     WorkerList,
     WorkerRead,
 )
-from caviar.storage import TrialLease, WorkerRecord, utcnow
+from caviar.storage import WorkerRecord, utcnow
 
 
 def register_worker(
@@ -118,16 +118,10 @@ def beat(
         for key, lease in leases.items()
         if lease.error is None and not foreign(refs[key], lease)
     ]
-    engine = db.lease_engine
-    workers = WorkerRecord.__table__
+    workers = cast(Table, WorkerRecord.__table__)
     with db.renewing() as connection:  # starts with its write: SQLite waits for the writer lock
         if renewable:
-            connection.execute(
-                update(TrialLease.__table__)
-                .where(TrialLease.__table__.c.trial_id.in_(sorted(renewable)))
-                .where(TrialLease.__table__.c.status == "active")
-                .values(expires_at=db_now(engine.dialect.name, policy.lease_s))
-            )
+            connection.execute(renewal(connection.dialect.name, renewable, policy))
         connection.execute(
             update(workers)
             .where(workers.c.id == worker_id)

@@ -255,6 +255,7 @@ def test_an_ask_slower_than_its_limit_answers_sampler_slow_and_hands_the_trial_b
         assert error["code"] == "sampler_slow" and "ask_timeout_s" in error["message"]
         go.set()
         assert handed_back.wait(WAIT_S)
+        client.app.state.settings = settings.model_copy(update={"ask_timeout_s": 600})  # type: ignore[attr-defined]
         record = load_record(db, "gp")
         first = db.optuna.get_trial(trial_id(db, record, 0))
         assert first.state == TrialState.FAIL and first.user_attrs.get(RELEASED)
