@@ -1,9 +1,11 @@
 """HTTP to a caviar service: bearer auth, the error envelope, and retries through outages.
 
 Network faults are normal operating conditions: a request that fails to connect, times out, or is
-answered 429 / 502 / 503 / 504 is retried with exponential backoff (honouring ``Retry-After``)
-until ``retry_s`` seconds have passed. Every caviar call is safe to repeat: asks carry a
-``request_id``, tells and hand-backs are idempotent, heartbeats and reports overwrite.
+answered 429 / 502 / 503 / 504 is retried with exponential backoff (honouring ``Retry-After``, with
+jitter) until ``retry_s`` seconds have passed; an ask a server process refused for now (429
+``too_many_asks``) is retried even by callers that do not wait on a full study. Every caviar call
+is safe to repeat: asks carry a ``request_id``, tells and hand-backs are idempotent, heartbeats and
+reports overwrite.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from caviar._errors import CaviarApiError, LeaseLost
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_PREFIX = "/api/v1"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+ADMISSION_CODES = frozenset({"too_many_asks"})
+"""Error codes retried whatever ``retry_on`` says: a server process refused the request for now
+(it runs as many asks as it admits), never the study (``max_parallel_reached`` is the study's)."""
+_sleep = time.sleep  # one place to wait between tries (tests replace it)
 
 
 def api_path(*parts: str | int) -> str:
@@ -126,13 +132,15 @@ class HttpClient:
                 if response.is_success:
                     return response
                 failure = api_error(response)
-                if response.status_code not in retry_on:
+                if response.status_code not in retry_on and failure.code not in ADMISSION_CODES:
                     raise failure
                 wait = _retry_after(response)
+            if wait is not None:  # the server's Retry-After, spread a little more (a burst retries apart)
+                wait *= 1.0 + 0.25 * random.random()
             pause = min(wait if wait is not None else delay * (0.5 + random.random()), 30.0)
             if self._closed.is_set() or time.monotonic() + pause > deadline:
                 raise failure
-            time.sleep(pause)
+            _sleep(pause)
             delay = min(delay * 2, 10.0)
 
     def get(self, path: str, **kwargs: Any) -> Any:

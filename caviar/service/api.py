@@ -27,6 +27,7 @@ from caviar.service.studies.router import router as studies_router
 from caviar.service.tokens.router import router as tokens_router
 from caviar.service.tokens.router import whoami_router
 from caviar.service.trials import reap
+from caviar.service.trials.admission import AskGate
 from caviar.service.trials.router import router as trials_router
 from caviar.service.web_security import UNSAFE_METHODS
 from caviar.service.workers.router import router as workers_router
@@ -38,7 +39,8 @@ def background_tasks(db: Database, settings: Settings) -> list[PeriodicTask]:
     """The periodic work each server process runs (each is safe to run in every replica)."""
     tasks: list[PeriodicTask] = []
     if settings.background_tasks:
-        tasks.append(PeriodicTask("reaper", settings.reap_every_s, lambda: reap(db)))
+        margin_s = settings.reap_margin_s
+        tasks.append(PeriodicTask("reaper", settings.reap_every_s, lambda: reap(db, margin_s=margin_s)))
         tasks.append(scheduler_task(db, settings))
     return tasks
 
@@ -158,7 +160,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     )
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.settings = settings
-    app.state.db = db or Database(settings.database_url, pool_size=settings.db_pool_size)
+    app.state.db = db or Database(
+        settings.database_url, pool_size=settings.db_pool_size, lease_pool_size=settings.lease_pool_size
+    )
+    app.state.ask_gate = AskGate(settings.ask_limit)
     install_error_handlers(app)
     app.add_middleware(
         DashboardMount, db=app.state.db, artifact_dir=settings.artifact_dir

@@ -40,6 +40,40 @@ class Settings(BaseSettings):
         description="Connections per server process for caviar's tables (as many again on overflow); "
         "Optuna's storage keeps at most 4 more. A process opens at most 2 x this + 4.",
     )
+    lease_pool_size: int = Field(
+        default=2,
+        ge=1,
+        le=20,
+        description="Connections per server process kept for lease renewals only (worker and trial "
+        "heartbeats, the renewal of a report): a burst of asks, an import or a slow sampler never takes "
+        "them. A process opens at most 2 x db_pool_size + lease_pool_size + 4.",
+    )
+    lease_margin_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Grace the reaper gives a lapsed lease, judged by the database's clock "
+        "(default: heartbeat_interval_s / 2).",
+    )
+    max_concurrent_asks: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Asks one server process runs at once; more are answered 429 `too_many_asks` with "
+        "Retry-After (the client and worker wait and retry). Default: db_pool_size.",
+    )
+    ask_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="An ask whose sampler takes longer is answered 503 `sampler_slow`; its trial is "
+        "handed back (not counted as a failure) once sampled, and the next ask gets it.",
+    )
+    import_chunk_size: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Trials an enqueue or import writes per hold of the study's lock (asks and "
+        "heartbeats go on between chunks).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535, description="0: any free port (printed at start).")
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
@@ -128,6 +162,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @property
+    def reap_margin_s(self) -> float:
+        """The reaper's grace past a lease's expiry (``lease_margin_s``, default heartbeat / 2)."""
+        return self.heartbeat_interval_s / 2 if self.lease_margin_s is None else self.lease_margin_s
+
+    @property
+    def ask_limit(self) -> int:
+        """Asks one server process runs at once (``max_concurrent_asks``, default ``db_pool_size``)."""
+        return self.max_concurrent_asks or self.db_pool_size
 
     @property
     def reap_every_s(self) -> float:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from optuna.storages import BaseStorage
-from sqlalchemy import text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from caviar.storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker
+from caviar.storage import get_optuna_storage, is_sqlite, make_engine, make_sessionmaker, renewal_gate
 
 _PG_LOCK_CLASS = 0x63617669  # "cavi": first key of caviar's advisory locks
 
@@ -32,13 +32,41 @@ class Database:
     Args:
         url: SQLAlchemy URL (``sqlite:///./caviar.db`` or ``postgresql+psycopg://...``).
         pool_size: connections caviar's own engine keeps (Optuna's storage keeps its own two).
+        lease_pool_size: connections of :attr:`lease_engine`, kept for lease renewals only.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, lease_pool_size: int = 2) -> None:
         self.url = url
         self.engine = make_engine(url, pool_size=pool_size)
         self.sessions = make_sessionmaker(self.engine)
         self.is_sqlite = is_sqlite(url)
+        self.lease_pool_size = lease_pool_size
+        self._lease_engine: Engine | None = None
+        self._lease_engine_guard = threading.Lock()
+
+    @property
+    def lease_engine(self) -> Engine:
+        """A second engine on the same URL for lease renewals only (created on first use).
+
+        Renewals (heartbeats, the renewal of a report) take their connection here, so asks, imports
+        and samplers that hold every connection of :attr:`engine` and of Optuna's storage never make
+        a lease wait. Code on this engine runs plain Core statements in short transactions that
+        start with their write (SQLite: the writer lock is waited for with the busy timeout, never
+        held across a call into the other engine, so the two cannot deadlock).
+        """
+        if self._lease_engine is None:
+            with self._lease_engine_guard:
+                if self._lease_engine is None:
+                    self._lease_engine = make_engine(
+                        self.url, pool_size=self.lease_pool_size, max_overflow=0, for_renewals=True
+                    )
+        return self._lease_engine
+
+    @contextlib.contextmanager
+    def renewing(self) -> Iterator[Connection]:
+        """One transaction on :attr:`lease_engine` (SQLite: this process's other writes wait for it)."""
+        with renewal_gate(self.url).renewal(), self.lease_engine.begin() as connection:
+            yield connection
 
     @property
     def optuna(self) -> BaseStorage:
@@ -56,6 +84,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lease_engine is not None:
+            self._lease_engine.dispose()
 
     @contextlib.contextmanager
     def study_lock(self, study_id: int) -> Iterator[None]:

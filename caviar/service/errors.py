@@ -66,6 +66,16 @@ class RateLimited(CaviarError):
         super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
+class Unavailable(CaviarError):
+    """The service cannot answer this request now (retry after ``retry_after_s``)."""
+
+    code = "unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
+
+
 class Unauthorized(CaviarError):
     code = "unauthorized"
     status = 401

@@ -1,6 +1,13 @@
 """caviar's storage: engines, caviar's own tables and migrations, and the Optuna storage factory."""
 
-from caviar.storage._engine import display_url, is_sqlite, make_engine, make_sessionmaker
+from caviar.storage._engine import (
+    RenewalGate,
+    display_url,
+    is_sqlite,
+    make_engine,
+    make_sessionmaker,
+    renewal_gate,
+)
 from caviar.storage._migrate import (
     DatabaseNotReady,
     check_ready,
@@ -25,6 +32,7 @@ __all__ = [
     "ApiToken",
     "Base",
     "DatabaseNotReady",
+    "RenewalGate",
     "Schedule",
     "ScheduleRun",
     "StudyRecord",
@@ -39,6 +47,7 @@ __all__ = [
     "is_up_to_date",
     "make_engine",
     "make_sessionmaker",
+    "renewal_gate",
     "reset_optuna_storages",
     "upgrade",
     "utcnow",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -21,7 +24,7 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def engine_kwargs(url: str, *, pool_size: int = 4) -> dict[str, Any]:
+def engine_kwargs(url: str, *, pool_size: int = 4, max_overflow: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``create_engine`` (shared with Optuna's own engine).
 
     SQLite waits on a locked database instead of failing at once. PostgreSQL gets a bounded,
@@ -31,7 +34,7 @@ def engine_kwargs(url: str, *, pool_size: int = 4) -> dict[str, Any]:
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
     return {
         "pool_size": pool_size,
-        "max_overflow": pool_size,
+        "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_timeout": 30,
         "pool_pre_ping": True,
         "pool_recycle": 1800,
@@ -47,11 +50,77 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, *, pool_size: int = 4) -> Engine:
-    """Create an engine: WAL, busy timeout and foreign keys on SQLite; a bounded pool on PostgreSQL."""
-    engine = create_engine(url, **engine_kwargs(url, pool_size=pool_size))
+class RenewalGate:
+    """On SQLite, lease renewals of this process go before its other writes.
+
+    SQLite has one writer and its busy handler is not fair: a renewal that polls for the writer
+    lock while an import commits trial after trial can wait seconds. So a renewal announces itself
+    (:meth:`renewal`) and every other transaction of this process on the same database waits,
+    before it begins, until no renewal is pending (:meth:`yield_to_renewals`, at most
+    ``max_wait_s``). Renewals take milliseconds; the transaction that holds the lock when one
+    arrives finishes first (no deadlock). PostgreSQL locks rows, not the database: no gate there.
+    """
+
+    def __init__(self, max_wait_s: float = 1.0) -> None:
+        self.max_wait_s = max_wait_s
+        self._pending = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def renewal(self) -> Iterator[None]:
+        """Hold the gate open for one renewal's transaction."""
+        with self._changed:
+            self._pending += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._pending -= 1
+                if not self._pending:
+                    self._changed.notify_all()
+
+    def yield_to_renewals(self, *_: object) -> None:
+        """Wait (at most ``max_wait_s``) until no renewal of this process is pending."""
+        if not self._pending:
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending, self.max_wait_s)
+
+
+_gates: dict[str, RenewalGate] = {}
+_gates_guard = threading.Lock()
+
+
+def renewal_gate(url: str) -> RenewalGate:
+    """This process's :class:`RenewalGate` of the database at ``url``."""
+    key = make_url(url).render_as_string(hide_password=False)
+    with _gates_guard:
+        gate = _gates.get(key)
+        if gate is None:
+            gate = _gates[key] = RenewalGate()
+        return gate
+
+
+def yield_to_renewals(engine: Engine, url: str) -> None:
+    """On SQLite, make every transaction of ``engine`` begin after pending lease renewals."""
+    if is_sqlite(url):
+        event.listen(engine, "begin", renewal_gate(url).yield_to_renewals)
+
+
+def make_engine(
+    url: str, *, pool_size: int = 4, max_overflow: int | None = None, for_renewals: bool = False
+) -> Engine:
+    """Create an engine: WAL, busy timeout and foreign keys on SQLite; a bounded pool on PostgreSQL.
+
+    ``max_overflow``: connections beyond ``pool_size`` (default: as many again). On SQLite an
+    engine's transactions let this process's lease renewals go first (:class:`RenewalGate`),
+    except those of the engine ``for_renewals``.
+    """
+    engine = create_engine(url, **engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow))
     if is_sqlite(url):
         event.listen(engine, "connect", _sqlite_pragmas)
+        if not for_renewals:
+            yield_to_renewals(engine, url)
     return engine
 
 

@@ -7,7 +7,7 @@ import threading
 import optuna
 from optuna.storages import BaseStorage
 
-from caviar.storage._engine import engine_kwargs
+from caviar.storage._engine import engine_kwargs, yield_to_renewals
 
 _lock = threading.Lock()
 _storages: dict[str, BaseStorage] = {}
@@ -28,6 +28,7 @@ def get_optuna_storage(url: str) -> BaseStorage:
                 skip_table_creation=True,
                 skip_compatibility_check=True,
             )
+            yield_to_renewals(rdb.engine, url)  # SQLite: lease renewals write first
             storage = optuna.storages.get_storage(rdb)
             _storages[url] = storage
         return storage

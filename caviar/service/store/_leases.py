@@ -1,20 +1,30 @@
 """Leases: THE lease policy (built from Settings), renewal, and what a lease's status means.
 
 An ask starts a lease (:meth:`LeasePolicy.expiry`); a trial's heartbeat, a report and a worker's
-one heartbeat for all its trials renew it (:func:`renew`, :func:`renew_leases`); a lease that
-ended answers with the error :func:`lease_error` names. Reaping and handing back live with the
-trial domain (:mod:`caviar.service.trials.leases`).
+one heartbeat for all its trials renew it (:func:`renew`, :func:`renew_many`, :func:`lease_rows`);
+a lease that ended answers with the error :func:`lease_error` names. Reaping and handing back live
+with the trial domain (:mod:`caviar.service.trials.leases`).
+
+Renewals run on their own path: the database's :attr:`~caviar.service.db.Database.lease_engine`
+(a small pool no ask, import or sampler takes), plain Core statements (no ORM objects), one UPDATE
+for all of a worker's leases, and expiry times from the DATABASE's clock (:func:`db_now`), which
+the reaper judges them by too, so clocks of API hosts never matter. A trial being sampled is held
+by :class:`SamplingHolds` (renewed while its sampler runs; its lease proper starts once its
+parameters are stored).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, String, Table, Update, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
@@ -33,14 +43,17 @@ class LeasePolicy:
 
     Attributes:
         heartbeat_interval_s: how often holders of a lease are asked to renew it.
+        margin_s: how long past its expiry (by the database's clock) the reaper still spares a
+            lease (``Settings.reap_margin_s``; None: none).
     """
 
     heartbeat_interval_s: float
+    margin_s: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LeasePolicy:
         """The service's lease policy, from its settings."""
-        return cls(heartbeat_interval_s=settings.heartbeat_interval_s)
+        return cls(heartbeat_interval_s=settings.heartbeat_interval_s, margin_s=settings.reap_margin_s)
 
     @property
     def lease_s(self) -> float:
@@ -130,9 +143,9 @@ def renew_leases(session: Session, trial_ids: Sequence[int], policy: LeasePolicy
 
 
 def renew(db: Database, trial_id: int, policy: LeasePolicy) -> bool:
-    """Extend an active lease by one lease period; False when the trial has no active lease."""
-    with db.session() as session, session.begin():
-        return bool(renew_leases(session, [trial_id], policy))
+    """Extend an active lease by one lease period (on the lease path: :func:`renew_many`); False
+    when the trial has no active lease."""
+    return bool(renew_many(db, [trial_id], policy))
 
 
 def close_lease(db: Database, trial_id: int, reason: str | None) -> None:
@@ -151,3 +164,199 @@ def end_lease(db: Database, trial_id: int, status: str, reason: str) -> None:
         session.execute(
             update(TrialLease).where(TrialLease.trial_id == trial_id).values(status=status, reason=reason)
         )
+
+
+# ---- the lease path: the database's clock, its own pool, Core statements ----------------------
+
+_LEASES = cast(Table, TrialLease.__table__)
+_STUDIES = cast(Table, StudyRecord.__table__)
+
+
+def db_now(dialect: str, offset_s: float = 0.0) -> ColumnElement[Any]:
+    """The database's clock plus ``offset_s`` seconds, as SQL comparable with a stored UTC time.
+
+    PostgreSQL: ``now() + interval``. SQLite: ``strftime('%Y-%m-%d %H:%M:%f', 'now', '+N seconds')``
+    padded to the microseconds SQLAlchemy stores, so stored times compare as text in time order.
+    """
+    if dialect == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{offset_s:+.3f} seconds", type_=String).concat(
+            literal("000")
+        )
+    return func.now() + timedelta(seconds=offset_s)
+
+
+def new_expiry(dialect: str, policy: LeasePolicy) -> ColumnElement[Any] | datetime:
+    """The expiry a renewal stamps: one lease period past the database's now (tests may replace it
+    with a clock of their own)."""
+    return db_now(dialect, policy.lease_s)
+
+
+def renewal(dialect: str, trial_ids: Sequence[int], policy: LeasePolicy) -> Update:
+    """THE renewal: one UPDATE extending the active leases of ``trial_ids`` (see :func:`new_expiry`)."""
+    return (
+        update(_LEASES)
+        .where(_LEASES.c.trial_id.in_(sorted(set(trial_ids))), _LEASES.c.status == "active")
+        .values(expires_at=new_expiry(dialect, policy))
+    )
+
+
+def renew_many(db: Database, trial_ids: Sequence[int], policy: LeasePolicy) -> int:
+    """Extend the active leases of ``trial_ids`` to one lease period from the database's now.
+
+    One UPDATE on the lease pool, in its own short transaction (never inside another one).
+
+    Returns:
+        How many were renewed (a lease that is no longer active is not).
+    """
+    if not trial_ids:
+        return 0
+    with db.renewing() as connection:
+        result = connection.execute(renewal(connection.dialect.name, trial_ids, policy))
+    return int(result.rowcount)
+
+
+def renew_one(db: Database, trial_id: int, policy: LeasePolicy) -> datetime | None:
+    """:func:`renew_many` for one trial, answering its new expiry (None: no active lease)."""
+    with db.renewing() as connection:
+        statement = renewal(connection.dialect.name, [trial_id], policy)
+        expires_at: datetime | None = connection.execute(statement.returning(_LEASES.c.expires_at)).scalar()
+    return expires_at
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """What the lease path reads of one lease (no ORM object): its keys, holder and status.
+
+    Attributes:
+        trial_id: Optuna's trial id.
+        study_id: caviar's study id.
+        number: the trial's number in its study.
+        worker_id: the worker that asked for it.
+        status: ``active``, ``finished``, ``reaped`` or ``released``.
+        study: the study's name.
+        study_state: the study's state.
+    """
+
+    trial_id: int
+    study_id: int
+    number: int
+    worker_id: str | None
+    status: str
+    study: str
+    study_state: str
+
+    @property
+    def error(self) -> str | None:
+        """The error code this lease answers with (None while it is active)."""
+        return LEASE_ERRORS.get(self.status)
+
+
+def lease_rows(db: Database, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], LeaseRow]:
+    """The leases of ``(study name, trial number)`` pairs, read in one statement on the lease pool."""
+    if not keys:
+        return {}
+    wanted = sorted(set(keys))
+    query = (
+        select(
+            _LEASES.c.trial_id,
+            _LEASES.c.study_id,
+            _LEASES.c.number,
+            _LEASES.c.worker_id,
+            _LEASES.c.status,
+            _STUDIES.c.name,
+            _STUDIES.c.state,
+        )
+        .select_from(_LEASES.join(_STUDIES, _STUDIES.c.id == _LEASES.c.study_id))
+        .where(tuple_(_STUDIES.c.name, _LEASES.c.number).in_(wanted))
+    )
+    with db.lease_engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {
+        (row.name, row.number): LeaseRow(
+            row.trial_id, row.study_id, row.number, row.worker_id, row.status, row.name, row.state
+        )
+        for row in rows
+    }
+
+
+class SamplingHolds:
+    """The trials this process is sampling, whose leases it renews until their parameters are stored.
+
+    A sampler may outlast a lease (a GP over a long history); the reaper must never fail a trial
+    that is still being sampled. While held, one background thread renews every held lease every
+    half heartbeat interval (one UPDATE on the lease pool), and this process's reaper skips them
+    outright (:meth:`held`). Should the process die, the renewals stop and the lease lapses as any
+    other does.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._ids: Counter[int] = Counter()
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+        self._interval_s = 60.0
+        self._policy: LeasePolicy | None = None
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def hold(self, trial_id: int, policy: LeasePolicy) -> Iterator[None]:
+        """Keep ``trial_id``'s lease while the block runs (its sampling)."""
+        with self._guard:
+            self._ids[trial_id] += 1
+            self._policy = policy
+            if policy.heartbeat_interval_s / 2 < self._interval_s:
+                self._interval_s = policy.heartbeat_interval_s / 2
+                self._wake.set()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="caviar-sampling-holds", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._ids[trial_id] -= 1
+                if self._ids[trial_id] <= 0:
+                    del self._ids[trial_id]
+
+    def held(self) -> set[int]:
+        """The trial ids being sampled in this process now."""
+        with self._guard:
+            return set(self._ids)
+
+    def _loop(self) -> None:
+        while True:
+            if self._wake.wait(self._interval_s):  # the interval changed: wait that long first
+                self._wake.clear()
+                continue
+            ids, policy = self.held(), self._policy
+            if ids and policy is not None:
+                with contextlib.suppress(Exception):  # a database blip: the next round renews
+                    renew_many(self._db, sorted(ids), policy)
+
+
+_holds_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def sampling(db: Database, lease: TrialLease, policy: LeasePolicy) -> Iterator[None]:
+    """Hold ``lease`` while its trial is sampled; then start it afresh (``lease.expires_at`` too).
+
+    The lease proper starts once the trial's parameters are stored: a sampler slower than a lease
+    never costs the trial (see :class:`SamplingHolds`).
+    """
+    with sampling_holds(db).hold(lease.trial_id, policy):
+        yield
+        renewed = renew_one(db, lease.trial_id, policy)
+        lease.expires_at = renewed or lease.expires_at
+
+
+def sampling_holds(db: Database) -> SamplingHolds:
+    """The :class:`SamplingHolds` of ``db`` (one per Database object)."""
+    holds: SamplingHolds | None = getattr(db, "_sampling_holds", None)
+    if holds is None:
+        with _holds_guard:
+            holds = getattr(db, "_sampling_holds", None)
+            if holds is None:
+                holds = SamplingHolds(db)
+                db._sampling_holds = holds  # type: ignore[attr-defined]
+    return holds

@@ -10,32 +10,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from caviar.service.db import Database
-from caviar.service.definition import CheckedParams, check_finite, check_params
+from caviar.service.definition import CheckedParams, StudyDefinition, check_finite, check_params
 from caviar.service.errors import Conflict, InvalidInput
 from caviar.service.store import (
     ENQUEUED,
     IMPORTED,
     STOPPED_STATES,
     add_trial,
-    all_trials,
+    count_states,
     definition_of,
     load_record,
     reload,
     settle_study,
-    state_counts,
     used_count,
 )
 from caviar.service.trials.leases import study_stopped
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import EnqueueItem, TrialRead
+from caviar.storage import StudyRecord
+
+DEFAULT_CHUNK = 100
+"""Trials written per hold of the study lock unless the caller says otherwise (``import_chunk_size``)."""
 
 
-def enqueue(db: Database, name: str, items: Sequence[EnqueueItem]) -> list[TrialRead]:
+def enqueue(
+    db: Database, name: str, items: Sequence[EnqueueItem], *, chunk_size: int = DEFAULT_CHUNK
+) -> list[TrialRead]:
     """Add parameter sets to a study: waiting trials, or complete ones when a value is given.
 
     Every set is checked before any is added. They count against ``budget.n_trials`` like any
     trial; waiting ones are handed out by the next asks, before newly sampled trials. Imported
     results settle the study (its goal may be reached, its budget used).
+
+    The sets are written ``chunk_size`` at a time, each chunk under one hold of the study lock
+    (its budget check and its trials): whatever decides under that lock (an ask's budget, another
+    import, the reaper, a stop) sees none or all of a chunk, and asks and heartbeats go on between
+    chunks instead of waiting for the whole import. The first chunk checks the budget for all the
+    sets; should asks take the room meanwhile, the chunk that no longer fits is refused (409
+    ``budget_exhausted``, saying how many were added).
 
     Raises:
         InvalidInput: a set that does not fit the search space (the message names
@@ -53,28 +65,42 @@ def enqueue(db: Database, name: str, items: Sequence[EnqueueItem]) -> list[Trial
         values = _values(item, where, n_objectives)
         attrs: dict[str, object] = {**(item.user_attrs or {}), (IMPORTED if values else ENQUEUED): True}
         checked.append((params, values, attrs))
-    with db.study_lock(record.id):
-        record = reload(db, record)
-        definition = definition_of(record)
-        if record.state in STOPPED_STATES:
-            raise study_stopped(record)
-        if record.state == "failed":
-            raise Conflict(f"study {name!r} failed: too many failed trials", code="study_failed")
-        used = used_count(state_counts(all_trials(db, record)))
-        n_trials = definition.budget.n_trials
-        if used + len(checked) > n_trials:
-            raise Conflict(
-                f"study {name!r} has used {used} of its {n_trials} trials; {len(checked)} more would "
-                f"overshoot budget.n_trials (raise it with PATCH /api/v1/studies/{name})",
-                code="budget_exhausted",
-            )
-        ids = [
-            add_trial(db, record.optuna_study_id, definition.search_space, params, values=values, attrs=attrs)
-            for params, values, attrs in checked
-        ]
-        if any(values for _, values, _ in checked):
-            settle_study(db, record)
+    ids: list[int] = []
+    for start in range(0, len(checked), max(1, chunk_size)):
+        chunk = checked[start : start + max(1, chunk_size)]
+        with db.study_lock(record.id):
+            record, definition = _check_room(db, record, name, len(checked) - start, len(ids))
+            ids += [
+                add_trial(
+                    db, record.optuna_study_id, definition.search_space, params, values=values, attrs=attrs
+                )
+                for params, values, attrs in chunk
+            ]
+            if any(values for _, values, _ in chunk):
+                settle_study(db, record)
     return [to_read(definition, db.optuna.get_trial(trial_id)) for trial_id in ids]
+
+
+def _check_room(
+    db: Database, record: StudyRecord, name: str, remaining: int, added: int
+) -> tuple[StudyRecord, StudyDefinition]:
+    """Under the study lock: the study takes trials and its budget has room for ``remaining`` more."""
+    record = reload(db, record)
+    definition = definition_of(record)
+    so_far = f" ({added} added before this)" if added else ""
+    if record.state in STOPPED_STATES:
+        raise study_stopped(record)
+    if record.state == "failed":
+        raise Conflict(f"study {name!r} failed: too many failed trials{so_far}", code="study_failed")
+    used = used_count(count_states(db, record))  # one aggregate: the history is never loaded here
+    n_trials = definition.budget.n_trials
+    if used + remaining > n_trials:
+        raise Conflict(
+            f"study {name!r} has used {used} of its {n_trials} trials; {remaining} more would "
+            f"overshoot budget.n_trials (raise it with PATCH /api/v1/studies/{name}){so_far}",
+            code="budget_exhausted",
+        )
+    return record, definition
 
 
 def _values(item: EnqueueItem, where: str, n_objectives: int) -> list[float] | None:

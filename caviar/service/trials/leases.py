@@ -11,7 +11,7 @@ from datetime import datetime
 
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
@@ -24,19 +24,22 @@ from caviar.service.store import (
     LeasePolicy,
     all_trials,
     check_running,
+    db_now,
     deadline_passed,
     definition_of,
     end_lease,
     end_study,
     frozen,
     lease_of,
+    lease_rows,
     leases_for,
     load_record,
     renew,
+    sampling_holds,
     settle_study,
 )
 from caviar.service.trials.outcomes import requeue_retry
-from caviar.storage import StudyRecord, TrialLease, utcnow
+from caviar.storage import StudyRecord, TrialLease
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,21 @@ def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, call
 def heartbeat(db: Database, name: str, number: int, *, policy: LeasePolicy, caller: Caller = ANYONE) -> None:
     """Keep a trial's lease.
 
+    An active lease is renewed on the lease path (one read and one UPDATE on the database's lease
+    pool: no study lock, no Optuna storage); anything else (an ended lease, a trial created outside
+    caviar, a caller that must prove its claim) takes the full path that names the error.
+
     Raises:
         Conflict: ``lease_lost``, ``trial_finished`` or ``trial_not_running`` (see
             :func:`check_running`); ``not_your_trial`` when the caller holds neither the lease nor
             the write scope; ``study_stopped`` when the study is stopping: the lease is still
             renewed, so the trial can end at its next report (``should_prune``) or tell its result.
     """
+    row = lease_rows(db, [(name, number)]).get((name, number)) if caller.any_trial else None
+    if row is not None and row.error is None and renew(db, row.trial_id, policy):
+        if row.study_state in STOPPED_STATES:
+            raise study_stopped(load_record(db, name))
+        return
     record = load_record(db, name)
     trial = frozen(db, record, number)
     if not caller.any_trial:
@@ -101,24 +113,25 @@ def study_stopped(record: StudyRecord) -> Conflict:
 # ---- reaping -------------------------------------------------------------------------------
 
 
-def reap(db: Database, *, now: datetime | None = None) -> int:
+def reap(db: Database, *, now: datetime | None = None, margin_s: float = 0.0) -> int:
     """Fail every trial whose lease lapsed or that ran past ``trial_timeout_s``; re-queue retries.
 
-    Safe to call from every server process at once.
+    A lease is judged by the DATABASE's clock (the clock its renewals were stamped with), with
+    ``margin_s`` seconds of grace past its expiry; ``now`` (tests) judges by that time instead,
+    without grace. A trial this process is still sampling is never reaped (its sampling holds its
+    lease: :class:`~caviar.service.store.SamplingHolds`). Safe to call from every server process
+    at once.
 
     Returns:
         The number of trials reaped.
     """
-    now = now or utcnow()
+    lapsed, timed_out = _due(db, now, margin_s)
     with db.session() as session:
         due = list(
-            session.scalars(
-                select(TrialLease).where(
-                    TrialLease.status == "active",
-                    (TrialLease.expires_at < now) | (TrialLease.deadline_at < now),
-                )
-            )
+            session.scalars(select(TrialLease).where(TrialLease.status == "active", lapsed | timed_out))
         )
+    held = sampling_holds(db).held()
+    due = [lease for lease in due if lease.trial_id not in held]
     reaped = _reap_orphans(db)
     for study_id in sorted({lease.study_id for lease in due}):
         with db.session() as session:
@@ -128,10 +141,20 @@ def reap(db: Database, *, now: datetime | None = None) -> int:
         definition = definition_of(record)
         with db.study_lock(study_id):
             for lease in (item for item in due if item.study_id == study_id):
-                reaped += _reap_one(db, record, definition, lease.trial_id, now)
+                reaped += _reap_one(db, record, definition, lease.trial_id, now, margin_s)
             settle_study(db, record)
     end_overdue(db, now=now)
     return reaped
+
+
+def _due(
+    db: Database, now: datetime | None, margin_s: float
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """SQL conditions: a lease lapsed (past expiry plus the margin), a trial ran past its deadline."""
+    if now is not None:
+        return TrialLease.expires_at < now, TrialLease.deadline_at < now
+    dialect = db.engine.dialect.name
+    return TrialLease.expires_at < db_now(dialect, -margin_s), TrialLease.deadline_at < db_now(dialect)
 
 
 def end_overdue(db: Database, *, now: datetime | None = None) -> list[str]:
@@ -194,14 +217,23 @@ def _reap_orphans(db: Database) -> int:
 
 
 def _reap_one(
-    db: Database, record: StudyRecord, definition: StudyDefinition, trial_id: int, now: datetime
+    db: Database,
+    record: StudyRecord,
+    definition: StudyDefinition,
+    trial_id: int,
+    now: datetime | None,
+    margin_s: float = 0.0,
 ) -> int:
-    lease = lease_of(db, trial_id)
-    if lease is None or lease.status != "active":
+    lapsed, deadline = _due(db, now, margin_s)
+    with db.session() as session:  # read again under the lock: renewed or told meanwhile?
+        row = session.execute(
+            select(TrialLease, deadline.label("timed_out")).where(
+                TrialLease.trial_id == trial_id, TrialLease.status == "active", lapsed | deadline
+            )
+        ).first()
+    if row is None or trial_id in sampling_holds(db).held():
         return 0
-    timed_out = lease.deadline_at is not None and lease.deadline_at < now
-    if not timed_out and lease.expires_at >= now:
-        return 0  # renewed meanwhile
+    lease, timed_out = row[0], bool(row[1])
     reason = "trial timeout" if timed_out else "lease expired (no heartbeat)"
     try:
         trial = db.optuna.get_trial(trial_id)

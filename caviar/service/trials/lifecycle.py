@@ -59,6 +59,7 @@ from caviar.service.store import (
     remember,
     renew,
     row_and_lease,
+    sampling,
     settle_study,
     started_trial,
     study_handle,
@@ -155,7 +156,8 @@ def _ask(
         trial = started_trial(study, started.created)  # no read of the trial just created
     else:
         trial = optuna.Trial(study, started.trial_id)
-    _sample(trial, definition)
+    with sampling(db, lease, policy):  # holds the lease while sampling; it starts once sampled
+        _sample(trial, definition)
     decoded = decode_params(definition.search_space, dict(trial.params))
     for key, param in definition.search_space.items():
         if is_reversed(param) and key in decoded and started.user_attrs.get(key) != decoded[key]:

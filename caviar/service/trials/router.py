@@ -25,7 +25,7 @@ from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
 from caviar.service.store import artifact_store
 from caviar.service.tokens import trial as trial_tokens
-from caviar.service.trials import artifacts, enqueue, export, suggest
+from caviar.service.trials import admission, artifacts, enqueue, export, suggest
 from caviar.service.trials.artifacts import FILENAME_PATTERN, open_checkpoint, save_artifact
 from caviar.service.trials.export import ExportFormat
 from caviar.service.trials.schemas import (
@@ -51,27 +51,41 @@ from caviar.service.web_security import file_headers
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
 
-@router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429))
-def ask_trial(
+@router.post("/trials/ask", summary="Claim a trial", responses=error_responses(429, 503))
+async def ask_trial(
+    request: Request,
     db: DbDep,
     policy: LeasePolicyDep,
     settings: SettingsDep,
     name: StudyName,
     body: Annotated[AskRequest | None, Body()] = None,
 ) -> TrialAssignment:
+    """At most ``max_concurrent_asks`` asks run at once in one server process: one more is answered
+    429 ``too_many_asks`` with a jittered ``Retry-After``. An ask whose sampler outruns
+    ``ask_timeout_s`` is answered 503 ``sampler_slow``; its trial is handed back (not failed) and
+    the next ask gets it."""
     body = body or AskRequest()
-    assignment = service.ask(
-        db,
-        name,
-        worker_id=body.worker_id,
-        request_id=body.request_id,
-        policy=policy,
-        fixed=body.fixed,
-    )
-    if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
-        key = trial_tokens.derive_key(settings.api_token.get_secret_value())
-        assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
-    return assignment
+
+    def work() -> TrialAssignment:
+        assignment = service.ask(
+            db,
+            name,
+            worker_id=body.worker_id,
+            request_id=body.request_id,
+            policy=policy,
+            fixed=body.fixed,
+        )
+        if settings.api_token is not None:  # the program a worker runs gets this, not the worker's token
+            key = trial_tokens.derive_key(settings.api_token.get_secret_value())
+            assignment.credential = trial_tokens.mint_for(db, key, name, assignment.number)
+        return assignment
+
+    def hand_back(assignment: TrialAssignment) -> None:
+        reason = f"sampled after the ask's limit ({settings.ask_timeout_s:g}s, ask_timeout_s)"
+        service.release(db, name, assignment.number, reason=reason)
+
+    gate: admission.AskGate = request.app.state.ask_gate
+    return await admission.admitted(gate, work, timeout_s=settings.ask_timeout_s, hand_back=hand_back)
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")
@@ -193,11 +207,12 @@ async def upload_artifact(
     status_code=status.HTTP_201_CREATED,
     summary="Enqueue parameter sets (handed out first) or import known results",
 )
-def enqueue_trials(db: DbDep, name: StudyName, body: EnqueueRequest) -> TrialList:
+def enqueue_trials(db: DbDep, settings: SettingsDep, name: StudyName, body: EnqueueRequest) -> TrialList:
     """Parameters in decoded names (``beta1: 0.95``), checked against the search space (422 naming the
     field). With ``value``/``values`` a set is imported as a complete trial the sampler learns from.
-    The sets count against ``budget.n_trials`` (409 budget_exhausted when they would overshoot it)."""
-    items = enqueue.enqueue(db, name, body.trials)
+    The sets count against ``budget.n_trials`` (409 budget_exhausted when they would overshoot it).
+    They are written ``import_chunk_size`` at a time (asks and heartbeats go on between chunks)."""
+    items = enqueue.enqueue(db, name, body.trials, chunk_size=settings.import_chunk_size)
     return TrialList(items=items, total=len(items))
 
 

@@ -15,6 +15,7 @@ from caviar.service.deps import (
     WorkerKeyDep,
     WorkerProofKeyDep,
 )
+from caviar.service.store import LeaseRow
 from caviar.service.tokens import trial as trial_tokens
 from caviar.service.tokens import worker as worker_tokens
 from caviar.service.workers import identity, service
@@ -28,7 +29,6 @@ from caviar.service.workers.schemas import (
     WorkerRegister,
     WorkerRegistered,
 )
-from caviar.storage import TrialLease
 
 router = APIRouter(tags=["workers"])
 
@@ -83,7 +83,7 @@ def heartbeat_worker(
     if proof_key is not None:
         key = proof_key
 
-        def proves(ref: TrialRef, lease: TrialLease) -> bool:
+        def proves(ref: TrialRef, lease: LeaseRow) -> bool:
             grant = trial_tokens.verify(key, ref.credential) if ref.credential else None
             return grant is not None and (grant.trial_id, grant.study_id, grant.number) == (
                 lease.trial_id,

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select, update
 
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
 from caviar.service.store import (
     STOPPED_STATES,
     LeasePolicy,
+    LeaseRow,
     definition_of,
-    held_by_other,
-    lease_error,
-    renew_leases,
+    lease_rows,
+    renewal,
     runnable_studies,
     trial_total,
 )
@@ -31,7 +31,7 @@ from caviar.service.workers.schemas import (
     WorkerList,
     WorkerRead,
 )
-from caviar.storage import StudyRecord, TrialLease, WorkerRecord, utcnow
+from caviar.storage import WorkerRecord, utcnow
 
 
 def register_worker(
@@ -84,9 +84,14 @@ def beat(
     *,
     status: str = "busy",
     policy: LeasePolicy,
-    proves: Callable[[TrialRef, TrialLease], bool] | None = None,
+    proves: Callable[[TrialRef, LeaseRow], bool] | None = None,
 ) -> list[LostTrial]:
     """Renew the leases of ``trials`` (all of one worker's) in one statement; mark the worker seen.
+
+    Runs on the lease path only (:attr:`~caviar.service.db.Database.lease_engine`, Core statements):
+    one read of the leases, then one transaction with one UPDATE for all of them and one for the
+    worker's row. No study lock, no Optuna storage, no ORM object: an import, a burst of asks or a
+    slow sampler never makes it wait.
 
     Returns:
         The trials the worker must stop, with why: ``lease_lost`` (reaped or handed back: its
@@ -101,49 +106,41 @@ def beat(
             its lease is left alone. Without it the ``worker_id`` decides (write scope, no tokens).
     """
 
-    def foreign(ref: TrialRef, lease: TrialLease) -> bool:
-        return held_by_other(lease, worker_id) if proves is None else not proves(ref, lease)
+    def foreign(ref: TrialRef, lease: LeaseRow) -> bool:
+        if proves is not None:
+            return not proves(ref, lease)
+        return lease.worker_id is not None and lease.worker_id != worker_id
 
-    names = sorted({ref.study for ref in trials})
-    with db.session() as session, session.begin():
-        rows = session.execute(
-            select(StudyRecord.name, StudyRecord.id, StudyRecord.state).where(StudyRecord.name.in_(names))
-        )
-        ids: dict[str, int] = {}
-        stopped: set[int] = set()
-        for name, study_id, state in rows:
-            ids[name] = study_id
-            if state in STOPPED_STATES:
-                stopped.add(study_id)
-        wanted = {(ids[ref.study], ref.number): ref for ref in trials if ref.study in ids}
-        leases = {
-            (lease.study_id, lease.number): lease
-            for lease in session.scalars(
-                select(TrialLease).where(TrialLease.study_id.in_(list(ids.values())))
+    refs = {(ref.study, ref.number): ref for ref in trials}
+    leases = lease_rows(db, list(refs))
+    renewable = [
+        lease.trial_id
+        for key, lease in leases.items()
+        if lease.error is None and not foreign(refs[key], lease)
+    ]
+    workers = cast(Table, WorkerRecord.__table__)
+    with db.renewing() as connection:  # starts with its write: SQLite waits for the writer lock
+        if renewable:
+            connection.execute(renewal(connection.dialect.name, renewable, policy))
+        connection.execute(
+            update(workers)
+            .where(workers.c.id == worker_id)
+            .values(
+                status=status,
+                current_trials={"trials": [ref.model_dump(exclude={"credential"}) for ref in trials]},
+                last_seen_at=utcnow(),
             )
-            if (lease.study_id, lease.number) in wanted
-        }
-        renewable = [
-            lease.trial_id
-            for key, lease in leases.items()
-            if lease_error(lease) is None and not foreign(wanted[key], lease)
-        ]
-        renew_leases(session, renewable, policy)
-        worker = session.get(WorkerRecord, worker_id)
-        if worker is not None:
-            worker.status = status
-            worker.current_trials = {"trials": [ref.model_dump(exclude={"credential"}) for ref in trials]}
-            worker.last_seen_at = utcnow()
+        )
     lost = []
     for ref in trials:
-        lease = leases.get((ids.get(ref.study, -1), ref.number))
+        lease = leases.get((ref.study, ref.number))
         if lease is None:
             code = "trial_not_found"
         elif foreign(ref, lease):
             code = "not_your_trial"
-        elif (ended := lease_error(lease)) is not None:
+        elif (ended := lease.error) is not None:
             code = ended
-        elif lease.study_id in stopped:
+        elif lease.study_state in STOPPED_STATES:
             code = "study_stopped"
         else:
             continue

@@ -123,8 +123,10 @@ def test_renewal_extends_an_active_lease_by_one_period(
     trial_id = _asked(db, make_study)
     lease = store.lease_of(db, trial_id)
     assert lease is not None and lease.status == "active" and store.lease_error(lease) is None
-    later = utcnow() + timedelta(seconds=5)
-    monkeypatch.setattr(_leases, "utcnow", lambda: later)
+    later = utcnow() + timedelta(seconds=5)  # renewals stamp the database's clock (tests may replace it)
+    monkeypatch.setattr(
+        _leases, "new_expiry", lambda _dialect, policy: later + timedelta(seconds=policy.lease_s)
+    )
     assert store.renew(db, trial_id, POLICY) is True
     renewed = store.lease_of(db, trial_id)
     assert renewed is not None and renewed.expires_at == later + timedelta(seconds=20)

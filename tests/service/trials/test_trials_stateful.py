@@ -576,8 +576,10 @@ def test_the_trial_lifecycle_follows_the_model(
 ) -> None:
     clock = Clock()
     monkeypatch.setattr(lifecycle, "utcnow", clock)
-    monkeypatch.setattr(leases, "utcnow", clock)
-    monkeypatch.setattr(store_leases, "utcnow", clock)  # renewal
+    monkeypatch.setattr(store_leases, "utcnow", clock)
+    monkeypatch.setattr(
+        store_leases, "new_expiry", lambda _d, policy: clock() + timedelta(seconds=policy.lease_s)
+    )
     TrialLifecycle.client, TrialLifecycle.db, TrialLifecycle.clock = lifecycle_client, db, clock
     run_state_machine_as_test(
         TrialLifecycle,
@@ -640,8 +642,10 @@ def test_reaped_trials_use_their_retries_and_count_as_failures(
     client = lifecycle_client
     clock = Clock()
     monkeypatch.setattr(lifecycle, "utcnow", clock)
-    monkeypatch.setattr(leases, "utcnow", clock)
-    monkeypatch.setattr(store_leases, "utcnow", clock)  # renewal
+    monkeypatch.setattr(store_leases, "utcnow", clock)
+    monkeypatch.setattr(
+        store_leases, "new_expiry", lambda _d, policy: clock() + timedelta(seconds=policy.lease_s)
+    )
     _study(client, "lapses", n_trials=1, max_retries=1, max_failed_trials=1)
     first = client.post(f"{API}/lapses/trials/ask", json={}).json()
     assert leases.reap(db, now=clock.advance(LEASE_S + 1)) == 1
