@@ -166,6 +166,12 @@ LONGEST_FIRST = (
     "tests/service/test_fuzz_stateful.py",
     "tests/worker/test_programs.py",
     "tests/test_client.py",
+    "tests/worker/test_fused_diversity.py",
+    "tests/service/trials/test_trials_survivors.py",
+    "tests/trainer/test_gradcheck_cli.py",
+    "tests/worker/test_code_security.py",
+    "tests/benchmarks/test_sql_statements.py",
+    "tests/service/test_access_log.py",
 )
 
 
