@@ -30,6 +30,9 @@ LONG_RUN = os.environ.get("CAVIAR_TEST_LONG", "") == "1"
 # The CLI prints through rich, which wraps at the terminal's width: CI has none (80 columns),
 # so a long temporary path would split the words a test looks for.
 os.environ["COLUMNS"] = "300"
+# One OpenMP thread in every process the tests start that does not set its own (the docs' code
+# blocks, say): the suite runs two test processes on two cores, more threads only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _pg_url(name: str) -> str:
