@@ -30,6 +30,9 @@ LONG_RUN = os.environ.get("CAVIAR_TEST_LONG", "") == "1"
 # The CLI prints through rich, which wraps at the terminal's width: CI has none (80 columns),
 # so a long temporary path would split the words a test looks for.
 os.environ["COLUMNS"] = "300"
+# One OpenMP thread in every process the tests start that does not set its own (the docs' code
+# blocks, say): the suite runs two test processes on two cores, more threads only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _pg_url(name: str) -> str:
@@ -148,6 +151,61 @@ def client(settings, db):  # type: ignore[no-untyped-def]
 
     with TestClient(create_app(settings, db=db)) as test_client:
         yield test_client
+
+
+# The test files that take longest (measured with --durations), longest first. Under pytest-xdist
+# (`make test`: -n 2 --dist loadfile, a file stays on one process) they are handed out first, so
+# the short files fill the gaps at the end instead of a long file starting last and running alone.
+# Every other file follows in collection order. A file missing here still runs; add one when it
+# grows past about a minute (split it first if it is much longer: one file cannot be shared).
+LONGEST_FIRST = (
+    "tests/trainer/test_train.py",
+    "tests/worker/test_worker.py",
+    "tests/worker/test_worker_faults.py",
+    "tests/worker/test_optuna_programs.py",
+    "tests/test_docs.py",
+    "tests/worker/test_fused_diversity.py",
+    "tests/examples/test_examples.py",
+    "tests/examples/test_examples_scripts.py",
+    "tests/trainer/test_gradcheck_cli.py",
+    "tests/worker/test_trial_dirs.py",
+    "tests/service/trials/test_trials_survivors.py",
+    "tests/worker/test_programs.py",
+    "tests/service/trials/test_trials_api.py",
+    "tests/worker/test_code_security.py",
+    "tests/test_client.py",
+    "tests/service/test_server.py",
+    "tests/service/trials/test_trials_concurrency.py",
+    "tests/service/test_hardening.py",
+    "tests/service/test_fuzz_stateful.py",
+    "tests/worker/test_child_processes.py",
+    "tests/service/test_fuzz.py",
+    "tests/service/test_fuzz_scopes.py",
+    "tests/worker/test_pbt_worker.py",
+    "tests/service/trials/test_lease_isolation.py",
+    "tests/worker/test_worker_slot.py",
+    "tests/benchmarks/test_sql_statements.py",
+    "tests/service/test_access_log.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist would otherwise reorder the files by their number of tests (many short ones first)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the files of :data:`LONGEST_FIRST` first, in its order (a stable sort)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = config.rootpath
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(item.path.relative_to(root).as_posix(), len(rank))
+
+    items.sort(key=key)
 
 
 def pytest_report_header() -> str:
