@@ -12,9 +12,7 @@ import torch
 
 from caviar.service import store
 from caviar.service.db import Database
-from tests.worker.test_worker import digits_study, live, run_slot_in_thread
-
-__all__ = ["live"]  # the fixture, imported for the tests below
+from tests.worker.conftest import digits_study, run_slot_in_thread
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,6 @@ lost mid-training.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,73 +13,12 @@ import pytest
 from caviar.service import store, trials
 from caviar.service.db import Database
 from caviar.service.processes import wait_until
-from tests.worker.conftest import digits_study, finished_counts
+from tests.worker.conftest import digits_study, finished_counts, run_slot_in_thread
 
 pytestmark = pytest.mark.slow
 
 
 # ---- one slot in this process, against a live service in this process ------------------------
-
-
-@pytest.fixture
-def live(settings, db, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A live service in this process (leases of 1 s, the reaper every 0.25 s)."""
-    from caviar.service.api import create_app
-    from tests.service.test_dashboard import free_port, live_server
-
-    fast = settings.model_copy(
-        update={
-            "heartbeat_interval_s": 0.5,
-            "artifact_dir": str(tmp_path / "artifacts"),
-            "background_tasks": True,
-        }
-    )
-    with live_server(create_app(fast, db=db), free_port()) as base:
-        yield base
-
-
-@pytest.fixture
-def steady(settings, db, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A live service in this process whose leases (20 s) outlast any epoch on a loaded machine."""
-    from caviar.service.api import create_app
-    from tests.service.test_dashboard import free_port, live_server
-
-    update = {"heartbeat_interval_s": 10.0, "artifact_dir": str(tmp_path / "artifacts")}
-    with live_server(create_app(settings.model_copy(update=update), db=db), free_port()) as base:
-        yield base
-
-
-def run_slot_in_thread(url: str, timeout: float, **options: Any) -> Any:
-    """Run one CPU slot (``caviar.worker._slot.Slot``) until it idles out; stop it after ``timeout``."""
-    import threading
-
-    from caviar.worker._options import WorkerOptions
-    from caviar.worker._slot import Slot
-
-    slot = Slot(
-        WorkerOptions(
-            url=url, gpus="none", cpu=1, poll_interval_s=0.1, exit_when_idle_s=1.5, retry_s=10, **options
-        ),
-        "cpu",
-        threads=1,
-    )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            slot.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        slot.stop.set()
-        thread.join(30)
-        pytest.fail(f"the slot did not finish in {timeout} s")
-    assert not errors, errors
-    return slot
 
 
 def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
