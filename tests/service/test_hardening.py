@@ -76,7 +76,14 @@ def test_a_nul_anywhere_in_a_definition_is_422_naming_where(client: TestClient) 
 # ---- idempotent replays answer with the finished assignment ----------------------------------
 
 
-def test_concurrent_replays_of_one_ask_all_get_the_whole_assignment(client: TestClient) -> None:
+def test_concurrent_replays_of_one_ask_all_get_the_whole_assignment(settings: Settings, db: Database) -> None:
+    # room for all 12 at once: admission (429 too_many_asks) is tested in test_lease_isolation.py
+    app = create_app(settings.model_copy(update={"max_concurrent_asks": 12}), db=db)
+    with TestClient(app) as client:
+        _replay_twelve_times(client)
+
+
+def _replay_twelve_times(client: TestClient) -> None:
     body = external_study("replay", n_trials=5)
     body["search_space"] = {f"p{i}": {"type": "float", "low": 0.0, "high": 1.0} for i in range(30)}
     client.post(f"{API}/studies", json=body)
