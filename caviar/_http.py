@@ -27,7 +27,9 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 ADMISSION_CODES = frozenset({"too_many_asks"})
 """Error codes retried whatever ``retry_on`` says: a server process refused the request for now
 (it runs as many asks as it admits), never the study (``max_parallel_reached`` is the study's)."""
-_sleep = time.sleep  # one place to wait between tries (tests replace it)
+def _sleep(seconds: float, stop: threading.Event) -> None:
+    """Wait between two tries, or less once ``stop`` is set (one place to wait: tests replace it)."""
+    stop.wait(seconds)
 
 
 def api_path(*parts: str | int) -> str:
@@ -140,7 +142,9 @@ class HttpClient:
             pause = min(wait if wait is not None else delay * (0.5 + random.random()), 30.0)
             if self._closed.is_set() or time.monotonic() + pause > deadline:
                 raise failure
-            _sleep(pause)
+            _sleep(pause, self._closed)
+            if self._closed.is_set():  # interrupted or closed while waiting: give up now
+                raise failure
             delay = min(delay * 2, 10.0)
 
     def get(self, path: str, **kwargs: Any) -> Any:
@@ -148,6 +152,12 @@ class HttpClient:
 
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
+
+    def interrupt(self) -> None:
+        """Stop retrying: a request waiting between two tries gives up at once (a stopping worker
+        does not wait out ``retry_s`` against a service that is down). Safe in a signal handler;
+        the connections stay open, so a request that gets an answer still works."""
+        self._closed.set()
 
     def close(self) -> None:
         """Stop retrying and release the connections."""

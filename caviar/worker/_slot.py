@@ -308,6 +308,7 @@ def run_slot(options: WorkerOptions, device: str, index: int, threads: int) -> N
 
     def stop(signum: int, _frame: Any) -> None:
         slot.stop.set()
+        slot.client.http.interrupt()  # a request retrying through an outage gives up now
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

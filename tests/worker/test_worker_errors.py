@@ -92,3 +92,46 @@ def test_a_token_revoked_while_the_slots_run_ends_them_with_one_line_each(
     errors = [line for line in log.read_text().splitlines() if "invalid or revoked token" in line]
     assert len(errors) == 1, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_retrying_through_an_outage_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM ends a worker whose slots are retrying against a service that answers 503 (their
+    requests would go on for ``retry_s``, 300 s): the waits between tries end with the signal."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            self.do_GET()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = tmp_path / "worker.log"
+    worker = processes.CaviarProcess(
+        ["worker", "--url", f"http://127.0.0.1:{server.server_port}", "--gpus", "none", "--cpu", "1"],
+        unset=("CAVIAR_DATABASE_URL", "CAVIAR_API_TOKEN"),
+        log=log,
+        cwd=tmp_path,
+    )
+    try:
+        # the slot's own requests (registration) come after the supervisor's one preflight call
+        processes.wait_until(lambda: len(seen) >= 3, 60, "the slot did not start retrying")
+        started = time.monotonic()
+        code = worker.stop(grace_s=60)
+        stopped_in = time.monotonic() - started
+    finally:
+        worker.stop()
+        server.shutdown()
+    assert code is not None and stopped_in < 10, (code, stopped_in, log.read_text())
