@@ -75,6 +75,7 @@ class Stats:
         self.lost = 0
         self.up = 0  # workers registered
         self.asks_served = 0
+        self.asks_deferred = 0  # 429 too_many_asks answers, retried after Retry-After as caviar's client does
         self.last_ask_s: float | None = None  # since the start, when the latest ask was answered
         self.started = time.monotonic()
 
@@ -85,6 +86,7 @@ class Stats:
             "elapsed_s": round(time.monotonic() - self.started, 1),
             "workers_up": self.up,
             "asks_served": self.asks_served,
+            "asks_deferred_429": self.asks_deferred,
             "last_ask_served_at_s": self.last_ask_s,
             "leases_lost": self.lost,
             "errors": len(self.errors),
@@ -100,6 +102,7 @@ class Stats:
             "errors": self.errors,
             "up": self.up,
             "asks_served": self.asks_served,
+            "asks_deferred": self.asks_deferred,
             "last_ask_s": self.last_ask_s,
             "summaries": {name: self.summary(name) for name in self.latency},
         }
@@ -124,7 +127,9 @@ async def timed(stats: Stats, kind: str, call: Any) -> httpx.Response | None:
         stats.errors.append(f"{kind}: {type(exc).__name__}")
         return None
     stats.latency[kind].append(time.perf_counter() - start)
-    if response.status_code >= 400:
+    if response.status_code == 429:  # admission: not an error, the caller retries after Retry-After
+        stats.asks_deferred += 1
+    elif response.status_code >= 400:
         if response.status_code == 409 and "lease_lost" in response.text:
             stats.lost += 1
         else:
@@ -151,13 +156,19 @@ async def worker(
     )
     if registered is not None and registered.status_code < 400:
         stats.up += 1
-    response = await timed(
-        stats,
-        "ask",
-        client.post(
-            "/api/v1/studies/scale/trials/ask", json={"worker_id": worker_id, "request_id": uuid.uuid4().hex}
-        ),
-    )
+    request_id = uuid.uuid4().hex  # the same for every retry of this ask (idempotent)
+    while True:
+        response = await timed(
+            stats,
+            "ask",
+            client.post(
+                "/api/v1/studies/scale/trials/ask", json={"worker_id": worker_id, "request_id": request_id}
+            ),
+        )
+        if response is None or response.status_code != 429 or time.monotonic() >= stop_at:
+            break
+        # a server process runs a bounded number of asks: wait Retry-After (spread), as caviar's client does
+        await asyncio.sleep(float(response.headers.get("Retry-After", "1")) * (1 + 0.25 * random.random()))
     if response is None or response.status_code != 200:
         return
     stats.asks_served += 1
@@ -364,6 +375,7 @@ def main() -> None:
         "raw_optuna_connections": args.workers,  # the baseline: one storage (connection) per worker process
         "workers_up": totals.get("up"),
         "asks_served": totals.get("asks_served"),
+        "asks_deferred_429": totals.get("asks_deferred"),
         "last_ask_served_at_s": totals.get("last_ask_s"),
         "leases_lost": lost,
         "errors": len(errors),
