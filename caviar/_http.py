@@ -27,6 +27,8 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 ADMISSION_CODES = frozenset({"too_many_asks"})
 """Error codes retried whatever ``retry_on`` says: a server process refused the request for now
 (it runs as many asks as it admits), never the study (``max_parallel_reached`` is the study's)."""
+
+
 def _sleep(seconds: float, stop: threading.Event) -> None:
     """Wait between two tries, or less once ``stop`` is set (one place to wait: tests replace it)."""
     stop.wait(seconds)

@@ -220,7 +220,9 @@ def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
 
         waits: list[float] = []
 
-        def wait_for_the_slot(pause: float, _stop: object = None) -> None:  # instead of sleeping: let the first ask finish
+        def wait_for_the_slot(
+            pause: float, _stop: object = None
+        ) -> None:  # instead of sleeping: let the first ask finish
             waits.append(pause)
             go.set()
             first.join(WAIT_S)
