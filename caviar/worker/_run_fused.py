@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from caviar._client import Client, Trial, is_pruned
 from caviar._errors import LeaseLost
-from caviar.worker._run_python import SETUP_ERROR_EXIT, load
+from caviar.worker._run_python import load_entrypoint
 
 TRIALS_ENV = "CAVIAR_TRIALS"
 """The environment variable holding the members' trials (a JSON list, one object per member)."""
@@ -92,18 +91,9 @@ def finish(trials: Sequence[Trial], result: Any) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m caviar.worker._run_fused package.module:function", file=sys.stderr)
-        return 2
-    try:
-        objective: Callable[[list[MemberTrial]], Any] = load(argv[0])  # type: ignore[assignment]
-    except SystemExit as exc:  # no such function
-        print(f"caviar: setup error: {exc}", file=sys.stderr)
-        return SETUP_ERROR_EXIT
-    except Exception as exc:  # the module (or one it imports) fails to import
-        traceback.print_exc()
-        print(f"caviar: setup error: cannot import {argv[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return SETUP_ERROR_EXIT
+    objective = load_entrypoint(argv, "caviar.worker._run_fused")
+    if isinstance(objective, int):
+        return objective
     trials = current_trials()
     try:
         result = objective(trials)

@@ -39,12 +39,14 @@ def load(entrypoint: str) -> Callable[[caviar.Trial], Any]:
     return function
 
 
-def main(argv: list[str]) -> int:
+def load_entrypoint(argv: list[str], runner: str) -> Callable[..., Any] | int:
+    """The function named by the one argument, or the exit status after saying why it cannot be
+    loaded (2: usage; ``SETUP_ERROR_EXIT``: no such function, or its module fails to import)."""
     if len(argv) != 1:
-        print("usage: python -m caviar.worker._run_python package.module:function", file=sys.stderr)
+        print(f"usage: python -m {runner} package.module:function", file=sys.stderr)
         return 2
     try:
-        objective = load(argv[0])
+        return load(argv[0])
     except SystemExit as exc:  # no such function
         print(f"caviar: setup error: {exc}", file=sys.stderr)
         return SETUP_ERROR_EXIT
@@ -52,6 +54,12 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         print(f"caviar: setup error: cannot import {argv[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return SETUP_ERROR_EXIT
+
+
+def main(argv: list[str]) -> int:
+    objective = load_entrypoint(argv, "caviar.worker._run_python")
+    if isinstance(objective, int):
+        return objective
     trial = caviar.current_trial()
     try:
         result = objective(trial)
