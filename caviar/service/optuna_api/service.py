@@ -43,9 +43,11 @@ from caviar.service.store import (
     RETRY_OF,
     STOPPED_STATES,
     LeasePolicy,
-    close_lease,
+    claim_end,
     count_states,
     definition_of,
+    lease_error,
+    lease_of,
     reload,
     renew,
     settle_study,
@@ -389,6 +391,13 @@ def set_state(
     """
     study_id = study_of_trial(db, trial_id)
     record = record_of(db, study_id)
+    if record is not None and state.is_finished() and not claim_end(db, trial_id, "finished", None):
+        lease = lease_of(db, trial_id)  # the lease row decides a race with the reaper: claim_end
+        if lease is not None and lease_error(lease) == "lease_lost":
+            raise Conflict(
+                f"trial {trial_id} lost its lease ({lease.reason or lease.status}); its retry runs instead",
+                code="update_finished_trial",
+            )
     with optuna_errors():
         updated = rdb(db).set_trial_state_values(trial_id, state, values)
     if record is None:
@@ -398,7 +407,6 @@ def set_state(
         trial = rdb(db).get_trial(trial_id)
         _lease(db, record, definition_of(record), trial, client_id, policy)
     elif state.is_finished():
-        close_lease(db, trial_id, None)
         settle_study(db, record)
         if prefetch and updated and state in (TrialState.COMPLETE, TrialState.PRUNED):
             following = prefetch_trial(db, record, client_id=client_id, policy=policy)

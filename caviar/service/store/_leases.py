@@ -158,6 +158,58 @@ def close_lease(db: Database, trial_id: int, reason: str | None) -> None:
         )
 
 
+TELL_GRACE_S = 60.0
+"""How long a trial may stay running after a tell closed its lease: past this, the tell died
+between closing the lease and writing the trial's end, and the reaper recovers the trial."""
+
+
+def claim_end(db: Database, trial_id: int, status: str, reason: str | None, *, due: Any = None) -> bool:
+    """End a trial's ACTIVE lease with ``status`` before the trial's end is written to Optuna.
+
+    THE arbiter of a race between a tell and the reaper (or a hand-back): each ends the lease with
+    one conditional UPDATE, and only the one whose UPDATE matched the active row writes the trial's
+    state. Optuna's own read-check-write of a trial's state is not atomic on SQLite, where both
+    would succeed and a trial told ``pruned`` could end ``fail``. The lease's ``expires_at`` is
+    stamped with the database's now: when it ended (see :data:`TELL_GRACE_S`).
+
+    Args:
+        due: an extra SQL condition the lease must meet (the reaper's: lapsed or past its deadline).
+
+    Returns:
+        Whether this call ended the lease.
+    """
+    condition = (TrialLease.trial_id == trial_id) & (TrialLease.status == "active")
+    if due is not None:
+        condition = condition & due
+    with db.session() as session, session.begin():
+        result = session.execute(
+            update(TrialLease)
+            .where(condition)
+            .values(
+                status=status,
+                reason=reason[:2000] if reason else None,
+                expires_at=db_now(db.engine.dialect.name),
+            )
+        )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def died_while_told(db: Database, trial_ids: Sequence[int]) -> set[int]:
+    """Of these running trials, those whose lease a tell ended over :data:`TELL_GRACE_S` ago."""
+    if not trial_ids:
+        return set()
+    with db.session() as session:
+        return set(
+            session.scalars(
+                select(TrialLease.trial_id).where(
+                    TrialLease.trial_id.in_(list(trial_ids)),
+                    TrialLease.status == "finished",
+                    TrialLease.expires_at < db_now(db.engine.dialect.name, -TELL_GRACE_S),
+                )
+            )
+        )
+
+
 def end_lease(db: Database, trial_id: int, status: str, reason: str) -> None:
     """Record how a lease ended (``reaped``, ``released`` or ``finished``) and why."""
     with db.session() as session, session.begin():

@@ -24,9 +24,11 @@ from caviar.service.store import (
     LeasePolicy,
     all_trials,
     check_running,
+    claim_end,
     db_now,
     deadline_passed,
     definition_of,
+    died_while_told,
     end_lease,
     end_study,
     frozen,
@@ -180,7 +182,9 @@ def end_overdue(db: Database, *, now: datetime | None = None) -> list[str]:
 
 
 def _reap_orphans(db: Database) -> int:
-    """Recover trials asked through caviar whose lease row never got written (a crash mid-ask).
+    """Recover trials asked through caviar that a crash left running: an ask that died before
+    writing the lease row, or a tell that died after closing the lease (:func:`claim_end`) and
+    before writing the trial's end (:data:`~caviar.service.store.TELL_GRACE_S` ago or more).
 
     An ask writes the lease before it releases the study lock, so under that lock a running trial
     marked as asked but without a lease can only be the leftover of an ask that died half-way.
@@ -196,21 +200,28 @@ def _reap_orphans(db: Database) -> int:
         stale = [t for t in all_trials(db, record, [TrialState.RUNNING]) if t.user_attrs.get(ASKED)]
         if not stale:
             continue
-        leased = leases_for(db, [t._trial_id for t in stale])
-        orphans = [t for t in stale if t._trial_id not in leased]
+        ids = [t._trial_id for t in stale]
+        leased = leases_for(db, ids)
+        untold = died_while_told(db, ids)
+        orphans = [t for t in stale if t._trial_id not in leased or t._trial_id in untold]
         if not orphans:
             continue
         definition = definition_of(record)
         with db.study_lock(record.id):
             for trial in orphans:
-                if lease_of(db, trial._trial_id) is not None:
+                told = trial._trial_id in untold
+                if not told and lease_of(db, trial._trial_id) is not None:
                     continue
                 current = db.optuna.get_trial(trial._trial_id)
                 if current.state != TrialState.RUNNING:
                     continue
-                db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, "lost while being handed out")
+                why = "lost while being told" if told else "lost while being handed out"
+                db.optuna.set_trial_user_attr(trial._trial_id, FAIL_REASON, why)
                 db.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), None)
+                if told:
+                    end_lease(db, trial._trial_id, "reaped", why)
+                lease = leased.get(trial._trial_id)
+                requeue_retry(db, record, definition, db.optuna.get_trial(trial._trial_id), lease)
                 reaped += 1
             settle_study(db, record)
     return reaped
@@ -235,18 +246,20 @@ def _reap_one(
         return 0
     lease, timed_out = row[0], bool(row[1])
     reason = "trial timeout" if timed_out else "lease expired (no heartbeat)"
+    if not claim_end(db, trial_id, "reaped", reason, due=lapsed | deadline):
+        return 0  # a tell (or a renewal) came first: the lease row decides, see claim_end
     try:
         trial = db.optuna.get_trial(trial_id)
     except KeyError:
         trial = None
-    status = "finished"
+    failed = False
     if trial is not None and not trial.state.is_finished():
-        with contextlib.suppress(UpdateFinishedTrialError):  # a tell may win the race
+        with contextlib.suppress(UpdateFinishedTrialError):  # finished outside caviar meanwhile
             db.optuna.set_trial_user_attr(trial_id, FAIL_REASON, reason)
             db.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
-            status = "reaped"
-    end_lease(db, trial_id, status, reason)
-    if status != "reaped" or trial is None:
+            failed = True
+    if not failed or trial is None:
+        end_lease(db, trial_id, "finished", reason)
         return 0
     requeue_retry(db, record, definition, db.optuna.get_trial(trial_id), lease)
     return 1

@@ -47,11 +47,13 @@ from caviar.service.store import (
     StudyRef,
     all_trials,
     check_running,
+    claim_end,
     close_lease,
     definition_of,
     end_reason,
     end_study,
     forget,
+    lease_error,
     lease_of,
     load_record,
     prune_reported,
@@ -481,7 +483,12 @@ def _finish(
     final: TrialState,
     values: Sequence[float] | None,
 ) -> TrialRead:
-    """Complete or prune a trial: Optuna's tell, the lease closed, the study settled."""
+    """Complete or prune a trial: the lease closed (which decides a race with the reaper or a
+    hand-back: :func:`~caviar.service.store.claim_end`), Optuna's tell, the study settled."""
+    if not claim_end(db, tid, "finished", None):
+        lease = lease_of(db, tid)
+        if lease is not None and lease_error(lease) == "lease_lost":
+            return told_before(definition, record, db.optuna.get_trial(tid), lease, final, values)
     try:
         finished = study_handle(db, record, definition).tell(
             number, values=list(values) if values is not None else None, state=final
@@ -495,6 +502,5 @@ def _finish(
                 f"trial {number} of {record.name!r} is not running", code="trial_not_running"
             ) from None
         raise
-    close_lease(db, tid, None)
     settle_study(db, record)
     return to_read(definition, finished)

@@ -16,20 +16,30 @@ from typing import Any
 
 import numpy as np
 import pytest
+from optuna.trial import TrialState
 from scipy import stats
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from caviar.service import trials
 from caviar.service.db import Database
 from caviar.service.errors import Conflict
-from caviar.service.store import FAIL_REASON, create_study, definition_of, load_record, parse_definition
+from caviar.service.store import (
+    FAIL_REASON,
+    TELL_GRACE_S,
+    claim_end,
+    create_study,
+    definition_of,
+    load_record,
+    parse_definition,
+    trial_id,
+)
 from caviar.service.studies.schemas import BudgetUpdate, StudyUpdate
 from caviar.service.studies.service import describe
 from caviar.service.studies.steering import stop_study, update_study
 from caviar.service.trials import reap
 from caviar.service.trials.enqueue import enqueue
 from caviar.service.trials.schemas import EnqueueItem
-from caviar.storage import utcnow
+from caviar.storage import TrialLease, utcnow
 from tests.service.helpers import POLICY, external_study
 
 
@@ -603,21 +613,23 @@ def test_a_tell_that_lands_while_the_reaper_works_wins(
     db: Database, db_url: str, monkeypatch, kind: str
 ) -> None:
     """The reaper has picked a lapsed trial and holds the study lock; the worker's complete/pruned
-    tell lands before the reaper fails the trial. The tell stands: no failure, no retry."""
+    tell ends the lease before the reaper's own attempt to end it (the lease row decides: see
+    ``claim_end``). The tell stands: no failure, no retry."""
+    from caviar.service.trials import leases
+
     create_study(db, parse_definition(external_study("tell-first", n_trials=1, max_retries=2)))
     trial = trials.ask(db, "tell-first", policy=POLICY)
-    storage = db.optuna
-    real_set_attr = storage.set_trial_user_attr
+    real_claim = leases.claim_end
     told = threading.Event()
     results: dict[str, Any] = {}
 
-    def reaper_set_attr(trial_id: int, key: str, value: Any) -> None:
-        if threading.current_thread().name == "reaper" and key == FAIL_REASON and not told.is_set():
+    def reaper_claim(*args: Any, **kwargs: Any) -> bool:
+        if threading.current_thread().name == "reaper" and not told.is_set():
             worker = threading.Thread(target=tell_now, name="worker")
             worker.start()  # the tell takes no study lock: it finishes while the reaper holds it
             worker.join(60)
             assert told.is_set(), results
-        real_set_attr(trial_id, key, value)
+        return real_claim(*args, **kwargs)
 
     def tell_now() -> None:
         other = _other(db_url)
@@ -631,7 +643,7 @@ def test_a_tell_that_lands_while_the_reaper_works_wins(
             told.set()
             other.dispose()
 
-    monkeypatch.setattr(storage, "set_trial_user_attr", reaper_set_attr)
+    monkeypatch.setattr(leases, "claim_end", reaper_claim)
     reaper = threading.Thread(
         target=lambda: results.setdefault("reaped", reap(db, now=utcnow() + timedelta(hours=1))),
         name="reaper",
@@ -655,12 +667,14 @@ def test_a_tell_that_lands_while_the_reaper_works_wins(
 def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     db: Database, db_url: str, monkeypatch, kind: str
 ) -> None:
-    """The worker's complete/pruned tell has passed Optuna's running check when the reaper fails the
-    trial and queues its retry: the tell answers lease_lost, and the retry is the only way on."""
+    """The worker's complete/pruned tell is about to end the lease when the reaper ends it first,
+    fails the trial and queues its retry: the tell answers lease_lost, writes nothing, and the
+    retry is the only way on."""
+    from caviar.service.trials import lifecycle
+
     create_study(db, parse_definition(external_study("reap-first", n_trials=1, max_retries=2)))
     trial = trials.ask(db, "reap-first", policy=POLICY)
-    storage = db.optuna
-    real_set_state = storage.set_trial_state_values
+    real_claim = lifecycle.claim_end
     results: dict[str, Any] = {}
 
     other = _other(db_url)
@@ -668,14 +682,14 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     def reap_now() -> None:
         results["reaped"] = reap(other, now=utcnow() + timedelta(hours=1))
 
-    def worker_set_state(trial_id: int, state: Any, values: Any = None) -> bool:
+    def worker_claim(*args: Any, **kwargs: Any) -> bool:
         if threading.current_thread().name == "worker" and "reaper" not in results:
             results["reaper"] = reaper = threading.Thread(target=reap_now, name="reaper")
             reaper.start()  # another server's reaper: it takes the study lock, which the tell does not hold
             reaper.join(60)
-        return real_set_state(trial_id, state, values)
+        return real_claim(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "set_trial_state_values", worker_set_state)
+    monkeypatch.setattr(lifecycle, "claim_end", worker_claim)
 
     def tell_now() -> None:
         try:
@@ -768,3 +782,23 @@ def test_an_ask_in_another_process_waits_for_the_lock(db: Database, db_url: str,
     assert race.held_until == WAITED, race.held_until
     assert second == ("conflict", "budget_exhausted"), (race.held_until, second)
     assert trials.list_trials(db, "procs-last").total == 1
+
+
+def test_a_trial_whose_tell_died_after_ending_its_lease_is_recovered(db: Database) -> None:
+    """A tell that ended the lease and then died (the server was killed before Optuna's write)
+    leaves a running trial with no active lease: past TELL_GRACE_S the reaper fails and retries it."""
+    create_study(db, parse_definition(external_study("untold", n_trials=2, max_retries=1)))
+    asked = trials.ask(db, "untold", policy=POLICY)
+    tid = trial_id(db, load_record(db, "untold"), asked.number)
+    assert claim_end(db, tid, "finished", None)
+    assert reap(db) == 0  # a live tell gets its grace
+    assert db.optuna.get_trial(tid).state == TrialState.RUNNING
+    with db.session() as session, session.begin():
+        ended = utcnow() - timedelta(seconds=TELL_GRACE_S + 5)
+        session.execute(update(TrialLease).where(TrialLease.trial_id == tid).values(expires_at=ended))
+    assert reap(db) == 1
+    trial = db.optuna.get_trial(tid)
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs[FAIL_REASON] == "lost while being told"
+    listed = trials.list_trials(db, "untold", limit=10).items
+    assert [t.retry_of for t in listed if t.retry_of is not None] == [asked.number]
