@@ -23,7 +23,6 @@ from sqlalchemy import select, update
 from caviar.service.db import Database
 from caviar.service.definition import (
     StudyDefinition,
-    check_finite,
     check_params,
     decode,
     decode_params,
@@ -38,7 +37,6 @@ from caviar.service.store import (
     ASKED,
     ATTEMPT,
     FAIL_REASON,
-    FINISHED_BY_NAME,
     READY,
     RETRY_OF,
     STOPPED_STATES,
@@ -72,7 +70,7 @@ from caviar.service.store import (
     used_count,
 )
 from caviar.service.trials.leases import ANYONE, Caller, check_owner, study_stopped
-from caviar.service.trials.outcomes import record_attrs, requeue_retry, told_before
+from caviar.service.trials.outcomes import final_state, record_attrs, requeue_retry, told_before
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialAssignment, TrialRead
 from caviar.storage import StudyRecord, TrialLease, utcnow
@@ -422,26 +420,7 @@ def tell(
     """
     record = load_record(db, name)
     definition = definition_of(record)
-    if state not in FINISHED_BY_NAME:
-        raise InvalidInput(
-            f"state: must be complete, pruned or fail (got {state!r})", code="validation_error"
-        )
-    final = FINISHED_BY_NAME[state]
-    n_objectives = len(definition.study_directions)
-    if final == TrialState.COMPLETE:
-        if values is None:
-            raise InvalidInput("value: a complete trial needs value (or values)", code="validation_error")
-        if len(values) != n_objectives:
-            raise InvalidInput(
-                f"values: the study has {n_objectives} objective(s), got {len(values)} value(s)",
-                code="wrong_number_of_values",
-            )
-        try:
-            check_finite(list(values))
-        except ValueError as exc:
-            raise InvalidInput(f"values: {exc}", code="non_finite_value") from None
-    elif values is not None:
-        raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
+    final = final_state(definition, state, values)
     tid = trial_id(db, record, number)
     if not caller.any_trial:
         check_owner(record, number, lease_of(db, tid), caller)

@@ -1,5 +1,5 @@
-"""What a failed trial does (it is retried with the same parameters while it has retries left), and
-what a tell on a finished trial answers.
+"""What a tell may name (:func:`final_state`), what a failed trial does (it is retried with the
+same parameters while it has retries left), and what a tell on a finished trial answers.
 
 Called under the study lock by every path that ends a trial badly (a fail tell, the reaper, a
 hand-back); the study then settles (:func:`caviar.service.store.settle_study`).
@@ -15,12 +15,51 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
-from caviar.service.definition import StudyDefinition
-from caviar.service.errors import Conflict
-from caviar.service.store import ATTEMPT, RETRY_OF, STATE_NAMES, STOPPED_STATES, lease_error, reload
+from caviar.service.definition import StudyDefinition, check_finite
+from caviar.service.errors import Conflict, InvalidInput
+from caviar.service.store import (
+    ATTEMPT,
+    FINISHED_BY_NAME,
+    RETRY_OF,
+    STATE_NAMES,
+    STOPPED_STATES,
+    lease_error,
+    reload,
+)
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialRead
 from caviar.storage import StudyRecord, TrialLease
+
+
+def final_state(definition: StudyDefinition, state: str, values: Sequence[float] | None) -> TrialState:
+    """The end a tell names (``complete`` with one finite value per objective, ``pruned`` or
+    ``fail`` without values), checked.
+
+    Raises:
+        InvalidInput: naming the field: ``validation_error``, ``wrong_number_of_values`` or
+            ``non_finite_value``.
+    """
+    if state not in FINISHED_BY_NAME:
+        raise InvalidInput(
+            f"state: must be complete, pruned or fail (got {state!r})", code="validation_error"
+        )
+    final = FINISHED_BY_NAME[state]
+    n_objectives = len(definition.study_directions)
+    if final == TrialState.COMPLETE:
+        if values is None:
+            raise InvalidInput("value: a complete trial needs value (or values)", code="validation_error")
+        if len(values) != n_objectives:
+            raise InvalidInput(
+                f"values: the study has {n_objectives} objective(s), got {len(values)} value(s)",
+                code="wrong_number_of_values",
+            )
+        try:
+            check_finite(list(values))
+        except ValueError as exc:
+            raise InvalidInput(f"values: {exc}", code="non_finite_value") from None
+    elif values is not None:
+        raise InvalidInput(f"values: a {state} trial takes no values", code="validation_error")
+    return final
 
 
 def requeue_retry(
