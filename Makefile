@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 LONG_EXAMPLES ?= 500
 LONG_STEPS ?= 80
 LONG_TESTS ?= tests/service/trials/test_trials_stateful.py tests/service/trials/test_trials_concurrency.py \
-	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py tests/service/test_fuzz_scopes.py tests/examples
+	tests/service/test_fuzz.py tests/service/test_fuzz_stateful.py tests/service/test_fuzz_scopes.py tests/examples \
+	tests/worker/test_fused_diversity.py
 LONG_ENV = CAVIAR_STATEFUL_EXAMPLES=$(LONG_EXAMPLES) CAVIAR_STATEFUL_STEPS=$(LONG_STEPS) CAVIAR_TEST_LONG=1
 
 # Every install takes its versions from the lock (`make lock` refreshes it from pyproject.toml).

@@ -195,12 +195,63 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
+# Test files whose subject is not the service's database (the trainer's math, the worker's parts
+# against stand-in APIs, packaging, layering, deployment files, the docs pages): on PostgreSQL they
+# would run exactly the code they ran on SQLite, so the PostgreSQL half of `make test` leaves them
+# out. None of them uses the test database (checked at collection), except the docs pages, whose
+# blocks call a service on the database under test but whose subject is the docs: they run on
+# SQLite, the database the docs start a user on.
+ONE_DATABASE = (
+    "tests/trainer/",
+    "tests/test_docs.py",
+    "tests/test_layering.py",
+    "tests/test_lock.py",
+    "tests/test_compose.py",
+    "tests/test_deploy.py",
+    "tests/test_backoff.py",
+    "tests/test_logging.py",
+    "tests/test_mutants_map.py",
+    "tests/benchmarks/test_fused_and_time_to_quality.py",
+    "tests/benchmarks/test_pbt_vs_asha.py",
+    "tests/service/definition/test_fused_python.py",
+    "tests/service/schedules/test_schedules_cron.py",
+    "tests/service/store/test_ranking.py",
+    "tests/service/test_web_security_policy.py",
+    "tests/cli/test_unreachable.py",
+    "tests/worker/test_allow.py",
+    "tests/worker/test_asha.py",
+    "tests/worker/test_data_files.py",
+    "tests/worker/test_metrics_reader.py",
+    "tests/worker/test_run_fused.py",
+    "tests/worker/test_slot.py",
+    "tests/worker/test_supervisor.py",
+    "tests/worker/test_threads.py",
+    "tests/worker/test_trainer_runner.py",
+    "tests/worker/test_worker_identity.py",
+)
+USES_DATABASE = ("tests/test_docs.py",)
+
+
+def _one_database(path: str) -> bool:
+    return any(path == entry or (entry.endswith("/") and path.startswith(entry)) for entry in ONE_DATABASE)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, the files of :data:`LONGEST_FIRST` first, in its order (a stable sort)."""
+    """On PostgreSQL, leave out the files of :data:`ONE_DATABASE`; under pytest-xdist, the files of
+    :data:`LONGEST_FIRST` first, in its order (a stable sort)."""
+    root = config.rootpath
+    once = [item for item in items if _one_database(item.path.relative_to(root).as_posix())]
+    for item in once:
+        path = item.path.relative_to(root).as_posix()
+        if path not in USES_DATABASE and "databases" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} uses the test database: take {path} out of ONE_DATABASE")
+    if IS_POSTGRES and once:
+        config.hook.pytest_deselected(items=once)
+        left_out = set(once)
+        items[:] = [item for item in items if item not in left_out]
     if not hasattr(config, "workerinput"):
         return
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    root = config.rootpath
 
     def key(item: pytest.Item) -> int:
         return rank.get(item.path.relative_to(root).as_posix(), len(rank))

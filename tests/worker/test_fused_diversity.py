@@ -2,7 +2,9 @@
 (batch size, width, optimizer, ...) about as much as an unfused study of the same budget.
 
 Coverage of a dimension: the share of its choices (categorical) or of 8 equal bins of its sampling
-scale (numbers; log for log-scaled ones) that the study's trials touched.
+scale (numbers; log for log-scaled ones) that the study's trials touched. Coverage depends on what
+is sampled, not on how long each trial trains: CI trains each trial one epoch, ``make test-long``
+(``CAVIAR_TEST_LONG=1``) five.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from caviar.service.examples import example_path
 from caviar.service.processes import CaviarProcess
 from caviar.service.trials import list_trials
 from caviar.trainer.spec import FUSIBLE
+from tests.conftest import LONG_RUN
 
 pytestmark = pytest.mark.slow
 BINS = 8
@@ -39,7 +42,7 @@ def coverage(spec: dict[str, Any], values: list[Any]) -> float:
 def run_study(db: Database, db_url: str, tmp_path: Path, name: str, fuse: int) -> dict[str, float]:
     body = yaml.safe_load(example_path("digits-mlp").read_text())
     body["name"] = name
-    body["objective"].update(max_epochs=5, fuse=fuse)
+    body["objective"].update(max_epochs=5 if LONG_RUN else 1, fuse=fuse)
     body["budget"].update(n_trials=60, max_parallel=16)
     store.create_study(db, store.parse_definition(body))
     server, url = processes.serve(db_url, log=tmp_path / f"{name}-serve.log")
