@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
@@ -313,71 +314,62 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _escaping_csv(send: Send) -> Send:
-    """A ``send`` that escapes the formula-like cells of a CSV answer (a 2xx ``text/csv`` one)."""
+def _rewriting_send(
+    send: Send, content_type: bytes, rewrite: Callable[[bytes], bytes], *, answer_type: bytes | None = None
+) -> Send:
+    """A ``send`` that passes a 2xx answer of ``content_type`` through ``rewrite`` as a whole (the
+    dashboard builds its answers in memory too), with its ``content-length`` set anew and, given
+    ``answer_type``, its ``content-type`` replaced."""
     start: Message | None = None
     chunks: list[bytes] = []
 
-    async def escaping_send(message: Message) -> None:
+    async def rewriting_send(message: Message) -> None:
         nonlocal start
         if message["type"] == "http.response.start":
-            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-            if 200 <= message["status"] < 300 and content_type.startswith(b"text/csv"):
-                start = message
-                return
-        elif start is not None and message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))  # the dashboard holds the whole export in memory too
-            if message.get("more_body", False):
-                return
-            body = escape_csv(b"".join(chunks).decode("utf-8")).encode("utf-8")
-            headers = [
-                (key, value)
-                for key, value in start.get("headers", [])
-                if key not in (b"content-length", b"content-type")
-            ]
-            headers += [
-                (b"content-type", b"text/csv; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
-        await send(message)
-
-    return escaping_send
-
-
-def _with_user_attrs(send: Send, shown: list[dict[str, str]]) -> Send:
-    """A ``send`` that puts ``shown`` first in a study detail's ``user_attrs`` (a 2xx JSON answer)."""
-    start: Message | None = None
-    chunks: list[bytes] = []
-
-    async def adding_send(message: Message) -> None:
-        nonlocal start
-        if message["type"] == "http.response.start":
-            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-            if 200 <= message["status"] < 300 and content_type.startswith(b"application/json"):
+            kind = dict(message.get("headers", [])).get(b"content-type", b"")
+            if 200 <= message["status"] < 300 and kind.startswith(content_type):
                 start = message
                 return
         elif start is not None and message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = b"".join(chunks)
-            try:
-                detail = json.loads(body)
-                detail["user_attrs"] = [*shown, *detail.get("user_attrs", [])]
-                body = json.dumps(detail).encode("utf-8")
-            except (ValueError, TypeError, AttributeError):
-                pass  # not a study detail: passed on as it came
-            headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
+            body = rewrite(b"".join(chunks))
+            replaced = (b"content-length", b"content-type") if answer_type else (b"content-length",)
+            headers = [(key, value) for key, value in start.get("headers", []) if key not in replaced]
+            if answer_type:
+                headers.append((b"content-type", answer_type))
             headers.append((b"content-length", str(len(body)).encode()))
             await send({**start, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         await send(message)
 
-    return adding_send
+    return rewriting_send
+
+
+def _escaping_csv(send: Send) -> Send:
+    """A ``send`` that escapes the formula-like cells of a CSV answer (a 2xx ``text/csv`` one)."""
+    return _rewriting_send(
+        send,
+        b"text/csv",
+        lambda body: escape_csv(body.decode("utf-8")).encode("utf-8"),
+        answer_type=b"text/csv; charset=utf-8",
+    )
+
+
+def _with_user_attrs(send: Send, shown: list[dict[str, str]]) -> Send:
+    """A ``send`` that puts ``shown`` first in a study detail's ``user_attrs`` (a 2xx JSON answer)."""
+
+    def add(body: bytes) -> bytes:
+        try:
+            detail = json.loads(body)
+            detail["user_attrs"] = [*shown, *detail.get("user_attrs", [])]
+            return json.dumps(detail).encode("utf-8")
+        except (ValueError, TypeError, AttributeError):
+            return body  # not a study detail: passed on as it came
+
+    return _rewriting_send(send, b"application/json", add)
 
 
 def _replay(body: bytes) -> Receive:

@@ -147,18 +147,15 @@ def _run_group(
         for trial in group:
             runner._setup_failed(trial, f"cannot start the objective: {type(exc).__name__}: {exc}")
         return
-    why = ""
-    while child.process.poll() is None:
+
+    def end_reason() -> str:
         if slot.stop.is_set():
-            why = "stopped"
-        elif all(slot.is_lost(trial) for trial in group):
-            why = "lost"
-        elif timeout is not None and time.monotonic() - started > timeout:
-            why = "timeout"
-        if why:
-            child.terminate()
-            break
-        time.sleep(0.2)
+            return "stopped"
+        if all(slot.is_lost(trial) for trial in group):
+            return "lost"
+        return "timeout" if timeout is not None and time.monotonic() - started > timeout else ""
+
+    why = child.watch(end_reason)
     code = child.process.wait()
     child.close()
     seconds = round(time.monotonic() - started, 3)

@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
@@ -438,6 +439,22 @@ class _Child:
         else:
             on_line(line)
 
+    def watch(self, reason: Callable[[], str], every_s: float = 0.2) -> str:
+        """Wait for the child to exit, asking ``reason`` every ``every_s`` seconds whether to end
+        it first (``stopped``, ``lost``, ``pruned``, ``timeout``; empty: go on).
+
+        Returns:
+            The reason the child was terminated for (it was sent SIGTERM, and SIGKILL after the
+            grace period), or ``""`` when it exited by itself; wait for it and :meth:`close` after.
+        """
+        while self.process.poll() is None:
+            why = reason()
+            if why:
+                self.terminate()
+                return why
+            time.sleep(every_s)
+        return ""
+
     def _signal_all(self, signum: int) -> None:
         """Send ``signum`` to the child's process group and to every process of this trial."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -765,22 +782,19 @@ class ProgramRunner:
         except OSError as exc:  # not found, not executable
             self._setup_failed(trial, f"cannot start the command: {type(exc).__name__}: {exc}")
             return
-        why = ""
-        while child.process.poll() is None:
+
+        def reason() -> str:
             for found in metrics.read_file():
                 on_metrics(*found)
             if slot.stop.is_set() or printed.get("stopped"):
-                why = "stopped"
-            elif slot.is_lost(trial):
-                why = "lost"
-            elif printed.get("pruned"):
-                why = "pruned"
-            elif timeout is not None and time.monotonic() - started > timeout:
-                why = "timeout"
-            if why:
-                child.terminate()
-                break
-            time.sleep(0.2)
+                return "stopped"
+            if slot.is_lost(trial):
+                return "lost"
+            if printed.get("pruned"):
+                return "pruned"
+            return "timeout" if timeout is not None and time.monotonic() - started > timeout else ""
+
+        why = child.watch(reason)
         code = child.process.wait()
         child.close()
         if not why:
