@@ -74,7 +74,7 @@ def save_artifact(
     with open(path, "rb") as handle:
         store.write(meta.artifact_id, handle)
     try:
-        # Optuna refuses either write (row-locked) once the trial is finished: a tell or the reaper won
+        # Optuna refuses either write once the trial is finished: a tell or the reaper won
         db.optuna.set_trial_system_attr(trial._trial_id, UPLOADED_ATTR + meta.artifact_id, time.time_ns())
         db.optuna.set_trial_system_attr(
             trial._trial_id, ARTIFACTS_ATTR_PREFIX + meta.artifact_id, json.dumps(asdict(meta))

@@ -427,8 +427,8 @@ def tell(
     if user_attrs:
         record_attrs(db, record, tid, user_attrs)
     if final != TrialState.FAIL:
-        # No study lock: Optuna's row-locked state update decides a race with the reaper (or a
-        # repeated tell), and each tell settles the study after its own commit.
+        # No study lock: the lease row decides a race with the reaper (claim_end), Optuna's state
+        # check a repeated tell, and each tell settles the study after its own commit.
         return _finish(db, record, definition, tid, number, final, values)
     # A failure re-queues a retry, which must not race an ask's budget count.
     with db.study_lock(record.id):
