@@ -19,9 +19,10 @@ from optuna.trial import TrialState
 
 from caviar.service import store
 from caviar.service.db import Database
-from caviar.service.errors import InvalidInput
+from caviar.service.definition import check_params
+from caviar.service.errors import InvalidInput, NotFound
 from caviar.service.store import definition_of
-from caviar.service.trials import ask, tell
+from caviar.service.trials import ask, best, report, tell
 from tests.service.helpers import POLICY, external_study
 from tests.service.store.conftest import MakeStudy, enqueue
 
@@ -165,3 +166,56 @@ def test_artifacts_are_private_and_listed_per_study(
     assert definition_of(store.load_record(db, "s")).name == "s"
     artifacts.write("raw", io.BytesIO(b"x"))
     assert stat.S_IMODE(os.stat(folder / "raw").st_mode) == 0o600
+
+
+def test_a_warm_start_from_several_objectives_takes_front_after_front(
+    db: Database, make_study: MakeStudy
+) -> None:
+    body = external_study("src", n_trials=10)
+    del body["direction"]
+    body["directions"] = ["maximize", "minimize"]
+    record = store.create_study(db, store.parse_definition(body))
+    space = definition_of(record).search_space
+    # lr 0.01 and 0.02 are the first front, 0.03 the second (better than 0.02 on the first
+    # objective alone), 0.04 the third
+    for lr, values in ((0.03, [0.7, 0.95]), (0.01, [0.9, 0.9]), (0.04, [0.1, 0.99]), (0.02, [0.6, 0.1])):
+        checked = check_params(space, {"lr": lr, "beta1": 0.9, "dropout": 0.1})
+        store.add_trial(db, record.optuna_study_id, space, checked, values=values)
+    assert warm(db, "w2", top_k=2)["enqueued"] == 2
+    assert waiting_lrs(db, "w2") == [0.01, 0.02]  # the first front, in trial order
+    assert warm(db, "w3", top_k=3)["enqueued"] == 3
+    assert waiting_lrs(db, "w3") == [0.01, 0.02, 0.03]
+    assert warm(db, "w9", top_k=9)["enqueued"] == 4
+    assert waiting_lrs(db, "w9") == [0.01, 0.02, 0.03, 0.04]
+
+
+def test_a_pruned_trial_with_a_reported_value_is_neither_best_nor_warm_started(
+    db: Database, make_study: MakeStudy
+) -> None:
+    make_study("src")
+    assignment = ask(db, "src", policy=POLICY)
+    report(db, "src", assignment.number, 1, 0.99, policy=POLICY)
+    tell(db, "src", assignment.number, "pruned")  # Optuna keeps the last reported value
+    pruned = db.optuna.get_trial(store.trial_id(db, store.load_record(db, "src"), 0))
+    assert (pruned.state, pruned.values) == (TrialState.PRUNED, [0.99])
+    with pytest.raises(NotFound):
+        best(db, "src")
+    assert warm(db, "w")["enqueued"] == 0
+    enqueue(db, store.load_record(db, "src"), 0.05, value=0.5)
+    assert best(db, "src").number == 1  # type: ignore[union-attr]
+    assert warm(db, "w2") == {"from": "src", "enqueued": 1, "skipped": 0, "reasons": []}
+
+
+def test_the_artifact_folder_may_exist_already(tmp_path: Path) -> None:
+    folder = tmp_path / "artifacts"
+    store.artifact_store(str(folder))
+    store.artifact_store(str(folder))  # a restart of the service
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+def test_the_queue_filters_by_objective_kind(db: Database, make_study: MakeStudy) -> None:
+    record = make_study("ext")
+    assert [r.name for r in store.runnable_studies(db, kinds=["external"])] == [record.name]
+    assert store.runnable_studies(db, kinds=["builtin", "python"]) == []
+    store.forget(db, "never-remembered")  # forgetting an unknown name is no error
+    assert store.study_ref(db, "ext").id == record.id

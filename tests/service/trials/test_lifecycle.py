@@ -600,6 +600,13 @@ def test_refusals_name_the_trial_the_study_and_why(db: Database) -> None:
         "trial 2 of 's' is not yours: send the credential its ask answered (header X-Caviar-Lease), "
         "or use a token with write scope",
     )
+    not_yours = (
+        "not_your_trial",
+        "trial 1 of 's' is not yours: send the credential its ask answered (header X-Caviar-Lease), "
+        "or use a token with write scope",
+    )
+    assert refusal(trials.report, db, "s", 1, 1, 1.0, policy=POLICY, caller=stranger) == not_yours
+    assert refusal(trials.heartbeat, db, "s", 1, policy=POLICY, caller=stranger) == not_yours
     assert refusal(trials.report, db, "s", 2, 1, float("nan"), policy=POLICY) == (
         "non_finite_value",
         "value: must be a finite number (got nan)",
