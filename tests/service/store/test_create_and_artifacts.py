@@ -22,6 +22,7 @@ from caviar.service.db import Database
 from caviar.service.definition import check_params
 from caviar.service.errors import InvalidInput, NotFound
 from caviar.service.store import definition_of
+from caviar.service.studies.service import delete_study
 from caviar.service.trials import ask, best, report, tell
 from tests.service.helpers import POLICY, external_study
 from tests.service.store.conftest import MakeStudy, enqueue
@@ -219,3 +220,15 @@ def test_the_queue_filters_by_objective_kind(db: Database, make_study: MakeStudy
     assert store.runnable_studies(db, kinds=["builtin", "python"]) == []
     store.forget(db, "never-remembered")  # forgetting an unknown name is no error
     assert store.study_ref(db, "ext").id == record.id
+
+
+def test_reload_of_a_study_deleted_or_created_again_is_not_found(db: Database, make_study: MakeStudy) -> None:
+    old = make_study("s")
+    assert store.renew_many(db, [], POLICY) == 0  # no leases named, none renewed
+    delete_study(db, "s")
+    with pytest.raises(NotFound) as info:
+        store.reload(db, old)
+    assert (info.value.code, info.value.message) == ("study_not_found", "no study named 's'")
+    make_study("s")
+    with pytest.raises(NotFound):
+        store.reload(db, old)  # the same name, another study

@@ -802,3 +802,151 @@ def test_best_is_the_best_complete_trial_ties_to_the_earlier(db: Database) -> No
         trials.tell(db, "min", ask(db, "min"), "complete", values=[value])
     best = trials.best(db, "min")
     assert (best.number, best.value) == (1, 0.1)  # type: ignore[union-attr]
+
+
+# ---- the reaper's clock, orphans in every live study, trials finished behind their lease -------
+
+
+def age_leases(db: Database, seconds: float) -> None:
+    """Every active lease lapsed ``seconds`` ago (by this host's clock, which is the database's)."""
+    with db.session() as session, session.begin():
+        for held in session.query(TrialLease):
+            held.expires_at = utcnow() - timedelta(seconds=seconds)
+
+
+def test_the_reaper_judges_by_the_database_clock_with_its_margin(db: Database) -> None:
+    make(db, max_retries=0)
+    ask(db)
+    age_leases(db, 20)
+    assert reap(db, margin_s=60) == 0  # still within the grace
+    assert trials.get_trial(db, "s", 0).state == "running"
+    assert reap(db, margin_s=5) == 1
+    assert trials.get_trial(db, "s", 0).fail_reason == EXPIRED
+
+
+def test_the_reaper_ends_trials_past_their_deadline_by_the_database_clock(db: Database) -> None:
+    make(db, max_retries=0, trial_timeout_s=30)
+    ask(db)
+    assert reap(db) == 0
+    with db.session() as session, session.begin():
+        for held in session.query(TrialLease):
+            held.deadline_at = utcnow() - timedelta(seconds=5)
+    assert reap(db) == 1
+    assert trials.get_trial(db, "s", 0).fail_reason == "trial timeout"
+
+
+def test_a_trial_finished_behind_its_lease_is_not_reaped_or_retried(db: Database) -> None:
+    make(db, max_retries=2)
+    ask(db)
+    db.optuna.set_trial_state_values(trial_id(db, load_record(db, "s"), 0), TrialState.COMPLETE, [1.0])
+    assert reap(db, now=utcnow() + LATER) == 0
+    held = lease(db, 0)
+    assert (held.status, held.reason) == ("finished", EXPIRED)
+    assert states(db) == {0: "complete"}
+
+
+def orphan(db: Database, name: str, number: int) -> None:
+    """Trial ``number`` of ``name`` as an ask that died before its lease leaves it."""
+    with db.session() as session, session.begin():
+        session.delete(session.get(TrialLease, trial_id(db, load_record(db, name), number)))
+
+
+def test_the_reaper_recovers_orphans_of_every_live_study_and_counts_each(db: Database) -> None:
+    for name in ("leased", "paused", "stopping", "two"):
+        make(db, name, max_retries=1)
+    ask(db, "leased")  # a running trial with its lease: no orphan, and the scan goes on
+    ask(db, "paused")
+    orphan(db, "paused", 0)
+    pause_study(db, "paused")
+    ask(db, "stopping")
+    ask(db, "stopping")
+    orphan(db, "stopping", 0)
+    stop_study(db, "stopping")
+    ask(db, "two")
+    ask(db, "two")
+    orphan(db, "two", 0)
+    orphan(db, "two", 1)
+    assert reap(db, now=utcnow()) == 4
+    assert states(db, "leased") == {0: "running"}
+    assert states(db, "paused") == {0: "fail", 1: "waiting"}
+    assert states(db, "stopping") == {0: "fail", 1: "running"}  # no retry in a stopping study
+    assert states(db, "two") == {0: "fail", 1: "fail", 2: "waiting", 3: "waiting"}
+
+
+def test_the_reaper_ends_a_paused_study_past_its_deadline_by_its_own_clock(db: Database) -> None:
+    make(db, n_trials=5, max_duration_s=60)
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[1.0])
+    pause_study(db, "s")
+    assert reap(db, now=utcnow() + timedelta(seconds=30)) == 0
+    assert study_state(db) == "paused"
+    assert reap(db, now=utcnow() + timedelta(seconds=61)) == 0
+    record = load_record(db, "s")
+    assert (record.state, record.stop_reason) == (
+        "stopped",
+        "deadline: budget.max_duration_s=60 s passed since the first trial",
+    )
+
+
+# ---- more of what the refusals and reads say -------------------------------------------------
+
+
+def test_bad_tells_say_what_is_wrong(db: Database) -> None:
+    make(db)
+    ask(db)
+    assert refusal(trials.tell, db, "s", 0, "done") == (
+        "validation_error",
+        "state: must be complete, pruned or fail (got 'done')",
+    )
+    assert refusal(trials.tell, db, "s", 0, "complete") == (
+        "validation_error",
+        "value: a complete trial needs value (or values)",
+    )
+    assert refusal(trials.tell, db, "s", 0, "complete", values=[1.0, 2.0]) == (
+        "wrong_number_of_values",
+        "values: the study has 1 objective(s), got 2 value(s)",
+    )
+    code, message = refusal(trials.tell, db, "s", 0, "complete", values=[float("nan")])
+    assert code == "non_finite_value" and message.startswith("values: ")
+    assert refusal(trials.tell, db, "s", 0, "pruned", values=[1.0]) == (
+        "validation_error",
+        "values: a pruned trial takes no values",
+    )
+    stranger = Caller(worker_id="x", any_trial=False)
+    assert refusal(trials.tell, db, "s", 0, "pruned", caller=stranger)[1].startswith(
+        "trial 0 of 's' is not yours"
+    )
+    assert refusal(trials.report, db, "s", 7, 1, 1.0, policy=POLICY) == (
+        "trial_not_found",
+        "study 's' has no trial 7",
+    )
+    put(db, PARAMS)
+    assert refusal(trials.tell, db, "s", 1, "complete", values=[1.0]) == (
+        "trial_not_running",
+        "trial 1 of 's' is not running",
+    )
+
+
+def test_a_fatal_reason_is_kept_to_2000_characters(db: Database) -> None:
+    make(db)
+    ask(db)
+    trials.tell(db, "s", 0, "fail", reason="y" * 2500, fatal=True)
+    assert load_record(db, "s").stop_reason == "paused: " + "y" * 1992
+
+
+def test_imported_results_that_fill_the_budget_complete_a_queued_study(db: Database) -> None:
+    make(db, n_trials=2)
+    added = enqueue(db, "s", [EnqueueItem(params=PARAMS, value=0.5), EnqueueItem(params=PARAMS, value=0.7)])
+    assert [(t.state, t.value) for t in added] == [("complete", 0.5), ("complete", 0.7)]
+    assert added[0].user_attrs["beta1"] == pytest.approx(0.9)  # decoded, as the dashboard shows it
+    assert study_state(db) == "completed"
+
+
+def test_a_trial_read_has_its_times_in_utc(db: Database) -> None:
+    make(db)
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[1.0])
+    read = trials.get_trial(db, "s", 0)
+    assert read.started_at is not None and read.finished_at is not None
+    assert read.started_at.utcoffset() == timedelta(0)
+    assert read.started_at <= read.finished_at <= utcnow()
