@@ -950,3 +950,13 @@ def test_a_trial_read_has_its_times_in_utc(db: Database) -> None:
     assert read.started_at is not None and read.finished_at is not None
     assert read.started_at.utcoffset() == timedelta(0)
     assert read.started_at <= read.finished_at <= utcnow()
+
+
+def test_an_orphaned_retry_has_used_its_attempt(db: Database) -> None:
+    make(db, max_retries=1)
+    ask(db)
+    trials.tell(db, "s", 0, "fail")
+    assert trials.ask(db, "s", policy=POLICY).retry_of == 0
+    orphan(db, "s", 1)  # the retry's ask died before its lease: its attempt (1) counts all the same
+    assert reap(db, now=utcnow()) == 1
+    assert states(db) == {0: "fail", 1: "fail"}
