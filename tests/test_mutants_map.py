@@ -23,7 +23,10 @@ def test_every_mutated_module_has_the_tests_of_its_feature() -> None:
     for module in tool.MODULES:
         files = tool.RUNS[module.run]
         assert files and all((ROOT / f.partition("::")[0]).is_file() for f in files)
-    assert "tests/service/trials/test_trials_api.py" in tool.RUNS["trials"]
+    # the trials run uses the fast in-process subset, not the API tests that build an app per test
+    assert tool.RUNS["trials"][0] == "tests/service/trials/test_lifecycle.py"
+    assert "tests/service/trials/test_trials_api.py" not in tool.RUNS["trials"]
+    assert "tests/service/store/test_records.py" in tool.RUNS["trials"]
     assert "tests/service/test_auth.py" in tool.RUNS["auth"]
 
 
@@ -43,10 +46,8 @@ def test_the_map_follows_the_layout(tmp_path: Path) -> None:
         "tests/service/quotas/test_quotas.py",
     )
     assert tool.run_of("caviar/service/quotas/records.py", tmp_path) == "quotas"
-    assert tool.tests_for("caviar/service/trials/leases.py", tmp_path) == (
-        "tests/service/trials/test_trials_api.py",
-        "tests/service/studies/test_steering_api.py",
-    )
+    # a feature with a named fast subset (FAST_SUBSETS) is tested by it, not by its folder's files
+    assert tool.tests_for("caviar/service/trials/leases.py", tmp_path) == tool.FAST_SUBSETS["trials"]
     # a flat module is tested by tests/service/test_<name>.py; tokens by auth's tests
     assert tool.tests_for("caviar/service/auth.py", tmp_path) == ("tests/service/test_auth.py",)
     assert tool.run_of("caviar/service/tokens/service.py", tmp_path) == "auth"

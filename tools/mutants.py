@@ -59,8 +59,21 @@ SERVICE = "caviar/service"
 TESTS = "tests/service"
 # features whose behaviour another feature's tests drive, with why:
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
-    "trials": ("studies",),  # stops (end_study, cancel_waiting) are driven by the steering tests
     "tokens": ("auth",),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+}
+# features tested in their run by a named fast in-process subset instead of their test folder (and
+# the folders of ALSO_TESTED_BY): mutmut runs, per mutant, every test of the selection that calls the
+# mutated function, so a survivor costs all of them. Each test of tests/service/trials/test_trials_api.py
+# and tests/studies/test_steering_api.py builds an app and calls `ask`: with them the trials run
+# checked about 8 mutants a minute and needed hours. test_lifecycle.py calls ask, report, heartbeat,
+# tell, release, the reaper and the steering functions directly on a database (no app, no threads).
+# The contract tests of features folded into the run (RUN_OF_FEATURE: the store) still join it.
+FAST_SUBSETS: dict[str, tuple[str, ...]] = {
+    "trials": (
+        "tests/service/trials/test_lifecycle.py",
+        # the store's check of file: datasets at creation (the rest of that file parses definitions)
+        "tests/service/definition/test_data_files.py::test_the_local_cli_path_may_name_files",
+    ),
 }
 # features mutated in another feature's run, whose tests they share (one stats pass for both): the
 # store's budget, leases and settling are driven end to end by the trial and steering tests, and
@@ -124,9 +137,10 @@ def tests_for(path: str, root: Path = ROOT) -> tuple[str, ...]:
         return named[1]
     feature = feature_of(path)
     feature = RUN_OF_FEATURE.get(feature, feature)
-    files: list[str] = []
+    files: list[str] = list(FAST_SUBSETS.get(feature, ()))
+    own = () if feature in FAST_SUBSETS else (feature, *ALSO_TESTED_BY.get(feature, ()))
     runs_here = [name for name, into in RUN_OF_FEATURE.items() if into == feature]
-    for name in (feature, *ALSO_TESTED_BY.get(feature, ()), *runs_here):
+    for name in (*own, *runs_here):
         files += [f for f in feature_tests(name, root) if f not in files]
     if not files:
         raise SystemExit(

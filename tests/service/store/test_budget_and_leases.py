@@ -99,6 +99,8 @@ def test_counts_over_all_studies_and_the_study_of_a_trial(db: Database, make_stu
 def test_the_lease_policy_comes_from_settings_and_lasts_two_heartbeats() -> None:
     policy = store.LeasePolicy.from_settings(Settings(heartbeat_interval_s=7))
     assert policy.heartbeat_interval_s == 7 and policy.lease_s == 14
+    assert policy.margin_s == 3.5  # the reaper's grace: half an interval unless lease_margin_s says
+    assert store.LeasePolicy.from_settings(Settings(heartbeat_interval_s=7, lease_margin_s=1)).margin_s == 1
     now = datetime(2026, 1, 1)
     assert policy.expiry(now) == now + timedelta(seconds=14)
     with pytest.raises(TypeError):
