@@ -1051,3 +1051,13 @@ def test_an_ask_after_a_study_was_created_again_keeps_what_it_was_given(db: Data
     assignment = trials.ask(db, "s", policy=POLICY, worker_id="w2", request_id="r2", fixed={"dropout": 0.3})
     assert (assignment.number, assignment.params["dropout"]) == (0, 0.3)
     assert lease(db, 0).worker_id == "w2" and lease(db, 0).request_id == "r2"
+
+
+def test_a_goal_of_a_minimized_metric_is_reached_from_above(db: Database) -> None:
+    make_with(db, direction="minimize", budget={"n_trials": 10, "goal": {"value": 0.1}})
+    ask(db)
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[0.5])
+    assert study_state(db) == "running"
+    trials.tell(db, "s", 1, "complete", values=[0.05])
+    assert load_record(db, "s").stop_reason == "goal reached: trial 1 value=0.05 <= 0.1"
