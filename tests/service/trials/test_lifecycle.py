@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy import update
 
 from caviar.service import trials
 from caviar.service.db import Database
@@ -22,6 +23,8 @@ from caviar.service.errors import Conflict, InvalidInput, NotFound, RateLimited
 from caviar.service.store import (
     ASKED,
     READY,
+    WORKER,
+    LeasePolicy,
     LeaseRow,
     create_study,
     lease_of,
@@ -960,3 +963,101 @@ def test_an_orphaned_retry_has_used_its_attempt(db: Database) -> None:
     orphan(db, "s", 1)  # the retry's ask died before its lease: its attempt (1) counts all the same
     assert reap(db, now=utcnow()) == 1
     assert states(db) == {0: "fail", 1: "fail"}
+
+
+# ---- what an ask checks and writes ---------------------------------------------------------------
+
+
+def test_an_ask_refuses_with_the_study_named(db: Database) -> None:
+    make(db, n_trials=1, max_retries=0, max_failed_trials=0)
+    pause_study(db, "s")
+    assert refusal(trials.ask, db, "s", policy=POLICY) == ("study_paused", "study 's' is paused")
+    resume_study(db, "s")
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[1.0])
+    assert refusal(trials.ask, db, "s", policy=POLICY) == (
+        "budget_exhausted",
+        "study 's' has used its budget of 1 trials",
+    )
+    make(db, "f", max_retries=0, max_failed_trials=0)
+    ask(db, "f")
+    trials.tell(db, "f", 0, "fail")
+    assert refusal(trials.ask, db, "f", policy=POLICY) == (
+        "study_failed",
+        "study 'f' failed: too many failed trials",
+    )
+    code, message = refusal(trials.ask, db, "s", policy=POLICY, fixed={"dropout": 0.9})
+    assert (code, message.split(":")[0]) == ("out_of_range", "fixed.dropout")
+
+
+def test_max_parallel_asks_again_after_half_a_heartbeat_and_at_least_a_second(db: Database) -> None:
+    make(db, max_parallel=1)
+    ask(db)
+    with pytest.raises(RateLimited) as info:
+        trials.ask(db, "s", policy=LeasePolicy(heartbeat_interval_s=1.0))
+    assert info.value.retry_after_s == 1
+
+
+def test_an_ask_ends_a_study_past_its_deadline_before_the_reaper_does(db: Database) -> None:
+    make(db, n_trials=5, max_duration_s=60)
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[1.0])
+    with db.session() as session, session.begin():
+        session.execute(update(StudyRecord).values(started_at=utcnow() - timedelta(seconds=61)))
+    assert refusal(trials.ask, db, "s", policy=POLICY) == (
+        "study_stopped",
+        "study 's' is stopped (deadline: budget.max_duration_s=60 s passed since the first trial)",
+    )
+
+
+def test_an_ask_records_when_a_study_without_a_start_time_started(db: Database) -> None:
+    make(db, "a")
+    make(db, "b")
+    ask(db, "a")
+    with db.session() as session, session.begin():  # a study that started before started_at existed
+        session.execute(update(StudyRecord).where(StudyRecord.name == "a").values(started_at=None))
+    ask(db, "a")
+    assert load_record(db, "a").started_at is not None
+    assert load_record(db, "b").started_at is None  # another study's is not touched
+
+
+def test_an_asked_trial_carries_its_worker_and_only_the_decoded_reversed_params(db: Database) -> None:
+    make(db)
+    put(db, PARAMS)
+    for _ in range(2):
+        trials.ask(db, "s", policy=POLICY, worker_id="w")
+    for number in (0, 1):
+        stored = db.optuna.get_trial(trial_id(db, load_record(db, "s"), number))
+        assert (stored.user_attrs[WORKER], stored.user_attrs[ASKED]) == ("w", True)
+        shown = trials.get_trial(db, "s", number).user_attrs
+        assert set(shown) == {"beta1"} and 0.8 <= shown["beta1"] <= 0.999
+    assert trials.get_trial(db, "s", 0).user_attrs["beta1"] == pytest.approx(0.9)
+
+
+def test_an_enqueued_trial_whose_ask_died_is_recovered(db: Database) -> None:
+    make(db, max_retries=1)
+    put(db, PARAMS)
+    ask(db)
+    orphan(db, "s", 0)
+    assert reap(db, now=utcnow()) == 1
+    assert states(db) == {0: "fail", 1: "waiting"}
+
+
+def test_an_ask_after_a_study_was_created_again_keeps_what_it_was_given(db: Database) -> None:
+    make(db)
+    ask(db)
+    delete_study(db, "s")
+    make(db)
+    assignment = trials.ask(db, "s", policy=POLICY, worker_id="w2", request_id="r2", fixed={"dropout": 0.3})
+    assert (assignment.number, assignment.params["dropout"]) == (0, 0.3)
+    assert lease(db, 0).worker_id == "w2" and lease(db, 0).request_id == "r2"
+
+
+def test_a_goal_of_a_minimized_metric_is_reached_from_above(db: Database) -> None:
+    make_with(db, direction="minimize", budget={"n_trials": 10, "goal": {"value": 0.1}})
+    ask(db)
+    ask(db)
+    trials.tell(db, "s", 0, "complete", values=[0.5])
+    assert study_state(db) == "running"
+    trials.tell(db, "s", 1, "complete", values=[0.05])
+    assert load_record(db, "s").stop_reason == "goal reached: trial 1 value=0.05 <= 0.1"
