@@ -7,7 +7,7 @@ with lease renewal and the lease-status-to-error map, and the only use of Optuna
 Everything public is re-exported here; the ``_module`` files are private (as in Optuna).
 """
 
-from caviar.service.store._artifacts import PrivateArtifactStore, artifact_ids, artifact_store
+from caviar.service.store._artifacts import PrivateArtifactStore, artifact_ids, artifact_metas, artifact_store
 from caviar.service.store._budget import (
     DONE,
     USING_BUDGET,
@@ -133,6 +133,7 @@ __all__ = [
     "add_trial",
     "all_trials",
     "artifact_ids",
+    "artifact_metas",
     "artifact_store",
     "best_first",
     "budget_spent",

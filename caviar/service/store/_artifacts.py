@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import BinaryIO
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
-import optuna
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts._upload import ArtifactMeta
 
 from caviar.service.db import Database
 from caviar.service.store._records import all_trials
@@ -33,13 +35,43 @@ def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
     return PrivateArtifactStore(artifact_dir)
 
 
+ARTIFACTS_ATTR_PREFIX = "artifacts:"
+"""Optuna's system-attribute prefix of an artifact's record (``optuna.artifacts``)."""
+
+
+def artifact_metas(system_attrs: Mapping[str, Any]) -> list[ArtifactMeta]:
+    """The artifacts recorded in a study's or trial's system attributes, in their order.
+
+    Optuna's ``get_all_artifact_meta`` fails on a record that is not an artifact's (any holder of a
+    write token can set system attributes through the Optuna-storage API, ``artifacts:x = null``
+    say); such a record names no stored file, so it is left out here.
+    """
+    found = []
+    for key, value in system_attrs.items():
+        if not key.startswith(ARTIFACTS_ATTR_PREFIX):
+            continue
+        try:
+            meta: Any = json.loads(value) if isinstance(value, str) else None
+            found.append(
+                ArtifactMeta(
+                    artifact_id=str(meta["artifact_id"]),
+                    filename=str(meta["filename"]),
+                    mimetype=str(meta["mimetype"]),
+                    encoding=meta.get("encoding"),
+                )
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return found
+
+
 def artifact_ids(db: Database, record: StudyRecord) -> list[str]:
     """The ids of the Optuna artifacts stored with a study and its trials."""
     try:
-        study = optuna.Study(study_name=record.name, storage=db.optuna)
+        study_id = db.optuna.get_study_id_from_name(record.name)
     except KeyError:
         return []
-    ids = [meta.artifact_id for meta in get_all_artifact_meta(study, storage=db.optuna)]
+    metas = artifact_metas(db.optuna.get_study_system_attrs(study_id))
     for trial in all_trials(db, record):
-        ids += [meta.artifact_id for meta in get_all_artifact_meta(trial, storage=db.optuna)]
-    return ids
+        metas += artifact_metas(trial.system_attrs)
+    return [meta.artifact_id for meta in metas]

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import asdict
 from typing import BinaryIO, Final
 
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ArtifactMeta
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.exceptions import UpdateFinishedTrialError
@@ -18,7 +18,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from caviar.service.db import Database
 from caviar.service.errors import Conflict, NotFound
-from caviar.service.store import all_trials, check_running, definition_of, frozen, load_record, ranked
+from caviar.service.store import (
+    all_trials,
+    artifact_metas,
+    check_running,
+    definition_of,
+    frozen,
+    load_record,
+    ranked,
+)
 from caviar.service.trials.leases import ANYONE, Caller, check_owner
 from caviar.service.trials.schemas import ArtifactRead
 
@@ -92,7 +100,7 @@ def list_artifacts(db: Database, name: str, number: int) -> list[ArtifactRead]:
     trial = frozen(db, load_record(db, name), number)
     return [
         ArtifactRead(artifact_id=m.artifact_id, filename=m.filename)
-        for m in get_all_artifact_meta(trial, storage=db.optuna)
+        for m in artifact_metas(trial.system_attrs)
     ]
 
 
@@ -114,7 +122,7 @@ def open_artifact(
 def _newest(
     db: Database, store: FileSystemArtifactStore, trial: FrozenTrial, filename: str
 ) -> BinaryIO | None:
-    metas = [m for m in get_all_artifact_meta(trial, storage=db.optuna) if m.filename == filename]
+    metas = [m for m in artifact_metas(trial.system_attrs) if m.filename == filename]
     if not metas:
         return None
     # newest by the time it was stored (Optuna keeps them by random id); files stored before

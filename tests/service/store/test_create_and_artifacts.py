@@ -23,6 +23,7 @@ from caviar.service.definition import check_params
 from caviar.service.errors import InvalidInput, NotFound
 from caviar.service.store import definition_of
 from caviar.service.studies.service import delete_study
+from caviar.service.trials import artifacts as trial_artifacts
 from caviar.service.trials import ask, best, report, tell
 from tests.service.helpers import POLICY, external_study
 from tests.service.store.conftest import MakeStudy, enqueue
@@ -232,3 +233,25 @@ def test_reload_of_a_study_deleted_or_created_again_is_not_found(db: Database, m
     make_study("s")
     with pytest.raises(NotFound):
         store.reload(db, old)  # the same name, another study
+
+
+def test_records_that_are_not_an_artifacts_are_left_out(db: Database, make_study: MakeStudy) -> None:
+    """Any write token may set system attributes through the Optuna-storage API: an ``artifacts:``
+    record that is not an artifact's (found by the scope fuzzer on PostgreSQL: a DELETE of the study
+    then answered 500) names no file, and listing, deleting and downloading pass it by."""
+    make_study("s")
+    number = ask(db, "s", policy=POLICY).number
+    record = store.load_record(db, "s")
+    study_id = db.optuna.get_study_id_from_name("s")
+    trial_id = store.trial_id(db, record, number)
+    good = '{"artifact_id": "a1", "filename": "model.pt", "mimetype": "x", "encoding": null}'
+    db.optuna.set_study_system_attr(study_id, "artifacts:null", None)
+    db.optuna.set_study_system_attr(study_id, "artifacts:list", "[1, 2]")
+    db.optuna.set_trial_system_attr(trial_id, "artifacts:text", "not json")
+    db.optuna.set_trial_system_attr(trial_id, "artifacts:partial", '{"artifact_id": "a2"}')
+    db.optuna.set_trial_system_attr(trial_id, "artifacts:a1", good)
+    assert store.artifact_ids(db, record) == ["a1"]
+    assert [(m.artifact_id, m.filename) for m in trial_artifacts.list_artifacts(db, "s", number)] == [
+        ("a1", "model.pt")
+    ]
+    delete_study(db, "s")
