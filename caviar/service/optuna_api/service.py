@@ -43,11 +43,9 @@ from caviar.service.store import (
     RETRY_OF,
     STOPPED_STATES,
     LeasePolicy,
-    claim_end,
     count_states,
     definition_of,
-    lease_error,
-    lease_of,
+    end_told,
     reload,
     renew,
     settle_study,
@@ -391,13 +389,12 @@ def set_state(
     """
     study_id = study_of_trial(db, trial_id)
     record = record_of(db, study_id)
-    if record is not None and state.is_finished() and not claim_end(db, trial_id, "finished", None):
-        lease = lease_of(db, trial_id)  # the lease row decides a race with the reaper: claim_end
-        if lease is not None and lease_error(lease) == "lease_lost":
-            raise Conflict(
-                f"trial {trial_id} lost its lease ({lease.reason or lease.status}); its retry runs instead",
-                code="update_finished_trial",
-            )
+    lost = end_told(db, trial_id) if record is not None and state.is_finished() else None
+    if lost is not None:  # the lease row decides a race with the reaper: claim_end
+        raise Conflict(
+            f"trial {trial_id} lost its lease ({lost.reason or lost.status}); its retry runs instead",
+            code="update_finished_trial",
+        )
     with optuna_errors():
         updated = rdb(db).set_trial_state_values(trial_id, state, values)
     if record is None:

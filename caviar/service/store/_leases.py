@@ -194,6 +194,19 @@ def claim_end(db: Database, trial_id: int, status: str, reason: str | None, *, d
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def end_told(db: Database, trial_id: int) -> TrialLease | None:
+    """End a trial's active lease for a complete/pruned tell (:func:`claim_end`), before Optuna's write.
+
+    Returns:
+        The lease when the reaper or a hand-back ended it first (the tell lost: ``lease_lost``),
+        else None (this call ended it, the trial has no lease, or a tell ended it before).
+    """
+    if claim_end(db, trial_id, "finished", None):
+        return None
+    lease = lease_of(db, trial_id)
+    return lease if lease is not None and lease_error(lease) == "lease_lost" else None
+
+
 def died_while_told(db: Database, trial_ids: Sequence[int]) -> set[int]:
     """Of these running trials, those whose lease a tell ended over :data:`TELL_GRACE_S` ago."""
     if not trial_ids:

@@ -45,13 +45,12 @@ from caviar.service.store import (
     StudyRef,
     all_trials,
     check_running,
-    claim_end,
     close_lease,
     definition_of,
     end_reason,
     end_study,
+    end_told,
     forget,
-    lease_error,
     lease_of,
     load_record,
     prune_reported,
@@ -464,10 +463,9 @@ def _finish(
 ) -> TrialRead:
     """Complete or prune a trial: the lease closed (which decides a race with the reaper or a
     hand-back: :func:`~caviar.service.store.claim_end`), Optuna's tell, the study settled."""
-    if not claim_end(db, tid, "finished", None):
-        lease = lease_of(db, tid)
-        if lease is not None and lease_error(lease) == "lease_lost":
-            return told_before(definition, record, db.optuna.get_trial(tid), lease, final, values)
+    lost = end_told(db, tid)
+    if lost is not None:
+        return told_before(definition, record, db.optuna.get_trial(tid), lost, final, values)
     try:
         finished = study_handle(db, record, definition).tell(
             number, values=list(values) if values is not None else None, state=final

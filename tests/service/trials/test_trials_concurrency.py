@@ -674,7 +674,7 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
 
     create_study(db, parse_definition(external_study("reap-first", n_trials=1, max_retries=2)))
     trial = trials.ask(db, "reap-first", policy=POLICY)
-    real_claim = lifecycle.claim_end
+    real_claim = lifecycle.end_told
     results: dict[str, Any] = {}
 
     other = _other(db_url)
@@ -682,14 +682,14 @@ def test_a_tell_overtaken_by_the_reaper_loses_its_lease(
     def reap_now() -> None:
         results["reaped"] = reap(other, now=utcnow() + timedelta(hours=1))
 
-    def worker_claim(*args: Any, **kwargs: Any) -> bool:
+    def worker_claim(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name == "worker" and "reaper" not in results:
             results["reaper"] = reaper = threading.Thread(target=reap_now, name="reaper")
             reaper.start()  # another server's reaper: it takes the study lock, which the tell does not hold
             reaper.join(60)
         return real_claim(*args, **kwargs)
 
-    monkeypatch.setattr(lifecycle, "claim_end", worker_claim)
+    monkeypatch.setattr(lifecycle, "end_told", worker_claim)
 
     def tell_now() -> None:
         try:
