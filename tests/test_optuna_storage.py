@@ -97,6 +97,29 @@ def test_an_empty_study_name_is_refused_as_optuna_refuses_bad_input(storage: Bas
         storage.create_new_study([StudyDirection.MINIMIZE], study_name="")
 
 
+def test_a_nan_objective_value_is_refused_and_the_trial_stays_readable(
+    service: str, storage: BaseStorage
+) -> None:
+    """Optuna never stores a NaN value (``tell`` fails the trial instead), and its RDB storage keeps
+    NaN as NULL on SQLite, after which the trial cannot be read (found by the scope fuzzer: every
+    later write to the trial answered 500)."""
+    study_id = storage.create_new_study([StudyDirection.MINIMIZE], study_name="nan-values")
+    trial_id = storage.create_new_trial(study_id)
+    with pytest.raises(ValueError, match="values"):
+        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [float("nan")])
+    for body in ({"state": "COMPLETE", "values": ["nan"]}, {"state": "PRUNED", "values": ["nan"]}):
+        answer = httpx.post(f"{service}/api/v1/optuna/trials/{trial_id}/state", json=body)
+        assert answer.status_code == 422, answer.text
+        assert "values" in answer.text
+    template = {"template": {"state": "FAIL", "values": ["nan"]}}
+    answer = httpx.post(f"{service}/api/v1/optuna/studies/{study_id}/trials", json=template)
+    assert answer.status_code == 422, answer.text
+    # nothing was written: the trial still reads, and infinite values are still accepted
+    assert storage.get_trial(trial_id).state == TrialState.RUNNING
+    assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [float("inf")])
+    assert storage.get_trial(trial_id).values == [float("inf")]
+
+
 def test_a_study_made_through_the_storage_is_a_caviar_study(service: str, storage: BaseStorage) -> None:
     study = optuna.create_study(study_name="via-optuna", storage=storage, direction="maximize")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)

@@ -18,6 +18,10 @@ from caviar.service.types import INT32_MAX
 
 Number = Annotated[float, Field(strict=True)] | Literal["inf", "-inf", "nan"]
 """A float that may be non-finite (never a boolean)."""
+TrialValue = Annotated[float, Field(strict=True, allow_inf_nan=False)] | Literal["inf", "-inf"]
+"""An objective value: infinite is allowed, NaN is not. Optuna never stores a NaN value (its
+``tell`` fails such a trial) and its RDB storage cannot read one back from SQLite, which keeps NaN
+as NULL: one NaN value would make the trial unreadable, so it is refused here (422)."""
 StateName = Literal["RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING"]
 Direction = Literal["MINIMIZE", "MAXIMIZE"]
 AttrKind = Literal["user", "system"]
@@ -95,7 +99,7 @@ class FrozenTrialWire(BaseModel):
 class TemplateWire(BaseModel):
     model_config = _Strict
     state: StateName
-    values: list[Number] | None = None
+    values: list[TrialValue] | None = None
     datetime_start: str | None = None
     datetime_complete: str | None = None
     params: list[ParamWire] = Field(default_factory=list, max_length=MAX_TEMPLATE_PARAMS)
@@ -142,7 +146,7 @@ class ParamWrite(BaseModel):
 class StateWrite(BaseModel):
     model_config = _Strict
     state: StateName
-    values: list[Number] | None = Field(default=None, max_length=16)
+    values: list[TrialValue] | None = Field(default=None, max_length=16)
     client_id: str | None = Field(default=None, max_length=128)
     prefetch: bool = Field(
         default=False,
