@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caviar._client import Client, Trial
 from caviar._errors import CaviarApiError, LeaseLost
@@ -28,8 +28,10 @@ from caviar.worker._allow import CODE_KINDS, AllowList, pin_of, pin_refusal
 from caviar.worker._api import EXIT_PERMANENT, Stopped, WorkerApi, is_permanent, one_line
 from caviar.worker._fused_program import FusedProgramRunner
 from caviar.worker._options import WorkerOptions
-from caviar.worker._program import ProgramRunner
-from caviar.worker._trainer import TrainerRunner
+from caviar.worker._types import Runner
+
+if TYPE_CHECKING:
+    from caviar.worker._trainer import TrainerRunner
 
 _log = logging.getLogger("caviar.worker")
 
@@ -59,7 +61,8 @@ class Slot:
         self.finished = 0
         self.heartbeat_interval_s = 30.0  # the service's own, once registered
         self.displaced = False  # another registration took this slot's worker id
-        self.runners: dict[str, TrainerRunner | ProgramRunner] = {"trainer": TrainerRunner(self)}
+        self._trainer: TrainerRunner | None = None
+        self.runners: dict[str, Runner] = {"trainer": _Trainer(self)}
         self.allow = AllowList.parse(options.allow_code)
         self.pins = {name: dict(pin) for name, pin in options.pins.items()}
         self.refused: dict[tuple[str, str, str], bool] = {}  # (study, created_at, objective) -> told
@@ -67,6 +70,16 @@ class Slot:
             programs = FusedProgramRunner(self)  # kind python with fuse: fused groups
             for kind in CODE_KINDS:  # a kind not on the list is fetched too: its studies are refused
                 self.runners[kind] = programs
+
+    @property
+    def trainer(self) -> TrainerRunner:
+        """The built-in trainer's runner, made at the first trainer study: it imports torch (about
+        2 s and 200 MB a slot), which a slot that only runs programs never needs."""
+        if self._trainer is None:
+            from caviar.worker._trainer import TrainerRunner  # lazy: torch, for trainer studies only
+
+            self._trainer = TrainerRunner(self)
+        return self._trainer
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -328,3 +341,13 @@ def _crashed(exc: Exception) -> None:
     debug = _log.isEnabledFor(logging.DEBUG)
     _log.error("slot stopped by %s: %s", type(exc).__name__, exc, exc_info=exc if debug else None)
     sys.exit(1)
+
+
+class _Trainer:
+    """The ``trainer`` kind's entry in :attr:`Slot.runners`: :attr:`Slot.trainer`, made at first use."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+
+    def run(self, study: dict[str, Any]) -> bool:
+        return self.slot.trainer.run(study)

@@ -41,3 +41,11 @@ class SlotLike(Protocol):
     def is_lost(self, trial: Trial) -> bool: ...
 
     def still_held(self, trials: list[Trial]) -> list[Trial]: ...
+
+
+class Runner(Protocol):
+    """Runs the trials of one objective kind for a slot."""
+
+    def run(self, study: dict[str, Any]) -> bool:
+        """Claim and run trials of ``study``; False when there was nothing to claim."""
+        ...

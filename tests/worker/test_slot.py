@@ -7,6 +7,8 @@ rule is checked on its own and fast enough for ``make mutants``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -362,7 +364,7 @@ def loop_slot(
     api = LoopApi(queues, trials)
     slot.api = api  # type: ignore[assignment]
     runner = FakeRunner(slot, finish=finish)
-    slot.runners = {"trainer": runner}  # type: ignore[dict-item]
+    slot.runners = {"trainer": runner}
     return slot, api, runner
 
 
@@ -458,3 +460,20 @@ def test_a_refused_code_study_gets_one_trial_handed_back_with_the_reason_once(
     ok = code_item("ok")
     ok["definition"]["objective"]["command"] = ["ls", "-l"]
     assert slot._refuse_code(ok) is False
+
+
+def test_a_slot_imports_torch_only_for_its_first_trainer_study() -> None:
+    """A slot that runs only programs starts without torch (about 2 s and 200 MB a slot)."""
+    script = (
+        "import sys\n"
+        "from caviar.worker._options import WorkerOptions\n"
+        "from caviar.worker._slot import Slot\n"
+        "slot = Slot(WorkerOptions(url='http://127.0.0.1:9', gpus='none', cpu=1, allow_code=['all']), 'cpu')\n"
+        "assert set(slot.runners) >= {'trainer', 'python', 'command'}, slot.runners\n"
+        "assert 'torch' not in sys.modules, 'torch imported before a trainer study'\n"
+        "assert slot.trainer is slot.trainer and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr

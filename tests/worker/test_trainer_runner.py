@@ -40,7 +40,7 @@ def trial(number: int, lr: float = 0.01, **params: Any) -> FakeTrial:
 
 def runner_with(trials: list[FakeTrial], **options: Any) -> tuple[TrainerRunner, Slot]:
     slot, _ = make_slot(trials, **options)
-    runner = slot.runners["trainer"]
+    runner = slot.trainer
     assert isinstance(runner, TrainerRunner)
     return runner, slot
 

@@ -47,7 +47,7 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
 
     monkeypatch.setattr(FusedOptimizer, "step", step_or_oom)
     slot = run_slot_in_thread(live, 120, fuse=4)
-    assert slot.runners["trainer"].max_fuse == 2
+    assert slot.trainer.max_fuse == 2
     assert sizes[0] == 4 and sizes.count(4) == 1  # one OOM, then never 4 again
     after = sizes[1:]
     assert after and max(after) == 2, sorted(set(after))
