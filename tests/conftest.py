@@ -53,6 +53,9 @@ class DatabaseFactory:
         clause = f' TEMPLATE "{make_url(template).database}"' if template else ""
         with self.admin().connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+            # Commits need not wait for the disk (a test database outlives no crash of the server;
+            # a restart is a clean shutdown, which writes them): 0.1 ms a commit instead of 0.3-0.7.
+            conn.execute(text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
         if name not in self.created:
             self.created.append(name)
         return _pg_url(name)

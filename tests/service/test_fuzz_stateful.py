@@ -1,6 +1,7 @@
 """Stateful fuzzing with schemathesis: sequences of calls that follow the API's OpenAPI links
 (create a study -> ask -> report/heartbeat/tell/release; create a schedule -> run it), at least
-1,000 generated requests per run, and no answer may be a 5xx or break the schema.
+400 generated requests per run in CI and 2,000 under ``make test-long`` (``CAVIAR_TEST_LONG=1``), and
+no answer may be a 5xx or break the schema.
 
 The seed changes every run and is printed; replay a failure with ``CAVIAR_FUZZ_SEED=<seed>``.
 """
@@ -27,11 +28,14 @@ from schemathesis.checks import positive_data_acceptance
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
+from tests.conftest import LONG_RUN
 from tests.service.test_dashboard import free_port, live_server
 
 pytestmark = pytest.mark.slow
-MIN_CALLS = 1000
-MAX_ROUNDS = 40
+MIN_CALLS = 2000 if LONG_RUN else 400
+MAX_ROUNDS = 80
+EXAMPLES_PER_ROUND = 100 if LONG_RUN else 25
+"""Sequences per round: short rounds in CI, so that the run stops soon after it reached its goals."""
 TOKEN = "stateful-fuzzing-admin-token-0123456789"
 
 
@@ -138,7 +142,7 @@ def test_call_sequences_following_the_links_never_fail_the_server(live: str) -> 
 
     previous = hypothesis.core.global_force_seed  # what pytest's --hypothesis-seed sets
     settings = hypothesis.settings(
-        max_examples=100,
+        max_examples=EXAMPLES_PER_ROUND,
         stateful_step_count=30,
         deadline=None,
         database=None,

@@ -191,7 +191,8 @@ def test_a_real_worker_ends_the_setsid_grandchildren_of_timed_out_trials(db_url:
                     "search_space": {"x": {"type": "float", "low": 0.0, "high": 1.0}},
                     "objective": {"kind": "command", "command": ["sh", "-c", command], "timeout_s": 2},
                     "sampler": {"type": "random", "seed": 0},
-                    "budget": {"n_trials": 1},
+                    # two attempts (the retry starts a grandchild too), then the study fails
+                    "budget": {"n_trials": 1, "max_retries": 1, "max_failed_trials": 2},
                 }
             )
             with start_worker(url, tmp_path, tmp_path, "--cpu", "1", "--exit-when-idle", "1") as worker:

@@ -164,7 +164,7 @@ def test_a_killed_child_fails_its_trial_and_the_retry_runs_with_the_same_params(
 ) -> None:
     _, url = api()
     with caviar.Client(url) as client:
-        study = client.create_study(program_study("kill", tmp_path, n_trials=2, epoch_s=1.0))
+        study = client.create_study(program_study("kill", tmp_path, n_trials=2, epoch_s=0.4))
         worker = start_worker(url, code_dir, tmp_path, "--cpu", "1", "--exit-when-idle", "2")
         wait_until(lambda: pid_of(tmp_path, 0) is not None, 60, "the child did not start")
         os.kill(pid_of(tmp_path, 0), signal.SIGKILL)  # type: ignore[arg-type]

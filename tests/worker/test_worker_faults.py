@@ -51,14 +51,14 @@ def test_sigkill_mid_trial_is_reaped_and_retried(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=0.3)
-    store.create_study(db, store.parse_definition(digits_study("kill", n_trials=6, max_epochs=40)))
+    store.create_study(db, store.parse_definition(digits_study("kill", n_trials=4, max_epochs=40)))
     workers = spawn(service, "--cpu", "2", "--study", "kill", "--exit-when-idle", "3", "--log-format", "json")
     wait_until(lambda: busy_slot(db, "kill") is not None, 60, "no trial started")
     pid, number = busy_slot(db, "kill")  # type: ignore[misc]
     os.kill(pid, signal.SIGKILL)
     assert workers.wait(240) == 0, workers.output()
     counts = finished_counts(db, "kill")
-    assert counts["complete"] + counts["pruned"] == 6, counts
+    assert counts["complete"] + counts["pruned"] == 4, counts
     assert counts["running"] == 0 and counts["waiting"] == 0
     killed = trials.get_trial(db, "kill", number)
     assert killed.state == "fail" and "lease expired" in (killed.fail_reason or "")
@@ -76,12 +76,12 @@ def test_four_workers_racing_keep_the_budget_exact(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
     service = serve(heartbeat=2.0)
-    store.create_study(db, store.parse_definition(digits_study("race4", n_trials=12, max_epochs=5, fuse=2)))
+    store.create_study(db, store.parse_definition(digits_study("race4", n_trials=8, max_epochs=5, fuse=2)))
     workers = spawn(service, "--cpu", "4", "--study", "race4", "--exit-when-idle", "2")
     assert workers.wait(240) == 0, workers.output()
     items = trials.list_trials(db, "race4", limit=1000).items
     finished = [t for t in items if t.state in ("complete", "pruned")]
-    assert len(finished) == 12, [t.state for t in items]
+    assert len(finished) == 8, [t.state for t in items]
     failed = [t for t in items if t.state == "fail"]  # only a lapsed lease under load fails a trial here
     assert {t.number for t in failed} <= {t.retry_of for t in items}
     assert store.load_record(db, "race4").state == "completed"
