@@ -28,6 +28,8 @@ def test_every_mutated_module_has_the_tests_of_its_feature() -> None:
     assert "tests/service/trials/test_trials_api.py" not in tool.RUNS["trials"]
     assert "tests/service/store/test_records.py" in tool.RUNS["trials"]
     assert "tests/service/test_auth.py" in tool.RUNS["auth"]
+    # the middleware's trial credentials are tested under tests/service/security/
+    assert "tests/service/security/test_trial_credentials.py" in tool.RUNS["auth"]
 
 
 def test_the_map_follows_the_layout(tmp_path: Path) -> None:

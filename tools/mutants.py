@@ -59,7 +59,9 @@ SERVICE = "caviar/service"
 TESTS = "tests/service"
 # features whose behaviour another feature's tests drive, with why:
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
-    "tokens": ("auth",),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+    "tokens": ("auth", "security"),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+    # the middleware's trial credentials (cvt_...) and worker identities: tests/service/security/
+    "auth": ("security",),
 }
 # features tested in their run by a named fast in-process subset instead of their test folder (and
 # the folders of ALSO_TESTED_BY): mutmut runs, per mutant, every test of the selection that calls the
