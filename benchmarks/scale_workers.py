@@ -5,7 +5,8 @@ claim a running trial of one study, then for ``--seconds`` renew their lease wit
 heartbeat (``POST /api/v1/workers/{id}/heartbeat``) every heartbeat interval and report an
 intermediate value every ``--report-every`` seconds, and finally tell. The service is
 ``caviar serve --processes P`` (``--processes``, default 2) on PostgreSQL with ``CAVIAR_DB_POOL_SIZE``
-chosen so the P processes open at most ``--max-connections`` connections in all (P x (2 x pool + 4)).
+and ``CAVIAR_LEASE_POOL_SIZE`` (2) chosen so the P processes open at most ``--max-connections``
+connections in all (P x (2 x pool + lease pool + 4)).
 
 A run that cannot finish still says how far it got: every ``--progress`` seconds one JSON line
 (``"result": "progress"``) gives the workers up, asks served, leases lost, heartbeat and report
@@ -51,6 +52,8 @@ from caviar import storage  # noqa: E402
 from caviar.service import processes  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LEASE_POOL = 2
+"""Connections each server process keeps for lease renewals (``CAVIAR_LEASE_POOL_SIZE``)."""
 
 
 def definition(n_trials: int) -> dict[str, Any]:
@@ -300,7 +303,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.workers, args.seconds, args.ramp = 100, 20, 5
-    pool = max(1, (args.max_connections // args.processes - 4) // 2)  # per process: 2 x pool + Optuna's 4
+    # per process: 2 x pool (pool and overflow) + the lease pool + Optuna's 4
+    pool = max(1, (args.max_connections // args.processes - 4 - LEASE_POOL) // 2)
     name = f"caviar_scale_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -316,7 +320,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout still gets the last line
     try:
         storage.upgrade(url)
-        env = {"CAVIAR_HEARTBEAT_INTERVAL_S": str(args.heartbeat), "CAVIAR_DB_POOL_SIZE": str(pool)}
+        env = {
+            "CAVIAR_HEARTBEAT_INTERVAL_S": str(args.heartbeat),
+            "CAVIAR_DB_POOL_SIZE": str(pool),
+            "CAVIAR_LEASE_POOL_SIZE": str(LEASE_POOL),
+        }
         server, base = processes.serve(url, processes=args.processes, env=env, log="caviar-scale-serve.log")
         with server:
             if args.clients_core is not None:

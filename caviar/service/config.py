@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         ge=1,
         le=100,
         description="Connections per server process for caviar's tables (as many again on overflow); "
-        "Optuna's storage keeps at most 4 more. A process opens at most 2 x this + 4.",
+        "Optuna's storage keeps at most 4 more. A process opens at most 2 x this + lease_pool_size + 4.",
     )
     lease_pool_size: int = Field(
         default=2,
