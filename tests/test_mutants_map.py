@@ -70,7 +70,8 @@ def test_the_store_shares_the_trials_run_and_the_worker_and_client_have_named_te
     )
     assert tool.run_of("caviar/worker/_slot.py") == "worker"
     assert tool.run_of("caviar/_client.py") == "client"
-    assert tool.tests_for("caviar/_client.py") == ("tests/test_client.py",)
+    assert tool.tests_for("caviar/_client.py")[:2] == ("tests/test_client.py", "tests/test_optuna_trial.py")
+    assert "tests/cli/test_study.py" in tool.tests_for("caviar/_client.py")  # the CLI runs in-process
     # a package's __init__ is matched apart from its submodules
     init = tool.Module("caviar/service/store/__init__.py")
     assert tool.selected(init, "caviar.service.store.x_add_trial__mutmut_1")

@@ -59,7 +59,8 @@ SERVICE = "caviar/service"
 TESTS = "tests/service"
 # features whose behaviour another feature's tests drive, with why:
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
-    "tokens": ("auth", "security"),  # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+    # tokens are auth's credentials: test_auth.py creates, uses and revokes them
+    "tokens": ("auth", "security"),
     # the middleware's trial credentials (cvt_...) and worker identities: tests/service/security/
     "auth": ("security",),
 }
@@ -98,7 +99,19 @@ OUTSIDE_SERVICE: dict[str, tuple[str, tuple[str, ...]]] = {
             "tests/worker/test_worker.py::test_discover_slots",
         ),
     ),
-    "caviar/_client.py": ("client", ("tests/test_client.py",)),
+    # the client's own tests, its Optuna-compatible trial (define-by-run), and the command line,
+    # whose commands run in-process (typer's CliRunner) through the client
+    "caviar/_client.py": (
+        "client",
+        (
+            "tests/test_client.py",
+            "tests/test_optuna_trial.py",
+            "tests/cli/test_study.py",
+            "tests/cli/test_schedule.py",
+            "tests/cli/test_token.py",
+            "tests/cli/test_doctor.py",
+        ),
+    ),
 }
 # property-based and race tests take minutes per mutant; `make test-long` runs them at length
 SLOW_TEST_FILES = ("*_stateful.py", "*_concurrency.py", "*_race.py")
