@@ -293,8 +293,14 @@ class Study:
                     _path("studies", self.name, "trials", "ask"), json=body, retry_on=retry_on
                 )
             except CaviarApiError as exc:
-                if exc.code == "max_parallel_reached" and wait:
-                    continue  # the HTTP layer's retry budget ran out while the study stayed full
+                # the HTTP layer's retry window ended while the study stayed full: wait as the
+                # service asked (a window shorter than its Retry-After ends at once), then ask again
+                if (
+                    exc.code == "max_parallel_reached"
+                    and wait
+                    and self.client.http.pause(exc.retry_after_s or 1.0)
+                ):
+                    continue
                 raise
             return Trial(self.client, data, worker_id=body["worker_id"], heartbeat=heartbeat)
 

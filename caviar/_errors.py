@@ -13,6 +13,8 @@ class CaviarApiError(Exception):
         code: the error code of the service's error envelope (``budget_exhausted``, ...).
         message: the service's human sentence.
         details: structured details (for validation errors: one entry per field).
+        retry_after_s: how long the service asked to wait before trying again (its
+            ``Retry-After``), when it said so.
     """
 
     def __init__(self, status: int, code: str, message: str, details: list[Any] | None = None) -> None:
@@ -21,6 +23,7 @@ class CaviarApiError(Exception):
         self.code = code
         self.message = message
         self.details = details or []
+        self.retry_after_s: float | None = None
 
 
 class LeaseLost(CaviarApiError):

@@ -138,7 +138,7 @@ class HttpClient:
                 failure = api_error(response)
                 if response.status_code not in retry_on and failure.code not in ADMISSION_CODES:
                     raise failure
-                wait = _retry_after(response)
+                wait = failure.retry_after_s = _retry_after(response)
             if wait is not None:  # the server's Retry-After, spread a little more (a burst retries apart)
                 wait *= 1.0 + 0.25 * random.random()
             pause = min(wait if wait is not None else delay * (0.5 + random.random()), 30.0)
@@ -154,6 +154,12 @@ class HttpClient:
 
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
+
+    def pause(self, seconds: float) -> bool:
+        """Wait about ``seconds`` (spread a little, as retries are; at most 30) between two tries of
+        a caller's own loop; False when the client was interrupted or closed meanwhile (give up)."""
+        _sleep(min(seconds * (1.0 + 0.25 * random.random()), 30.0), self._closed)
+        return not self._closed.is_set()
 
     def interrupt(self) -> None:
         """Stop retrying: a request waiting between two tries gives up at once (a stopping worker

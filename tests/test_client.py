@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import optuna
 import pytest
 import yaml
+from pydantic import SecretStr
 from sqlalchemy import select
 
 import caviar
+from caviar._client import is_pruned
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
@@ -316,3 +319,273 @@ def test_a_definition_file_is_json_by_its_suffix_and_must_be_one_mapping(tmp_pat
     listed.write_text("- name: a\n- name: b\n")
     with pytest.raises(ValueError, match=r"two\.yaml: expected one study definition \(a mapping\)$"):
         _load_definition(listed)
+
+
+# ---- found by mutation testing (the client run of 2026-12-07): each kills named survivors ----
+
+
+def test_a_worker_token_proves_its_claim_with_the_trials_credential(
+    db: Database, db_url: str, tmp_path: Path
+) -> None:
+    """With tokens on, a worker-scope token acts on a trial only with the credential its ask
+    answered (``X-Caviar-Lease``): heartbeat, report, upload, tell and hand-back all pass."""
+    admin = "client-admin-token-0123456789abcdef"
+    settings = Settings(
+        database_url=db_url,
+        heartbeat_interval_s=0.5,
+        artifact_dir=str(tmp_path / "artifacts"),
+        api_token=SecretStr(admin),
+        background_tasks=False,
+    )
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00\x01" * 10)
+    with (
+        live_server(create_app(settings, db=db), free_port()) as url,
+        caviar.Client(url, admin, retry_s=5) as owner,
+    ):
+        owner.create_study(external_study("secured", n_trials=5))
+        worker_token = owner.create_token("worker")["token"]
+        with caviar.Client(url, worker_token, retry_s=5) as client:
+            study = client.study("secured")
+            with study.ask() as trial:
+                assert trial.credential
+                trial.heartbeat()
+                trial.report(0.5, 0)
+                assert trial.upload(path)["filename"] == "weights.bin"
+                trial.tell(0.9)
+            study.ask(heartbeat=False).release("handed back on purpose")
+        states = sorted(t["state"] for t in owner.study("secured").trials())
+    assert states == ["complete", "fail", "waiting"]  # told; handed back (and its retry)
+
+
+def test_the_client_passes_its_token_timeout_and_patience_to_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CAVIAR_API_TOKEN", raising=False)
+    seen: list[httpx.Request] = []
+
+    def starting(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:  # nothing listens yet: the service is still starting
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"name": "s", "state": "queued"})
+
+    transport = httpx.MockTransport(starting)
+    with caviar.Client(
+        "http://caviar.test", "tok-1", timeout_s=7.5, retry_s=5, transport=transport
+    ) as client:
+        assert client.study("s").info()["state"] == "queued"  # waited through the refusal
+    assert len(seen) == 2 and seen[1].headers["Authorization"] == "Bearer tok-1"
+    assert seen[1].extensions["timeout"] == {"connect": 7.5, "read": 7.5, "write": 7.5, "pool": 7.5}
+    seen.clear()
+    with (
+        caviar.Client(
+            "http://caviar.test", "tok-1", retry_s=5, wait_for_service=False, transport=transport
+        ) as impatient,
+        pytest.raises(caviar.CaviarApiError) as refused,
+    ):
+        impatient.study("s").info()
+    assert refused.value.code == "unreachable" and len(seen) == 1  # said at once, as the CLI needs
+
+
+def test_an_ask_carries_its_worker_id_and_its_fixed_values(client: caviar.Client) -> None:
+    study = client.create_study(external_study("labelled", n_trials=5))
+    named = study.ask(worker_id="gpu-7", fixed={"dropout": 0.25}, heartbeat=False)
+    anonymous = study.ask(heartbeat=False)
+    assert named.params["dropout"] == 0.25
+    workers = {t["number"]: t["worker_id"] for t in study.trials()}
+    assert workers[named.number] == "gpu-7"
+    assert workers[anonymous.number] == caviar._client._client_id()
+
+
+class _CountingAsks(httpx.BaseTransport):
+    def __init__(self) -> None:
+        self.inner, self.asks = httpx.HTTPTransport(), 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.asks += request.url.path.endswith("/ask")
+        return self.inner.handle_request(request)
+
+
+def test_a_waiting_ask_waits_as_the_service_asks_and_an_impatient_one_does_not(base: str) -> None:
+    """A full study answers 429 with Retry-After (1 s at least): a waiting ask waits that long
+    between tries, also when its client's retry window is shorter (it asked again at once, in a
+    tight loop, before); ``wait=False`` answers at once."""
+    patient, hasty = _CountingAsks(), _CountingAsks()
+    with (
+        caviar.Client(base, retry_s=30, transport=patient) as client,
+        caviar.Client(base, retry_s=0.3, transport=hasty) as short,
+    ):
+        study = client.create_study(external_study("polite", n_trials=5, max_parallel=1))
+        first = study.ask(heartbeat=False)
+        threading.Timer(1.5, lambda: first.tell(1.0)).start()
+        second = study.ask(heartbeat=False)
+        assert patient.asks <= 5, patient.asks
+        started = time.monotonic()
+        with pytest.raises(caviar.CaviarApiError) as full:
+            study.ask(heartbeat=False, wait=False)
+        assert full.value.code == "max_parallel_reached" and time.monotonic() - started < 10
+        threading.Timer(1.5, lambda: second.tell(1.0)).start()
+        third = short.study("polite").ask(heartbeat=False)  # several 0.3 s retry windows end meanwhile
+        assert third.number not in (first.number, second.number)
+        assert hasty.asks <= 5, hasty.asks
+
+
+def test_a_trial_asked_without_heartbeat_beats_not_in_its_block(client: caviar.Client) -> None:
+    study = client.create_study(external_study("quiet", n_trials=2))
+    with study.ask(heartbeat=False) as trial:
+        assert trial._thread is None
+        trial.tell(1.0)
+    assert trial.finished
+
+
+def test_optimize_runs_in_the_callers_thread_by_default_and_n_jobs_at_once(client: caviar.Client) -> None:
+    """Objectives need not be thread-safe unless ``n_jobs`` says so."""
+    study = client.create_study(external_study("threads", n_trials=6))
+    threads: set[str] = set()
+
+    def alone(trial: caviar.Trial) -> float:
+        threads.add(threading.current_thread().name)
+        return 1.0
+
+    assert study.optimize(alone, n_trials=2) == 2 and study.optimize(alone, n_trials=1, n_jobs=1) == 1
+    assert threads == {threading.current_thread().name}
+    both = threading.Barrier(2, timeout=10)
+
+    def together(trial: caviar.Trial) -> float:
+        both.wait()  # passes only when two objectives run at once
+        return 1.0
+
+    assert study.optimize(together, n_trials=2, n_jobs=2) == 2
+
+
+def test_an_error_after_the_tell_or_after_a_lost_lease_leaves_the_block(
+    client: caviar.Client, db: Database
+) -> None:
+    study = client.create_study(external_study("after", n_trials=5))
+    with pytest.raises(ValueError, match="after the tell"), study.ask() as told:
+        told.tell(1.0)
+        raise ValueError("after the tell")
+    with pytest.raises(ValueError, match="the objective's own error"), study.ask() as lost:
+        assert reap(db, now=utcnow() + timedelta(seconds=60)) == 1
+        thread = lost._thread
+        assert thread is not None
+        wait_until(lambda: not thread.is_alive(), 30, "the heartbeat did not stop at the lost lease")
+        raise ValueError("the objective's own error")  # not replaced by LeaseLost from __exit__
+
+
+def test_a_retry_knows_the_trial_it_retries(client: caviar.Client) -> None:
+    study = client.create_study(external_study("retried", n_trials=3, max_retries=1))
+    first = study.ask(heartbeat=False)
+    first.fail("once")
+    retry = study.ask(heartbeat=False)
+    assert retry.retry_of == first.number and retry.params == first.params
+    assert first.retry_of is None
+
+
+def test_the_block_keeps_its_lease_while_the_study_stops(client: caviar.Client, db: Database) -> None:
+    """A stop leaves a running trial its lease until its tell: the heartbeats go on."""
+    study = client.create_study(external_study("stopping", n_trials=5))
+    with study.ask() as trial:
+        study.stop("enough")
+        renewed: set[datetime] = set()
+
+        def still_renewed() -> bool:
+            with db.session() as session:
+                renewed.add(session.scalar(select(TrialLease.expires_at).filter_by(number=trial.number)))
+            return len(renewed) >= 3 and utcnow() > min(renewed)  # 1 s leases: past a lapse
+
+        wait_until(still_renewed, 30, "the heartbeats stopped with the study")
+        assert reap(db) == 0
+        trial.tell(0.5)
+    assert [t["state"] for t in study.trials()] == ["complete"]
+
+
+def test_user_attributes_given_to_tell_fail_and_prune_are_stored(client: caviar.Client) -> None:
+    study = client.create_study(external_study("attrs", n_trials=6, max_retries=0, max_failed_trials=5))
+    told, failed, pruned = (study.ask(heartbeat=False) for _ in range(3))
+    told.tell(0.5, user_attrs={"epochs": 3})
+    failed.fail("boom", user_attrs={"epochs": 1})
+    pruned.prune(user_attrs={"epochs": 2})
+    attrs = {t["number"]: t["user_attrs"].get("epochs") for t in study.trials()}
+    assert (attrs[told.number], attrs[failed.number], attrs[pruned.number]) == (3, 1, 2)
+
+
+def test_long_reasons_are_cut_to_the_services_limit_and_a_failure_needs_none(client: caviar.Client) -> None:
+    study = client.create_study(external_study("reasons", n_trials=10, max_retries=0, max_failed_trials=5))
+    handed, long_fail, silent = (study.ask(heartbeat=False) for _ in range(3))
+    handed.release("y" * 2500)  # the beginning of a hand-back reason is kept
+    long_fail.fail("a" + "x" * 2500)  # the end of a failure's (a traceback's last lines)
+    silent.fail()
+    reasons = {t["number"]: t["fail_reason"] for t in study.trials("fail")}
+    assert reasons[handed.number] == "y" * 2000
+    assert reasons[long_fail.number] == "x" * 2000
+    assert reasons[silent.number] is None
+
+
+def test_a_release_in_the_block_ends_it_quietly(client: caviar.Client) -> None:
+    study = client.create_study(external_study("handback", n_trials=3))
+    with study.ask() as trial:
+        trial.release("not now")
+    assert trial.finished
+    assert [t["state"] for t in study.trials()] == ["fail", "waiting"]  # handed back, and its retry
+
+
+def test_a_pruned_report_outside_a_worker_leaves_no_file(
+    client: caviar.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``.pruned`` mark is for a worker's program only, not for a client loop's directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    body = external_study("no-mark", n_trials=2)
+    body["pruner"] = {"type": "threshold", "options": {"lower": 0.5}}
+    study = client.create_study(body)
+    with study.ask() as trial:
+        trial.report(0.9, 0)
+        trial.report(0.1, 1)
+        assert trial.should_prune()
+        trial.prune()
+    assert list(work.iterdir()) == []
+
+
+def test_tell_takes_the_values_of_several_objectives_as_one_sequence(client: caviar.Client) -> None:
+    body = external_study("two-goals", n_trials=2)
+    body.pop("direction")
+    body["directions"] = ["maximize", "minimize"]
+    body["metric"] = ["acc", "latency"]
+    study = client.create_study(body)
+    study.ask(heartbeat=False).tell([0.9, 3.0])
+    assert study.trials()[0]["values"] == [0.9, 3.0]
+
+
+def test_only_a_trial_pruned_exception_counts_as_pruned() -> None:
+    class TrialPruned(Exception):  # a user's own class of that name
+        pass
+
+    assert is_pruned(caviar.TrialPruned()) and is_pruned(optuna.TrialPruned("step 3"))
+    assert not is_pruned(optuna.exceptions.OptunaError("storage")) and not is_pruned(TrialPruned())
+    assert not is_pruned(ValueError("x")) and not is_pruned(None)
+
+
+def test_a_workers_trial_has_a_client_and_other_errors_reach_the_old_hook_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import caviar._client as module
+
+    monkeypatch.setattr(module, "_current", None)
+    monkeypatch.setattr(module, "_shared", None)
+    monkeypatch.setattr(module, "_hooked", False)
+    seen: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args))
+    monkeypatch.setenv("CAVIAR_URL", "http://127.0.0.1:9")
+    trial_env = {"study": "s", "number": 1, "params": {}, "result_file": "/r"}
+    monkeypatch.setenv("CAVIAR_TRIAL", json.dumps(trial_env))
+    trial = caviar.current_trial()
+    assert isinstance(trial.client, caviar.Client) and trial.client.url == "http://127.0.0.1:9"
+    try:
+        raise ValueError("x")
+    except ValueError as exc:
+        error = exc
+    sys.excepthook(ValueError, error, error.__traceback__)
+    assert seen == [(ValueError, error, error.__traceback__)]  # type and traceback: the trial log's
