@@ -307,3 +307,26 @@ def test_a_made_up_tick_before_the_window_is_not_the_last_one_in_it() -> None:
         2024, 3, 31, 1
     )
     assert cron.last_at_or_before(utc(2024, 3, 31, 1, 10), not_before=utc(2024, 3, 31, 1, 5)) is None
+
+
+def test_a_zone_at_utc_plus_zero_keeps_its_weekdays_and_made_up_ticks() -> None:
+    """Europe/London is at +00:00 in winter: an offset of zero is an offset, not a missing one
+    (mutant: read as missing, the Monday job fired on Sundays and the skipped 01:30 was lost)."""
+    weekly = CronSchedule("30 9 * * 1", "Europe/London")
+    assert weekly.next_after(utc(2026, 1, 10)) == utc(2026, 1, 12, 9, 30)  # Monday 09:30 GMT
+    assert weekly.last_at_or_before(utc(2026, 1, 14), not_before=utc(2026, 1, 1)) == utc(2026, 1, 12, 9, 30)
+    assert weekly.next_after(utc(2026, 7, 10)) == utc(2026, 7, 13, 8, 30)  # Monday 09:30 BST
+    daily = CronSchedule("30 1 * * *", "Europe/London")  # 01:30 does not exist on 2026-03-29
+    assert list(daily.ticks(utc(2026, 3, 28, 23), utc(2026, 3, 29, 3))) == [utc(2026, 3, 29, 1)]
+
+
+def test_the_last_tick_uses_the_offset_in_force_years_after_a_zone_changed_its_rules() -> None:
+    """Europe/Istanbul has kept +03 since 2016-09-07: searching back from 2017 finds that change in
+    the year before, from 2018 a search bound (mutants: the wrong year searched, or the bound a year
+    too early: the tick came out with 2016's winter +02, before the window, and was dropped)."""
+    for monday in (utc(2017, 1, 9, 6, 30), utc(2018, 1, 8, 6, 30)):  # 09:30 +03
+        window = monday - timedelta(days=1)
+        # a fresh schedule each time: what one search found is kept for the next
+        last = CronSchedule("30 9 * * 1", "Europe/Istanbul").last_at_or_before
+        assert last(monday + timedelta(hours=12), not_before=window) == monday
+        assert CronSchedule("30 9 * * 1", "Europe/Istanbul").next_after(window) == monday

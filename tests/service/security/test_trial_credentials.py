@@ -158,3 +158,15 @@ def test_a_trial_log_needs_the_scope_that_reads_env_values(secured: TestClient) 
     assert secured.get(f"{base}/other.txt", headers=bearer(read)).status_code == 200
     assert required_scope("GET", "/api/v1/studies/s/trials/0/artifacts/trial.log", OPEN_PATHS) == "worker"
     assert required_scope("GET", "/api/v1/studies/s/trials/0/artifacts/model.pt", OPEN_PATHS) == "read"
+
+
+def test_a_trial_credential_may_not_list_its_trials_files(secured: TestClient) -> None:
+    """A credential reads its own trial, not the trial's artifact list (mutants: any method with an
+    action, or any safe method, allowed)."""
+    worker = token_of(secured, "worker")
+    assert secured.post(f"{API}/studies", json=external_study("a"), headers=bearer(ADMIN)).status_code == 201
+    mine = ask(secured, "a", worker)
+    own = f"{API}/studies/a/trials/{mine['number']}"
+    listed = secured.get(f"{own}/artifacts", headers=bearer(mine["credential"]))
+    assert listed.status_code == 403 and listed.json()["error"]["code"] == "forbidden", listed.text
+    assert secured.get(own, headers=bearer(mine["credential"])).status_code == 200
