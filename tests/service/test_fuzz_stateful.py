@@ -33,9 +33,7 @@ from tests.service.test_dashboard import free_port, live_server
 
 pytestmark = pytest.mark.slow
 MIN_CALLS = 2000 if LONG_RUN else 400
-MAX_ROUNDS = 80
-EXAMPLES_PER_ROUND = 100 if LONG_RUN else 25
-"""Sequences per round: short rounds in CI, so that the run stops soon after it reached its goals."""
+MAX_ROUNDS = 40
 TOKEN = "stateful-fuzzing-admin-token-0123456789"
 
 
@@ -142,7 +140,7 @@ def test_call_sequences_following_the_links_never_fail_the_server(live: str) -> 
 
     previous = hypothesis.core.global_force_seed  # what pytest's --hypothesis-seed sets
     settings = hypothesis.settings(
-        max_examples=EXAMPLES_PER_ROUND,
+        max_examples=100,
         stateful_step_count=30,
         deadline=None,
         database=None,
