@@ -40,13 +40,11 @@ from caviar.service.dashboard_guard import MAX_DASHBOARD_BODY, PLOT, body_model,
 from caviar.service.db import Database
 from caviar.service.envelope import error_response
 from caviar.service.security import secure
-from caviar.service.store import artifact_store, study_of_trial
+from caviar.service.store import ARTIFACTS_ATTR_PREFIX, artifact_store, study_of_trial
 from caviar.service.trials.export import escape_csv
 from caviar.service.web_security import file_headers
 from caviar.storage import StudyRecord
 
-ARTIFACTS_ATTR_PREFIX = "artifacts:"
-"""Where Optuna's ``upload_artifact`` keeps a file's metadata (a system attribute, study or trial)."""
 DASHBOARD_ARTIFACTS_ATTR_PREFIX = "dashboard:artifacts:"
 """Where older optuna-dashboards kept a trial's file metadata (a study system attribute)."""
 

@@ -7,7 +7,13 @@ with lease renewal and the lease-status-to-error map, and the only use of Optuna
 Everything public is re-exported here; the ``_module`` files are private (as in Optuna).
 """
 
-from caviar.service.store._artifacts import PrivateArtifactStore, artifact_ids, artifact_metas, artifact_store
+from caviar.service.store._artifacts import (
+    ARTIFACTS_ATTR_PREFIX,
+    PrivateArtifactStore,
+    artifact_ids,
+    artifact_metas,
+    artifact_store,
+)
 from caviar.service.store._budget import (
     DONE,
     USING_BUDGET,
@@ -104,6 +110,7 @@ from caviar.service.store._tables import (
 
 __all__ = [
     "ACTIVE_STATES",
+    "ARTIFACTS_ATTR_PREFIX",
     "ASKED",
     "ATTEMPT",
     "CANCELLED",

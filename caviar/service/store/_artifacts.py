@@ -36,7 +36,8 @@ def artifact_store(artifact_dir: str) -> FileSystemArtifactStore:
 
 
 ARTIFACTS_ATTR_PREFIX = "artifacts:"
-"""Optuna's system-attribute prefix of an artifact's record (``optuna.artifacts``)."""
+"""Where Optuna's ``upload_artifact`` keeps a file's metadata: a study or trial system attribute
+(+ the artifact's id)."""
 
 
 def artifact_metas(system_attrs: Mapping[str, Any]) -> list[ArtifactMeta]:

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from caviar.service.db import Database
 from caviar.service.errors import Conflict, NotFound
 from caviar.service.store import (
+    ARTIFACTS_ATTR_PREFIX,
     all_trials,
     artifact_metas,
     check_running,
@@ -33,8 +34,6 @@ from caviar.service.trials.schemas import ArtifactRead
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Names of files stored with trials: no directories, no hidden files."""
-ARTIFACTS_ATTR_PREFIX: Final = "artifacts:"
-"""Where Optuna's ``upload_artifact`` keeps a file's metadata (a trial system attribute + id)."""
 UPLOADED_ATTR: Final = "caviar:uploaded:"
 """Trial system attribute (+ artifact id): when the file was stored, in ns since the epoch."""
 
