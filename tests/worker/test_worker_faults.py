@@ -168,7 +168,9 @@ def test_a_crashed_slot_is_restarted_and_finishes_the_study(
     # leases of 2 s: short enough to reap the killed slot's trial at once, long enough that a
     # loaded machine (CI runs two test processes) does not reap the live slot's trials too
     service = serve(heartbeat=1.0)
-    body = digits_study("crash", n_trials=3, max_epochs=3)
+    # trials long enough to span heartbeats: the slot's record shows a trial only at a heartbeat
+    # (3 epochs could finish the whole study between two, and the test then saw no trial start)
+    body = digits_study("crash", n_trials=3, max_epochs=40)
     body["pruner"] = {"type": "none"}
     store.create_study(db, store.parse_definition(body))
     workers = spawn(service, "--cpu", "1", "--study", "crash", "--exit-when-idle", "3")
