@@ -76,7 +76,10 @@ def raw_suggest(trial: optuna.Trial) -> dict[str, float]:
 
 
 def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
+    """Ask + tell until ``seconds`` are up; an ask refused 429/503 waits its ``Retry-After`` and asks
+    again, as caviar's client does (the refusals and the time spent waiting are counted)."""
     latencies: list[tuple[float, float]] = []
+    refused, waited = 0, 0.0
     cpu = time.process_time()
     with httpx.Client(base_url=base, timeout=60) as client:
         deadline = time.perf_counter() + seconds
@@ -84,8 +87,13 @@ def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
             t0 = time.perf_counter()
             response = client.post(f"/api/v1/studies/{name}/trials/ask", json={})
             t1 = time.perf_counter()
-            if response.status_code != 200:
-                break
+            if response.status_code in (429, 503):
+                refused += 1
+                pause = min(float(response.headers.get("Retry-After", 1)), max(0.0, deadline - t1))
+                waited += pause
+                time.sleep(pause)
+                continue
+            response.raise_for_status()
             assignment = response.json()
             value = objective_value(assignment["params"])
             client.post(
@@ -93,7 +101,7 @@ def rest_client(base: str, name: str, seconds: float, out: Any) -> None:
                 json={"state": "complete", "value": value},
             ).raise_for_status()
             latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put((latencies, time.process_time() - cpu))
+    out.put((latencies, time.process_time() - cpu, refused, waited))
 
 
 def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
@@ -109,7 +117,7 @@ def raw_client(url: str, name: str, seconds: float, out: Any) -> None:
         t1 = time.perf_counter()
         study.tell(trial, objective_value(params))
         latencies.append((t1 - t0, time.perf_counter() - t0))
-    out.put((latencies, time.process_time() - cpu))
+    out.put((latencies, time.process_time() - cpu, 0, 0.0))
 
 
 def group_cpu_s(pgid: int) -> float:
@@ -142,8 +150,8 @@ def run_clients(
     for process in processes:
         process.start()
     answers = [queue.get(timeout=seconds + 600) for _ in processes]
-    results = [latencies for latencies, _ in answers]
-    client_cpu = sum(cpu for _, cpu in answers)  # the loops' own CPU (no interpreter start-up)
+    results = [latencies for latencies, *_ in answers]
+    client_cpu = sum(cpu for _, cpu, *_ in answers)  # the loops' own CPU (no interpreter start-up)
     wall = time.perf_counter() - start
     for process in processes:
         process.join(30)
@@ -161,6 +169,8 @@ def run_clients(
         "ask_tell_p99_ms": float(np.percentile(total, 99) * 1e3) if n else float("nan"),
         "server_cpu_ms_per_trial": 1e3 * server_cpu / n if n and server_pgid is not None else None,
         "client_cpu_ms_per_trial": 1e3 * client_cpu / n if n else float("nan"),
+        "asks_refused": sum(refused for *_, refused, _ in answers),
+        "client_s_waiting_retry_after": sum(waited for *_, waited in answers),
     }
 
 
