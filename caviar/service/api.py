@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from caviar.service.background import PeriodicTask
 from caviar.service.config import Settings, get_settings
 from caviar.service.dashboard import DashboardMount
 from caviar.service.db import Database
+from caviar.service.definition import preload_samplers
 from caviar.service.envelope import error_response, error_responses, install_error_handlers
 from caviar.service.metrics import RequestMiddleware
 from caviar.service.metrics import router as metrics_router
@@ -143,6 +145,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [task.start() for task in background_tasks(app.state.db, settings)]
+        # the samplers' heavy imports load while the server waits for its first request
+        threading.Thread(target=preload_samplers, name="caviar-preload", daemon=True).start()
         try:
             yield
         finally:

@@ -1,5 +1,6 @@
 """Study definitions: search spaces, samplers, pruners, budgets, and their Optuna mapping."""
 
+from caviar.service.definition._auto import preload as preload_samplers
 from caviar.service.definition._code import redact_env
 from caviar.service.definition._codec import (
     REVERSE_PREFIX,
@@ -79,6 +80,7 @@ __all__ = [
     "is_active",
     "is_reversed",
     "is_valid_name",
+    "preload_samplers",
     "redact_env",
     "sampling_order",
     "search_scale",

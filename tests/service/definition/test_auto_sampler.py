@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import optuna
@@ -257,3 +259,23 @@ def test_every_sampler_type_hands_out_trials(client: TestClient, kind: str) -> N
             f"/api/v1/studies/s-{kind}/trials/{number}/tell", json={"state": "complete", "value": params["x"]}
         )
         assert told.status_code == 200, told.text
+
+
+def test_a_server_loads_the_warm_ups_imports_before_the_first_ask(tmp_path: Any) -> None:
+    """``scipy.stats.qmc`` (about 1 s to import) loads on a thread of its own once the app starts,
+    so the first ask of an ``auto`` study does not wait for it (a fresh interpreter: this process
+    may have it already)."""
+    script = f"""
+import sys, time
+from fastapi.testclient import TestClient
+from caviar.service.api import create_app
+from caviar.service.config import Settings
+assert "scipy.stats._qmc" not in sys.modules, "imported before the server started"
+with TestClient(create_app(Settings(database_url="sqlite:///{tmp_path / "c.db"}"))):
+    deadline = time.monotonic() + 30
+    while "scipy.stats._qmc" not in sys.modules:
+        assert time.monotonic() < deadline, "not preloaded"
+        time.sleep(0.05)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
