@@ -51,12 +51,27 @@ class _OneRead:
         return self._storage.get_trial(trial_id)
 
 
+def _reads_history_at_rungs_only(pruner: optuna.pruners.BasePruner) -> bool:
+    """A successive-halving pruner (``asha``, caviar's default) with its first rung known reads the
+    study's trials only when the reported step is a rung's (with ``min_resource: auto`` it reads them
+    at every report until a trial completes; Hyperband likewise until its brackets are set up)."""
+    return (
+        isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+        and getattr(pruner, "_min_resource", None) is not None
+    )
+
+
 def prune_reported(db: Database, study: optuna.Study, trial_id: int) -> bool:
     """Ask the study's pruner about a trial whose value was just reported, reading the history once.
 
     The trial itself comes from the same read (a running trial is always read afresh by Optuna's
-    cache), so the pruner sees the value just stored.
+    cache), so the pruner sees the value just stored. A successive-halving pruner with known rungs
+    is given the reported trial alone and reads the history through the storage only at a rung:
+    between rungs a report reads one trial, not every running one (py-spy, 2026-12-07: that read was
+    56% of a report's CPU in a fused group of 8).
     """
+    if _reads_history_at_rungs_only(study.pruner):
+        return bool(study.pruner.prune(study, db.optuna.get_trial(trial_id)))
     trials = db.optuna.get_all_trials(study._study_id, deepcopy=False)
     reported = next((t for t in trials if t._trial_id == trial_id), None)
     if reported is None:  # lint: defensive (another process's trial not in this snapshot)
