@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from optuna.trial import FrozenTrial
+
 from caviar.service.db import Database
 from caviar.service.definition import CheckedParams, StudyDefinition, check_finite, check_params
 from caviar.service.errors import Conflict, InvalidInput
@@ -78,7 +80,21 @@ def enqueue(
             ]
             if any(values for _, values, _ in chunk):
                 settle_study(db, record)
-    return [to_read(definition, db.optuna.get_trial(trial_id)) for trial_id in ids]
+    return [to_read(definition, trial) for trial in _read_back(db, record.optuna_study_id, ids)]
+
+
+BULK_READ_FROM = 50
+"""From this many trials added, they are read back with the study's trials in one read (1,000 waiting
+trials on PostgreSQL: one read instead of 1,000); fewer are read one by one (a study may hold many
+waiting trials that one read would load for a few new ones)."""
+
+
+def _read_back(db: Database, study_id: int, ids: list[int]) -> list[FrozenTrial]:
+    """The trials just added, in order."""
+    if len(ids) < BULK_READ_FROM:
+        return [db.optuna.get_trial(trial_id) for trial_id in ids]
+    by_id = {t._trial_id: t for t in db.optuna.get_all_trials(study_id, deepcopy=False)}
+    return [by_id.get(trial_id) or db.optuna.get_trial(trial_id) for trial_id in ids]
 
 
 def _check_room(

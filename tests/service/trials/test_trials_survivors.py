@@ -107,6 +107,9 @@ def test_export_holds_every_trial_past_a_thousand(client: TestClient) -> None:
         items = [{"params": PARAMS, "value": float(i)} for i in range(count)]
         response = client.post(f"{API}/{name}/trials/enqueue", json={"trials": items})
         assert response.status_code == 201, response.text
+        answered = response.json()["items"]  # read back with one read of the study's trials
+        assert [t["value"] for t in answered] == [float(i) for i in range(count)]
+        assert all(t["state"] == "complete" and t["params"] == PARAMS for t in answered)
     rows = list(csv.DictReader(io.StringIO(client.get(f"{API}/{name}/trials/export").text)))
     assert [int(row["number"]) for row in rows] == list(range(1001))
     exported = client.get(f"{API}/{name}/trials/export", params={"format": "json"}).json()
