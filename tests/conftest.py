@@ -92,7 +92,7 @@ class DatabaseFactory:
         """A URL of a database that does not exist yet (an SQLite file in a folder not made yet)."""
         if IS_POSTGRES:
             name = f"caviar_t_{uuid.uuid4().hex[:12]}"
-            self.created.append(name)  # dropped at the end of the session, if it was created
+            self.created.append(name)  # dropped when released, or at the end of the session
             return _pg_url(name)
         return f"sqlite:///{self.root / uuid.uuid4().hex[:12] / 'caviar.db'}"
 
