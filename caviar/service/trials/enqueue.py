@@ -19,6 +19,7 @@ from caviar.service.store import (
     IMPORTED,
     STOPPED_STATES,
     add_trial,
+    all_trials,
     count_states,
     definition_of,
     load_record,
@@ -80,7 +81,7 @@ def enqueue(
             ]
             if any(values for _, values, _ in chunk):
                 settle_study(db, record)
-    return [to_read(definition, trial) for trial in _read_back(db, record.optuna_study_id, ids)]
+    return [to_read(definition, trial) for trial in _read_back(db, record, ids)]
 
 
 BULK_READ_FROM = 50
@@ -89,11 +90,11 @@ trials on PostgreSQL: one read instead of 1,000); fewer are read one by one (a s
 waiting trials that one read would load for a few new ones)."""
 
 
-def _read_back(db: Database, study_id: int, ids: list[int]) -> list[FrozenTrial]:
+def _read_back(db: Database, record: StudyRecord, ids: list[int]) -> list[FrozenTrial]:
     """The trials just added, in order."""
     if len(ids) < BULK_READ_FROM:
         return [db.optuna.get_trial(trial_id) for trial_id in ids]
-    by_id = {t._trial_id: t for t in db.optuna.get_all_trials(study_id, deepcopy=False)}
+    by_id = {t._trial_id: t for t in all_trials(db, record)}
     return [by_id.get(trial_id) or db.optuna.get_trial(trial_id) for trial_id in ids]
 
 
