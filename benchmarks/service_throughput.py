@@ -150,8 +150,8 @@ def run_clients(
     for process in processes:
         process.start()
     answers = [queue.get(timeout=seconds + 600) for _ in processes]
-    results = [latencies for latencies, *_ in answers]
-    client_cpu = sum(cpu for _, cpu, *_ in answers)  # the loops' own CPU (no interpreter start-up)
+    results, cpus, refusals, waits = zip(*answers, strict=True)
+    client_cpu = sum(cpus)  # the loops' own CPU (no interpreter start-up)
     wall = time.perf_counter() - start
     for process in processes:
         process.join(30)
@@ -169,8 +169,8 @@ def run_clients(
         "ask_tell_p99_ms": float(np.percentile(total, 99) * 1e3) if n else float("nan"),
         "server_cpu_ms_per_trial": 1e3 * server_cpu / n if n and server_pgid is not None else None,
         "client_cpu_ms_per_trial": 1e3 * client_cpu / n if n else float("nan"),
-        "asks_refused": sum(refused for *_, refused, _ in answers),
-        "client_s_waiting_retry_after": sum(waited for *_, waited in answers),
+        "asks_refused": sum(refusals),
+        "client_s_waiting_retry_after": sum(waits),
     }
 
 
