@@ -22,15 +22,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
 
-import fastapi.routing
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -93,28 +90,20 @@ def prepare_multiprocess(processes: int) -> None:
 class RouteTemplates:
     """Maps a request path onto its route template (a bounded label value, never the raw path).
 
-    The templates are the path formats of the application's HTTP routes (read once, in routing
-    order, from ``app.routes``: no OpenAPI schema is built), the docs pages included; the
-    dashboard's paths are labelled ``dashboard``, anything else ``unmatched``.
+    Args:
+        templates: the path formats of the application's HTTP routes in routing order (the first
+            match answers), the docs pages included (see :func:`route_templates`); the
+            dashboard's paths are labelled ``dashboard``, anything else ``unmatched``.
     """
 
-    def __init__(self) -> None:
-        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
-
-    def _compile(self, app: Any) -> list[tuple[re.Pattern[str], str]]:
-        templates: list[str] = []
-        for path in _route_paths(getattr(app, "routes", [])):
-            if path not in templates:
-                templates.append(path)
-        return [(compile_path(path)[0], path) for path in templates]
+    def __init__(self, templates: Sequence[str]) -> None:
+        self._patterns = [(compile_path(path)[0], path) for path in dict.fromkeys(templates)]
 
     def match(self, scope: Scope) -> tuple[str, dict[str, str]]:
         """The route template of this request and the values of its path parameters."""
         path = get_route_path(scope)
         if is_dashboard_path(path):
             return "dashboard", {}
-        if self._patterns is None:
-            self._patterns = self._compile(scope.get("app"))
         for pattern, template in self._patterns:
             found = pattern.match(path)
             if found:
@@ -122,16 +111,21 @@ class RouteTemplates:
         return "unmatched", {}
 
 
-def _route_paths(routes: Sequence[BaseRoute]) -> Iterator[str]:
-    """The path format of every HTTP route, routers included by the app flattened, in routing order."""
-    # FastAPI >= 0.160 keeps an included router as one lazy entry of ``app.routes``; its public
-    # ``iter_route_contexts`` flattens them (older versions list the routes themselves).
-    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
-    for route in flatten(routes) if flatten is not None else routes:
-        original = getattr(route, "original_route", route)
-        path = getattr(route, "path_format", None)
-        if isinstance(original, Route) and isinstance(path, str):
-            yield path
+def route_templates(routes: Sequence[BaseRoute], included: Sequence[tuple[str, APIRouter]]) -> list[str]:
+    """The path formats of an app's HTTP routes in routing order: its own routes (``routes``), then
+    each router of ``included`` under its prefix, as the app includes them.
+
+    Read from the routers themselves: FastAPI builds an included router's routes (a pydantic adapter
+    per field) only when a request first reaches it, and walking the app's flattened routes would
+    build them all at the first request of every app.
+    """
+    own = [route.path_format for route in routes if isinstance(route, Route)]
+    return own + [
+        prefix + route.path_format
+        for prefix, router in included
+        for route in router.routes
+        if isinstance(route, Route)
+    ]
 
 
 class RequestMiddleware:
@@ -139,11 +133,12 @@ class RequestMiddleware:
 
     Args:
         app: the next ASGI application.
+        templates: the app's route templates (:func:`route_templates`), the labels of its requests.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, templates: Sequence[str]) -> None:
         self.app = app
-        self.routes = RouteTemplates()
+        self.routes = RouteTemplates(templates)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
