@@ -232,14 +232,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Test files whose subject is not the service's database (the trainer's math, the worker's parts
-# against stand-in APIs, packaging, layering, deployment files, the docs pages): on PostgreSQL they
-# would run exactly the code they ran on SQLite, so the PostgreSQL half of `make test` leaves them
-# out. None of them uses the test database (checked at collection), except the docs pages, whose
-# blocks call a service on the database under test but whose subject is the docs: they run on
-# SQLite, the database the docs start a user on.
+# against stand-in APIs, packaging, layering, deployment files, the docs pages, the examples): on
+# PostgreSQL they would run exactly the code they ran on SQLite, so the PostgreSQL half of `make
+# test` leaves them out. None of them uses the test database (checked at collection), except the
+# files of USES_DATABASE below.
 ONE_DATABASE = (
     "tests/trainer/",
     "tests/test_docs.py",
+    "tests/examples/",
+    "tests/worker/test_fused_diversity.py",
     "tests/test_layering.py",
     "tests/test_lock.py",
     "tests/test_compose.py",
@@ -265,21 +266,28 @@ ONE_DATABASE = (
     "tests/worker/test_trainer_runner.py",
     "tests/worker/test_worker_identity.py",
 )
-USES_DATABASE = ("tests/test_docs.py",)
+# Files of ONE_DATABASE that start a service on the test database although the database is not
+# their subject; they run on SQLite, the database the README and the docs start a user on:
+# - the docs pages' blocks and the examples (their subject is what a user copies; every route
+#   and worker path they call is tested on both databases by the service and worker tests);
+# - the search coverage of fused groups (what the sampler proposes does not depend on where the
+#   trials are stored; the fused ask it goes through is tested on both in tests/worker/).
+USES_DATABASE = ("tests/test_docs.py", "tests/examples/", "tests/worker/test_fused_diversity.py")
 
 
-def _one_database(path: str) -> bool:
-    return any(path == entry or (entry.endswith("/") and path.startswith(entry)) for entry in ONE_DATABASE)
+def _listed(path: str, entries: tuple[str, ...]) -> bool:
+    """Whether ``path`` is one of ``entries`` or lies in one of its folders (``.../``)."""
+    return any(path == entry or (entry.endswith("/") and path.startswith(entry)) for entry in entries)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On PostgreSQL, leave out the files of :data:`ONE_DATABASE`; under pytest-xdist, the files of
     :data:`LONGEST_FIRST` first, in its order (a stable sort)."""
     root = config.rootpath
-    once = [item for item in items if _one_database(item.path.relative_to(root).as_posix())]
+    once = [item for item in items if _listed(item.path.relative_to(root).as_posix(), ONE_DATABASE)]
     for item in once:
         path = item.path.relative_to(root).as_posix()
-        if path not in USES_DATABASE and "databases" in getattr(item, "fixturenames", ()):
+        if not _listed(path, USES_DATABASE) and "databases" in getattr(item, "fixturenames", ()):
             raise pytest.UsageError(f"{item.nodeid} uses the test database: take {path} out of ONE_DATABASE")
     if IS_POSTGRES and once:
         config.hook.pytest_deselected(items=once)
