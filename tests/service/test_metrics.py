@@ -9,12 +9,14 @@ import textwrap
 from datetime import timedelta
 from pathlib import Path
 
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from starlette.routing import Route
 
 from caviar.service.api import create_app
-from caviar.service.metrics import MULTIPROC_ENV, prepare_multiprocess
+from caviar.service.metrics import MULTIPROC_ENV, RequestMiddleware, prepare_multiprocess
 from caviar.storage import Schedule, ScheduleRun, StudyRecord, TrialLease, WorkerRecord, utcnow
 from tests.service.helpers import external_study
 
@@ -105,6 +107,16 @@ def test_request_latency_by_route_template_and_errors_by_status(client: TestClie
     assert client.app.openapi_schema is None  # type: ignore[attr-defined]
 
 
+def test_every_route_of_the_app_has_its_template_in_routing_order(client: TestClient) -> None:
+    """The labels are read from the routers create_app includes, not from the app's routes (which
+    would build them all): a route added another way would be labelled ``unmatched``."""
+    middleware = next(m for m in client.app.user_middleware if m.cls is RequestMiddleware)  # type: ignore[attr-defined]
+    routed = [
+        c.path_format for c in iter_route_contexts(client.app.routes) if isinstance(c.original_route, Route)
+    ]
+    assert list(dict.fromkeys(middleware.kwargs["templates"])) == list(dict.fromkeys(routed))
+
+
 def test_metrics_need_read_scope_by_default_and_can_be_opened(settings, db) -> None:  # type: ignore[no-untyped-def]
     closed = settings.model_copy(update={"api_token": SecretStr("t" * 32)})
     with TestClient(create_app(closed, db=db)) as client:
@@ -131,7 +143,8 @@ def test_multiprocess_mode_sums_request_metrics_over_processes(tmp_path: Path, d
     """Two 'server processes' record requests; a third answers the scrape with their sum."""
     record = textwrap.dedent(
         f"""
-        from fastapi.testclient import TestClient
+        from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
         from caviar.service.api import create_app
         from caviar.service.config import Settings
         with TestClient(create_app(Settings(database_url={db_url!r}))) as client:
