@@ -350,8 +350,9 @@ class SamplingHolds:
     A sampler may outlast a lease (a GP over a long history); the reaper must never fail a trial
     that is still being sampled. While held, one background thread renews every held lease every
     half heartbeat interval (one UPDATE on the lease pool), and this process's reaper skips them
-    outright (:meth:`held`). Should the process die, the renewals stop and the lease lapses as any
-    other does.
+    outright (:meth:`held`); the thread ends after an interval with nothing held (it would otherwise
+    keep its disposed Database alive). Should the process die, the renewals stop and the lease
+    lapses as any other does.
     """
 
     def __init__(self, db: Database) -> None:
@@ -393,10 +394,14 @@ class SamplingHolds:
             if self._wake.wait(self._interval_s):  # the interval changed: wait that long first
                 self._wake.clear()
                 continue
-            ids, policy = self.held(), self._policy
-            if ids and policy is not None:
+            with self._guard:
+                if not self._ids:  # nothing held for a whole interval: the next hold starts a thread
+                    self._thread = None
+                    return
+                ids, policy = sorted(self._ids), self._policy
+            if policy is not None:
                 with contextlib.suppress(Exception):  # a database blip: the next round renews
-                    renew_many(self._db, sorted(ids), policy)
+                    renew_many(self._db, ids, policy)
 
 
 _holds_guard = threading.Lock()

@@ -28,6 +28,7 @@ from caviar.service.processes import wait_until
 from caviar.service.store import (
     RELEASED,
     LeasePolicy,
+    SamplingHolds,
     all_trials,
     count_states,
     create_study,
@@ -110,6 +111,29 @@ def test_a_trial_being_sampled_is_never_reaped_even_past_its_lease(
     assert assigned.lease_expires_at > first_expiry  # the lease proper starts with the parameters
     told = lifecycle.tell(db, "slow", 0, "complete", values=[1.0])
     assert told.state == "complete"
+
+
+def test_a_held_lease_is_renewed_and_the_renewing_thread_ends_once_nothing_is_held(db: Database) -> None:
+    """Another server process's reaper does not know this process's holds: the renewals keep the
+    lease; and the thread does not outlive the holds (it kept its Database alive for good)."""
+    policy = LeasePolicy(heartbeat_interval_s=0.05)
+    create_study(db, parse_definition(external_study("held")))
+    lifecycle.ask(db, "held", worker_id="w", policy=policy)
+    tid = trial_id(db, load_record(db, "held"), 0)
+    holds = SamplingHolds(db)
+
+    def renewed_past(before: Any) -> bool:
+        lease = lease_of(db, tid)
+        return lease is not None and lease.expires_at > before
+
+    for _ in range(2):  # a hold after the thread ended starts another
+        with holds.hold(tid, policy):
+            before = lease_of(db, tid).expires_at  # type: ignore[union-attr]
+            wait_until(lambda b=before: renewed_past(b), WAIT_S, "the held lease was not renewed")
+            thread = holds._thread
+        assert thread is not None
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "the renewing thread outlived its holds"
 
 
 # ---- (b) a heartbeat never waits on a study lock, an import or asks --------------------------
