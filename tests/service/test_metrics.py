@@ -143,8 +143,7 @@ def test_multiprocess_mode_sums_request_metrics_over_processes(tmp_path: Path, d
     """Two 'server processes' record requests; a third answers the scrape with their sum."""
     record = textwrap.dedent(
         f"""
-        from fastapi.routing import iter_route_contexts
-from fastapi.testclient import TestClient
+        from fastapi.testclient import TestClient
         from caviar.service.api import create_app
         from caviar.service.config import Settings
         with TestClient(create_app(Settings(database_url={db_url!r}))) as client:
