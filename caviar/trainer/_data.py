@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,8 @@ def load_dataset(
         x, y = _synthetic(seed=seed, **options)
     elif options:
         raise DatasetError(f"unexpected options for dataset {key!r}: {', '.join(sorted(options))}")
-    elif key in ("digits", "breast_cancer", "wine"):
-        # lazy: scikit-learn (about a second to import) loads only when a dataset needs it
-        from sklearn import datasets
-
-        bunch = getattr(datasets, f"load_{key}")()
-        x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
+    elif key in BUNDLED:
+        x, y = _load_bundled(key)
         if key == "digits":
             image_shape = (1, 8, 8)
     elif Path(key).suffix.lower() in (".csv", ".npz", ".parquet") or Path(key).exists():
@@ -107,6 +104,33 @@ def load_dataset(
             f"unknown dataset {key!r}: use one of {', '.join(DATASETS)} or a .csv/.npz/.parquet path"
         )
     return _split(key, x, y, validation_split, seed, image_shape)
+
+
+BUNDLED = {
+    "digits": ("digits.csv.gz", 0),
+    "breast_cancer": ("breast_cancer.csv", 1),
+    "wine": ("wine_data.csv", 1),
+}
+"""scikit-learn's bundled datasets: the file in ``sklearn/datasets/data`` and its header lines."""
+
+
+def _load_bundled(name: str) -> tuple[NDArray[Any], NDArray[Any]]:
+    """A bundled dataset read from scikit-learn's own file (features, then the label, per row), as
+    its ``load_<name>()`` reads it, without importing scikit-learn: its import costs about 2 s of
+    CPU in every worker slot, as much as torch's (tests/trainer/test_data.py checks the arrays are
+    scikit-learn's)."""
+    file, header = BUNDLED[name]
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running its __init__
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(next(iter(folders or [""]))) / "datasets" / "data" / file
+    if not path.is_file():  # another layout: scikit-learn's loader
+        # lazy: scikit-learn only when its files are not where this version keeps them
+        from sklearn import datasets
+
+        bunch = getattr(datasets, f"load_{name}")()
+        return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
+    data = np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.float64)
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 def _synthetic(
@@ -182,9 +206,6 @@ def _split(
     seed: int,
     image_shape: tuple[int, int, int] | None,
 ) -> Dataset:
-    # lazy: scikit-learn, as above
-    from sklearn.model_selection import train_test_split
-
     if len(x) == 0 or x.shape[1] == 0:
         raise DatasetError(f"dataset {name!r} is empty (shape {x.shape})")
     if np.isnan(x).any():
@@ -204,9 +225,8 @@ def _split(
             f"dataset {name!r} is too small for a stratified {validation_split} split "
             f"({len(labels)} samples, smallest class has {counts.min()})"
         )
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        x, labels, test_size=validation_split, stratify=labels, random_state=seed
-    )
+    train, val = stratified_split(labels, validation_split, seed)
+    x_tr, x_va, y_tr, y_va = x[train], x[val], labels[train], labels[val]
     mean = x_tr.mean(axis=0)
     std = x_tr.std(axis=0)
     std = np.where(std < 1e-8, 1.0, std)
@@ -227,3 +247,45 @@ def _split(
         std=torch.from_numpy(std.astype(np.float32)),
         classes=tuple(c.item() if hasattr(c, "item") else c for c in classes),
     )
+
+
+def stratified_split(
+    labels: NDArray[Any], validation_split: float, seed: int
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Train and validation row indices of a stratified split of ``labels`` (class indices 0..k-1).
+
+    The rows scikit-learn's ``train_test_split(..., test_size=validation_split, stratify=labels,
+    random_state=seed)`` picks, drawn the same way (its StratifiedShuffleSplit), without importing
+    scikit-learn in a worker slot; tests/trainer/test_data.py checks they are the same rows.
+    """
+    n_val = math.ceil(validation_split * len(labels))
+    counts = np.bincount(labels)
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_train_of = _approximate_mode(counts, len(labels) - n_val, rng)
+    n_val_of = _approximate_mode(counts - n_train_of, n_val, rng)
+    train: list[Any] = []
+    val: list[Any] = []
+    for rows, count, n_train, n_v in zip(by_class, counts, n_train_of, n_val_of, strict=True):
+        shuffled = rows.take(rng.permutation(count), mode="clip")
+        train.extend(shuffled[:n_train])
+        val.extend(shuffled[n_train : n_train + n_v])
+    return rng.permutation(train), rng.permutation(val)
+
+
+def _approximate_mode(counts: NDArray[Any], n_draws: int, rng: np.random.RandomState) -> NDArray[Any]:
+    """How many of ``n_draws`` to take from each class: the floor of its share, the rest to the
+    largest remainders, ties broken at random (scikit-learn's ``_approximate_mode``)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add = min(len(tied), need)
+            floored[rng.choice(tied, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)

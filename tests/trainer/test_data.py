@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn.datasets
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from caviar.trainer import Dataset, DatasetError, load_dataset
+from caviar.trainer._data import BUNDLED, _load_bundled, stratified_split
 
 
 def test_digits_shapes_and_image_shape(digits: Dataset) -> None:
@@ -46,6 +53,43 @@ def test_split_is_stratified_and_seeded() -> None:
     train_frac = torch.bincount(a.y_train) / len(a.y_train)
     val_frac = torch.bincount(a.y_val) / len(a.y_val)
     assert (train_frac - val_frac).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_datasets_are_scikit_learns_arrays(name: str) -> None:
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    x, y = _load_bundled(name)
+    assert x.dtype == np.float64 and np.array_equal(x, bunch.data)
+    assert np.array_equal(y, bunch.target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(2, 40), min_size=2, max_size=6),
+    validation_split=st.floats(0.05, 0.6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_stratified_split_picks_scikit_learns_rows(
+    counts: list[int], validation_split: float, seed: int
+) -> None:
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    n_val = math.ceil(validation_split * len(labels))
+    assume(len(counts) <= n_val <= len(labels) - len(counts))
+    rows = np.arange(len(labels))
+    expected_train, expected_val = train_test_split(
+        rows, test_size=validation_split, stratify=labels, random_state=seed
+    )
+    train, val = stratified_split(labels, validation_split, seed)
+    assert np.array_equal(train, expected_train) and np.array_equal(val, expected_val)
+
+
+def test_a_bundled_dataset_loads_without_importing_scikit_learn() -> None:
+    """A worker slot pays for torch's import only (scikit-learn's is about as long again)."""
+    code = "import sys; from caviar.trainer import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )
 
 
 def test_builtin_tabular_and_synthetic() -> None:
