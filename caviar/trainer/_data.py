@@ -121,9 +121,9 @@ def _load_bundled(name: str) -> tuple[NDArray[Any], NDArray[Any]]:
     scikit-learn's)."""
     file, header = BUNDLED[name]
     spec = importlib.util.find_spec("sklearn")  # finds the package without running its __init__
-    folders = spec.submodule_search_locations if spec is not None else None
-    path = Path(next(iter(folders or [""]))) / "datasets" / "data" / file
-    if not path.is_file():  # another layout: scikit-learn's loader
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0], "datasets", "data", file) if folders else None
+    if path is None or not path.is_file():  # another layout: scikit-learn's loader
         # lazy: scikit-learn only when its files are not where this version keeps them
         from sklearn import datasets
 
