@@ -201,10 +201,9 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     # routes (a pydantic adapter per field) when a request first reaches it; one aggregate router
     # included without a prefix had them all built at once, twice per app (0.3 s of create_app).
     api_errors = error_responses(401, 403, 404, 409, 413, 422, 503)
-    included = [("", metrics_router)]
     for router in API_ROUTERS:
         app.include_router(router, prefix=API_PREFIX, responses=api_errors)
-        included.append((API_PREFIX, router))
+    included = [("", metrics_router), *((API_PREFIX, router) for router in API_ROUTERS)]
     # outermost: times, counts and logs every answer (added last: after the routes it labels)
     app.add_middleware(RequestMiddleware, templates=route_templates(app.routes, included))
     return app
