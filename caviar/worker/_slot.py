@@ -184,11 +184,10 @@ class Slot:
         # twice per interval: a lease (two intervals) survives one slow or lost beat and more
         while not self.done.wait(self.heartbeat_interval_s / 2):
             with self.held_lock:
-                held = [  # stopping ones too: kept
-                    (study, number, trial.credential)
-                    for (study, number), trial in self.held.items()
-                    if (study, number) not in self.lost
-                ]
+                sent = {  # stopping ones too: kept
+                    key: trial for key, trial in self.held.items() if key not in self.lost
+                }
+            held = [(study, number, trial.credential) for (study, number), trial in sent.items()]
             try:
                 lost = self.api.beat(held, status="busy" if held else "idle")
             except CaviarApiError as exc:
@@ -206,6 +205,11 @@ class Slot:
             if lost:
                 with self.held_lock:
                     for study, number, code in lost:
+                        if self.held.get((study, number)) is not sent.get((study, number)):
+                            # told or handed back while the beat was out, and maybe a new trial
+                            # claimed under the same study and number (a study recreated under its
+                            # name): the answer is about the old trial, not this one
+                            continue
                         if code == "study_stopped":  # the lease is kept until the trial is told
                             if (study, number) not in self.stopping:
                                 _log.info("trial %d of %s: its study was stopped; pruning it", number, study)
@@ -230,7 +234,10 @@ class Slot:
         trial = self.api.ask(study, fixed=fixed)
         if trial is not None:
             with self.held_lock:
-                self.held[(study, trial.number)] = trial
+                key = (study, trial.number)
+                self.held[key] = trial
+                self.lost.discard(key)
+                self.stopping.discard(key)
         return trial
 
     def is_lost(self, trial: Trial) -> bool:

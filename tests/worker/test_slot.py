@@ -310,6 +310,55 @@ def test_heartbeats_name_the_held_trials_and_mark_the_lost_and_stopped_ones() ->
     assert all(n in slot.held for n in [("s", 0), ("s", 1), ("s", 2), ("s", 3)])
 
 
+@pytest.mark.parametrize("code", ["lease_lost", "trial_finished", "study_stopped"])
+def test_a_beat_answered_after_its_trial_left_does_not_touch_a_new_trial_under_the_same_number(
+    code: str,
+) -> None:
+    """A study deleted and recreated under its name numbers its trials from 0 again: a beat that
+    was out when the old trial 0 was handed back, answered "lost" for it, must not mark the new
+    trial 0 (it would get no heartbeat and no tell, and its lease would lapse)."""
+    old, new = FakeTrial("s", 0), FakeTrial("s", 0)
+    new.credential = "cred-new"
+    slot, api = make_slot([old, new])
+    slot.ask("s")
+    beat_out, answer = threading.Event(), threading.Event()
+
+    def beat(held: list[Any], *, status: str) -> list[Any]:
+        api.beats.append((held, status))
+        if len(api.beats) == 1:  # the first beat: for the old trial, answered late
+            beat_out.set()
+            assert answer.wait(30)
+            return [("s", 0, code)]
+        slot.done.set()
+        return []
+
+    api.beat = beat  # type: ignore[method-assign]
+    slot.heartbeat_interval_s = 0.002
+    thread = threading.Thread(target=slot._heartbeat_loop, daemon=True)
+    thread.start()
+    assert beat_out.wait(30)
+    slot.hand_back(old, "refused")  # type: ignore[arg-type]
+    assert slot.ask("s") is new
+    answer.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert api.beats[0][0] == [("s", 0, "cred-s-0")]
+    assert api.beats[-1][0] == [("s", 0, "cred-new")]  # the new trial is still renewed
+    assert slot.lost == set() and slot.stopping == set()
+    assert not slot.is_lost(new)  # type: ignore[arg-type]
+
+
+def test_a_trial_claimed_again_under_a_number_is_not_lost_or_stopping() -> None:
+    old, new = FakeTrial("s", 0), FakeTrial("s", 0)
+    slot, _ = make_slot([old, new])
+    slot.ask("s")
+    slot.lost.add(("s", 0))
+    slot.stopping.add(("s", 0))
+    slot.held.pop(("s", 0))  # left without a tell or a hand-back clearing its marks
+    slot.ask("s")
+    assert slot.lost == set() and slot.stopping == set()
+
+
 def test_an_idle_slot_beats_idle() -> None:
     slot, api = make_slot()
     run_heartbeats(slot, api, 1)
