@@ -231,6 +231,18 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
+# The end-to-end tests of the worker's handling of the user's code: what it reads from a program's
+# output, the trial directories, the allow list and the child's environment, the child processes
+# it ends, its one-line exits on a refused token. They start a service, but each route they call
+# is tested on both databases: they run on SQLite only (ONE_DATABASE, USES_DATABASE below).
+WORKER_SIDE = (
+    "tests/worker/test_optuna_programs.py",
+    "tests/worker/test_trial_dirs.py",
+    "tests/worker/test_code_security.py",
+    "tests/worker/test_child_processes.py",
+    "tests/worker/test_worker_errors.py",
+)
+
 # Test files whose subject is not the service's database (the trainer's math, the worker's parts
 # against stand-in APIs, packaging, layering, deployment files, the docs pages, the examples): on
 # PostgreSQL they would run exactly the code they ran on SQLite, so the PostgreSQL half of `make
@@ -241,6 +253,7 @@ ONE_DATABASE = (
     "tests/test_docs.py",
     "tests/examples/",
     "tests/worker/test_fused_diversity.py",
+    *WORKER_SIDE,
     "tests/test_layering.py",
     "tests/test_lock.py",
     "tests/test_compose.py",
@@ -271,8 +284,20 @@ ONE_DATABASE = (
 # - the docs pages' blocks and the examples (their subject is what a user copies; every route
 #   and worker path they call is tested on both databases by the service and worker tests);
 # - the search coverage of fused groups (what the sampler proposes does not depend on where the
-#   trials are stored; the fused ask it goes through is tested on both in tests/worker/).
-USES_DATABASE = ("tests/test_docs.py", "tests/examples/", "tests/worker/test_fused_diversity.py")
+#   trials are stored; the fused ask it goes through is tested on both in tests/worker/);
+# - the worker's handling of the user's code (WORKER_SIDE above).
+USES_DATABASE = (
+    "tests/test_docs.py",
+    "tests/examples/",
+    "tests/worker/test_fused_diversity.py",
+    *WORKER_SIDE,
+)
+# Single tests of files that run on both databases can be marked ``one_database`` for the same
+# reason: the end-to-end worker tests whose subject is the worker's side (a program's output, its
+# trial directory, its child processes, its environment, its allow list, a slot's own rules). The
+# service calls they make are tested on both databases, and the worker tests whose subject is the
+# service under real workers (reaping a killed worker's trial, workers racing for an exact budget,
+# the API or the database restarted mid-trial, the main digits study) stay on both.
 
 
 def _listed(path: str, entries: tuple[str, ...]) -> bool:
@@ -280,14 +305,20 @@ def _listed(path: str, entries: tuple[str, ...]) -> bool:
     return any(path == entry or (entry.endswith("/") and path.startswith(entry)) for entry in entries)
 
 
+def _runs_once(item: pytest.Item, path: str) -> bool:
+    return _listed(path, ONE_DATABASE) or item.get_closest_marker("one_database") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On PostgreSQL, leave out the files of :data:`ONE_DATABASE`; under pytest-xdist, the files of
-    :data:`LONGEST_FIRST` first, in its order (a stable sort)."""
+    """On PostgreSQL, leave out the files of :data:`ONE_DATABASE` and the tests marked
+    ``one_database``; under pytest-xdist, the files of :data:`LONGEST_FIRST` first, in its order (a
+    stable sort)."""
     root = config.rootpath
-    once = [item for item in items if _listed(item.path.relative_to(root).as_posix(), ONE_DATABASE)]
+    once = [item for item in items if _runs_once(item, item.path.relative_to(root).as_posix())]
     for item in once:
         path = item.path.relative_to(root).as_posix()
-        if not _listed(path, USES_DATABASE) and "databases" in getattr(item, "fixturenames", ()):
+        allowed = item.get_closest_marker("one_database") is not None or _listed(path, USES_DATABASE)
+        if not allowed and "databases" in getattr(item, "fixturenames", ()):
             raise pytest.UsageError(f"{item.nodeid} uses the test database: take {path} out of ONE_DATABASE")
     if IS_POSTGRES and once:
         config.hook.pytest_deselected(items=once)

@@ -96,6 +96,7 @@ def test_serve_waits_for_a_database_that_appears_later(databases: DatabaseFactor
     assert waits and waits[0]["level"] == "WARNING" and waits[0]["retry_in_s"] == 0.5
 
 
+@pytest.mark.one_database
 def test_a_killed_server_process_is_restarted_with_growing_delays(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     server, url = processes.serve(
@@ -190,6 +191,7 @@ def test_two_server_processes_both_answer_and_stop_cleanly(db_url: str, tmp_path
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.one_database
 @pytest.mark.parametrize(
     ("command", "host"), [("serve", "0.0.0.0"), ("serve", "::"), ("dashboard", "192.0.2.7")]
 )

@@ -159,6 +159,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.one_database
 def test_a_killed_child_fails_its_trial_and_the_retry_runs_with_the_same_params(
     api: Any, code_dir: Path, tmp_path: Path
 ) -> None:
@@ -177,6 +178,7 @@ def test_a_killed_child_fails_its_trial_and_the_retry_runs_with_the_same_params(
     assert sum(t["state"] == "complete" for t in trials.values()) == 2
 
 
+@pytest.mark.one_database
 def test_sigterm_of_the_worker_hands_the_running_trial_back_and_stops_the_child(
     api: Any, code_dir: Path, tmp_path: Path
 ) -> None:
@@ -219,6 +221,7 @@ def test_the_api_restarted_mid_trial_loses_and_duplicates_nothing(
     assert all(len(t["intermediate_values"]) == 5 for t in trials)
 
 
+@pytest.mark.one_database
 def test_code_that_cannot_run_fails_its_trial_with_the_reason(
     api: Any, code_dir: Path, tmp_path: Path
 ) -> None:

@@ -94,6 +94,7 @@ def test_service_and_two_workers_finish_a_digits_study(
     assert (predicted == digits.target[:200]).mean() >= 0.9
 
 
+@pytest.mark.one_database
 def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
@@ -111,6 +112,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_worker_goes_on(
     assert store.load_record(db, "nan").state == "failed"
 
 
+@pytest.mark.one_database
 def test_file_datasets_are_read_under_the_data_root_and_never_quoted(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess], tmp_path: Path
 ) -> None:
@@ -138,6 +140,7 @@ def test_file_datasets_are_read_under_the_data_root_and_never_quoted(
     assert secret not in workers.output()
 
 
+@pytest.mark.one_database
 def test_max_trials_stops_the_worker_after_n(
     db: Database, serve: Callable[..., Service], spawn: Callable[..., CaviarProcess]
 ) -> None:
@@ -155,6 +158,7 @@ def test_max_trials_stops_the_worker_after_n(
     assert store.load_record(db, "maxn").state == "running"  # the rest is left for others
 
 
+@pytest.mark.one_database
 def test_demo_runs_end_to_end(db_url: str, tmp_path: Path) -> None:
     """`caviar demo` with a small budget: serves, trains on CPU workers, completes the study and
     prints the best trial and where to look next; exit 0."""

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 # ---- one slot in this process, against a live service in this process ------------------------
 
 
+@pytest.mark.one_database
 def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     db: Database, live: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,6 +62,7 @@ def test_out_of_memory_halves_the_fused_group_and_the_trials_still_finish(
     assert store.load_record(db, "oom").state == "completed"
 
 
+@pytest.mark.one_database
 def test_asha_stops_the_bottom_of_a_fused_cohort_and_refills_its_places(
     db: Database, steady: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
