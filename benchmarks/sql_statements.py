@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
@@ -43,15 +43,17 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 class StatementCounter:
-    """Counts the statements every engine of this process sends while ``counting`` is on."""
+    """Counts the statements every engine of this process sends to ``database`` while ``counting``
+    is on (only there: a process that runs this, the test suite's, may talk to other databases)."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str | None) -> None:
+        self.database = database
         self.count = 0
         self.counting = False
         event.listen(Engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, *_: Any) -> None:
-        if self.counting:
+    def _seen(self, conn: Connection, *_: Any) -> None:
+        if self.counting and conn.engine.url.database == self.database:
             self.count += 1
 
     @contextmanager
@@ -219,8 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    counter = StatementCounter()
     with database(args.storage) as url:
+        counter = StatementCounter(make_url(url).database)
         arms = {"caviar": caviar_arm(url, args.history), "optuna": optuna_arm(url, args.history)}
         summary = alternate(arms, counter, args.cycles, args.repeats)
     print(

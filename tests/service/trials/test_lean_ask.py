@@ -2,7 +2,8 @@
 process remembers about a study never hides a change made elsewhere (SQLite and PostgreSQL).
 
 The counts are deterministic (no timing): statements are counted with a SQLAlchemy event on every
-engine of this process while one call runs.
+engine of this process while one call runs, those sent to the test's own database only (the suite
+drops the databases of earlier tests on a thread of this process meanwhile, on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from caviar.service.api import create_app
 from caviar.service.config import Settings
@@ -34,12 +35,13 @@ RAW_OPTUNA = 65
 
 
 class Counter:
-    def __init__(self) -> None:
+    def __init__(self, database: str | None) -> None:
+        self.database = database
         self.statements: list[str] = []
         self.on = False
 
-    def __call__(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if self.on:
+    def __call__(self, conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        if self.on and conn.engine.url.database == self.database:
             self.statements.append(" ".join(statement.split())[:120])
 
     @contextmanager
@@ -53,8 +55,8 @@ class Counter:
 
 
 @pytest.fixture
-def counter() -> Iterator[Counter]:
-    seen = Counter()
+def counter(db_url: str) -> Iterator[Counter]:
+    seen = Counter(make_url(db_url).database)
     event.listen(Engine, "before_cursor_execute", seen)
     yield seen
     event.remove(Engine, "before_cursor_execute", seen)
