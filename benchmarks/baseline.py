@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +103,7 @@ def train_plain(
             group["lr"] = lr
         model.train()
         loss_sum = torch.zeros(())
+        batches: Iterator[tuple[torch.Tensor, ...]]
         if loader is None:
             order = torch.randperm(n, generator=generator)
             batches = ((x_train[i], y_train[i]) for i in (order[s : s + batch] for s in range(0, n, batch)))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import optuna
 import uvicorn
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
@@ -87,8 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    counter = StatementCounter()
     with database(args.storage) as url, service(url) as base:
+        counter = StatementCounter(make_url(url).database)
         arms = {
             "caviar_storage": arm(caviar.optuna_storage(base), args.history),
             "optuna_rdb": arm(optuna.storages.RDBStorage(url), args.history),

@@ -67,7 +67,7 @@ def sample(trial: Any) -> dict[str, float]:
     }
 
 
-def config(values: dict[str, float], seed: int, max_epochs: int) -> Any:
+def config(values: dict[str, Any], seed: int, max_epochs: int) -> Any:
     from caviar.trainer import TrialConfig
 
     return TrialConfig(

@@ -244,7 +244,7 @@ def count_statements(url: str, cycles: int) -> dict[str, float]:
     """SQL statements per ask + report + tell, caviar's REST path and raw Optuna (see sql_statements)."""
     from benchmarks import sql_statements  # lazy: it imports this module (the study definition)
 
-    counter = sql_statements.StatementCounter()
+    counter = sql_statements.StatementCounter(make_url(url).database)
     arms = {"caviar": sql_statements.caviar_arm(url, 100), "optuna": sql_statements.optuna_arm(url, 100)}
     result = sql_statements.alternate(arms, counter, cycles, 2)
     return {arm: result[arm]["statements_per_cycle"] for arm in arms}

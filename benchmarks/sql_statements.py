@@ -126,7 +126,7 @@ def caviar_arm(url: str, n_history: int) -> Callable[[], None]:
     return cycle
 
 
-DISTRIBUTIONS = {
+DISTRIBUTIONS: dict[str, optuna.distributions.BaseDistribution] = {
     "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
     "one_minus_beta1": optuna.distributions.FloatDistribution(0.001, 0.2, log=True),
     "dropout": optuna.distributions.FloatDistribution(0.0, 0.6),

