@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.state.db = db or Database(
         settings.database_url, pool_size=settings.db_pool_size, lease_pool_size=settings.lease_pool_size
     )
-    app.state.ask_gate = AskGate(settings.ask_limit)
+    app.state.ask_gate = AskGate(settings.ask_limit, settings.max_queued_asks)
     install_error_handlers(app)
     app.add_middleware(
         DashboardMount, db=app.state.db, artifact_dir=settings.artifact_dir

@@ -58,8 +58,23 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=1000,
-        description="Asks one server process runs at once; more are answered 429 `too_many_asks` with "
-        "Retry-After (the client and worker wait and retry). Default: db_pool_size.",
+        description="Asks one server process runs at once; more wait in line (ask_queue_s, "
+        "max_queued_asks), then are answered 429 `too_many_asks` with Retry-After (the client and "
+        "worker wait and retry). Default: db_pool_size.",
+    )
+    ask_queue_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="How long an ask beyond max_concurrent_asks waits in line for a turn (holding no "
+        "thread or connection) before it is answered 429 `too_many_asks`; 0 answers at once.",
+    )
+    max_queued_asks: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        description="Asks one server process lets wait in line; one more is answered 429 "
+        "`too_many_asks` at once.",
     )
     ask_timeout_s: float = Field(
         default=120.0,

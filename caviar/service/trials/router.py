@@ -60,8 +60,9 @@ async def ask_trial(
     name: StudyName,
     body: Annotated[AskRequest | None, Body()] = None,
 ) -> TrialAssignment:
-    """At most ``max_concurrent_asks`` asks run at once in one server process: one more is answered
-    429 ``too_many_asks`` with a jittered ``Retry-After``. An ask whose sampler outruns
+    """At most ``max_concurrent_asks`` asks run at once in one server process; one more waits in
+    line for a turn (``ask_queue_s``, ``max_queued_asks``), past which it is answered 429
+    ``too_many_asks`` with a jittered ``Retry-After``. An ask whose sampler outruns
     ``ask_timeout_s`` is answered 503 ``sampler_slow``; its trial is handed back (not failed) and
     the next ask gets it."""
     body = body or AskRequest()
@@ -85,7 +86,9 @@ async def ask_trial(
         service.release(db, name, assignment.number, reason=reason)
 
     gate: admission.AskGate = request.app.state.ask_gate
-    return await admission.admitted(gate, work, timeout_s=settings.ask_timeout_s, hand_back=hand_back)
+    return await admission.admitted(
+        gate, work, timeout_s=settings.ask_timeout_s, hand_back=hand_back, queue_s=settings.ask_queue_s
+    )
 
 
 @router.post("/trials/{number}/report", summary="Report an intermediate value; answers should_prune")

@@ -204,7 +204,7 @@ def test_heartbeats_complete_while_the_study_lock_and_every_pool_connection_are_
         assert after is not None and after.expires_at > before.expires_at
 
 
-# ---- (c) asks beyond the process's bound: 429 + Retry-After, and the client retries -------------
+# ---- (c) asks beyond the process's bound: in line, then 429 + Retry-After, and the client retries -
 
 
 def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
@@ -217,6 +217,7 @@ def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
         api_token=None,
         background_tasks=False,
         max_concurrent_asks=1,
+        ask_queue_s=0,  # no line: refused at once
     )
     create_study(db, parse_definition(external_study("burst")))
     with (
@@ -259,6 +260,44 @@ def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
         assert first_out["result"].status_code == 200 and first_out["result"].json()["number"] == 0
     counts = count_states(db, load_record(db, "burst"))
     assert counts[TrialState.RUNNING] == 2 and counts[TrialState.FAIL] == 0
+
+
+def test_an_ask_beyond_the_bound_waits_in_line_for_a_turn_and_one_past_the_line_is_refused(
+    db: Database, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(
+        database_url=db_url,
+        heartbeat_interval_s=30,
+        artifact_dir=str(tmp_path / "artifacts"),
+        api_token=None,
+        background_tasks=False,
+        max_concurrent_asks=1,
+        ask_queue_s=WAIT_S,
+        max_queued_asks=1,
+    )
+    create_study(db, parse_definition(external_study("line")))
+    app = create_app(settings, db=db)
+    with live_server(app, free_port()) as base, blocked_sampler(monkeypatch) as (sampling, go):
+        ask_url = f"{base}{API}/line/trials/ask"
+
+        def ask(worker: str) -> httpx.Response:
+            return httpx.post(ask_url, json={"worker_id": worker}, timeout=WAIT_S * 3)
+
+        first, first_out = in_thread(lambda: ask("w1"))
+        assert sampling.wait(WAIT_S)
+        second, second_out = in_thread(lambda: ask("w2"))
+        wait_until(lambda: app.state.ask_gate.waiting == 1, WAIT_S, "the second ask never got in line")
+        refused = ask("w3")  # the line (max_queued_asks=1) is full: refused at once
+        assert refused.status_code == 429, refused.text
+        assert 1 <= int(refused.headers["Retry-After"]) <= 3
+        assert refused.json()["error"]["code"] == "too_many_asks"
+        assert second.is_alive(), "the ask in line was answered before a turn came"
+        go.set()
+        first.join(WAIT_S)
+        second.join(WAIT_S)
+    assert first_out["result"].status_code == 200 and first_out["result"].json()["number"] == 0
+    assert second_out["result"].status_code == 200 and second_out["result"].json()["number"] == 1
+    assert app.state.ask_gate.waiting == 0
 
 
 def test_an_ask_slower_than_its_limit_answers_sampler_slow_and_hands_the_trial_back(
