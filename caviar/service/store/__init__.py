@@ -50,6 +50,7 @@ from caviar.service.store._leases import (
     renewal,
     sampling,
     sampling_holds,
+    unleased_running,
 )
 from caviar.service.store._oneread import prune_reported, started_trial
 from caviar.service.store._ranking import best_first, pareto_front, ranked
@@ -204,6 +205,7 @@ __all__ = [
     "trial_number",
     "trial_total",
     "trials_by_state",
+    "unleased_running",
     "used_count",
     "utc",
 ]

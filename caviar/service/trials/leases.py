@@ -39,6 +39,7 @@ from caviar.service.store import (
     renew,
     sampling_holds,
     settle_study,
+    unleased_running,
 )
 from caviar.service.trials.outcomes import requeue_retry
 from caviar.storage import StudyRecord, TrialLease
@@ -188,16 +189,19 @@ def _reap_orphans(db: Database) -> int:
 
     An ask writes the lease before it releases the study lock, so under that lock a running trial
     marked as asked but without a lease can only be the leftover of an ask that died half-way.
+    One read finds the candidates (:func:`~caviar.service.store.unleased_running`); a study's
+    running trials are loaded only when it has one, not every few seconds for every study.
     """
+    candidates = unleased_running(db, ("running", "paused", "stopping"))
+    if not candidates:
+        return 0
     with db.session() as session:
-        records = list(
-            session.scalars(
-                select(StudyRecord).where(StudyRecord.state.in_(("running", "paused", "stopping")))
-            )
-        )
+        records = list(session.scalars(select(StudyRecord).where(StudyRecord.id.in_(list(candidates)))))
     reaped = 0
     for record in records:
-        stale = [t for t in all_trials(db, record, [TrialState.RUNNING]) if t.user_attrs.get(ASKED)]
+        wanted = set(candidates[record.id])
+        running = all_trials(db, record, [TrialState.RUNNING])
+        stale = [t for t in running if t._trial_id in wanted and t.user_attrs.get(ASKED)]
         if not stale:
             continue
         ids = [t._trial_id for t in stale]

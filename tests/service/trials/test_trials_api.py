@@ -585,14 +585,43 @@ def test_the_reaper_recovers_orphans_in_every_live_study_and_counts_them(client:
     assert reap(db) == 0
 
 
-def test_an_orphan_seen_before_its_lease_landed_is_left_alone(client: TestClient, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_reaper_loads_no_trial_while_every_running_trial_holds_its_lease(
+    client: TestClient, db, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from caviar.service.store import load_record
+    from caviar.service.trials import reap
+    from caviar.service.trials.lifecycle import _start_trial
+
+    name = create(client, n_trials=50)
+    for _ in range(20):
+        ask(client, name)
+    loads: list[int] = []
+    real = db.optuna.get_all_trials
+
+    def counted(study_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loads.append(study_id)
+        return real(study_id, *args, **kwargs)
+
+    monkeypatch.setattr(db.optuna, "get_all_trials", counted)
+    assert reap(db) == 0
+    assert loads == []  # one read of ids found no candidate: no trial was loaded
+    _start_trial(db, load_record(db, name), [], "crashed-worker")  # an ask that died half-way
+    assert reap(db) == 1
+    assert loads == [load_record(db, name).optuna_study_id]  # only now, and only that study
+    assert client.get(f"{API}/{name}/trials/20").json()["fail_reason"] == "lost while being handed out"
+
+
+def test_an_orphan_seen_before_its_lease_landed_is_left_alone(client: TestClient, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service.store import load_record, trial_id
     from caviar.service.trials import leases, reap
     from caviar.service.trials.lifecycle import _start_trial
 
     name = create(client, n_trials=5)
-    ask(client, name)  # trial 0: its lease exists, but the first (unlocked) read missed it
-    _start_trial(db, load_record(db, name), [], "crashed-worker")  # trial 1: a real orphan
+    ask(client, name)  # trial 0: its lease exists, but the first (unlocked) reads missed it
+    record = load_record(db, name)
+    _start_trial(db, record, [], "crashed-worker")  # trial 1: a real orphan
+    both = [trial_id(db, record, 0), trial_id(db, record, 1)]
+    monkeypatch.setattr(leases, "unleased_running", lambda db, states: {record.id: both})
     monkeypatch.setattr(leases, "leases_for", lambda db, ids: {})
     assert reap(db) == 1
     assert client.get(f"{API}/{name}/trials/0").json()["state"] == "running"
