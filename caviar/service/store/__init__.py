@@ -50,7 +50,6 @@ from caviar.service.store._leases import (
     renewal,
     sampling,
     sampling_holds,
-    unleased_running,
 )
 from caviar.service.store._oneread import prune_reported, started_trial
 from caviar.service.store._ranking import best_first, pareto_front, ranked
@@ -107,6 +106,7 @@ from caviar.service.store._tables import (
     study_of_trial,
     trial_total,
     trials_by_state,
+    unleased_running,
 )
 
 __all__ = [

@@ -23,21 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from optuna.storages._rdb.models import TrialModel
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import (
-    ColumnElement,
-    String,
-    Table,
-    Update,
-    and_,
-    func,
-    literal,
-    or_,
-    select,
-    tuple_,
-    update,
-)
+from sqlalchemy import ColumnElement, String, Table, Update, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
@@ -234,42 +221,6 @@ def died_while_told(db: Database, trial_ids: Sequence[int]) -> set[int]:
                 )
             )
         )
-
-
-def unleased_running(db: Database, study_states: Sequence[str]) -> dict[int, list[int]]:
-    """Running trials without a live lease, by study: none at all, or one a tell ended over
-    :data:`TELL_GRACE_S` ago (see :func:`died_while_told`); of the studies in ``study_states``.
-
-    One indexed read of Optuna's trial table beside caviar's lease table (no trial is loaded): the
-    reaper's search for the leftovers of a crashed ask or tell costs the same with 1,000 trials
-    running as with none. Whether a candidate was asked through caviar (and is still running) is
-    for the caller to check through Optuna's storage.
-
-    Returns:
-        Optuna trial ids by caviar study id, in trial id order.
-    """
-    with db.session() as session:
-        rows = session.execute(
-            select(StudyRecord.id, TrialModel.trial_id)
-            .join(TrialModel, TrialModel.study_id == StudyRecord.optuna_study_id)
-            .outerjoin(TrialLease, TrialLease.trial_id == TrialModel.trial_id)
-            .where(
-                StudyRecord.state.in_(list(study_states)),
-                TrialModel.state == TrialState.RUNNING,
-                or_(
-                    TrialLease.trial_id.is_(None),
-                    and_(
-                        TrialLease.status == "finished",
-                        TrialLease.expires_at < db_now(db.engine.dialect.name, -TELL_GRACE_S),
-                    ),
-                ),
-            )
-            .order_by(TrialModel.trial_id)
-        ).all()
-    found: dict[int, list[int]] = {}
-    for study_id, trial_id in rows:
-        found.setdefault(study_id, []).append(trial_id)
-    return found
 
 
 def end_lease(db: Database, trial_id: int, status: str, reason: str) -> None:

@@ -1,21 +1,24 @@
 """Read-only aggregates over Optuna's trial table: the ONLY import of Optuna's private models.
 
-Optuna owns its tables and every write goes through its storage API; counting in SQL is the one
-thing its API cannot do cheaply (it loads the whole history). Should Optuna rename its models,
-this is the one file to change.
+Optuna owns its tables and every write goes through its storage API; counting in SQL, and finding
+the few running trials without a lease, is what its API cannot do cheaply (it loads the trials).
+Should Optuna rename its models, this is the one file to change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
 from caviar.service.errors import NotFound
+from caviar.service.store._leases import TELL_GRACE_S, db_now
 from caviar.service.store._records import StudyRef
-from caviar.storage import StudyRecord
+from caviar.storage import StudyRecord, TrialLease
 
 
 def count_states(db: Database, record: StudyRecord) -> dict[TrialState, int]:
@@ -87,3 +90,40 @@ def trials_by_state(session: Session) -> dict[str, int]:
 def study_of_trial(session: Session, trial_id: int) -> int | None:
     """The Optuna study id of a trial id (Optuna's storage API has no such lookup), or None."""
     return session.scalar(select(TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+
+
+def unleased_running(db: Database, study_states: Sequence[str]) -> dict[int, list[int]]:
+    """Running trials without a live lease, by study, of the studies in ``study_states``: no lease
+    at all, or one a tell ended over ``TELL_GRACE_S`` ago (see
+    :func:`~caviar.service.store.died_while_told`).
+
+    One indexed read of Optuna's trial table beside caviar's lease table (no trial is loaded): the
+    reaper's search for the leftovers of a crashed ask or tell costs the same with 1,000 trials
+    running as with none. Whether a candidate was asked through caviar (and is still running) is
+    for the caller to check through Optuna's storage.
+
+    Returns:
+        Optuna trial ids by caviar study id, in trial id order.
+    """
+    with db.session() as session:
+        rows = session.execute(
+            select(StudyRecord.id, TrialModel.trial_id)
+            .join(TrialModel, TrialModel.study_id == StudyRecord.optuna_study_id)
+            .outerjoin(TrialLease, TrialLease.trial_id == TrialModel.trial_id)
+            .where(
+                StudyRecord.state.in_(list(study_states)),
+                TrialModel.state == TrialState.RUNNING,
+                or_(
+                    TrialLease.trial_id.is_(None),
+                    and_(
+                        TrialLease.status == "finished",
+                        TrialLease.expires_at < db_now(db.engine.dialect.name, -TELL_GRACE_S),
+                    ),
+                ),
+            )
+            .order_by(TrialModel.trial_id)
+        ).all()
+    found: dict[int, list[int]] = {}
+    for study_id, trial_id in rows:
+        found.setdefault(study_id, []).append(trial_id)
+    return found
