@@ -1,9 +1,17 @@
-"""FastAPI dependencies (Annotated aliases used by every router)."""
+"""FastAPI dependencies (Annotated aliases used by every router).
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency on the request thread
+pool, and a lease renewal must not wait there behind reports and asks (see
+:func:`renewal_limiter`). These only read the app's state and the request; the one that may read
+the database (:func:`may_act_on_trial`, for a ``worker``-scope caller) does that part on a thread.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Path, Query, Request
 
 from caviar.service.config import Settings
@@ -15,19 +23,38 @@ from caviar.service.tokens import worker as worker_tokens
 from caviar.service.types import INT32_MAX, MAX_OFFSET
 
 
-def get_db(request: Request) -> Database:
+def _db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
 
 
-def get_settings_dep(request: Request) -> Settings:
+def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_lease_policy(request: Request) -> LeasePolicy:
+async def get_db(request: Request) -> Database:
+    return _db(request)
+
+
+async def get_settings_dep(request: Request) -> Settings:
+    return _settings(request)
+
+
+async def get_lease_policy(request: Request) -> LeasePolicy:
     """The service's lease policy: built from its settings, the one place it is built."""
-    return LeasePolicy.from_settings(get_settings_dep(request))
+    return LeasePolicy.from_settings(_settings(request))
+
+
+def renewal_limiter(request: Request) -> anyio.CapacityLimiter:
+    """The threads lease renewals (heartbeats) run on: their own, as they have their own database
+    connections (``lease_pool_size``), so a renewal never queues behind the reports, tells and asks
+    that fill the request thread pool under load. Made at the first renewal (on the event loop)."""
+    limiter: anyio.CapacityLimiter | None = getattr(request.app.state, "renewal_limiter", None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(2 * _settings(request).lease_pool_size)
+        request.app.state.renewal_limiter = limiter
+    return limiter
 
 
 LEASE_HEADER = "X-Caviar-Lease"
@@ -35,7 +62,7 @@ LEASE_HEADER = "X-Caviar-Lease"
 answered (see :mod:`caviar.service.tokens.trial`)."""
 
 
-def may_act_on_trial(request: Request) -> bool:
+async def may_act_on_trial(request: Request) -> bool:
     """Whether the caller may act on the trial its path names (``{name}``, ``{number}``).
 
     Write and admin scope act on any trial, and so does everyone on a service without tokens
@@ -48,7 +75,7 @@ def may_act_on_trial(request: Request) -> bool:
     if scope is None or scope in ("write", "admin", "trial"):
         return True
     proof = request.headers.get(LEASE_HEADER)
-    settings = get_settings_dep(request)
+    settings = _settings(request)
     if not proof or settings.api_token is None:
         return False
     try:
@@ -56,38 +83,39 @@ def may_act_on_trial(request: Request) -> bool:
     except (KeyError, ValueError):
         return False
     key = trial_tokens.derive_key(settings.api_token.get_secret_value())
-    return trial_tokens.names_trial(get_db(request), key, proof, request.path_params.get("name", ""), number)
+    name = request.path_params.get("name", "")
+    return await anyio.to_thread.run_sync(trial_tokens.names_trial, _db(request), key, proof, name, number)
 
 
-def lease_proof_key(request: Request) -> bytes | None:
+async def lease_proof_key(request: Request) -> bytes | None:
     """The key of trial credentials when the caller must prove its claims (``worker`` scope, or a
     trial credential), else None (write scope, no tokens: the ``worker_id`` label decides)."""
-    settings = get_settings_dep(request)
+    settings = _settings(request)
     scope = getattr(request.state, "token_scope", None)
     if scope is None or scope in ("write", "admin") or settings.api_token is None:
         return None
     return trial_tokens.derive_key(settings.api_token.get_secret_value())
 
 
-def worker_key(request: Request) -> bytes | None:
+async def worker_key(request: Request) -> bytes | None:
     """The key of worker credentials (:mod:`caviar.service.tokens.worker`); None without tokens."""
-    settings = get_settings_dep(request)
+    settings = _settings(request)
     if settings.api_token is None:
         return None
     return worker_tokens.derive_key(settings.api_token.get_secret_value())
 
 
-def worker_proof_key(request: Request) -> bytes | None:
+async def worker_proof_key(request: Request) -> bytes | None:
     """The key of worker credentials when the caller must prove it registered the worker id it
     names (``worker`` scope), else None (write and admin scope act on any worker; without tokens
     there is nothing to bind to)."""
     scope = getattr(request.state, "token_scope", None)
     if scope is None or scope in ("write", "admin"):
         return None
-    return worker_key(request)
+    return await worker_key(request)
 
 
-def may_see_env_values(request: Request) -> bool:
+async def may_see_env_values(request: Request) -> bool:
     """Whether the caller sees ``objective.env`` values (a read-scope caller sees only the names)."""
     return getattr(request.state, "token_scope", None) != "read"
 

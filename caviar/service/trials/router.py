@@ -20,6 +20,7 @@ from caviar.service.deps import (
     SettingsDep,
     StudyName,
     TrialNumber,
+    renewal_limiter,
 )
 from caviar.service.envelope import error_responses
 from caviar.service.errors import InvalidInput
@@ -126,7 +127,8 @@ def suggest_param(
 @router.post(
     "/trials/{number}/heartbeat", status_code=status.HTTP_204_NO_CONTENT, summary="Keep the trial's lease"
 )
-def heartbeat_trial(
+async def heartbeat_trial(
+    request: Request,
     db: DbDep,
     policy: LeasePolicyDep,
     any_trial: AnyTrialDep,
@@ -134,8 +136,12 @@ def heartbeat_trial(
     number: TrialNumber,
     body: Annotated[HeartbeatRequest | None, Body()] = None,
 ) -> Response:
+    """Runs on the renewal threads (:func:`~caviar.service.deps.renewal_limiter`)."""
     caller = service.Caller(body.worker_id if body else None, any_trial)
-    service.heartbeat(db, name, number, policy=policy, caller=caller)
+    await anyio.to_thread.run_sync(
+        lambda: service.heartbeat(db, name, number, policy=policy, caller=caller),
+        limiter=renewal_limiter(request),
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

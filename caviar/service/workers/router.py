@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+import anyio.to_thread
+from fastapi import APIRouter, Path, Query, Request, status
 
+from caviar.service.db import Database
 from caviar.service.definition import NAME_PATTERN, ObjectiveKind, redact_env
 from caviar.service.deps import (
     DbDep,
@@ -14,8 +16,9 @@ from caviar.service.deps import (
     LeaseProofKeyDep,
     WorkerKeyDep,
     WorkerProofKeyDep,
+    renewal_limiter,
 )
-from caviar.service.store import LeaseRow
+from caviar.service.store import LeasePolicy, LeaseRow
 from caviar.service.tokens import trial as trial_tokens
 from caviar.service.tokens import worker as worker_tokens
 from caviar.service.workers import identity, service
@@ -66,7 +69,8 @@ def register_worker(
 @router.post(
     "/workers/{worker_id}/heartbeat", summary="Renew the leases of all the worker's trials in one call"
 )
-def heartbeat_worker(
+async def heartbeat_worker(
+    request: Request,
     db: DbDep,
     policy: LeasePolicyDep,
     proof_key: LeaseProofKeyDep,
@@ -76,7 +80,21 @@ def heartbeat_worker(
 ) -> HeartbeatResult:
     """With a worker token the body carries the ``credential`` the worker's registration answered
     (else 409 ``not_your_worker``, nothing renewed), and each trial its own ``credential``; one it
-    does not prove is answered ``not_your_trial`` and its lease is left alone."""
+    does not prove is answered ``not_your_trial`` and its lease is left alone. Runs on the renewal
+    threads (:func:`~caviar.service.deps.renewal_limiter`), never behind reports and asks."""
+    return await anyio.to_thread.run_sync(
+        lambda: _beat(db, policy, proof_key, worker_key, worker_id, body), limiter=renewal_limiter(request)
+    )
+
+
+def _beat(
+    db: Database,
+    policy: LeasePolicy,
+    proof_key: bytes | None,
+    worker_key: bytes | None,
+    worker_id: str,
+    body: WorkerHeartbeat,
+) -> HeartbeatResult:
     if worker_key is not None:
         identity.check_holder(db, worker_key, worker_id, body.credential)
     proves = None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 from sqlalchemy import Engine
 
 import caviar
+from caviar.service import trials as service
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
@@ -202,6 +204,54 @@ def test_heartbeats_complete_while_the_study_lock_and_every_pool_connection_are_
         assert trial_out["result"].status_code == 204, trial_out
         after = lease_of(db, trial_id(db, record, 0))
         assert after is not None and after.expires_at > before.expires_at
+
+
+def test_heartbeats_are_answered_while_reports_fill_every_request_thread(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TestClient(create_app(settings, db=db)) as client:
+
+        def shrink_request_threads() -> None:  # two request threads instead of 40: two reports fill them
+            anyio.to_thread.current_default_thread_limiter().total_tokens = 2
+
+        client.portal.call(shrink_request_threads)  # type: ignore[union-attr]
+        assert client.post(API, json=external_study("a")).status_code == 201
+        for _ in range(3):
+            assert client.post(f"{API}/a/trials/ask", json={"worker_id": "w1"}).status_code == 200
+        assert client.post(
+            "/api/v1/workers", json={"id": "w1", "host": "h", "pid": 1, "device": "cpu"}
+        ).is_success
+        entered, release = threading.Semaphore(0), threading.Event()
+        report = service.report
+
+        def held_report(*args: Any, **kwargs: Any) -> bool:
+            entered.release()
+            release.wait(WAIT_S * 3)
+            return report(*args, **kwargs)
+
+        monkeypatch.setattr(service, "report", held_report)
+        reporters = [
+            in_thread(lambda n=n: client.post(f"{API}/a/trials/{n}/report", json={"step": 0, "value": 0.5}))
+            for n in (0, 1)
+        ]
+        try:
+            assert entered.acquire(timeout=WAIT_S) and entered.acquire(timeout=WAIT_S)
+            refs = [{"study": "a", "number": n} for n in range(3)]
+            worker, worker_out = in_thread(
+                lambda: client.post("/api/v1/workers/w1/heartbeat", json={"trials": refs})
+            )
+            trial, trial_out = in_thread(lambda: client.post(f"{API}/a/trials/2/heartbeat"))
+            worker.join(WAIT_S / 3)
+            trial.join(WAIT_S / 3)
+            assert not worker.is_alive(), "the worker's heartbeat waited for a request thread"
+            assert not trial.is_alive(), "the trial's heartbeat waited for a request thread"
+        finally:
+            release.set()
+            for thread, _ in reporters:
+                thread.join(WAIT_S)
+        assert worker_out["result"].status_code == 200 and worker_out["result"].json() == {"lost": []}
+        assert trial_out["result"].status_code == 204, trial_out
+        assert [out["result"].status_code for _, out in reporters] == [200, 200]
 
 
 # ---- (c) asks beyond the process's bound: in line, then 429 + Retry-After, and the client retries -
