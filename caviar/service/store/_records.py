@@ -16,12 +16,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import NotFound, parse_model
+from caviar.service.store._leases import db_now
 from caviar.service.store._states import QUEUE_STATES
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
@@ -198,15 +199,29 @@ def trial_id(db: Database, record: StudyRecord | StudyRef, number: int) -> int:
         raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
 
 
-def record_and_lease(db: Database, ref: StudyRef, trial_id: int) -> tuple[StudyRecord, TrialLease | None]:
+def record_and_lease(
+    db: Database, ref: StudyRef, trial_id: int, *, fresh_for_s: float | None = None
+) -> tuple[StudyRecord, TrialLease | None, bool]:
     """The study's row as it is now and the lease of one of its trials, in one statement.
+
+    Returns:
+        The row, the lease, and whether the lease is active with more than ``fresh_for_s`` seconds
+        left by the database's clock (always False without ``fresh_for_s``).
 
     Raises:
         NotFound: ``study_not_found`` when the row is gone or is another study's now (``ref`` is stale).
     """
+    fresh = (
+        and_(
+            TrialLease.status == "active",
+            TrialLease.expires_at > db_now(db.engine.dialect.name, fresh_for_s),
+        )
+        if fresh_for_s is not None
+        else literal(False)
+    )
     with db.session() as session:
         row = session.execute(
-            select(StudyRecord, TrialLease)
+            select(StudyRecord, TrialLease, fresh.label("fresh"))
             .outerjoin(
                 TrialLease, (TrialLease.trial_id == trial_id) & (TrialLease.study_id == StudyRecord.id)
             )
@@ -214,13 +229,15 @@ def record_and_lease(db: Database, ref: StudyRef, trial_id: int) -> tuple[StudyR
         ).first()
     if row is None or row[0].created_at != ref.created_at or row[0].name != ref.name:
         raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
-    return row[0], row[1]
+    return row[0], row[1], bool(row[2])
 
 
-def row_and_lease(db: Database, name: str, number: int) -> tuple[StudyRecord, int, TrialLease | None]:
-    """A study's row, the id of its trial ``number`` and the trial's lease: one statement when this
-    process knows the study (its identity remembered, validated by the row read; a stale one is
-    forgotten and the study looked up again).
+def row_and_lease(
+    db: Database, name: str, number: int, *, fresh_for_s: float | None = None
+) -> tuple[StudyRecord, int, TrialLease | None, bool]:
+    """A study's row, the id of its trial ``number``, the trial's lease and whether it is fresh
+    (:func:`record_and_lease`): one statement when this process knows the study (its identity
+    remembered, validated by the row read; a stale one is forgotten and the study looked up again).
 
     Raises:
         NotFound: ``study_not_found`` or ``trial_not_found``.
@@ -231,12 +248,12 @@ def row_and_lease(db: Database, name: str, number: int) -> tuple[StudyRecord, in
         ref = study_ref(db, name)
         try:
             tid = trial_id(db, ref, number)
-            record, lease = record_and_lease(db, ref, tid)
+            record, lease, lease_fresh = record_and_lease(db, ref, tid, fresh_for_s=fresh_for_s)
         except NotFound:
             if fresh:
                 raise
             continue
-        return record, tid, lease
+        return record, tid, lease, lease_fresh
     raise AssertionError("unreachable")  # the second pass returns or raises
 
 

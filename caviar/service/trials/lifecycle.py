@@ -355,12 +355,16 @@ def report(
     policy: LeasePolicy,
     caller: Caller = ANYONE,
 ) -> bool:
-    """Record an intermediate value, renew the lease and ask the study's pruner.
+    """Record an intermediate value, keep the lease and ask the study's pruner.
+
+    The lease is renewed once less than one heartbeat interval (half the lease) is left, by the
+    database's clock: a lease outlives reports that come less than a lease apart, as when every
+    report renewed it, and frequent reports leave the lease connections to the heartbeats.
 
     Returns:
         True when the trial should be pruned, or its study is stopping.
     """
-    record, tid, lease = row_and_lease(db, name, number)
+    record, tid, lease, fresh = row_and_lease(db, name, number, fresh_for_s=policy.heartbeat_interval_s)
     definition = definition_of(record)
     if definition.multi_objective:
         raise InvalidInput(
@@ -371,7 +375,7 @@ def report(
     if lease is None or lease.status != "active":  # the trial itself says why (or runs unleased)
         lease = check_running(db, record, db.optuna.get_trial(tid))
     check_owner(record, number, lease, caller)
-    if lease is not None and not renew(db, tid, policy):
+    if lease is not None and not fresh and not renew(db, tid, policy):
         check_running(db, record, db.optuna.get_trial(tid))
     try:  # an active lease means a running trial; Optuna refuses a finished one (told elsewhere)
         db.optuna.set_trial_intermediate_value(tid, step, value)

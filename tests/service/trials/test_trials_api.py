@@ -656,11 +656,27 @@ def test_a_stopping_study_says_why_to_the_heartbeats_of_its_trials(client: TestC
     assert beat.json()["error"]["message"] == f"study {name!r} is stopping (stopped by request: enough)"
 
 
+def age_lease(db, trial_id: int, seconds_left: float) -> None:  # type: ignore[no-untyped-def]
+    """Make a lease expire ``seconds_left`` from now (as if its last renewal were long ago)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from caviar.storage import TrialLease, utcnow
+
+    with db.session() as session, session.begin():
+        session.execute(
+            update(TrialLease)
+            .where(TrialLease.trial_id == trial_id)
+            .values(expires_at=utcnow() + timedelta(seconds=seconds_left))
+        )
+
+
 def test_a_report_and_a_heartbeat_renew_their_own_lease_only(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
     from caviar.service import store
     from caviar.service.store import load_record
 
-    name = create(client)
+    name = create(client)  # the client's heartbeat interval is 30 s: a lease lasts 60 s
     ask(client, name)
     ask(client, name)
     record = load_record(db, name)
@@ -669,8 +685,9 @@ def test_a_report_and_a_heartbeat_renew_their_own_lease_only(client: TestClient,
     def expiries() -> list:  # type: ignore[type-arg]
         return [store.lease_of(db, i).expires_at for i in ids]  # type: ignore[union-attr]
 
+    for trial in ids:
+        age_lease(db, trial, 25)  # under one heartbeat interval left: a report renews it
     before = expiries()
-    time.sleep(0.01)
     assert client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5}).status_code == 200
     after = expiries()
     assert after[0] > before[0] and after[1] == before[1]
@@ -690,6 +707,7 @@ def test_a_report_whose_lease_is_reaped_before_it_renews_is_lease_lost(
 
     name = create(client)
     ask(client, name)
+    age_lease(db, trial_id_of(db, name, 0), 25)  # under one heartbeat interval left: the report renews
     renew = lifecycle.renew
 
     def reaped_first(db_, trial_id, policy):  # type: ignore[no-untyped-def]
@@ -697,6 +715,57 @@ def test_a_report_whose_lease_is_reaped_before_it_renews_is_lease_lost(
         return renew(db_, trial_id, policy)
 
     monkeypatch.setattr(lifecycle, "renew", reaped_first)
+    response = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5})
+    assert response.status_code == 409 and error_code(response) == "lease_lost"
+    assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
+
+
+def trial_id_of(db, name: str, number: int) -> int:  # type: ignore[no-untyped-def]
+    from caviar.service import store
+
+    return store.trial_id(db, store.load_record(db, name), number)
+
+
+def test_a_report_leaves_a_fresh_lease_alone_and_renews_it_past_half_its_period(
+    client: TestClient, db
+) -> None:  # type: ignore[no-untyped-def]
+    from caviar.service import store
+
+    name = create(client)  # a lease lasts 60 s
+    ask(client, name)
+    trial = trial_id_of(db, name, 0)
+
+    def expiry():  # type: ignore[no-untyped-def]
+        return store.lease_of(db, trial).expires_at  # type: ignore[union-attr]
+
+    age_lease(db, trial, 31)  # more than one heartbeat interval (30 s) left: no renewal written
+    before = expiry()
+    assert client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5}).status_code == 200
+    assert expiry() == before
+    age_lease(db, trial, 29)  # less than that left: the report renews it for a whole lease
+    before = expiry()
+    assert client.post(f"{API}/{name}/trials/0/report", json={"step": 2, "value": 0.5}).status_code == 200
+    assert (expiry() - before).total_seconds() > 25
+    assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {"1": 0.5, "2": 0.5}
+
+
+def test_a_report_whose_fresh_lease_is_reaped_before_its_value_lands_is_lease_lost(
+    client: TestClient, db, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from caviar.service.trials import leases
+    from caviar.storage import utcnow
+
+    name = create(client)
+    ask(client, name)  # a fresh lease: the report writes no renewal
+    write = db.optuna.set_trial_intermediate_value
+
+    def reaped_first(trial_id, step, value):  # type: ignore[no-untyped-def]
+        leases.reap(db, now=utcnow() + timedelta(hours=1))  # the reaper runs between read and write
+        return write(trial_id, step, value)
+
+    monkeypatch.setattr(db.optuna, "set_trial_intermediate_value", reaped_first)
     response = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5})
     assert response.status_code == 409 and error_code(response) == "lease_lost"
     assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
