@@ -61,7 +61,7 @@ def suggest(
         param: the parameter's name as the code suggests it.
         distribution: Optuna's distribution JSON (``{"name": "FloatDistribution", "attributes":
             {...}}``, as ``optuna.distributions.distribution_to_json`` writes it).
-        policy: lease timing (a suggest renews the lease, as a report does).
+        policy: lease timing (a suggest renews the lease).
         caller: who asks (a trial belongs to the worker that asked for it).
 
     Raises:
