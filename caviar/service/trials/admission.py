@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import random
 import threading
 from collections import deque
@@ -31,8 +32,18 @@ from caviar.service.errors import RateLimited, Unavailable
 T = TypeVar("T")
 
 RETRY_AFTER_S = (1, 3)
-"""The range (seconds, inclusive) a refused ask's ``Retry-After`` is drawn from (the jitter spreads
-a burst's retries)."""
+"""The range (seconds, inclusive) a refused ask's ``Retry-After`` is drawn from when asks do not
+wait in line (``ask_queue_s`` 0); the jitter spreads a burst's retries."""
+
+
+def retry_after_range(queue_s: float) -> tuple[int, int]:
+    """The ``Retry-After`` range of an ask refused after (or instead of) a wait in line: a line that
+    is full, or did not move within ``queue_s``, will not have room a second later. Between one and
+    two waits in line, so a burst of thousands of asks retries a few times, not every second."""
+    if queue_s <= 0:
+        return RETRY_AFTER_S
+    wait = math.ceil(queue_s)
+    return wait, 2 * wait
 
 
 class AskGate:
@@ -106,13 +117,13 @@ def _grant(turn: asyncio.Future[None]) -> None:
         turn.set_result(None)
 
 
-def too_many_asks(limit: int) -> RateLimited:
+def too_many_asks(limit: int, retry_after: tuple[int, int] = RETRY_AFTER_S) -> RateLimited:
     """The refusal of an ask beyond the process's bound and its line, with a jittered Retry-After."""
     return RateLimited(
         f"this server process already runs {limit} asks (max_concurrent_asks) and no turn came free "
         "in line (ask_queue_s, max_queued_asks); repeat the ask after Retry-After seconds",
         code="too_many_asks",
-        retry_after_s=random.randint(*RETRY_AFTER_S),
+        retry_after_s=random.randint(*retry_after),
     )
 
 
@@ -152,7 +163,7 @@ async def admitted(
             its result once it is done (on the ask's thread, which keeps the slot until then).
     """
     if not await gate.enter(queue_s):
-        raise too_many_asks(gate.limit)
+        raise too_many_asks(gate.limit, retry_after_range(queue_s))
     handoff = _Handoff()
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
 

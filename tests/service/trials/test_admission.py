@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from caviar.service.errors import RateLimited
-from caviar.service.trials.admission import AskGate, admitted
+from caviar.service.trials.admission import AskGate, admitted, retry_after_range
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -109,9 +109,16 @@ def test_admitted_refuses_with_too_many_asks_once_the_wait_runs_out() -> None:
         with pytest.raises(RateLimited) as refused:
             await admitted(gate, lambda: 1, timeout_s=10, hand_back=lambda _: None, queue_s=0.05)
         assert refused.value.code == "too_many_asks"
+        assert 1 <= refused.value.retry_after_s <= 2  # one to two waits of 0.05 s, in whole seconds
         assert "max_concurrent_asks" in str(refused.value) and "ask_queue_s" in str(refused.value)
         gate.leave()
         assert await admitted(gate, lambda: 7, timeout_s=10, hand_back=lambda _: None, queue_s=0.05) == 7
         assert await gate.enter(0)  # the admitted ask gave its slot back
 
     run(scenario)
+
+
+def test_a_refusal_after_a_wait_in_line_retries_after_one_to_two_waits() -> None:
+    assert retry_after_range(0) == (1, 3)  # no line: the retries of a burst spread over 1-3 s
+    assert retry_after_range(5) == (5, 10)
+    assert retry_after_range(0.5) == (1, 2)

@@ -339,7 +339,7 @@ def test_an_ask_beyond_the_bound_waits_in_line_for_a_turn_and_one_past_the_line_
         wait_until(lambda: app.state.ask_gate.waiting == 1, WAIT_S, "the second ask never got in line")
         refused = ask("w3")  # the line (max_queued_asks=1) is full: refused at once
         assert refused.status_code == 429, refused.text
-        assert 1 <= int(refused.headers["Retry-After"]) <= 3
+        assert 30 <= int(refused.headers["Retry-After"]) <= 60  # one to two waits in line (ask_queue_s)
         assert refused.json()["error"]["code"] == "too_many_asks"
         assert second.is_alive(), "the ask in line was answered before a turn came"
         go.set()
