@@ -256,6 +256,12 @@ def new_expiry(dialect: str, policy: LeasePolicy) -> ColumnElement[Any] | dateti
     return db_now(dialect, policy.lease_s)
 
 
+def fresh_until(dialect: str, seconds: float) -> ColumnElement[Any] | datetime:
+    """The time a lease that needs no renewal yet outlasts: ``seconds`` past the database's now
+    (tests may replace it with a clock of their own, as :func:`new_expiry`)."""
+    return db_now(dialect, seconds)
+
+
 def renewal(dialect: str, trial_ids: Sequence[int], policy: LeasePolicy) -> Update:
     """THE renewal: one UPDATE extending the active leases of ``trial_ids`` (see :func:`new_expiry`)."""
     return (

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
 from caviar.service.errors import NotFound, parse_model
-from caviar.service.store._leases import db_now
+from caviar.service.store import _leases
 from caviar.service.store._states import QUEUE_STATES
 from caviar.storage import StudyRecord, TrialLease, utcnow
 
@@ -214,7 +214,7 @@ def record_and_lease(
     fresh = (
         and_(
             TrialLease.status == "active",
-            TrialLease.expires_at > db_now(db.engine.dialect.name, fresh_for_s),
+            TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
         )
         if fresh_for_s is not None
         else literal(False)

@@ -312,7 +312,8 @@ class TrialLifecycle(RuleBasedStateMachine):
         assert response.status_code == 200, response.text
         assert response.json()["should_prune"] == (self.state in ("stopping", "stopped"))
         trial.steps[step] = value
-        trial.expires = self.clock.now + timedelta(seconds=LEASE_S)
+        if trial.expires is None or trial.expires <= self.clock.now + timedelta(seconds=HEARTBEAT_S):
+            trial.expires = self.clock.now + timedelta(seconds=LEASE_S)  # past half its lease: renewed
 
     @rule(which=st.integers(0, 50), running_only=st.booleans())
     @precondition(lambda self: bool(self.trials))
@@ -580,6 +581,7 @@ def test_the_trial_lifecycle_follows_the_model(
     monkeypatch.setattr(
         store_leases, "new_expiry", lambda _d, policy: clock() + timedelta(seconds=policy.lease_s)
     )
+    monkeypatch.setattr(store_leases, "fresh_until", lambda _d, seconds: clock() + timedelta(seconds=seconds))
     TrialLifecycle.client, TrialLifecycle.db, TrialLifecycle.clock = lifecycle_client, db, clock
     run_state_machine_as_test(
         TrialLifecycle,
@@ -646,6 +648,7 @@ def test_reaped_trials_use_their_retries_and_count_as_failures(
     monkeypatch.setattr(
         store_leases, "new_expiry", lambda _d, policy: clock() + timedelta(seconds=policy.lease_s)
     )
+    monkeypatch.setattr(store_leases, "fresh_until", lambda _d, seconds: clock() + timedelta(seconds=seconds))
     _study(client, "lapses", n_trials=1, max_retries=1, max_failed_trials=1)
     first = client.post(f"{API}/lapses/trials/ask", json={}).json()
     assert leases.reap(db, now=clock.advance(LEASE_S + 1)) == 1
