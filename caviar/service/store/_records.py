@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import and_, func, literal, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
@@ -200,24 +200,20 @@ def trial_id(db: Database, record: StudyRecord | StudyRef, number: int) -> int:
 
 
 def record_and_lease(
-    db: Database, ref: StudyRef, trial_id: int, *, fresh_for_s: float | None = None
+    db: Database, ref: StudyRef, trial_id: int, *, fresh_for_s: float
 ) -> tuple[StudyRecord, TrialLease | None, bool]:
     """The study's row as it is now and the lease of one of its trials, in one statement.
 
     Returns:
         The row, the lease, and whether the lease is active with more than ``fresh_for_s`` seconds
-        left by the database's clock (always False without ``fresh_for_s``).
+        left by the database's clock.
 
     Raises:
         NotFound: ``study_not_found`` when the row is gone or is another study's now (``ref`` is stale).
     """
-    fresh = (
-        and_(
-            TrialLease.status == "active",
-            TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
-        )
-        if fresh_for_s is not None
-        else literal(False)
+    fresh = and_(
+        TrialLease.status == "active",
+        TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
     )
     with db.session() as session:
         row = session.execute(
@@ -233,7 +229,7 @@ def record_and_lease(
 
 
 def row_and_lease(
-    db: Database, name: str, number: int, *, fresh_for_s: float | None = None
+    db: Database, name: str, number: int, *, fresh_for_s: float
 ) -> tuple[StudyRecord, int, TrialLease | None, bool]:
     """A study's row, the id of its trial ``number``, the trial's lease and whether it is fresh
     (:func:`record_and_lease`): one statement when this process knows the study (its identity

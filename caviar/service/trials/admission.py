@@ -117,7 +117,7 @@ def _grant(turn: asyncio.Future[None]) -> None:
         turn.set_result(None)
 
 
-def too_many_asks(limit: int, retry_after: tuple[int, int] = RETRY_AFTER_S) -> RateLimited:
+def too_many_asks(limit: int, retry_after: tuple[int, int]) -> RateLimited:
     """The refusal of an ask beyond the process's bound and its line, with a jittered Retry-After."""
     return RateLimited(
         f"this server process already runs {limit} asks (max_concurrent_asks) and no turn came free "
