@@ -228,9 +228,8 @@ LONGEST_FIRST = (
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """The pass of ``make test`` that runs the tests marked ``serial`` (``-m serial``) imports only
     the test files that name the marker: collecting the whole suite for them cost 7-12 s a pass."""
-    if config.option.markexpr != "serial" or not collection_path.name.startswith("test_"):
-        return None
-    if collection_path.suffix != ".py":
+    name = collection_path.name
+    if config.option.markexpr != "serial" or not (name.startswith("test_") and name.endswith(".py")):
         return None
     return "mark.serial" not in collection_path.read_text(encoding="utf-8")
 

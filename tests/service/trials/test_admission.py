@@ -17,6 +17,12 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
 
+async def in_line(gate: AskGate, waiting: int) -> None:
+    """Let the waiting tasks run until ``waiting`` asks stand in line."""
+    while gate.waiting < waiting:
+        await asyncio.sleep(0)
+
+
 def test_a_free_slot_is_taken_at_once_and_none_past_the_limit_without_a_line() -> None:
     async def scenario() -> None:
         gate = AskGate(limit=2, queue=0)
@@ -39,8 +45,7 @@ def test_waiting_asks_get_their_turns_first_come_first_served_from_another_threa
             order.append(name)
 
         waiters = [asyncio.create_task(wait(name)) for name in ("a", "b", "c")]
-        while gate.waiting < 3:
-            await asyncio.sleep(0)
+        await in_line(gate, 3)
         for expected in (["a"], ["a", "b"], ["a", "b", "c"]):
             thread = threading.Thread(target=gate.leave)  # as an ask's own thread gives its slot back
             thread.start()
@@ -59,8 +64,7 @@ def test_a_newcomer_never_overtakes_the_line() -> None:
         gate = AskGate(limit=1, queue=1)
         assert await gate.enter(10)
         waiter = asyncio.create_task(gate.enter(10))
-        while gate.waiting < 1:
-            await asyncio.sleep(0)
+        await in_line(gate, 1)
         gate.leave()  # the slot is the waiter's now, before its task even runs
         assert not await gate.enter(0)
         assert await waiter
@@ -73,8 +77,7 @@ def test_a_full_line_refuses_at_once_and_a_wait_that_runs_out_leaves_the_line() 
         gate = AskGate(limit=1, queue=1)
         assert await gate.enter(10)
         waiter = asyncio.create_task(gate.enter(0.05))
-        while gate.waiting < 1:
-            await asyncio.sleep(0)
+        await in_line(gate, 1)
         assert not await gate.enter(10)  # the line is full
         assert not await waiter  # no turn within 0.05 s
         assert gate.waiting == 0
@@ -90,8 +93,7 @@ def test_a_cancelled_wait_passes_a_turn_it_was_given_on() -> None:
         assert await gate.enter(10)
         first = asyncio.create_task(gate.enter(10))
         second = asyncio.create_task(gate.enter(10))
-        while gate.waiting < 2:
-            await asyncio.sleep(0)
+        await in_line(gate, 2)
         gate.leave()  # the turn goes to ``first``...
         first.cancel()  # ...whose caller goes away before it runs
         with pytest.raises(asyncio.CancelledError):

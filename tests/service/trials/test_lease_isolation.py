@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -84,6 +83,20 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
+
+
+def heartbeats_in_time(
+    client: TestClient, refs: list[dict[str, Any]], trial_path: str, waited_for: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Send worker w1's heartbeat for ``refs`` and one trial heartbeat (``trial_path``) at once;
+    both must be answered within a third of :data:`WAIT_S`. Returns their outcomes."""
+    worker, worker_out = in_thread(lambda: client.post("/api/v1/workers/w1/heartbeat", json={"trials": refs}))
+    trial, trial_out = in_thread(lambda: client.post(f"{API}/{trial_path}/heartbeat"))
+    worker.join(WAIT_S / 3)
+    trial.join(WAIT_S / 3)
+    assert not worker.is_alive(), f"the worker's heartbeat waited for {waited_for}"
+    assert not trial.is_alive(), f"the trial's heartbeat waited for {waited_for}"
+    return worker_out, trial_out
 
 
 # ---- (a) a trial being sampled is never reaped ----------------------------------------------
@@ -188,14 +201,7 @@ def test_heartbeats_complete_while_the_study_lock_and_every_pool_connection_are_
         try:
             assert locked.wait(WAIT_S)
             refs = [{"study": "a", "number": 0}, {"study": "b", "number": 0}]
-            worker, worker_out = in_thread(
-                lambda: client.post("/api/v1/workers/w1/heartbeat", json={"trials": refs})
-            )
-            trial, trial_out = in_thread(lambda: client.post(f"{API}/b/trials/0/heartbeat"))
-            worker.join(WAIT_S / 3)
-            trial.join(WAIT_S / 3)
-            assert not worker.is_alive(), "the worker's heartbeat waited for the held lock or pools"
-            assert not trial.is_alive(), "the trial's heartbeat waited for the held lock or pools"
+            worker_out, trial_out = heartbeats_in_time(client, refs, "b/trials/0", "the held lock or pools")
         finally:
             release.set()
             holder.join(WAIT_S)
@@ -237,14 +243,7 @@ def test_heartbeats_are_answered_while_reports_fill_every_request_thread(
         try:
             assert entered.acquire(timeout=WAIT_S) and entered.acquire(timeout=WAIT_S)
             refs = [{"study": "a", "number": n} for n in range(3)]
-            worker, worker_out = in_thread(
-                lambda: client.post("/api/v1/workers/w1/heartbeat", json={"trials": refs})
-            )
-            trial, trial_out = in_thread(lambda: client.post(f"{API}/a/trials/2/heartbeat"))
-            worker.join(WAIT_S / 3)
-            trial.join(WAIT_S / 3)
-            assert not worker.is_alive(), "the worker's heartbeat waited for a request thread"
-            assert not trial.is_alive(), "the trial's heartbeat waited for a request thread"
+            worker_out, trial_out = heartbeats_in_time(client, refs, "a/trials/2", "a request thread")
         finally:
             release.set()
             for thread, _ in reporters:
@@ -258,16 +257,10 @@ def test_heartbeats_are_answered_while_reports_fill_every_request_thread(
 
 
 def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
-    db: Database, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(
-        database_url=db_url,
-        heartbeat_interval_s=30,
-        artifact_dir=str(tmp_path / "artifacts"),
-        api_token=None,
-        background_tasks=False,
-        max_concurrent_asks=1,
-        ask_queue_s=0,  # no line: refused at once
+    settings = settings.model_copy(
+        update={"background_tasks": False, "max_concurrent_asks": 1, "ask_queue_s": 0}  # no line
     )
     create_study(db, parse_definition(external_study("burst")))
     with (
@@ -313,17 +306,15 @@ def test_asks_beyond_the_bound_get_429_with_retry_after_and_the_client_retries(
 
 
 def test_an_ask_beyond_the_bound_waits_in_line_for_a_turn_and_one_past_the_line_is_refused(
-    db: Database, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(
-        database_url=db_url,
-        heartbeat_interval_s=30,
-        artifact_dir=str(tmp_path / "artifacts"),
-        api_token=None,
-        background_tasks=False,
-        max_concurrent_asks=1,
-        ask_queue_s=WAIT_S,
-        max_queued_asks=1,
+    settings = settings.model_copy(
+        update={
+            "background_tasks": False,
+            "max_concurrent_asks": 1,
+            "ask_queue_s": WAIT_S,
+            "max_queued_asks": 1,
+        }
     )
     create_study(db, parse_definition(external_study("line")))
     app = create_app(settings, db=db)
