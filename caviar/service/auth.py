@@ -11,7 +11,8 @@ scope      may
 =========  ==================================================================================
 read       GET/HEAD/OPTIONS anything (API, dashboard, OpenAPI docs) except a trial's
            ``trial.log``; ``objective.env`` values are shown to it as ``<redacted>``
-worker     read + ``trial.log`` + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/{n}/report``,
+worker     read + ``trial.log`` + ``POST /api/v1/studies/{name}/trials/ask``, ``.../trials/reports``,
+           ``.../trials/{n}/report``,
            ``.../suggest``, ``.../heartbeat``, ``.../tell``, ``.../release`` and ``.../artifacts``;
            ``POST /api/v1/workers`` and ``/api/v1/workers/{id}/heartbeat``
 write      everything except token management (studies, schedules, trials, dashboard writes)
@@ -54,7 +55,7 @@ SCOPE_LEVELS: Final[dict[str, int]] = {"read": 0, "worker": 1, "write": 2, "admi
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_PATH: Final = "/api/v1/tokens"
 WORKER_ROUTE: Final = re.compile(
-    r"^/api/v1/(?:studies/[^/]+/trials/(?:ask|[^/]+/(?:report|suggest|heartbeat|tell|release|artifacts))"
+    r"^/api/v1/(?:studies/[^/]+/trials/(?:ask|reports|[^/]+/(?:report|suggest|heartbeat|tell|release|artifacts))"
     r"|workers(?:/[^/]+/heartbeat)?)/?$"
 )
 """The POSTs a ``worker`` token may make: the trial lifecycle, artifacts, registration, heartbeats."""

@@ -100,6 +100,28 @@ class WorkerApi:
         answer = self.http.post(_path("workers", self.worker_id, "heartbeat"), json=body)
         return [(item["study"], int(item["number"]), str(item["code"])) for item in answer["lost"]]
 
+    def report_many(
+        self, study: str, reports: Sequence[tuple[Trial, int, float]]
+    ) -> list[tuple[bool, str | None]]:
+        """Report intermediate values of several trials of ``study`` in one call, recorded in order.
+
+        Returns:
+            Per report, in order: whether its trial must stop, and the error code when the service
+            could not record it (``lease_lost``, ``not_your_trial``, ...; the trial must stop too).
+        """
+        items = [
+            {
+                "number": trial.number,
+                "step": int(step),
+                "value": float(value),
+                **({"credential": trial.credential} if trial.credential else {}),
+            }
+            for trial, step, value in reports
+        ]
+        body = {"worker_id": self.worker_id, "reports": items}
+        answer = self.http.post(_path("studies", study, "trials", "reports"), json=body)
+        return [(bool(item["should_prune"]), item.get("code")) for item in answer["results"]]
+
     def queue(self, *, kinds: Sequence[str], studies: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Runnable studies of these objective kinds, in the order workers take them."""
         params = [("kind", kind) for kind in kinds] + ([("study", ",".join(studies))] if studies else [])

@@ -16,7 +16,8 @@ ranked against each other at once, before any trial of the study has finished. A
 
 A member stops when either says so; its place in the group is refilled with a new trial at once
 (``refill`` of :func:`caviar.trainer.train_group`). Between rungs reports go through the service as
-they are (the study may be stopping, a lease may be lost).
+they are (the study may be stopping, a lease may be lost). An epoch's reports travel as one batch
+(``POST .../trials/reports``), recorded in the order given here.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def cohort_cut(values: dict[int, float], rungs: Rungs) -> set[int]:
 
 
 def decide_epoch(
-    entries: Sequence[Entry], rungs: Rungs, report: Callable[[int, int, float], bool]
+    entries: Sequence[Entry], rungs: Rungs, report: Callable[[list[Entry]], set[int]]
 ) -> set[int]:
     """The members to stop after one epoch of a fused group.
 
@@ -104,22 +105,23 @@ def decide_epoch(
         entries: every live member's ``(member, step, value)`` (members that joined later are at
             earlier steps: each step is its own cohort).
         rungs: the study's rungs.
-        report: ``report(member, step, value) -> the service's prune decision``; called once for
-            every entry, cohorts worst first.
+        report: ``report(entries) -> the members the service stops``; called once with every entry,
+            those between rungs first, then each cohort worst first (the service records them in
+            this order: one batch of reports).
 
     Returns:
         The members to stop (the service's decisions and the in-group cuts).
     """
     stop: set[int] = set()
+    ordered: list[Entry] = []
     cohorts: dict[int, dict[int, float]] = {}
     for member, step, value in entries:
         if rungs.is_rung(step):
             cohorts.setdefault(step, {})[member] = value
-        elif report(member, step, value):
-            stop.add(member)
+        else:
+            ordered.append((member, step, value))
     for step, values in cohorts.items():
         stop |= cohort_cut(values, rungs)
-        for member in sorted(values, key=lambda m: rungs.rank_key(values[m])):  # worst first
-            if report(member, step, values[member]):
-                stop.add(member)
-    return stop
+        worst_first = sorted(values, key=lambda m: rungs.rank_key(values[m]))
+        ordered += [(member, step, values[member]) for member in worst_first]
+    return stop | report(ordered)

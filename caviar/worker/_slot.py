@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from caviar._client import Client, Trial
@@ -259,6 +260,32 @@ class Slot:
         except LeaseLost:
             self._mark_lost(trial)
             return True
+
+    def should_prune_many(self, reports: Sequence[tuple[Trial, int, float]]) -> list[bool]:
+        """Report intermediate values of several trials of one study in one call (a fused group's
+        epoch); per report, in order, True when its trial must stop (as :meth:`should_prune`)."""
+        if self.stop.is_set():
+            raise Stopped
+        with self.held_lock:
+            sent = [
+                i
+                for i, (trial, _, _) in enumerate(reports)
+                if (trial.study, trial.number) not in self.lost | self.stopping
+            ]
+        answers = [True] * len(reports)
+        if not sent:
+            return answers
+        study = reports[sent[0]][0].study
+        if any(trial.study != study for trial, _, _ in reports):
+            raise ValueError("should_prune_many: the reports of one call are of one study")
+        outcomes = self.api.report_many(study, [reports[i] for i in sent])
+        for i, (prune, code) in zip(sent, outcomes, strict=True):
+            answers[i] = prune
+            if code is not None:  # as a heartbeat's lost trials: its retry (if any) runs elsewhere
+                trial = reports[i][0]
+                _log.warning("trial %d of %s: %s; stopping it", trial.number, trial.study, code)
+                self._mark_lost(trial)
+        return answers
 
     def finish(
         self,

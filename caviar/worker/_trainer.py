@@ -10,12 +10,12 @@ starts the next group, so architecture, batch size and optimizer stay under sear
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,8 +258,10 @@ class TrainerRunner:
         trials = list(members)  # grows as refills join; index = member index in train_group
         metrics: list[str] = study["metrics"]
 
-        def report(member: int, step: int, value: float) -> bool:
-            return slot.should_prune(trials[member], step, value)
+        def report(entries: list[tuple[int, int, float]]) -> set[int]:
+            # one request for the whole epoch, in the given order (see caviar.worker._asha)
+            answers = slot.should_prune_many([(trials[m], step, value) for m, step, value in entries])
+            return {m for (m, _, _), prune in zip(entries, answers, strict=True) if prune}
 
         settings = pbt_settings(study["definition"], seed=trials[0].number)
         lineage: dict[int, list[dict[str, Any]]] = {}
@@ -321,22 +323,16 @@ class TrainerRunner:
 
         # asha: members at a rung are ranked together (the group is a cohort), see caviar.worker._asha
         rungs = Rungs.of(study["definition"])
-        report_epoch: Callable[[list[tuple[int, int, float]]], set[int]] | None = None
-        if rungs is not None:
-
-            def report_epoch(entries: list[tuple[int, int, float]]) -> set[int]:
-                return decide_epoch(entries, rungs, report)
-
+        by_rungs = None if rungs is None else functools.partial(decide_epoch, rungs=rungs, report=report)
         try:
             trainer.train_group(
                 configs,
                 data,
-                None if report_epoch is not None else report,
                 metric=metrics[0],
                 on_result=record,
                 refill=refill,
                 interrupt=slot.stop,
-                report_epoch=report_epoch,
+                report_epoch=by_rungs or report,
                 population=population,
             )
         except (Stopped, trainer.Interrupted):

@@ -5,6 +5,7 @@ under ``TYPE_CHECKING``)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from caviar._client import Client, Trial
@@ -24,6 +25,8 @@ class SlotLike(Protocol):
     def ask(self, study: str, *, fixed: dict[str, Any] | None = None) -> Trial | None: ...
 
     def should_prune(self, trial: Trial, step: int, value: float) -> bool: ...
+
+    def should_prune_many(self, reports: Sequence[tuple[Trial, int, float]]) -> list[bool]: ...
 
     def finish(
         self,

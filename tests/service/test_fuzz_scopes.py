@@ -53,6 +53,7 @@ CREDENTIALS = ["read", "worker", "write", "admin", "dashboard-read", "dashboard-
 WORKER_POSTS = frozenset(
     {
         "/api/v1/studies/{name}/trials/ask",
+        "/api/v1/studies/{name}/trials/reports",
         *(
             f"/api/v1/studies/{{name}}/trials/{{number}}/{action}"
             for action in ("report", "suggest", "heartbeat", "tell", "release", "artifacts")

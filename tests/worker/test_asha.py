@@ -49,14 +49,19 @@ def test_decide_epoch_reports_everyone_cohorts_worst_first_and_joins_both_decisi
     # members 0-5 at rung step 1; 6 and 7 joined later (steps 0 and 2: no rung)
     entries = [(0, 1, 0.4), (1, 1, 0.9), (2, 1, 0.1), (3, 1, 0.6), (4, 1, 0.8), (5, 1, 0.2)]
     entries += [(6, 0, 0.3), (7, 2, 0.5)]
-    calls: list[tuple[int, int, float]] = []
+    batches: list[list[tuple[int, int, float]]] = []
 
-    def service(member: int, step: int, value: float) -> bool:
-        calls.append((member, step, value))
-        return member in (7, 4)  # the study's rung values say 0.8 is not good enough; 7 is stopping
+    def service(batch: list[tuple[int, int, float]]) -> set[int]:
+        batches.append(batch)
+        return {7, 4} & {
+            m for m, _, _ in batch
+        }  # the study's rung values say 0.8 is not good enough; 7 is stopping
 
     stop = decide_epoch(entries, ETA3, service)
+    assert len(batches) == 1  # one call (one request) for the whole epoch
+    calls = batches[0]
     assert sorted(calls) == sorted(entries)  # every value reaches the service
+    assert [m for m, _, _ in calls[:2]] == [6, 7]  # between rungs first
     assert [m for m, step, _ in calls if step == 1] == [2, 5, 0, 3, 4, 1]  # the cohort, worst first
     assert stop == {0, 2, 3, 5} | {4} | {7}  # the cut (top 2 of 6 go on) + the service's answers
 
@@ -64,7 +69,7 @@ def test_decide_epoch_reports_everyone_cohorts_worst_first_and_joins_both_decisi
 @pytest.mark.parametrize("steps", [[0] * 8, [2] * 8])
 def test_between_rungs_only_the_service_decides(steps: list[int]) -> None:
     entries = [(m, s, m / 10) for m, s in enumerate(steps)]
-    assert decide_epoch(entries, ETA3, lambda m, s, v: m == 3) == {3}
+    assert decide_epoch(entries, ETA3, lambda batch: {m for m, _, _ in batch if m == 3}) == {3}
 
 
 def test_a_group_of_eight_runs_about_eta_times_fewer_epochs_per_rung() -> None:
@@ -75,6 +80,6 @@ def test_a_group_of_eight_runs_about_eta_times_fewer_epochs_per_rung() -> None:
     for step in range(10):
         entries = [(m, step, m + step / 100) for m in sorted(live)]
         epochs += len(entries)
-        live -= decide_epoch(entries, ETA3, lambda m, s, v: False)
+        live -= decide_epoch(entries, ETA3, lambda batch: set())
     assert live == {6, 7}  # step 1: 8 // 3 go on; steps 3 and 9: 2 < eta, left to the service
     assert epochs == 8 * 2 + 2 * 8

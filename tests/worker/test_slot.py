@@ -30,6 +30,7 @@ class FakeTrial:
         self.calls: list[tuple[Any, ...]] = []
         self.refuse = refuse
         self.prune_answer = False
+        self.report_code: str | None = None  # what a batch of reports answers for it
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -64,10 +65,20 @@ class FakeApi:
         self.asked: list[tuple[str, Any]] = []
         self.beats: list[tuple[list[Any], str]] = []
         self.lost_answers: list[Any] = []
+        self.batches: list[tuple[str, list[tuple[int, int, float]]]] = []
 
     def ask(self, study: str, *, fixed: Any = None) -> FakeTrial | None:
         self.asked.append((study, fixed))
         return self.trials.pop(0) if self.trials else None
+
+    def report_many(
+        self, study: str, reports: list[tuple[FakeTrial, int, float]]
+    ) -> list[tuple[bool, str | None]]:
+        self.batches.append((study, [(trial.number, step, value) for trial, step, value in reports]))
+        return [
+            (trial.prune_answer or trial.report_code is not None, trial.report_code)
+            for trial, _, _ in reports
+        ]
 
     def beat(self, held: list[Any], *, status: str) -> list[Any]:
         self.beats.append((held, status))
@@ -264,6 +275,28 @@ def test_should_prune_raises_stopped_once_the_slot_stops() -> None:
     with pytest.raises(Stopped):
         slot.should_prune(trial, 1, 0.0)  # type: ignore[arg-type]
     assert trial.calls == []
+
+
+def test_a_batch_of_reports_skips_lost_and_stopping_trials_and_marks_refused_ones_lost() -> None:
+    kept, pruned, lost, stopping, refused = (FakeTrial("s", n) for n in range(5))
+    slot, api = make_slot([kept, pruned, lost, stopping, refused])
+    for _ in range(5):
+        slot.ask("s")
+    pruned.prune_answer = True
+    refused.report_code = "not_your_trial"
+    slot.lost.add(("s", 2))
+    slot.stopping.add(("s", 3))
+    reports = [(t, 4, 0.5) for t in (kept, pruned, lost, stopping, refused)]
+    assert slot.should_prune_many(reports) == [False, True, True, True, True]  # type: ignore[arg-type]
+    assert api.batches == [("s", [(0, 4, 0.5), (1, 4, 0.5), (4, 4, 0.5)])]  # one call, in order
+    assert slot.lost == {("s", 2), ("s", 4)}
+    assert slot.should_prune_many([(lost, 5, 0.5)]) == [True]  # type: ignore[list-item]
+    assert len(api.batches) == 1  # nothing left to send: no call
+    with pytest.raises(ValueError, match="of one study"):
+        slot.should_prune_many([(kept, 5, 0.5), (FakeTrial("t", 0), 5, 0.5)])  # type: ignore[list-item]
+    slot.stop.set()
+    with pytest.raises(Stopped):
+        slot.should_prune_many([(kept, 6, 0.5)])  # type: ignore[list-item]
 
 
 def run_heartbeats(slot: Slot, api: FakeApi, beats: int) -> None:

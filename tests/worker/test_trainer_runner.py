@@ -79,7 +79,7 @@ def fail_training(monkeypatch: pytest.MonkeyPatch, exc: BaseException, *, told_f
     """Make training tell its first ``told_first`` members (pruned) and then raise ``exc``."""
     sizes: list[int] = []
 
-    def train_group(configs: list[Any], data: Any, report: Any, **kwargs: Any) -> None:
+    def train_group(configs: list[Any], data: Any, **kwargs: Any) -> None:
         sizes.append(len(configs))
         for member in range(told_first):
             result = trainer.TrialResult(
@@ -283,9 +283,9 @@ def test_training_gets_the_data_metric_and_stop_and_refills_from_the_sampler_fre
     data = object()
     calls: list[dict[str, Any]] = []
 
-    def train_group(configs: list[Any], given: Any, report: Any, **kwargs: Any) -> None:
+    def train_group(configs: list[Any], given: Any, **kwargs: Any) -> None:
         calls.append({"configs": list(configs), "data": given, **kwargs})
-        assert report(len(configs) - 1, 3, 0.25) is False
+        assert kwargs["report_epoch"]([(len(configs) - 1, 3, 0.25)]) == set()
         joined = kwargs["refill"](3)
         for member, config in enumerate([*configs, *joined]):
             kwargs["on_result"](member, pruned_result(config))
@@ -300,7 +300,7 @@ def test_training_gets_the_data_metric_and_stop_and_refills_from_the_sampler_fre
     assert [c.lr for c in first["configs"]] == [0.01, 0.2]
     # the last member reported through the slot; trial 2 joined the first group, trial 3 (other
     # hidden units) seeded the second, topped up to the fused size pinned to its values
-    assert ("report", 0.25, 3) in group[1].calls
+    assert slot.api.batches[0] == ("s", [(1, 3, 0.25)])  # type: ignore[attr-defined]
     assert [c.lr for c in first["configs"]] == [0.01, 0.2]
     assert second["configs"][0].hidden_units == 32
     assert all(t.calls and t.calls[-1][0] == "prune" for t in [*group, *refills])

@@ -89,8 +89,8 @@ def test_asha_stops_the_bottom_of_a_fused_cohort_and_refills_its_places(
     epochs: list[tuple[int, int, list[int], set[int]]] = []  # (claimed, complete, steps, stopped)
     decide = _trainer.decide_epoch
 
-    def recording_decide(entries: list[tuple[int, int, float]], *args: Any) -> set[int]:
-        stopped = decide(entries, *args)
+    def recording_decide(entries: list[tuple[int, int, float]], **kwargs: Any) -> set[int]:
+        stopped = decide(entries, **kwargs)
         done = finished_counts(db, "asha")["complete"]
         epochs.append((claimed[0], done, [step for _, step, _ in entries], stopped))
         return stopped
@@ -129,7 +129,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
     retry: dict[str, Any] = {}
     answers: list[bool] = []  # the slot's prune decisions for trial 0
 
-    for method in ("tell", "prune", "fail", "release", "report"):
+    for method in ("tell", "prune", "fail", "release"):
         original = getattr(Trial, method)
 
         def recording(
@@ -145,19 +145,27 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
         return beat(self, [ref for ref in held if ref[1] != 0], status=status)
 
     monkeypatch.setattr(WorkerApi, "beat", beat_without_trial_0)
-    should_prune = Slot.should_prune
+    report_many = WorkerApi.report_many
 
-    def slow_first_epoch_of_trial_0(self: Slot, trial: Trial, step: int, value: float) -> bool:
-        if trial.number == 0 and not retry:
+    def recording_reports(self: WorkerApi, study: str, reports: Any) -> Any:
+        calls.extend(("report", trial.number) for trial, _, _ in reports)
+        return report_many(self, study, reports)
+
+    monkeypatch.setattr(WorkerApi, "report_many", recording_reports)
+    should_prune_many = Slot.should_prune_many
+
+    def slow_first_epoch_of_trial_0(self: Slot, reports: list[tuple[Trial, int, float]]) -> list[bool]:
+        if any(trial.number == 0 for trial, _, _ in reports) and not retry:
             wait_until(lambda: trials.get_trial(db, "lease", 0).state == "fail", 20, "trial 0 was not reaped")
             asked = httpx.post(f"{api}/trials/ask", json={"worker_id": "new-owner"}, timeout=30)
             assert asked.status_code == 200, asked.text
             retry.update(asked.json())
             keeper.start()  # the new owner keeps its lease
-        answer = should_prune(self, trial, step, value)
-        if trial.number == 0:
-            answers.append(answer)
-        return answer
+        decided = should_prune_many(self, reports)
+        answers.extend(
+            answer for (trial, _, _), answer in zip(reports, decided, strict=True) if trial.number == 0
+        )
+        return decided
 
     import threading
 
@@ -171,7 +179,7 @@ def test_a_slot_that_loses_a_lease_mid_training_stops_that_trial_and_records_not
 
     keeper = threading.Thread(target=keep_the_retry, daemon=True)
 
-    monkeypatch.setattr(Slot, "should_prune", slow_first_epoch_of_trial_0)
+    monkeypatch.setattr(Slot, "should_prune_many", slow_first_epoch_of_trial_0)
     try:
         run_slot_in_thread(live, 120)
     finally:

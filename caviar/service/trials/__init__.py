@@ -4,12 +4,14 @@ The REST API is the only caller from outside the service; the functions are re-e
 """
 
 from caviar.service.trials.leases import Caller, heartbeat, reap, release
-from caviar.service.trials.lifecycle import ask, report, tell
+from caviar.service.trials.lifecycle import Reported, ReportResult, ask, report, report_many, tell
 from caviar.service.trials.reads import get_trial, list_trials, to_read
 from caviar.service.trials.results import best, importances
 
 __all__ = [
     "Caller",
+    "ReportResult",
+    "Reported",
     "ask",
     "best",
     "get_trial",
@@ -19,6 +21,7 @@ __all__ = [
     "reap",
     "release",
     "report",
+    "report_many",
     "tell",
     "to_read",
 ]

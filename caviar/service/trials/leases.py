@@ -6,6 +6,7 @@ trials back.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,10 +55,13 @@ class Caller:
         any_trial: may act on this trial: write scope, a service without tokens, the trial's own
             credential, or a worker that proved it claimed the trial (see
             :func:`caviar.service.deps.may_act_on_trial`).
+        proves: otherwise, whether the credential the caller sent with this trial names its lease
+            (a batch of reports carries one per trial; see :func:`caviar.service.trials.report_many`).
     """
 
     worker_id: str | None = None
     any_trial: bool = True
+    proves: Callable[[TrialLease], bool] | None = None
 
 
 ANYONE = Caller()
@@ -70,7 +74,7 @@ def check_owner(record: StudyRecord, number: int, lease: TrialLease | None, call
     Raises:
         Conflict: ``not_your_trial``.
     """
-    if caller.any_trial:
+    if caller.any_trial or (caller.proves is not None and lease is not None and caller.proves(lease)):
         return
     raise Conflict(
         f"trial {number} of {record.name!r} is not yours: send the credential its ask answered "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -388,6 +388,66 @@ def report(
     if isinstance(study.pruner, optuna.pruners.NopPruner):
         return False
     return prune_reported(db, study, tid)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """One report of a batch (:func:`report_many`): the trial, its step and value, and the proof of
+    its claim (None: the caller acts on any trial)."""
+
+    number: int
+    step: int
+    value: float
+    proves: Callable[[TrialLease], bool] | None = None
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What became of one report of a batch: the pruner's answer, or why it was not recorded."""
+
+    number: int
+    step: int
+    should_prune: bool
+    code: str | None = None
+    message: str | None = None
+
+
+BATCH_ERRORS = frozenset(
+    {"lease_lost", "trial_finished", "trial_not_running", "not_your_trial", "trial_not_found"}
+)
+"""The errors that belong to one trial of a batch: it is answered with its code, the others go on."""
+
+
+def report_many(
+    db: Database, name: str, reports: Sequence[Reported], *, policy: LeasePolicy, worker_id: str | None = None
+) -> list[ReportResult]:
+    """Record intermediate values of several trials of one study in order, each as :func:`report`
+    records one (the pruner of a later one sees the earlier ones), in one call.
+
+    A fused group sends its members' values of one epoch this way: one request instead of one per
+    member. Every value is checked before any is recorded; a trial that cannot take its value (its
+    lease lost, not its caller's, ...) is answered with that error's code and ``should_prune``, and
+    the others are recorded.
+
+    Raises:
+        InvalidInput: a non-finite value (``reports[i].value``, nothing recorded), or a
+            multi-objective study.
+        NotFound: ``study_not_found``.
+    """
+    for i, item in enumerate(reports):
+        check_value(item.value, f"reports[{i}].value")
+    results = []
+    for item in reports:
+        caller = Caller(worker_id, any_trial=item.proves is None, proves=item.proves)
+        try:
+            prune = report(db, name, item.number, item.step, item.value, policy=policy, caller=caller)
+        except (Conflict, NotFound) as exc:
+            if exc.code not in BATCH_ERRORS:
+                raise
+            results.append(ReportResult(item.number, item.step, True, exc.code, exc.message))
+            continue
+        results.append(ReportResult(item.number, item.step, prune))
+    return results
 
 
 def check_value(value: float, field: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Annotated, BinaryIO
 
 import anyio.to_thread
@@ -16,6 +17,7 @@ from caviar.service.deps import (
     AnyTrialDep,
     DbDep,
     LeasePolicyDep,
+    LeaseProofKeyDep,
     Offset,
     SettingsDep,
     StudyName,
@@ -37,6 +39,9 @@ from caviar.service.trials.schemas import (
     Importances,
     ParetoTrials,
     ReleaseRequest,
+    ReportBatch,
+    ReportBatchResult,
+    ReportOutcome,
     ReportRequest,
     ReportResponse,
     SuggestRequest,
@@ -48,6 +53,7 @@ from caviar.service.trials.schemas import (
     TrialStateName,
 )
 from caviar.service.web_security import file_headers
+from caviar.storage import TrialLease
 
 router = APIRouter(prefix="/studies/{name}", tags=["trials"])
 
@@ -104,6 +110,29 @@ def report_trial(
     caller = service.Caller(body.worker_id, any_trial)
     should_prune = service.report(db, name, number, body.step, body.value, policy=policy, caller=caller)
     return ReportResponse(should_prune=should_prune)
+
+
+@router.post(
+    "/trials/reports", summary="Report intermediate values of several trials; answers should_prune for each"
+)
+def report_trials(
+    db: DbDep, policy: LeasePolicyDep, proof_key: LeaseProofKeyDep, name: StudyName, body: ReportBatch
+) -> ReportBatchResult:
+    """Each report is recorded as a single report of its trial would be, in the batch's order (a
+    fused group sends its members' values of one epoch in one call). A report its trial cannot take
+    (``lease_lost``, ``trial_finished``, ``trial_not_running``, ``not_your_trial``,
+    ``trial_not_found``) is answered with that code and ``should_prune: true``; the others are still
+    recorded. With a worker token each report carries its trial's ``credential``."""
+
+    def proof(credential: str | None) -> Callable[[TrialLease], bool] | None:
+        if proof_key is None:
+            return None
+        grant = trial_tokens.verify(proof_key, credential) if credential else None
+        return lambda lease: grant is not None and grant.names(lease)
+
+    reports = [service.Reported(r.number, r.step, r.value, proof(r.credential)) for r in body.reports]
+    results = service.report_many(db, name, reports, policy=policy, worker_id=body.worker_id)
+    return ReportBatchResult(results=[ReportOutcome(**vars(r)) for r in results])
 
 
 @router.post("/trials/{number}/suggest", summary="Sample one parameter of a running trial (define-by-run)")

@@ -60,6 +60,58 @@ class ReportResponse(BaseModel):
     should_prune: bool
 
 
+MAX_BATCH_REPORTS = 256
+"""The most reports one batch may carry (a fused group sends one per member and epoch)."""
+
+
+class ReportItem(BaseModel):
+    """One intermediate value of one trial, in a batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    number: StrictInt = Field(ge=0, le=INT32_MAX, description="The trial's number in the study.")
+    step: StrictInt = Field(ge=0, le=INT32_MAX)
+    value: float
+    credential: str | None = Field(
+        default=None,
+        max_length=512,
+        description="The credential the trial's ask answered: a worker-scope token must send it "
+        "(with tokens on), as the X-Caviar-Lease header of a single report.",
+    )
+
+
+class ReportBatch(BaseModel):
+    """Intermediate values of several trials of one study (a fused group's epoch), in one call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reports: list[ReportItem] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_REPORTS,
+        description="Recorded in this order, each as its own report would be (the pruner of a later "
+        "one sees the earlier ones).",
+    )
+    worker_id: WorkerId | None = None
+
+
+class ReportOutcome(BaseModel):
+    """What became of one report of a batch."""
+
+    number: int
+    step: int
+    should_prune: bool = Field(description="True also when the report was refused (``code``): stop it.")
+    code: str | None = Field(
+        default=None,
+        description="Why this report was not recorded (its trial's error, as a single report would "
+        "answer it): lease_lost, trial_finished, trial_not_running, not_your_trial or trial_not_found.",
+    )
+    message: str | None = None
+
+
+class ReportBatchResult(BaseModel):
+    results: list[ReportOutcome] = Field(description="One per report, in the batch's order.")
+
+
 class SuggestRequest(BaseModel):
     """Ask for one parameter of a running trial (define-by-run)."""
 

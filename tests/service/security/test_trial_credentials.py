@@ -170,3 +170,34 @@ def test_a_trial_credential_may_not_list_its_trials_files(secured: TestClient) -
     listed = secured.get(f"{own}/artifacts", headers=bearer(mine["credential"]))
     assert listed.status_code == 403 and listed.json()["error"]["code"] == "forbidden", listed.text
     assert secured.get(own, headers=bearer(mine["credential"])).status_code == 200
+
+
+def test_a_worker_token_reports_a_batch_only_for_the_trials_it_proves(secured: TestClient) -> None:
+    worker = token_of(secured, "worker")
+    secured.post(f"{API}/studies", json=external_study("a"), headers=bearer(ADMIN))
+    mine, other = ask(secured, "a", worker), ask(secured, "a", worker)
+    batch = f"{API}/studies/a/trials/reports"
+    items = [
+        {"number": mine["number"], "step": 0, "value": 0.5, "credential": mine["credential"]},
+        {"number": other["number"], "step": 0, "value": 0.5},  # no proof
+        {"number": other["number"], "step": 1, "value": 0.5, "credential": mine["credential"]},  # not its own
+        {"number": other["number"], "step": 2, "value": 0.5, "credential": "cvt_forged"},
+    ]
+    answer = secured.post(batch, json={"reports": items}, headers=bearer(worker))
+    assert answer.status_code == 200, answer.text
+    assert [r["code"] for r in answer.json()["results"]] == [
+        None,
+        "not_your_trial",
+        "not_your_trial",
+        "not_your_trial",
+    ]
+    trials = {
+        t["number"]: t for t in secured.get(f"{API}/studies/a/trials", headers=bearer(ADMIN)).json()["items"]
+    }
+    assert trials[mine["number"]]["intermediate_values"] == {"0": 0.5}
+    assert trials[other["number"]]["intermediate_values"] == {}
+    # write scope acts on any trial; a trial credential and read scope may not send batches at all
+    written = secured.post(batch, json={"reports": items[1:2]}, headers=bearer(token_of(secured, "write")))
+    assert written.json()["results"][0]["code"] is None
+    for token in (mine["credential"], token_of(secured, "read")):
+        assert secured.post(batch, json={"reports": items[:1]}, headers=bearer(token)).status_code == 403

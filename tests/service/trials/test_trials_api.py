@@ -334,6 +334,10 @@ def test_report_on_multi_objective_study_is_422(client: TestClient) -> None:
     assert response.json()["error"]["message"] == (
         "report: intermediate values are for single-objective studies only (as in Optuna)"
     )
+    batch = client.post(
+        f"{API}/mo/trials/reports", json={"reports": [{"number": 0, "step": 1, "value": 1.0}]}
+    )
+    assert batch.status_code == 422 and error_code(batch) == "multi_objective_report"
     assert client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "value": 1.0}).status_code == 422
     assert (
         client.post(f"{API}/mo/trials/0/tell", json={"state": "complete", "values": [0.9, 3.0]}).status_code
@@ -787,16 +791,28 @@ def test_a_waiting_trial_is_not_running(client: TestClient) -> None:
     assert client.get(f"{API}/{name}/trials/0").json()["state"] == "waiting"
 
 
-def test_a_report_of_an_infinite_value_names_the_field(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("0/report", b'{"step": 1, "value": 1e999}', "value: must be a finite number (got inf)"),
+        (  # one bad value in a batch: nothing of it is recorded
+            "reports",
+            b'{"reports": [{"number": 0, "step": 1, "value": 0.5}, {"number": 0, "step": 2, "value": -1e999}]}',
+            "reports[1].value: must be a finite number (got -inf)",
+        ),
+    ],
+)
+def test_a_report_of_an_infinite_value_names_the_field_and_records_nothing(
+    client: TestClient, path: str, body: bytes, message: str
+) -> None:
     name = create(client)
     ask(client, name)
     response = client.post(
-        f"{API}/{name}/trials/0/report",
-        content=b'{"step": 1, "value": 1e999}',
-        headers={"content-type": "application/json"},
+        f"{API}/{name}/trials/{path}", content=body, headers={"content-type": "application/json"}
     )
     assert response.status_code == 422 and error_code(response) == "non_finite_value"
-    assert response.json()["error"]["message"] == "value: must be a finite number (got inf)"
+    assert response.json()["error"]["message"] == message
+    assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
 
 
 def test_an_orphaned_retry_has_used_its_attempt(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
@@ -841,3 +857,63 @@ def test_a_replay_that_reads_ready_after_the_parameters_reads_them_again(
     monkeypatch.setattr(db.optuna, "get_trial", split_read)
     again = ask(client, name, request_id="r")
     assert again["params"] == first["params"] and len(reads) == 2
+
+
+def reports(client: TestClient, name: str, items: list[dict]):  # type: ignore[no-untyped-def]
+    return client.post(f"{API}/{name}/trials/reports", json={"worker_id": "w1", "reports": items})
+
+
+def test_a_batch_of_reports_is_recorded_in_order_and_answers_each(client: TestClient) -> None:
+    body = external_study("batch", n_trials=10)
+    body["pruner"] = {"type": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}}
+    client.post(API, json=body)
+    for _ in range(4):
+        ask(client, "batch")
+    first = reports(
+        client, "batch", [{"number": 0, "step": 0, "value": 0.9}, {"number": 0, "step": 1, "value": 0.9}]
+    )
+    assert first.json() == {
+        "results": [
+            {"number": 0, "step": 0, "should_prune": False, "code": None, "message": None},
+            {"number": 0, "step": 1, "should_prune": False, "code": None, "message": None},
+        ]
+    }
+    client.post(f"{API}/batch/trials/0/tell", json={"state": "complete", "value": 0.9})
+    client.post(f"{API}/batch/trials/3/release", json={"reason": "handed back"})
+    answer = reports(
+        client,
+        "batch",
+        [
+            {"number": 1, "step": 0, "value": 0.1},  # below the median of trial 0's curve: pruned
+            {"number": 7, "step": 0, "value": 0.5},  # no such trial
+            {"number": 3, "step": 0, "value": 0.5},  # handed back
+            {"number": 0, "step": 2, "value": 0.5},  # finished
+            {"number": 2, "step": 0, "value": 0.95},
+        ],
+    )
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [(r["number"], r["should_prune"], r["code"]) for r in results] == [
+        (1, True, None),
+        (7, True, "trial_not_found"),
+        (3, True, "lease_lost"),
+        (0, True, "trial_finished"),
+        (2, False, None),
+    ]
+    assert results[2]["message"] == "trial 3 of 'batch' lost its lease (handed back); its retry runs instead"
+    values = {n: client.get(f"{API}/batch/trials/{n}").json()["intermediate_values"] for n in range(4)}
+    assert values == {0: {"0": 0.9, "1": 0.9}, 1: {"0": 0.1}, 2: {"0": 0.95}, 3: {}}
+
+
+def test_a_malformed_batch_names_the_field(client: TestClient) -> None:
+    name = create(client)
+    for bad, field in [
+        ({"reports": []}, "reports"),
+        ({"reports": [{"number": 0, "step": -1, "value": 0.5}]}, "reports.0.step"),
+        ({"reports": [{"number": 0, "step": 1, "value": 0.5, "extra": 1}]}, "reports.0.extra"),
+        ({"reports": [{"number": 0, "step": 1, "value": 0.5}] * 257}, "reports"),
+    ]:
+        refused = client.post(f"{API}/{name}/trials/reports", json=bad)
+        assert refused.status_code == 422, bad
+        assert [d["field"] for d in refused.json()["error"]["details"]] == [field], refused.text
+    assert reports(client, "missing", [{"number": 0, "step": 1, "value": 0.5}]).status_code == 404
