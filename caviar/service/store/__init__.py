@@ -51,7 +51,7 @@ from caviar.service.store._leases import (
     sampling,
     sampling_holds,
 )
-from caviar.service.store._oneread import prune_reported, started_trial
+from caviar.service.store._oneread import prune_reported, reported_trials, started_trial
 from caviar.service.store._ranking import best_first, pareto_front, ranked
 from caviar.service.store._records import (
     QUEUE_ORDER,
@@ -105,6 +105,7 @@ from caviar.service.store._tables import (
     record_with_counts,
     study_of_trial,
     trial_total,
+    trials_by_id,
     trials_by_state,
     unleased_running,
 )
@@ -188,6 +189,7 @@ __all__ = [
     "renew_many",
     "renew_one",
     "renewal",
+    "reported_trials",
     "row_and_lease",
     "runnable_studies",
     "sampling",
@@ -204,6 +206,7 @@ __all__ = [
     "trial_id",
     "trial_number",
     "trial_total",
+    "trials_by_id",
     "trials_by_state",
     "unleased_running",
     "used_count",

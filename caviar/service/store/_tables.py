@@ -1,4 +1,4 @@
-"""Read-only aggregates over Optuna's trial table: the ONLY import of Optuna's private models.
+"""Read-only aggregates over Optuna's trial table: the ONLY use of Optuna's private models and loader.
 
 Optuna owns its tables and every write goes through its storage API; counting in SQL, and finding
 the few running trials without a lease, is what its API cannot do cheaply (it loads the trials).
@@ -7,10 +7,10 @@ Should Optuna rename its models, this is the one file to change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from optuna.storages._rdb.models import TrialModel
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -127,3 +127,19 @@ def unleased_running(db: Database, study_states: Sequence[str]) -> dict[int, lis
     for study_id, trial_id in rows:
         found.setdefault(study_id, []).append(trial_id)
     return found
+
+
+def trials_by_id(db: Database, optuna_study_id: int, trial_ids: Collection[int]) -> dict[int, FrozenTrial]:
+    """Several trials of a study as Optuna has them, in one read.
+
+    Optuna's ``get_trial`` reads a running trial with six statements; its RDB storage loads any set of
+    trials with one query per table (``_get_trials``, what its trial cache uses). Without that loader
+    (another Optuna storage) each trial is read with ``get_trial``.
+    """
+    storage = db.optuna
+    load = getattr(getattr(storage, "_backend", storage), "_get_trials", None)
+    found: dict[int, FrozenTrial] = {}
+    if load is not None and trial_ids:
+        # the loader takes the given ids, plus those above a bound: the largest id (an INTEGER) takes none
+        found = {t._trial_id: t for t in load(optuna_study_id, None, set(trial_ids), 2**31 - 1)}
+    return {tid: found[tid] if tid in found else storage.get_trial(tid) for tid in trial_ids}

@@ -57,6 +57,7 @@ from caviar.service.store import (
     record_with_counts,
     remember,
     renew,
+    reported_trials,
     row_and_lease,
     sampling,
     settle_study,
@@ -364,6 +365,23 @@ def report(
     Returns:
         True when the trial should be pruned, or its study is stopping.
     """
+    recorded = _record_value(db, name, number, step, value, policy=policy, caller=caller)
+    return _should_prune(db, recorded)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """A value just stored: the study's row as the report read it, and the trial's id."""
+
+    record: StudyRecord
+    definition: StudyDefinition
+    trial_id: int
+
+
+def _record_value(
+    db: Database, name: str, number: int, step: int, value: float, *, policy: LeasePolicy, caller: Caller
+) -> _Recorded:
+    """:func:`report` up to the pruner: check, renew the lease if due, store the value."""
     record, tid, lease, fresh = row_and_lease(db, name, number, fresh_for_s=policy.heartbeat_interval_s)
     definition = definition_of(record)
     if definition.multi_objective:
@@ -382,12 +400,20 @@ def report(
     except UpdateFinishedTrialError:
         check_running(db, record, db.optuna.get_trial(tid))
         raise
-    if record.state in STOPPED_STATES:
+    return _Recorded(record, definition, tid)
+
+
+def _should_prune(
+    db: Database, recorded: _Recorded, study: optuna.Study | None = None, trial: FrozenTrial | None = None
+) -> bool:
+    """The pruner's answer for a value just recorded (``study``: its handle, if the caller has one;
+    ``trial``: as read since the value was stored, if it was)."""
+    if recorded.record.state in STOPPED_STATES:
         return True  # the study is stopping: every running trial ends at its next report
-    study = study_handle(db, record, definition)
+    study = study or study_handle(db, recorded.record, recorded.definition)
     if isinstance(study.pruner, optuna.pruners.NopPruner):
         return False
-    return prune_reported(db, study, tid)
+    return prune_reported(db, study, recorded.trial_id, trial)
 
 
 @dataclass(frozen=True)
@@ -421,13 +447,17 @@ BATCH_ERRORS = frozenset(
 def report_many(
     db: Database, name: str, reports: Sequence[Reported], *, policy: LeasePolicy, worker_id: str | None = None
 ) -> list[ReportResult]:
-    """Record intermediate values of several trials of one study in order, each as :func:`report`
-    records one (the pruner of a later one sees the earlier ones), in one call.
+    """Record intermediate values of several trials of one study, each as :func:`report` records
+    one, and ask the pruner about each in the batch's order, in one call.
 
     A fused group sends its members' values of one epoch this way: one request instead of one per
     member. Every value is checked before any is recorded; a trial that cannot take its value (its
     lease lost, not its caller's, ...) is answered with that error's code and ``should_prune``, and
-    the others are recorded.
+    the others are recorded. The values are stored first and the pruner asked after, in order, with
+    one read of the reported trials: Optuna's pruners rate a trial by its own values, the complete
+    trials' and the rung values the pruner itself stores, never by another running trial's values,
+    so this answers what reporting one by one would. A trial named twice is reported one by one
+    (its second value must not be seen by the pruner's answer for its first).
 
     Raises:
         InvalidInput: a non-finite value (``reports[i].value``, nothing recorded), or a
@@ -436,18 +466,35 @@ def report_many(
     """
     for i, item in enumerate(reports):
         check_value(item.value, f"reports[{i}].value")
-    results = []
+    if len({item.number for item in reports}) < len(reports):
+        return [
+            result
+            for item in reports
+            for result in report_many(db, name, [item], policy=policy, worker_id=worker_id)
+        ]
+    results: list[ReportResult | None] = []
+    recorded: list[tuple[int, _Recorded]] = []
     for item in reports:
         caller = Caller(worker_id, any_trial=item.proves is None, proves=item.proves)
         try:
-            prune = report(db, name, item.number, item.step, item.value, policy=policy, caller=caller)
+            done = _record_value(db, name, item.number, item.step, item.value, policy=policy, caller=caller)
         except (Conflict, NotFound) as exc:
             if exc.code not in BATCH_ERRORS:
                 raise
             results.append(ReportResult(item.number, item.step, True, exc.code, exc.message))
             continue
-        results.append(ReportResult(item.number, item.step, prune))
-    return results
+        recorded.append((len(results), done))
+        results.append(None)
+    if recorded:
+        last = recorded[-1][1]
+        study = study_handle(db, last.record, last.definition)
+        trials = reported_trials(db, study, [done.trial_id for _, done in recorded])
+        for index, done in recorded:
+            item = reports[index]
+            results[index] = ReportResult(
+                item.number, item.step, _should_prune(db, done, study, trials.get(done.trial_id))
+            )
+    return [result for result in results if result is not None]
 
 
 def check_value(value: float, field: str) -> None:

@@ -210,3 +210,17 @@ def test_the_state_map_names_every_optuna_state_once() -> None:
     }
     assert store.states_named("waiting") == [TrialState.WAITING]
     assert store.states_named("lost") == []
+
+
+def test_trials_by_id_reads_what_get_trial_reads_in_one_go_or_one_by_one(
+    db: Database, make_study: MakeStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = make_study("several")
+    ids = [enqueue(db, record, lr=0.01 * (i + 1)) for i in range(3)]
+    db.optuna.set_trial_intermediate_value(ids[1], 0, 0.5)
+    expected = {tid: db.optuna.get_trial(tid) for tid in ids}
+    assert store.trials_by_id(db, record.optuna_study_id, ids[:2]) == {tid: expected[tid] for tid in ids[:2]}
+    assert store.trials_by_id(db, record.optuna_study_id, []) == {}
+    backend = db.optuna._backend  # type: ignore[attr-defined]
+    monkeypatch.delattr(type(backend), "_get_trials")  # another Optuna storage: one read per trial
+    assert store.trials_by_id(db, record.optuna_study_id, ids) == expected

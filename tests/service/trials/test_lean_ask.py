@@ -183,3 +183,70 @@ def test_a_change_through_one_app_is_seen_by_another_at_once(db_url: str, tmp_pa
     assert one.delete(f"{API}/s").status_code == 204
     gone = two.post(f"{API}/s/trials/ask", json={})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "study_not_found"
+
+
+def run_curves(client: TestClient, name: str, *, batch: bool) -> list[list[bool]]:
+    """Complete 3 trials, then train 8 more for 6 steps: each step reports every live one (one by one,
+    or in one batch), and a pruned one is told pruned. Returns each step's answers."""
+    for m in range(3):
+        number = client.post(f"{API}/{name}/trials/ask", json={}).json()["number"]
+        for step in range(6):
+            client.post(f"{API}/{name}/trials/{number}/report", json={"step": step, "value": 0.3 + 0.1 * m})
+        client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "complete", "value": 0.3 + 0.1 * m})
+    live = [client.post(f"{API}/{name}/trials/ask", json={}).json()["number"] for _ in range(8)]
+    steps = []
+    for step in range(6):
+        values = [(n, (n * 37 % 8) / 10 + 0.01 * step) for n in live]  # members in no order of value
+        if batch:
+            reports = [{"number": n, "step": step, "value": v} for n, v in values]
+            answer = client.post(f"{API}/{name}/trials/reports", json={"reports": reports})
+            assert answer.status_code == 200, answer.text
+            assert [r["code"] for r in answer.json()["results"]] == [None] * len(values)
+            answers = [r["should_prune"] for r in answer.json()["results"]]
+        else:
+            answers = [
+                client.post(f"{API}/{name}/trials/{n}/report", json={"step": step, "value": v}).json()[
+                    "should_prune"
+                ]
+                for n, v in values
+            ]
+        steps.append(answers)
+        for (number, _), prune in zip(values, answers, strict=True):
+            if prune:
+                client.post(f"{API}/{name}/trials/{number}/tell", json={"state": "pruned"})
+                live.remove(number)
+    return steps
+
+
+@pytest.mark.parametrize("pruner", [{"type": "asha"}, {"type": "median", "options": {"n_startup_trials": 2}}])
+def test_a_batch_of_reports_answers_what_reports_one_by_one_answer(
+    db_url: str, tmp_path: Path, pruner: dict[str, Any]
+) -> None:
+    """The batch stores every value first and asks the pruner after, in order: the same answers."""
+    client = app(db_url, tmp_path, "batch")
+    for name in ("one-by-one", "batched"):
+        body = external_study(name, n_trials=20) | {"pruner": pruner}
+        assert client.post(API, json=body).status_code == 201
+    one_by_one = run_curves(client, "one-by-one", batch=False)
+    assert one_by_one == run_curves(client, "batched", batch=True)
+    assert any(any(step) for step in one_by_one)  # some were pruned: the comparison is not vacuous
+
+
+def test_a_batch_of_asha_reports_reads_its_trials_in_one_go(
+    db_url: str, tmp_path: Path, counter: Counter
+) -> None:
+    """Eight reports between rungs: as eight requests, each reads its trial (six statements); as one
+    batch, one read loads all eight."""
+    client = app(db_url, tmp_path, "one-read")
+    body = external_study("rungs", n_trials=20) | {"pruner": {"type": "asha"}}
+    assert client.post(API, json=body).status_code == 201
+    numbers = [client.post(f"{API}/rungs/trials/ask", json={}).json()["number"] for _ in range(16)]
+    with counter.counting() as singles:
+        for number in numbers[:8]:
+            report = client.post(f"{API}/rungs/trials/{number}/report", json={"step": 0, "value": 0.5})
+            assert report.json() == {"should_prune": False}
+    reports = [{"number": n, "step": 0, "value": 0.5} for n in numbers[8:]]
+    with counter.counting() as batch:
+        answer = client.post(f"{API}/rungs/trials/reports", json={"reports": reports})
+        assert [r["should_prune"] for r in answer.json()["results"]] == [False] * 8
+    assert len(batch) <= len(singles) // 2  # 39 against 80 (SQLite and PostgreSQL alike, 2026-12-08)
