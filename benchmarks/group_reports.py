@@ -16,7 +16,7 @@ per member-epoch: the client's wall time (what the training loop waits) and the 
 (user + system of the ``caviar serve`` process group, from /proc). ``caviar serve`` runs one
 process on a fresh PostgreSQL database. Prints one JSON line per round and a summary with medians (min, max).
 
-    python benchmarks/group_reports.py [--members 8] [--epochs 15] [--repeat 5]
+    python benchmarks/group_reports.py [--members 8] [--epochs 15] [--repeat 5] [--quick]
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8, help="K, the fused group's size")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--repeat", type=int, default=5, help="rounds of both arms (alternating order)")
+    parser.add_argument("--quick", action="store_true", help="4 members, 4 epochs, 1 round (a smoke test)")
     args = parser.parse_args()
+    if args.quick:
+        args.members, args.epochs, args.repeat = 4, 4, 1
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout still stops the server
 
     from caviar import storage

@@ -180,6 +180,7 @@ def run_of(path: str, root: Path = ROOT) -> str:
 
 MODULES: tuple[Module, ...] = (
     Module("caviar/service/trials/lifecycle.py"),
+    Module("caviar/service/trials/reports.py"),
     Module("caviar/service/trials/leases.py"),
     Module("caviar/service/trials/outcomes.py"),
     # the whole store: the budget rule, leases, settling, records, creation, ranking and states

@@ -235,6 +235,38 @@ def test_report_records_values_and_answers_the_pruner(db: Database) -> None:
     assert refused(trials.report, db, "s", 0, 3, float("inf"), policy=POLICY) == "non_finite_value"
 
 
+def test_a_batch_of_reports_answers_each_and_records_the_ones_it_can(db: Database) -> None:
+    make_with(db, pruner={"type": "threshold", "options": {"lower": 0.5}}, n_trials=5)
+    for _ in range(3):
+        ask(db)
+    trials.release(db, "s", 2)
+    batch = [
+        trials.Reported(0, 1, 0.9),
+        trials.Reported(1, 1, 0.4),  # below the threshold
+        trials.Reported(2, 1, 0.9),  # handed back
+        trials.Reported(7, 1, 0.9),  # no such trial
+        trials.Reported(1, 2, 0.8, proves=lambda lease: False),  # named twice, and not the caller's
+    ]
+    results = trials.report_many(db, "s", batch, policy=POLICY)
+    assert [(r.number, r.step, r.should_prune, r.code) for r in results] == [
+        (0, 1, False, None),
+        (1, 1, True, None),
+        (2, 1, True, "lease_lost"),
+        (7, 1, True, "trial_not_found"),
+        (1, 2, True, "not_your_trial"),
+    ]
+    assert [trials.get_trial(db, "s", n).intermediate_values for n in range(3)] == [{1: 0.9}, {1: 0.4}, {}]
+    proved = trials.report_many(
+        db, "s", [trials.Reported(0, 2, 0.7, proves=lambda lease: lease.number == 0)], policy=POLICY
+    )
+    assert proved == [trials.ReportResult(0, 2, False)]
+    with pytest.raises(InvalidInput, match=r"reports\[1\]\.value"):
+        trials.report_many(
+            db, "s", [trials.Reported(0, 3, 0.5), trials.Reported(1, 3, float("nan"))], policy=POLICY
+        )
+    assert trials.get_trial(db, "s", 0).intermediate_values == {1: 0.9, 2: 0.7}
+
+
 def test_report_without_a_pruner_never_prunes_and_renews_the_lease(db: Database) -> None:
     make(db)
     ask(db)

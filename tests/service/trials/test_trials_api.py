@@ -524,7 +524,7 @@ def test_the_reaper_counts_what_it_reaped_and_records_why(client: TestClient, db
 
 def test_a_worker_id_is_a_label_not_proof_of_holding_a_trial(client: TestClient, db) -> None:  # type: ignore[no-untyped-def]
     from caviar.service.errors import Conflict
-    from caviar.service.trials import leases, lifecycle
+    from caviar.service.trials import leases, lifecycle, reports
 
     name = create(client, n_trials=5)
     ask(client, name, worker_id="w1")
@@ -533,7 +533,7 @@ def test_a_worker_id_is_a_label_not_proof_of_holding_a_trial(client: TestClient,
     unproven = [leases.Caller("w1", any_trial=False), leases.Caller("w2", any_trial=False)]
     for act in (
         lambda caller: leases.heartbeat(db, name, 0, caller=caller, policy=POLICY),
-        lambda caller: lifecycle.report(db, name, 0, 1, 0.5, caller=caller, policy=POLICY),
+        lambda caller: reports.report(db, name, 0, 1, 0.5, caller=caller, policy=POLICY),
         lambda caller: leases.release(db, name, 0, caller=caller),
         lambda caller: lifecycle.tell(db, name, 0, "pruned", caller=caller),
     ):
@@ -706,19 +706,19 @@ def test_a_report_whose_lease_is_reaped_before_it_renews_is_lease_lost(
 ) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from caviar.service.trials import leases, lifecycle
+    from caviar.service.trials import leases, reports
     from caviar.storage import utcnow
 
     name = create(client)
     ask(client, name)
     age_lease(db, trial_id_of(db, name, 0), 25)  # under one heartbeat interval left: the report renews
-    renew = lifecycle.renew
+    renew = reports.renew
 
     def reaped_first(db_, trial_id, policy):  # type: ignore[no-untyped-def]
         leases.reap(db_, now=utcnow() + timedelta(hours=1))  # the reaper runs between check and renewal
         return renew(db_, trial_id, policy)
 
-    monkeypatch.setattr(lifecycle, "renew", reaped_first)
+    monkeypatch.setattr(reports, "renew", reaped_first)
     response = client.post(f"{API}/{name}/trials/0/report", json={"step": 1, "value": 0.5})
     assert response.status_code == 409 and error_code(response) == "lease_lost"
     assert client.get(f"{API}/{name}/trials/0").json()["intermediate_values"] == {}
