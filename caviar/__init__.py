@@ -21,7 +21,7 @@ The service lives in :mod:`caviar.service` (with :mod:`caviar.storage`), the PyT
 
 from typing import TYPE_CHECKING, Any
 
-from caviar._client import Client, Study, Trial, current_trial
+from caviar._client import Client, Study, Trial, current_trial, report_group
 from caviar._errors import CaviarApiError, LeaseLost, TrialPruned
 
 if TYPE_CHECKING:
@@ -62,4 +62,5 @@ __all__ = [
     "current_trial",
     "fused",
     "optuna_storage",
+    "report_group",
 ]

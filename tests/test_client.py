@@ -116,6 +116,31 @@ def test_the_block_heartbeats_in_the_background(client: caviar.Client, db: Datab
     assert study.trials()[0]["state"] == "complete"
 
 
+def test_report_group_reports_a_step_of_several_trials_in_one_call(
+    client: caviar.Client, db: Database
+) -> None:
+    body = external_study("group", n_trials=5)
+    body["pruner"] = {"type": "threshold", "options": {"lower": 0.5}}
+    study = client.create_study(body)
+    trials = [study.ask(heartbeat=False) for _ in range(3)]
+    assert caviar.report_group(trials, [0.9, 0.1, 0.8], 0) == [False, True, False]
+    assert [t.should_prune() for t in trials] == [False, True, False]
+    trials[1].prune()  # told: not sent again
+    assert reap(db, now=utcnow() + timedelta(seconds=60)) == 2  # 0 and 2 lose their leases unheard of
+    assert caviar.report_group(trials, [0.9, 0.9, 0.9], 1) == [True, True, True]
+    with pytest.raises(caviar.LeaseLost):
+        trials[2].tell(0.9)  # the answer is remembered: nothing this trial says counts any more
+    told = {t["number"]: t["intermediate_values"] for t in study.trials()}
+    assert told[0] == {"0": 0.9} and told[1] == {"0": 0.1}
+    with pytest.raises(ValueError, match="2 values for 3 trials"):
+        caviar.report_group(trials, [0.1, 0.2], 2)
+    with pytest.raises(TypeError, match="step must be an int"):
+        caviar.report_group(trials[:1], [0.5], 1.0)  # type: ignore[arg-type]
+    other = client.create_study(external_study("elsewhere", n_trials=5)).ask(heartbeat=False)
+    with pytest.raises(ValueError, match="of one study"):
+        caviar.report_group([trials[0], other], [0.5, 0.5], 2)
+
+
 def test_a_lost_lease_raises_lease_lost(client: caviar.Client, db: Database) -> None:
     study = client.create_study(external_study("lost", n_trials=3))
     trial = study.ask(heartbeat=False)
@@ -354,8 +379,23 @@ def test_a_worker_token_proves_its_claim_with_the_trials_credential(
                 assert trial.upload(path)["filename"] == "weights.bin"
                 trial.tell(0.9)
             study.ask(heartbeat=False).release("handed back on purpose")
+            # a group of trials reports in one call: with the worker token, and with each trial's
+            # own credential as its token (a fused group's program), each report proved by its trial's
+            group = [study.ask(heartbeat=False) for _ in range(2)]
+            assert caviar.report_group(group, [0.5, 0.6], 0) == [False, False]
+            own = [
+                caviar.Trial(
+                    caviar.Client(url, t.credential),
+                    {"study": t.study, "number": t.number, "params": t.params, "credential": t.credential},
+                    worker_id=None,
+                )
+                for t in group
+            ]
+            assert caviar.report_group(own, [0.7, 0.8], 1) == [False, False]
+        values = {t["number"]: t["intermediate_values"] for t in owner.study("secured").trials()}
         states = sorted(t["state"] for t in owner.study("secured").trials())
-    assert states == ["complete", "fail", "waiting"]  # told; handed back (and its retry)
+    assert states == ["complete", "fail", "running", "running"]  # told; handed back (its retry runs)
+    assert [values[t.number] for t in group] == [{"0": 0.5, "1": 0.7}, {"0": 0.6, "1": 0.8}]
 
 
 def test_the_client_passes_its_token_timeout_and_patience_to_every_request(

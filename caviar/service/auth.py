@@ -19,7 +19,8 @@ write      everything except token management (studies, schedules, trials, dashb
 admin      everything, including ``/api/v1/tokens``
 trial      (a ``cvt_`` credential an ask returns, see :mod:`caviar.service.tokens.trial`) only
            POST ``report``/``heartbeat``/``tell``/``artifacts`` of its own trial and GET of it,
-           while that trial runs
+           and a batch of reports (``.../trials/reports``) in its study whose every report
+           carries its own trial's credential, while that trial runs
 =========  ==================================================================================
 
 Tokens come as ``Authorization: Bearer <token>`` or, for browsers, HTTP Basic with the token as
@@ -261,12 +262,14 @@ class AuthMiddleware:
         match = trial_tokens.TRIAL_ROUTE.match(path)
         action = match["action"] if match is not None else None
         allowed = (method == "POST" and action is not None) or (method in SAFE_METHODS and action is None)
-        if match is None or int(match["number"]) != grant.number or not allowed:
+        batch = trial_tokens.BATCH_ROUTE.match(path) if method == "POST" else None
+        if batch is None and (match is None or int(match["number"]) != grant.number or not allowed):
             message = "a trial credential can only report, heartbeat, upload and tell its own trial"
             response = error_response(403, "forbidden", message, [{"scope": "trial", "required": "worker"}])
             await response(scope, receive, send)
             return
-        if not await anyio.to_thread.run_sync(self.verifier.trial_running, grant, match["study"]):
+        study = (batch or match)["study"]  # type: ignore[index]
+        if not await anyio.to_thread.run_sync(self.verifier.trial_running, grant, study):
             message = "this trial credential is not valid for this study's trial, or its trial has ended"
             response = error_response(409, "lease_lost", message)
             await response(scope, receive, send)

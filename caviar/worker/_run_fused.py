@@ -14,7 +14,9 @@ with the list of the group's trials (1 to K :class:`caviar.Trial`, each Optuna-c
 * ``caviar.TrialPruned`` (or Optuna's) escaping the function prunes every member not told yet;
   any other exception fails them (the worker gives each the traceback's end);
 * a member whose lease is lost (the worker or service gave it up) answers ``should_prune()`` True
-  from its next report on, instead of raising: the others train on.
+  from its next report on, instead of raising: the others train on;
+* ``caviar.report_group(trials, values, step)`` reports the group's epoch in one request (each
+  member's credential proves its own report).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class MemberTrial(Trial):
             self.lost = True
             self._prune = True
             self._finished = True  # nothing more can be told for it: the worker drops it
+
+    def _answered(self, prune: bool, step: int, code: str | None = None, message: str = "") -> None:
+        super()._answered(prune, step, code, message)
+        if code is not None:  # not recorded (caviar.report_group): as a lost lease above
+            self.lost = True
+            self._finished = True
 
 
 def current_trials() -> list[MemberTrial]:

@@ -4,8 +4,9 @@ The worker calls ``objective(trials)`` with a list of up to K trials that share 
 ``shared`` parameters (here the architecture: ``hidden``, ``dropout``) and differ in the rest
 (``lr``, ``beta1``). :class:`caviar.FusedModels` stacks the K models and trains them in one
 forward/backward/step, each member exactly as it would train alone on the same batches; each
-trial reports and is pruned on its own (a pruned member stops updating, the others train on),
-and the returned list holds one value per trial (None for a pruned one).
+trial is pruned on its own (a pruned member stops updating, the others train on), the group's
+values of an epoch go to the service in one request (``caviar.report_group``), and the returned
+list holds one value per trial (None for a pruned one).
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def fit(
     params: Sequence[dict[str, Any]],
     seeds: Sequence[int],
-    report: Callable[[int, int, float], bool],
+    report: Callable[[int, dict[int, float]], set[int]],
     epochs: int = EPOCHS,
 ) -> tuple[caviar.FusedModels, list[float], list[list[float]]]:
     """Train one member per ``params`` (initialised from its seed), all on the same batches.
 
-    ``report(member, epoch, accuracy)`` returns whether to stop that member. Returns the fused
+    ``report(epoch, {member: accuracy})`` (the live members) returns the members to stop. Returns the fused
     models, each member's last validation accuracy, and the members' training losses per step.
     """
     x_train, y_train, x_val, y_val = load_data()
@@ -84,20 +85,22 @@ def fit(
         fused.eval()
         with torch.no_grad():
             hits = fused(x_val).argmax(dim=-1) == y_val  # (K, N)
-        for member in range(len(params)):
-            if fused.active[member]:
-                accuracy[member] = hits[member].float().mean().item()
-                if report(member, epoch, accuracy[member]):
-                    fused.drop(member)  # pruned: it stops updating, its place stays empty
+        live = [member for member in range(len(params)) if fused.active[member]]
+        scores = hits.float().mean(dim=-1).tolist()  # one transfer for the whole group
+        for member in live:
+            accuracy[member] = scores[member]
+        for member in report(epoch, {member: accuracy[member] for member in live}):
+            fused.drop(member)  # pruned: it stops updating, its place stays empty
         if not fused.active.any():
             break
     return fused, accuracy, losses
 
 
 def objective(trials: list[caviar.Trial]) -> list[float | None]:
-    def report(member: int, epoch: int, accuracy: float) -> bool:
-        trials[member].report(accuracy, epoch)  # Optuna's order: value, step
-        return trials[member].should_prune()
+    def report(epoch: int, accuracies: dict[int, float]) -> set[int]:
+        members = list(accuracies)  # one request for the epoch (each trial's own report, pruned alone)
+        prune = caviar.report_group([trials[m] for m in members], list(accuracies.values()), epoch)
+        return {m for m, stop in zip(members, prune, strict=True) if stop}
 
     fused, accuracy, _ = fit([t.params for t in trials], [t.number for t in trials], report)
     values: list[float | None] = []

@@ -25,7 +25,7 @@ def test_each_fused_member_trains_as_its_solo_run() -> None:
     shared = {"hidden": 32, "dropout": 0.0}  # dropout off: a solo run draws other masks
     params = [{**shared, "lr": lr, "beta1": b} for lr, b in [(1e-3, 0.9), (1e-2, 0.85), (3e-2, 0.95)]]
     seeds = [11, 12, 13]
-    never = lambda member, epoch, accuracy: False  # noqa: E731
+    never = lambda epoch, accuracies: set()  # noqa: E731
     _, accuracy, losses = model.fit(params, seeds, never, epochs=4)
     for member in range(3):
         _, solo_accuracy, solo_losses = model.fit([params[member]], [seeds[member]], never, epochs=4)
@@ -39,9 +39,9 @@ def test_a_pruned_member_stops_and_the_others_train_on() -> None:
     params = [{"hidden": 16, "dropout": 0.1, "lr": 1e-2, "beta1": 0.9}] * 3
     reports: list[tuple[int, int]] = []
 
-    def report(member: int, epoch: int, accuracy: float) -> bool:
-        reports.append((member, epoch))
-        return member == 1 and epoch == 1
+    def report(epoch: int, accuracies: dict[int, float]) -> set[int]:
+        reports.extend((member, epoch) for member in accuracies)
+        return {1} if epoch == 1 else set()
 
     fused, _, losses = model.fit(params, [1, 2, 3], report, epochs=4)
     assert [m for m, e in reports if e == 3] == [0, 2]

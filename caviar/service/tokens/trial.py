@@ -37,6 +37,10 @@ TRIAL_ROUTE: Final = re.compile(
 """What a trial credential may request: POST report/heartbeat/tell/artifacts (and the define-by-run
 ``suggest``) of its own trial, and GET of its own trial."""
 
+BATCH_ROUTE: Final = re.compile(r"^/api/v1/studies/(?P<study>[^/]+)/trials/reports/?$")
+"""And a batch of reports in its own trial's study (a fused group's epoch): each report in it must
+carry its own trial's credential (the route checks each, as for a worker token)."""
+
 
 @dataclass(frozen=True)
 class TrialGrant:

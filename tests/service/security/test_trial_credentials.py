@@ -196,8 +196,25 @@ def test_a_worker_token_reports_a_batch_only_for_the_trials_it_proves(secured: T
     }
     assert trials[mine["number"]]["intermediate_values"] == {"0": 0.5}
     assert trials[other["number"]]["intermediate_values"] == {}
-    # write scope acts on any trial; a trial credential and read scope may not send batches at all
+    # write scope acts on any trial; read scope may not send a batch
     written = secured.post(batch, json={"reports": items[1:2]}, headers=bearer(token_of(secured, "write")))
     assert written.json()["results"][0]["code"] is None
-    for token in (mine["credential"], token_of(secured, "read")):
-        assert secured.post(batch, json={"reports": items[:1]}, headers=bearer(token)).status_code == 403
+    assert (
+        secured.post(
+            batch, json={"reports": items[:1]}, headers=bearer(token_of(secured, "read"))
+        ).status_code
+        == 403
+    )
+    # a trial credential (what a fused group's program holds) sends a batch in its own study, each
+    # report proved by its own trial's credential
+    by_trial = secured.post(batch, json={"reports": items[:2]}, headers=bearer(mine["credential"]))
+    assert [r["code"] for r in by_trial.json()["results"]] == [None, "not_your_trial"]
+    secured.post(f"{API}/studies", json=external_study("b"), headers=bearer(ADMIN))
+    elsewhere = secured.post(
+        f"{API}/studies/b/trials/reports", json={"reports": items[:1]}, headers=bearer(mine["credential"])
+    )
+    assert elsewhere.status_code == 409  # not its study: as for any route of another study's trial
+    told = f"{API}/studies/a/trials/{mine['number']}/tell"
+    secured.post(told, json={"state": "complete", "value": 0.5}, headers=bearer(mine["credential"]))
+    ended = secured.post(batch, json={"reports": items[1:2]}, headers=bearer(mine["credential"]))
+    assert ended.status_code == 409 and ended.json()["error"]["code"] == "lease_lost"  # its trial ended
