@@ -122,7 +122,8 @@ def report_trials(
     fused group sends its members' values of one epoch in one call). A report its trial cannot take
     (``lease_lost``, ``trial_finished``, ``trial_not_running``, ``not_your_trial``,
     ``trial_not_found``) is answered with that code and ``should_prune: true``; the others are still
-    recorded. With a worker token each report carries its trial's ``credential``."""
+    recorded. With a worker token, or a trial credential (a fused group's program), each report
+    carries its own trial's ``credential``."""
 
     def proof(credential: str | None) -> Callable[[TrialLease], bool] | None:
         if proof_key is None:

@@ -75,8 +75,8 @@ class ReportItem(BaseModel):
     credential: str | None = Field(
         default=None,
         max_length=512,
-        description="The credential the trial's ask answered: a worker-scope token must send it "
-        "(with tokens on), as the X-Caviar-Lease header of a single report.",
+        description="The credential the trial's ask answered: a worker-scope token or a trial "
+        "credential must send it (with tokens on), as the X-Caviar-Lease header of a single report.",
     )
 
 
