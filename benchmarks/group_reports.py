@@ -14,7 +14,8 @@ rises with m and with the round, so later rounds have members to prune); a membe
 stops reports no more. The members are told (pruned or complete) after the clock stops. Measured
 per member-epoch: the client's wall time (what the training loop waits) and the server's CPU time
 (user + system of the ``caviar serve`` process group, from /proc). ``caviar serve`` runs one
-process on a fresh PostgreSQL database. Prints one JSON line per round and a summary with medians (min, max).
+process on a fresh PostgreSQL database (dropped afterwards). Prints one JSON line per round and a
+summary with medians (min, max).
 
     python benchmarks/group_reports.py [--members 8] [--epochs 15] [--repeat 5] [--quick]
 """
@@ -27,19 +28,17 @@ import signal
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/<name>.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.service_throughput import group_cpu_s, spread  # noqa: E402
+from benchmarks.sql_statements import database  # noqa: E402
 from caviar.service import processes  # noqa: E402
 
 
@@ -114,7 +113,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--members", type=int, default=8, help="K, the fused group's size")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--repeat", type=int, default=5, help="rounds of both arms (alternating order)")
@@ -124,18 +122,10 @@ def main() -> None:
         args.members, args.epochs, args.repeat = 4, 4, 1
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout still stops the server
 
-    from caviar import storage
-
-    db_name = f"caviar_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    url = make_url(args.admin_url).set(database=db_name).render_as_string(hide_password=False)
-    storage.upgrade(url)
-    server, base = processes.serve(url, processes=1, log="caviar-bench-serve.log")
     rounds: dict[str, list[dict[str, Any]]] = {"single": [], "batch": []}
-    try:
-        with httpx.Client(base_url=base, timeout=60) as http:
+    with database("postgres") as url:  # a fresh migrated database, dropped afterwards
+        server, base = processes.serve(url, processes=1, log="caviar-bench-serve.log")
+        with server, httpx.Client(base_url=base, timeout=60) as http:
             for arm in rounds:
                 http.post("/api/v1/studies", json=definition(f"reports-{arm}")).raise_for_status()
             for repeat in range(args.repeat + 1):  # round 0 warms the server up and is not counted
@@ -148,9 +138,6 @@ def main() -> None:
                     print(json.dumps(line), flush=True)
                     if repeat:
                         rounds[arm].append(result)
-    finally:
-        server.stop()
-        admin.dispose()
     single, batch = rounds["single"], rounds["batch"]
 
     def ratio(key: str) -> dict[str, float]:
