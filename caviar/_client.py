@@ -689,18 +689,7 @@ def report_group(trials: Sequence[Trial], values: Sequence[float], step: int) ->
             trial._prune = True
     if live:
         sender = live[0][0]  # its client (and, under a worker, its own credential) sends the batch
-        reports = [
-            {
-                "number": t.number,
-                "step": int(step),
-                "value": v,
-                **({"credential": t.credential} if t.credential else {}),
-            }
-            for t, v in live
-        ]
-        body: dict[str, Any] = {"reports": reports}
-        if sender.worker_id is not None:
-            body["worker_id"] = sender.worker_id
+        body = report_batch([(trial, int(step), value) for trial, value in live], sender.worker_id)
         try:
             answer = sender.client.http.post(_path("studies", sender.study, "trials", "reports"), json=body)
         except LeaseLost:  # the sender's own credential ended meanwhile: each reports on its own
@@ -714,6 +703,18 @@ def report_group(trials: Sequence[Trial], values: Sequence[float], step: int) ->
                 bool(result["should_prune"]), int(step), result.get("code"), result.get("message") or ""
             )
     return [trial.should_prune() for trial in trials]
+
+
+def report_batch(reports: Sequence[tuple[Trial, int, float]], worker_id: str | None) -> dict[str, Any]:
+    """The body of ``POST .../trials/reports``: each ``(trial, step, value)`` with the trial's
+    credential (the proof a worker token or another trial's credential must give)."""
+    items = []
+    for trial, step, value in reports:
+        item: dict[str, Any] = {"number": trial.number, "step": int(step), "value": float(value)}
+        if trial.credential:
+            item["credential"] = trial.credential
+        items.append(item)
+    return {"reports": items} if worker_id is None else {"reports": items, "worker_id": worker_id}
 
 
 def _check_report(value: float, step: int) -> None:

@@ -63,4 +63,7 @@ Text = Annotated[str, Field(max_length=2000), AfterValidator(no_nul)]
 TagText = Annotated[str, Field(max_length=256), AfterValidator(no_nul)]
 """A study tag's key or value: at most 256 characters, no NUL."""
 
+Credential = Annotated[str, Field(max_length=512)]
+"""A trial's credential as a body field (what its ask answered): at most 512 characters."""
+
 TrialNumber = Annotated[int, Field(ge=0, le=INT32_MAX)]

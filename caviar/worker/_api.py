@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from caviar._client import Client, Trial
+from caviar._client import Client, Trial, report_batch
 from caviar._errors import CaviarApiError
 from caviar._http import api_path as _path
 
@@ -109,16 +109,7 @@ class WorkerApi:
             Per report, in order: whether its trial must stop, and the error code when the service
             could not record it (``lease_lost``, ``not_your_trial``, ...; the trial must stop too).
         """
-        items = [
-            {
-                "number": trial.number,
-                "step": int(step),
-                "value": float(value),
-                **({"credential": trial.credential} if trial.credential else {}),
-            }
-            for trial, step, value in reports
-        ]
-        body = {"worker_id": self.worker_id, "reports": items}
+        body = report_batch(reports, self.worker_id)
         answer = self.http.post(_path("studies", study, "trials", "reports"), json=body)
         return [(bool(item["should_prune"]), item.get("code")) for item in answer["results"]]
 

@@ -267,11 +267,8 @@ class Slot:
         if self.stop.is_set():
             raise Stopped
         with self.held_lock:
-            sent = [
-                i
-                for i, (trial, _, _) in enumerate(reports)
-                if (trial.study, trial.number) not in self.lost | self.stopping
-            ]
+            done = self.lost | self.stopping
+            sent = [i for i, (trial, _, _) in enumerate(reports) if (trial.study, trial.number) not in done]
         answers = [True] * len(reports)
         if not sent:
             return answers

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
-from caviar.service.types import INT32_MAX, Identifier, Text, no_nul
+from caviar.service.types import INT32_MAX, Credential, Identifier, Text, no_nul
 
 TrialStateName = Literal["waiting", "running", "complete", "pruned", "fail"]
 
@@ -72,9 +72,8 @@ class ReportItem(BaseModel):
     number: StrictInt = Field(ge=0, le=INT32_MAX, description="The trial's number in the study.")
     step: StrictInt = Field(ge=0, le=INT32_MAX)
     value: float
-    credential: str | None = Field(
+    credential: Credential | None = Field(
         default=None,
-        max_length=512,
         description="The credential the trial's ask answered: a worker-scope token or a trial "
         "credential must send it (with tokens on), as the X-Caviar-Lease header of a single report.",
     )

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from caviar.service.types import Credential
+
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Unique per worker slot.")]
 
@@ -58,9 +60,8 @@ class TrialKey(BaseModel):
 class TrialRef(TrialKey):
     """A trial a worker holds, with the proof of its claim."""
 
-    credential: str | None = Field(
+    credential: Credential | None = Field(
         default=None,
-        max_length=512,
         description="The credential the trial's ask answered: a worker-scope token must send it "
         "to renew the lease (with tokens on).",
     )
