@@ -7,6 +7,7 @@ Plain functions over a :class:`~caviar.service.db.Database`. caviar's study row
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Sequence
@@ -196,7 +197,12 @@ def trial_id(db: Database, record: StudyRecord | StudyRef, number: int) -> int:
     try:
         return db.optuna.get_trial_id_from_study_id_trial_number(record.optuna_study_id, number)
     except KeyError:
-        raise NotFound(f"study {record.name!r} has no trial {number}", code="trial_not_found") from None
+        raise no_trial(record.name, number) from None
+
+
+def no_trial(study: str, number: int) -> NotFound:
+    """The error for a trial number a study does not have."""
+    return NotFound(f"study {study!r} has no trial {number}", code="trial_not_found")
 
 
 def record_and_lease(
@@ -251,6 +257,63 @@ def row_and_lease(
             continue
         return record, tid, lease, lease_fresh
     raise AssertionError("unreachable")  # the second pass returns or raises
+
+
+LeaseOf = tuple[int, TrialLease | None, bool]
+"""A trial's id, its lease and whether the lease is fresh (:func:`record_and_lease`)."""
+
+
+def row_and_leases(
+    db: Database, name: str, numbers: Sequence[int], *, fresh_for_s: float
+) -> tuple[StudyRecord, dict[int, LeaseOf]]:
+    """:func:`row_and_lease` for several trials of one study (a fused group's epoch of reports): the
+    row and all the leases in two statements, not one statement per trial.
+
+    Returns:
+        The row, and for each number that names a trial of the study its id, its lease and whether
+        the lease is fresh; a number with no trial is left out.
+
+    Raises:
+        NotFound: ``study_not_found``.
+    """
+    for again in (False, True):  # a number not found may be a stale remembered identity's
+        if again:
+            forget(db, name)
+        ref = study_ref(db, name)
+        ids: dict[int, int] = {}
+        for number in numbers:
+            with contextlib.suppress(NotFound):
+                ids[number] = trial_id(db, ref, number)
+        try:
+            record, leases = _record_and_leases(db, ref, sorted(set(ids.values())), fresh_for_s)
+        except NotFound:
+            if again:
+                raise
+            continue
+        if len(ids) < len(set(numbers)) and not again:
+            continue
+        return record, {n: (tid, *leases.get(tid, (None, False))) for n, tid in ids.items()}
+    raise AssertionError("unreachable")  # the second pass returns or raises
+
+
+def _record_and_leases(
+    db: Database, ref: StudyRef, trial_ids: list[int], fresh_for_s: float
+) -> tuple[StudyRecord, dict[int, tuple[TrialLease, bool]]]:
+    """The study's row and the leases of ``trial_ids`` with their freshness (two statements)."""
+    fresh = and_(
+        TrialLease.status == "active",
+        TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
+    )
+    with db.session() as session:
+        record = session.get(StudyRecord, ref.id)
+        if record is None or record.created_at != ref.created_at or record.name != ref.name:
+            raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
+        rows = session.execute(
+            select(TrialLease, fresh.label("fresh")).where(
+                TrialLease.trial_id.in_(trial_ids), TrialLease.study_id == ref.id
+            )
+        ).all()
+    return record, {lease.trial_id: (lease, bool(is_fresh)) for lease, is_fresh in rows}
 
 
 def trial_number(db: Database, trial_id: int) -> int:

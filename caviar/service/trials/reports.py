@@ -19,13 +19,16 @@ from caviar.service.definition import StudyDefinition
 from caviar.service.errors import Conflict, InvalidInput, NotFound
 from caviar.service.store import (
     STOPPED_STATES,
+    LeaseOf,
     LeasePolicy,
     check_running,
     definition_of,
+    no_trial,
     prune_reported,
     renew,
     reported_trials,
     row_and_lease,
+    row_and_leases,
     study_handle,
 )
 from caviar.service.trials.leases import ANYONE, Caller, check_owner
@@ -69,6 +72,22 @@ def _record_value(
 ) -> _Recorded:
     """:func:`report` up to the pruner: check, renew the lease if due, store the value."""
     record, tid, lease, fresh = row_and_lease(db, name, number, fresh_for_s=policy.heartbeat_interval_s)
+    return _store_value(db, record, (tid, lease, fresh), number, step, value, policy=policy, caller=caller)
+
+
+def _store_value(
+    db: Database,
+    record: StudyRecord,
+    leased: LeaseOf,
+    number: int,
+    step: int,
+    value: float,
+    *,
+    policy: LeasePolicy,
+    caller: Caller,
+) -> _Recorded:
+    """:func:`_record_value` once the row and the trial's lease (``leased``) are read."""
+    tid, lease, fresh = leased
     definition = definition_of(record)
     if definition.multi_objective:
         raise InvalidInput(
@@ -158,12 +177,20 @@ def report_many(
             for item in reports
             for result in report_many(db, name, [item], policy=policy, worker_id=worker_id)
         ]
+    record, leases = row_and_leases(
+        db, name, [item.number for item in reports], fresh_for_s=policy.heartbeat_interval_s
+    )
     results: list[ReportResult | None] = []
     recorded: list[tuple[int, _Recorded]] = []
     for item in reports:
         caller = Caller(worker_id, any_trial=item.proves is None, proves=item.proves)
         try:
-            done = _record_value(db, name, item.number, item.step, item.value, policy=policy, caller=caller)
+            leased = leases.get(item.number)
+            if leased is None:
+                raise no_trial(name, item.number)
+            done = _store_value(
+                db, record, leased, item.number, item.step, item.value, policy=policy, caller=caller
+            )
         except (Conflict, NotFound) as exc:
             if exc.code not in BATCH_ERRORS:
                 raise

@@ -250,3 +250,20 @@ def test_a_batch_of_asha_reports_reads_its_trials_in_one_go(
         answer = client.post(f"{API}/rungs/trials/reports", json={"reports": reports})
         assert [r["should_prune"] for r in answer.json()["results"]] == [False] * 8
     assert len(batch) <= len(singles) // 2  # 39 against 80 (SQLite and PostgreSQL alike, 2026-12-08)
+
+
+def test_a_batch_of_reports_reads_the_study_row_and_its_leases_in_two_statements(
+    db_url: str, tmp_path: Path, counter: Counter
+) -> None:
+    """One report reads the study row with its trial's lease (one statement); a batch of eight reads
+    the row once and the eight leases in one statement, not eight."""
+    client = app(db_url, tmp_path, "batch-leases")
+    body = external_study("leases", n_trials=20) | {"pruner": {"type": "asha"}}
+    assert client.post(API, json=body).status_code == 201
+    numbers = [client.post(f"{API}/leases/trials/ask", json={}).json()["number"] for _ in range(8)]
+    reports = [{"number": n, "step": 0, "value": 0.5} for n in numbers]
+    with counter.counting() as batch:
+        answer = client.post(f"{API}/leases/trials/reports", json={"reports": reports})
+    assert [r["code"] for r in answer.json()["results"]] == [None] * 8
+    ours = [s for s in batch if "caviar_studies" in s or "caviar_trial_leases" in s]
+    assert len(ours) == 2, ours
