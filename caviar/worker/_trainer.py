@@ -154,6 +154,7 @@ class TrainerRunner:
     def __init__(self, slot: SlotLike) -> None:
         self.slot = slot
         self.max_fuse: int | None = None  # lowered after an out-of-memory error
+        self._started: dict[str, int] = {}  # study -> trials started, as far as this slot's asks tell
         self._datasets: dict[tuple[str, float, str], trainer.Dataset] = {}
         if slot.device == "cpu":
             torch.set_num_threads(slot.threads)
@@ -180,7 +181,9 @@ class TrainerRunner:
 
     def _fuse_size(self, study: dict[str, Any]) -> int:
         pbt = (study["definition"].get("pruner") or {}).get("type") == "pbt"  # a population from the start
-        if not pbt and study.get("trials_started", 0) < study.get("warmup_trials", 0):
+        # the study's count when it was listed, or what this slot's own asks have seen since
+        started = max(study.get("trials_started", 0), self._started.get(study["name"], 0))
+        if not pbt and started < study.get("warmup_trials", 0):
             # the sampler's start-up points: each trial keeps its own draw of every hyperparameter
             return 1
         size = self.slot.options.fuse or study["definition"]["objective"].get("fuse") or 1
@@ -197,6 +200,7 @@ class TrainerRunner:
             if trial is None:
                 break
             group.append(trial)
+            self._started[study["name"]] = max(self._started.get(study["name"], 0), trial.number + 1)
             if fixed is None and pin:
                 # the rest of the group shares the first trial's non-fusible hyperparameters
                 fixed = non_fusible(trial.params)
@@ -294,13 +298,16 @@ class TrainerRunner:
             self._tell(trials[member], metrics, result, extra)
 
         key = group_key(configs[0])
+        capacity = len(configs)
         leftovers: list[Trial] = []
 
         def refill(free: int) -> list[TrialConfig]:
             # New trials take the places of members that left. Each is the sampler's free choice
             # over the whole space (not pinned to this group), so non-fusible hyperparameters keep
             # being searched: one that shares this group's values joins it, the first that does not
-            # seeds the next group (and ends this group's refills).
+            # seeds the next group (and ends this group's refills). So does the first once the
+            # group is smaller than the fused size now is (a group of one formed during the
+            # sampler's warm-up): the next group is formed at the full size, not refilled at one.
             if slot.stop.is_set() or leftovers:
                 return []
             joining: list[TrialConfig] = []
@@ -314,8 +321,9 @@ class TrainerRunner:
                 except ValueError as exc:
                     slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
                     continue
-                if group_key(config) != key:  # other non-fusible values: it seeds the next group
-                    leftovers.append(trial)
+                past_warmup = trial.number >= study.get("warmup_trials", 0)
+                if group_key(config) != key or (past_warmup and self._fuse_size(study) > capacity):
+                    leftovers.append(trial)  # it seeds the next group
                     break
                 trials.append(trial)
                 joining.append(config)

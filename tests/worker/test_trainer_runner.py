@@ -75,6 +75,32 @@ def test_a_group_shares_the_first_trials_non_fusible_values() -> None:
     assert slot.api.asked == [("s", {"hidden": 32})] * 2  # type: ignore[attr-defined]
 
 
+def test_a_group_formed_in_the_warm_up_is_not_refilled_past_it_the_next_group_is_fused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A group of one (the sampler's warm-up) is refilled only while the warm-up lasts: the first
+    trial after it seeds a new group at the fused size, though the study was listed in the warm-up.
+    Before, the group of one refilled itself for the rest of the study, which never fused."""
+    runner, slot = runner_with([trial(n) for n in range(1, 8)])
+    listed = study(4, started=1, warmup=3)  # trials 0-2 are the warm-up; this listing is stale soon
+    sizes: list[int] = []
+    joined: list[int] = []
+
+    def train_group(configs: list[Any], data: Any, **kwargs: Any) -> None:
+        sizes.append(len(configs))
+        if len(sizes) == 1:  # the lone member leaves twice: each time its place is offered
+            joined.append(len(kwargs["refill"](1)))
+            joined.append(len(kwargs["refill"](1)))
+
+    monkeypatch.setattr(trainer, "train_group", train_group)
+    runner._train(listed, None, runner._claim(listed, runner._fuse_size(listed)))  # type: ignore[arg-type]
+    # trial 1 alone; trial 2 (the warm-up's last) joins it alone; trial 3 seeds a group of 4
+    assert sizes == [1, 4]
+    assert joined == [1, 0]
+    assert sorted(n for _, n in slot.held) == list(range(1, 7))
+    assert runner._fuse_size(listed) == 4  # this slot's own asks say the warm-up is over
+
+
 def fail_training(monkeypatch: pytest.MonkeyPatch, exc: BaseException, *, told_first: int = 0) -> list[int]:
     """Make training tell its first ``told_first`` members (pruned) and then raise ``exc``."""
     sizes: list[int] = []
