@@ -249,7 +249,7 @@ def test_a_batch_of_asha_reports_reads_its_trials_in_one_go(
     with counter.counting() as batch:
         answer = client.post(f"{API}/rungs/trials/reports", json={"reports": reports})
         assert [r["should_prune"] for r in answer.json()["results"]] == [False] * 8
-    assert len(batch) <= len(singles) // 2  # 39 against 80 (SQLite and PostgreSQL alike, 2026-12-08)
+    assert len(batch) <= len(singles) // 2  # 33 against 80 (2026-12-08; 39 before row_and_leases)
 
 
 def test_a_batch_of_reports_reads_the_study_row_and_its_leases_in_two_statements(
