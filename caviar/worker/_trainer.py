@@ -299,15 +299,17 @@ class TrainerRunner:
 
         key = group_key(configs[0])
         capacity = len(configs)
+        warmup = study.get("warmup_trials", 0)
+        warmup_group = trials[0].number < warmup  # formed of the sampler's start-up trials
         leftovers: list[Trial] = []
 
         def refill(free: int) -> list[TrialConfig]:
             # New trials take the places of members that left. Each is the sampler's free choice
             # over the whole space (not pinned to this group), so non-fusible hyperparameters keep
             # being searched: one that shares this group's values joins it, the first that does not
-            # seeds the next group (and ends this group's refills). So does the first once the
-            # group is smaller than the fused size now is (a group of one formed during the
-            # sampler's warm-up): the next group is formed at the full size, not refilled at one.
+            # seeds the next group (and ends this group's refills). So does the first trial after
+            # the warm-up offered to a group formed in it (a group of one, smaller than the fused
+            # size): the next group is formed at the full size, not refilled at one.
             if slot.stop.is_set() or leftovers:
                 return []
             joining: list[TrialConfig] = []
@@ -321,8 +323,8 @@ class TrainerRunner:
                 except ValueError as exc:
                     slot.finish(trial, "fail", reason=f"invalid trainer config: {exc}")
                     continue
-                past_warmup = trial.number >= study.get("warmup_trials", 0)
-                if group_key(config) != key or (past_warmup and self._fuse_size(study) > capacity):
+                grown = warmup_group and trial.number >= warmup and self._fuse_size(study) > capacity
+                if group_key(config) != key or grown:
                     leftovers.append(trial)  # it seeds the next group
                     break
                 trials.append(trial)

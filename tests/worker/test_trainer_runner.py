@@ -101,6 +101,22 @@ def test_a_group_formed_in_the_warm_up_is_not_refilled_past_it_the_next_group_is
     assert runner._fuse_size(listed) == 4  # this slot's own asks say the warm-up is over
 
 
+def test_a_group_formed_after_the_warm_up_refills_at_its_own_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group smaller than the fused size for another reason (the study ran out of trials to hand
+    out when it was formed) takes refills as before: only warm-up groups end at the warm-up."""
+    runner, slot = runner_with([trial(5), trial(6)])
+    listed = study(4, started=5, warmup=3)
+    joined: list[int] = []
+
+    def train_group(configs: list[Any], data: Any, **kwargs: Any) -> None:
+        slot.api.trials.append(trial(7))  # type: ignore[attr-defined]
+        joined.append(len(kwargs["refill"](2)))
+
+    monkeypatch.setattr(trainer, "train_group", train_group)
+    runner._train(listed, None, runner._claim(listed, runner._fuse_size(listed)))  # type: ignore[arg-type]
+    assert joined == [1]  # trial 7 joined the group of two
+
+
 def fail_training(monkeypatch: pytest.MonkeyPatch, exc: BaseException, *, told_first: int = 0) -> list[int]:
     """Make training tell its first ``told_first`` members (pruned) and then raise ``exc``."""
     sizes: list[int] = []
