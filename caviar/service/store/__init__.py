@@ -106,6 +106,7 @@ from caviar.service.store._states import (
 from caviar.service.store._tables import (
     count_states,
     record_with_counts,
+    set_user_attrs,
     study_of_trial,
     trial_total,
     trials_by_id,
@@ -201,6 +202,7 @@ __all__ = [
     "sampling",
     "sampling_holds",
     "set_state",
+    "set_user_attrs",
     "settle_study",
     "started_trial",
     "state_counts",

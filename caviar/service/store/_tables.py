@@ -1,15 +1,19 @@
-"""Read-only aggregates over Optuna's trial table: the ONLY use of Optuna's private models and loader.
+"""Read-only aggregates over Optuna's trial table, and one grouped write: the ONLY use of Optuna's
+private models, loader and write helpers.
 
-Optuna owns its tables and every write goes through its storage API; counting in SQL, and finding
-the few running trials without a lease, is what its API cannot do cheaply (it loads the trials).
-Should Optuna rename its models, this is the one file to change.
+Optuna owns its tables and every write goes through its storage's code; counting in SQL, and
+finding the few running trials without a lease, is what its API cannot do cheaply (it loads the
+trials), and its API writes a trial's user attributes one transaction each. Should Optuna rename
+its models or helpers, this is the one file to change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
-from optuna.storages._rdb.models import TrialModel
+from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -143,3 +147,18 @@ def trials_by_id(db: Database, optuna_study_id: int, trial_ids: Collection[int])
         # the loader takes the given ids, plus those above a bound: the largest id (an INTEGER) takes none
         found = {t._trial_id: t for t in load(optuna_study_id, None, set(trial_ids), 2**31 - 1)}
     return {tid: found[tid] if tid in found else storage.get_trial(tid) for tid in trial_ids}
+
+
+def set_user_attrs(db: Database, trial_id: int, attrs: Mapping[str, Any]) -> None:
+    """A running trial's user attributes, all in one transaction: each written by Optuna's own code
+    (``RDBStorage._set_trial_attr_without_commit``, what ``set_trial_user_attr`` runs with a
+    transaction of its own per attribute; a trainer's tell carries seven).
+
+    Raises:
+        UpdateFinishedTrialError: the trial has finished; nothing is written.
+    """
+    backend = getattr(db.optuna, "_backend", db.optuna)  # behind Optuna's trial cache
+    assert isinstance(backend, RDBStorage)
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, key, value)

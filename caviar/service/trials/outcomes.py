@@ -7,6 +7,7 @@ hand-back); the study then settles (:func:`caviar.service.store.settle_study`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from caviar.service.store import (
     STOPPED_STATES,
     lease_error,
     reload,
+    set_user_attrs,
 )
 from caviar.service.trials.reads import to_read
 from caviar.service.trials.schemas import TrialRead
@@ -89,15 +91,10 @@ def requeue_retry(
 
 
 def record_attrs(db: Database, record: StudyRecord, tid: int, attrs: Mapping[str, Any]) -> None:
-    """Store user attributes on a running trial (a finished one keeps what it has)."""
-    trial = db.optuna.get_trial(tid)
-    if trial.state.is_finished():
-        return
-    for key, value in attrs.items():
-        try:
-            db.optuna.set_trial_user_attr(tid, key, value)
-        except UpdateFinishedTrialError:
-            return  # finished meanwhile (the reaper, or a concurrent tell): the tell decides below
+    """Store user attributes on a running trial, in one transaction (a finished one keeps what it
+    has: the reaper, or a concurrent tell, finished it; the tell decides after this)."""
+    with contextlib.suppress(UpdateFinishedTrialError):
+        set_user_attrs(db, tid, attrs)
 
 
 def told_before(

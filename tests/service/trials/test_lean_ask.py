@@ -267,3 +267,33 @@ def test_a_batch_of_reports_reads_the_study_row_and_its_leases_in_two_statements
     assert [r["code"] for r in answer.json()["results"]] == [None] * 8
     ours = [s for s in batch if "caviar_studies" in s or "caviar_trial_leases" in s]
     assert len(ours) == 2, ours
+
+
+def test_a_tells_user_attributes_are_written_in_one_transaction(db_url: str, tmp_path: Path) -> None:
+    """A trainer's tell carries seven user attributes: one transaction for them all, where Optuna's
+    ``set_trial_user_attr`` commits once per attribute; and they are all on the trial."""
+    client = app(db_url, tmp_path, "attrs")
+    assert client.post(API, json=external_study("attrs", n_trials=4)).status_code == 201
+    database = make_url(db_url).database
+    commits: list[str] = []
+
+    def committed(conn: Connection) -> None:
+        if conn.engine.url.database == database:
+            commits.append("commit")
+
+    attrs = {"epochs": 15, "train_seconds": 1.5, "device": "cpu", "worker": "w", "a": 1, "b": 2, "c": 3}
+    counted: list[int] = []
+    event.listen(Engine, "commit", committed)
+    try:
+        for user_attrs in ({}, attrs):
+            number = client.post(f"{API}/attrs/trials/ask", json={}).json()["number"]
+            commits.clear()
+            body = {"state": "complete", "value": 0.5, "user_attrs": user_attrs}
+            told = client.post(f"{API}/attrs/trials/{number}/tell", json=body)
+            assert told.status_code == 200, told.text
+            counted.append(len(commits))
+    finally:
+        event.remove(Engine, "commit", committed)
+    assert counted[1] == counted[0] + 1, counted
+    trial = client.get(f"{API}/attrs/trials/{number}").json()
+    assert {k: trial["user_attrs"][k] for k in attrs} == attrs
