@@ -106,6 +106,7 @@ from caviar.service.store._states import (
 from caviar.service.store._tables import (
     count_states,
     record_with_counts,
+    set_intermediate_values,
     set_user_attrs,
     study_of_trial,
     trial_total,
@@ -201,6 +202,7 @@ __all__ = [
     "runnable_studies",
     "sampling",
     "sampling_holds",
+    "set_intermediate_values",
     "set_state",
     "set_user_attrs",
     "settle_study",

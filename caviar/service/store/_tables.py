@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
 from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
@@ -157,8 +158,33 @@ def set_user_attrs(db: Database, trial_id: int, attrs: Mapping[str, Any]) -> Non
     Raises:
         UpdateFinishedTrialError: the trial has finished; nothing is written.
     """
-    backend = getattr(db.optuna, "_backend", db.optuna)  # behind Optuna's trial cache
-    assert isinstance(backend, RDBStorage)
+    backend = _rdb(db)
     with _create_scoped_session(backend.scoped_session, True) as session:
         for key, value in attrs.items():
             backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, key, value)
+
+
+def set_intermediate_values(db: Database, values: Sequence[tuple[int, int, float]]) -> set[int]:
+    """``(trial id, step, value)`` of several running trials in one transaction (a fused group's
+    epoch), each written by Optuna's own code (``RDBStorage._set_trial_intermediate_value_without_
+    commit``, what ``set_trial_intermediate_value`` runs in a transaction of its own per value).
+
+    Returns:
+        The trials that had finished: their values are not written, the others' are.
+    """
+    backend = _rdb(db)
+    finished: set[int] = set()
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for trial_id, step, value in values:
+            try:  # Optuna checks the trial's state before it writes anything
+                backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+            except UpdateFinishedTrialError:
+                finished.add(trial_id)
+    return finished
+
+
+def _rdb(db: Database) -> RDBStorage:
+    """Optuna's RDB storage behind its trial cache (what writes of running trials go to)."""
+    backend = getattr(db.optuna, "_backend", db.optuna)
+    assert isinstance(backend, RDBStorage)
+    return backend

@@ -29,6 +29,7 @@ from caviar.service.store import (
     reported_trials,
     row_and_lease,
     row_and_leases,
+    set_intermediate_values,
     study_handle,
 )
 from caviar.service.trials.leases import ANYONE, Caller, check_owner
@@ -72,21 +73,27 @@ def _record_value(
 ) -> _Recorded:
     """:func:`report` up to the pruner: check, renew the lease if due, store the value."""
     record, tid, lease, fresh = row_and_lease(db, name, number, fresh_for_s=policy.heartbeat_interval_s)
-    return _store_value(db, record, (tid, lease, fresh), number, step, value, policy=policy, caller=caller)
+    done = _check_report(db, record, (tid, lease, fresh), number, value, policy=policy, caller=caller)
+    try:  # an active lease means a running trial; Optuna refuses a finished one (told elsewhere)
+        db.optuna.set_trial_intermediate_value(tid, step, value)
+    except UpdateFinishedTrialError:
+        check_running(db, record, db.optuna.get_trial(tid))
+        raise
+    return done
 
 
-def _store_value(
+def _check_report(
     db: Database,
     record: StudyRecord,
     leased: LeaseOf,
     number: int,
-    step: int,
     value: float,
     *,
     policy: LeasePolicy,
     caller: Caller,
 ) -> _Recorded:
-    """:func:`_record_value` once the row and the trial's lease (``leased``) are read."""
+    """:func:`_record_value` up to the write, once the row and the trial's lease (``leased``) are
+    read: check the value, the lease and its owner, renew the lease if due."""
     tid, lease, fresh = leased
     definition = definition_of(record)
     if definition.multi_objective:
@@ -100,11 +107,6 @@ def _store_value(
     check_owner(record, number, lease, caller)
     if lease is not None and not fresh and not renew(db, tid, policy):
         check_running(db, record, db.optuna.get_trial(tid))
-    try:  # an active lease means a running trial; Optuna refuses a finished one (told elsewhere)
-        db.optuna.set_trial_intermediate_value(tid, step, value)
-    except UpdateFinishedTrialError:
-        check_running(db, record, db.optuna.get_trial(tid))
-        raise
     return _Recorded(record, definition, tid)
 
 
@@ -181,23 +183,39 @@ def report_many(
         db, name, [item.number for item in reports], fresh_for_s=policy.heartbeat_interval_s
     )
     results: list[ReportResult | None] = []
-    recorded: list[tuple[int, _Recorded]] = []
+    checked: list[tuple[int, _Recorded]] = []
     for item in reports:
         caller = Caller(worker_id, any_trial=item.proves is None, proves=item.proves)
         try:
             leased = leases.get(item.number)
             if leased is None:
                 raise no_trial(name, item.number)
-            done = _store_value(
-                db, record, leased, item.number, item.step, item.value, policy=policy, caller=caller
-            )
+            done = _check_report(db, record, leased, item.number, item.value, policy=policy, caller=caller)
         except (Conflict, NotFound) as exc:
             if exc.code not in BATCH_ERRORS:
                 raise
             results.append(ReportResult(item.number, item.step, True, exc.code, exc.message))
             continue
-        recorded.append((len(results), done))
+        checked.append((len(results), done))
         results.append(None)
+    # every value in one transaction; a trial that finished since its check keeps what it has
+    finished = set_intermediate_values(
+        db, [(done.trial_id, reports[index].step, reports[index].value) for index, done in checked]
+    )
+    recorded: list[tuple[int, _Recorded]] = []
+    for index, done in checked:
+        if done.trial_id not in finished:
+            recorded.append((index, done))
+            continue
+        item = reports[index]
+        try:
+            check_running(db, record, db.optuna.get_trial(done.trial_id))
+        except (Conflict, NotFound) as exc:
+            if exc.code not in BATCH_ERRORS:
+                raise
+            results[index] = ReportResult(item.number, item.step, True, exc.code, exc.message)
+            continue
+        raise UpdateFinishedTrialError(f"trial {item.number} finished while its report was stored")
     if recorded:
         last = recorded[-1][1]
         study = study_handle(db, last.record, last.definition)

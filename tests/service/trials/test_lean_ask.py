@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from caviar.service.api import create_app
 from caviar.service.config import Settings
 from caviar.service.db import Database
+from caviar.service.store import load_record, set_intermediate_values, trial_id
 from tests.conftest import IS_POSTGRES
 from tests.service.helpers import external_study
 
@@ -297,3 +298,48 @@ def test_a_tells_user_attributes_are_written_in_one_transaction(db_url: str, tmp
     assert counted[1] == counted[0] + 1, counted
     trial = client.get(f"{API}/attrs/trials/{number}").json()
     assert {k: trial["user_attrs"][k] for k in attrs} == attrs
+
+
+def test_a_batch_of_reports_writes_its_values_in_one_transaction(db_url: str, tmp_path: Path) -> None:
+    """Eight values of a batch commit as one (as many commits as a batch of one report), where
+    Optuna's ``set_trial_intermediate_value`` commits once per value."""
+    client = app(db_url, tmp_path, "one-write")
+    assert client.post(API, json=external_study("write", n_trials=20)).status_code == 201
+    numbers = [client.post(f"{API}/write/trials/ask", json={}).json()["number"] for _ in range(9)]
+    database = make_url(db_url).database
+    commits: list[int] = []
+
+    def committed(conn: Connection) -> None:
+        if conn.engine.url.database == database:
+            commits.append(1)
+
+    counted: list[int] = []
+    event.listen(Engine, "commit", committed)
+    try:
+        for batch in (numbers[:1], numbers[1:]):
+            commits.clear()
+            reports = [{"number": n, "step": 0, "value": 0.5 + n / 100} for n in batch]
+            answer = client.post(f"{API}/write/trials/reports", json={"reports": reports})
+            assert [r["code"] for r in answer.json()["results"]] == [None] * len(batch)
+            counted.append(len(commits))
+    finally:
+        event.remove(Engine, "commit", committed)
+    assert counted[1] == counted[0], counted
+    for n in numbers:
+        trial = client.get(f"{API}/write/trials/{n}").json()
+        assert trial["intermediate_values"] == {"0": 0.5 + n / 100}
+
+
+def test_values_written_together_skip_a_finished_trial(db_url: str, tmp_path: Path) -> None:
+    """One finished trial among running ones: its value is refused (and named), the others' written."""
+    client = app(db_url, tmp_path, "skip")
+    assert client.post(API, json=external_study("skip", n_trials=4)).status_code == 201
+    done, running = (client.post(f"{API}/skip/trials/ask", json={}).json()["number"] for _ in range(2))
+    told = client.post(f"{API}/skip/trials/{done}/tell", json={"state": "complete", "value": 0.5})
+    assert told.status_code == 200
+    db = Database(db_url)
+    record = load_record(db, "skip")
+    ids = [trial_id(db, record, number) for number in (done, running)]
+    assert set_intermediate_values(db, [(ids[0], 3, 0.1), (ids[1], 3, 0.2)]) == {ids[0]}
+    assert client.get(f"{API}/skip/trials/{done}").json()["intermediate_values"] == {}
+    assert client.get(f"{API}/skip/trials/{running}").json()["intermediate_values"] == {"3": 0.2}
