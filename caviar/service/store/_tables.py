@@ -174,6 +174,8 @@ def set_intermediate_values(db: Database, values: Sequence[tuple[int, int, float
     """
     backend = _rdb(db)
     finished: set[int] = set()
+    if not values:
+        return finished
     with _create_scoped_session(backend.scoped_session, True) as session:
         for trial_id, step, value in values:
             try:  # Optuna checks the trial's state before it writes anything
