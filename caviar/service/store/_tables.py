@@ -1,10 +1,11 @@
-"""Read-only aggregates over Optuna's trial table, and one grouped write: the ONLY use of Optuna's
+"""Read-only aggregates over Optuna's trial table, and two grouped writes: the ONLY use of Optuna's
 private models, loader and write helpers.
 
 Optuna owns its tables and every write goes through its storage's code; counting in SQL, and
 finding the few running trials without a lease, is what its API cannot do cheaply (it loads the
-trials), and its API writes a trial's user attributes one transaction each. Should Optuna rename
-its models or helpers, this is the one file to change.
+trials), and its API commits every user attribute and every intermediate value on its own (a tell
+carries several attributes, a fused group's epoch several values). Should Optuna rename its models
+or helpers, this is the one file to change.
 """
 
 from __future__ import annotations
