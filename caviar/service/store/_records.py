@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Label
 
 from caviar.service.db import Database
 from caviar.service.definition import StudyDefinition
@@ -75,10 +76,7 @@ def load_record(db: Database, name: str) -> StudyRecord:
 def reload(db: Database, record: StudyRecord | StudyRef) -> StudyRecord:
     """The study's row as it is now (another process may have edited it), or NotFound."""
     with db.session() as session:
-        current = session.get(StudyRecord, record.id)
-    if current is None or current.created_at != record.created_at or current.name != record.name:
-        raise NotFound(f"no study named {record.name!r}", code="study_not_found")
-    return current
+        return still_current(session.get(StudyRecord, record.id), record)
 
 
 @dataclass(frozen=True)
@@ -217,21 +215,31 @@ def record_and_lease(
     Raises:
         NotFound: ``study_not_found`` when the row is gone or is another study's now (``ref`` is stale).
     """
-    fresh = and_(
-        TrialLease.status == "active",
-        TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
-    )
     with db.session() as session:
         row = session.execute(
-            select(StudyRecord, TrialLease, fresh.label("fresh"))
+            select(StudyRecord, TrialLease, _lease_is_fresh(db, fresh_for_s))
             .outerjoin(
                 TrialLease, (TrialLease.trial_id == trial_id) & (TrialLease.study_id == StudyRecord.id)
             )
             .where(StudyRecord.id == ref.id)
-        ).first()
-    if row is None or row[0].created_at != ref.created_at or row[0].name != ref.name:
+        ).first() or (None, None, False)  # no row with that id
+    return still_current(row[0], ref), row[1], bool(row[2])
+
+
+def _lease_is_fresh(db: Database, fresh_for_s: float) -> Label[Any]:
+    """Whether a lease is active with more than ``fresh_for_s`` seconds left by the database's clock."""
+    return and_(
+        TrialLease.status == "active",
+        TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
+    ).label("fresh")
+
+
+def still_current(record: StudyRecord | None, ref: StudyRecord | StudyRef) -> StudyRecord:
+    """``record`` as read by ``ref``'s id, or NotFound (``study_not_found``) where the row is gone or
+    is another study's now (``ref`` is stale)."""
+    if record is None or record.created_at != ref.created_at or record.name != ref.name:
         raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
-    return row[0], row[1], bool(row[2])
+    return record
 
 
 def row_and_lease(
@@ -300,16 +308,10 @@ def _record_and_leases(
     db: Database, ref: StudyRef, trial_ids: list[int], fresh_for_s: float
 ) -> tuple[StudyRecord, dict[int, tuple[TrialLease, bool]]]:
     """The study's row and the leases of ``trial_ids`` with their freshness (two statements)."""
-    fresh = and_(
-        TrialLease.status == "active",
-        TrialLease.expires_at > _leases.fresh_until(db.engine.dialect.name, fresh_for_s),
-    )
     with db.session() as session:
-        record = session.get(StudyRecord, ref.id)
-        if record is None or record.created_at != ref.created_at or record.name != ref.name:
-            raise NotFound(f"no study named {ref.name!r}", code="study_not_found")
+        record = still_current(session.get(StudyRecord, ref.id), ref)
         rows = session.execute(
-            select(TrialLease, fresh.label("fresh")).where(
+            select(TrialLease, _lease_is_fresh(db, fresh_for_s)).where(
                 TrialLease.trial_id.in_(trial_ids), TrialLease.study_id == ref.id
             )
         ).all()

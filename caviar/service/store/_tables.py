@@ -21,9 +21,8 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from caviar.service.db import Database
-from caviar.service.errors import NotFound
 from caviar.service.store._leases import TELL_GRACE_S, db_now
-from caviar.service.store._records import StudyRef
+from caviar.service.store._records import StudyRef, still_current
 from caviar.storage import StudyRecord, TrialLease
 
 
@@ -69,9 +68,7 @@ def record_with_counts(
             current = row
             if state is not None:
                 counts[TrialState(state)] += int(count)
-    if current is None or current.created_at != record.created_at or current.name != record.name:
-        raise NotFound(f"no study named {record.name!r}", code="study_not_found")
-    return current, counts
+    return still_current(current, record), counts
 
 
 def trial_total(db: Database, record: StudyRecord) -> int:
